@@ -1,0 +1,173 @@
+"""Reading and rewriting the layer graph of a Functional or Sequential tf_keras model.
+
+Keras has no public API to delete a layer from a model or to change a layer's
+width while keeping the rest; tfmot's own transforms work on the same serialized
+config. Rewrites here go through `model.get_config()` and `Model.from_config`, so
+the result is an ordinary Functional model with the same layer names, and the
+input model is never touched.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from typing import Any, Iterable, Mapping
+
+import numpy as np
+
+from tf_pfq.compat import check_model, keras
+
+__all__ = ["LayerGraph", "Inbound", "to_functional", "rebuild"]
+
+
+@dataclasses.dataclass(frozen=True)
+class Inbound:
+    """One input tensor of a layer call: the producing layer and which of its outputs."""
+
+    layer: str
+    node_index: int = 0
+    tensor_index: int = 0
+
+
+def to_functional(model, argument: str = "model"):
+    """Returns `model` as a Functional model (a Sequential one is re-wrapped, not copied).
+
+    Raises:
+      TypeError: not a tf_keras Sequential or Functional model.
+    """
+    check_model(model, argument)
+    if isinstance(model, keras.Sequential):
+        return keras.Model(model.inputs, model.outputs, name=model.name)
+    return model
+
+
+def _inbound_of(layer_config) -> list[list[Inbound]]:
+    calls = []
+    for node in layer_config["inbound_nodes"]:
+        # tf_keras writes [[name, node, tensor, kwargs], ...]; newer configs may
+        # use dicts with "args": support the documented list form only.
+        calls.append([Inbound(item[0], item[1], item[2]) for item in node])
+    return calls
+
+
+class LayerGraph:
+    """The call graph of a Functional model, read from its config.
+
+    Attributes:
+      model: the Functional model (Sequential models are converted).
+      config: a deep copy of `model.get_config()`.
+      order: layer names in topological order.
+    """
+
+    def __init__(self, model):
+        self.model = to_functional(model)
+        self.config = copy.deepcopy(self.model.get_config())
+        self._configs = {c["name"]: c for c in self.config["layers"]}
+        self.order = [c["name"] for c in self.config["layers"]]
+        self._calls = {name: _inbound_of(c) for name, c in self._configs.items()}
+        self._consumers: dict[str, list[str]] = {name: [] for name in self.order}
+        for name, calls in self._calls.items():
+            for call in calls:
+                for inbound in call:
+                    if name not in self._consumers[inbound.layer]:
+                        self._consumers[inbound.layer].append(name)
+        self.outputs = [Inbound(*o[:3]) for o in self.config["output_layers"]]
+        self.input_names = [i[0] for i in self.config["input_layers"]]
+
+    def layer(self, name: str):
+        return self.model.get_layer(name)
+
+    def layer_config(self, name: str) -> dict[str, Any]:
+        return self._configs[name]
+
+    def class_name(self, name: str) -> str:
+        return self._configs[name]["class_name"]
+
+    def inputs_of(self, name: str) -> list[str]:
+        """Names of the layers feeding the (single) call of layer `name`."""
+        calls = self._calls[name]
+        return [i.layer for i in calls[0]] if calls else []
+
+    def consumers_of(self, name: str) -> list[str]:
+        """Names of the layers that take an output of layer `name` as input."""
+        return list(self._consumers[name])
+
+    def num_calls(self, name: str) -> int:
+        return len(self._calls[name])
+
+    def is_shared(self, name: str) -> bool:
+        """True when the layer is called more than once (its weights are shared)."""
+        return self.num_calls(name) > 1
+
+    def is_output(self, name: str) -> bool:
+        return any(o.layer == name for o in self.outputs)
+
+    def is_nested_model(self, name: str) -> bool:
+        return isinstance(self.layer(name), keras.Model)
+
+
+def _replace_inbound(config, old: str, new: list) -> None:
+    for layer_config in config["layers"]:
+        for node in layer_config["inbound_nodes"]:
+            for k, item in enumerate(node):
+                if item[0] == old:
+                    node[k] = [new[0], new[1], new[2], *item[3:]]
+    for key in ("output_layers",):
+        for k, item in enumerate(config[key]):
+            if item[0] == old:
+                config[key][k] = [new[0], new[1], new[2]]
+
+
+def rebuild(
+    model,
+    *,
+    layer_configs: Mapping[str, dict[str, Any]] | None = None,
+    weights: Mapping[str, list[np.ndarray]] | None = None,
+    remove: Iterable[str] = (),
+    custom_objects: Mapping[str, Any] | None = None,
+):
+    """Builds a new Functional model from `model` with some layers changed or removed.
+
+    Args:
+      model: a Functional or Sequential tf_keras model (not modified).
+      layer_configs: new `get_config()` dicts for some layers, by layer name.
+      weights: new weight lists for some layers, by name; all other layers keep
+        copies of their current weights.
+      remove: names of single-input, single-call layers to delete; their consumers
+        are wired to the removed layer's input.
+      custom_objects: passed to `Model.from_config` for custom layers.
+
+    Returns:
+      A new model with the same name and layer names.
+
+    Raises:
+      ValueError: a name is unknown, or a removed layer has several inputs or calls.
+    """
+    graph = LayerGraph(model)
+    config = copy.deepcopy(graph.config)
+    layer_configs = dict(layer_configs or {})
+    weights = dict(weights or {})
+    remove = list(remove)
+    for name in [*layer_configs, *weights, *remove]:
+        if name not in graph.order:
+            raise ValueError(f"Model {model.name!r} has no layer named {name!r}.")
+    for name in remove:
+        calls = graph._calls[name]
+        if len(calls) != 1 or len(calls[0]) != 1:
+            raise ValueError(
+                f"Layer {name!r} cannot be removed: it must have exactly one input and "
+                f"one call, it has {len(calls)} call(s)."
+            )
+        source = graph.layer_config(name)["inbound_nodes"][0][0]
+        _replace_inbound(config, name, source[:3])
+        config["layers"] = [c for c in config["layers"] if c["name"] != name]
+    for layer_config in config["layers"]:
+        if layer_config["name"] in layer_configs:
+            layer_config["config"] = copy.deepcopy(layer_configs[layer_config["name"]])
+    new_model = keras.Model.from_config(config, custom_objects=dict(custom_objects or {}))
+    for layer in new_model.layers:
+        values = weights.get(layer.name)
+        if values is None:
+            values = graph.layer(layer.name).get_weights()
+        layer.set_weights([np.array(v) for v in values])
+    return new_model
