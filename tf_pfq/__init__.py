@@ -5,14 +5,22 @@ Quantized Deep Neural Networks", arXiv:2011.06751.
 """
 
 from tf_pfq import compat, data, graph, models
+from tf_pfq.cost import count_macs, count_params, layer_costs
+from tf_pfq.prune import prune
 from tf_pfq.ranges import ActivationRange
+from tf_pfq.report import PruneReport
 from tf_pfq.version import __version__
 
 __all__ = [
     "ActivationRange",
+    "PruneReport",
     "__version__",
     "compat",
+    "count_macs",
+    "count_params",
     "data",
     "graph",
+    "layer_costs",
     "models",
+    "prune",
 ]

@@ -1,0 +1,126 @@
+"""Parameter and multiply-accumulate (MAC) counts of a tf_keras model, per sample.
+
+Keras counts parameters (`count_params`) but not MACs; TF's profiler counts FLOPs of a
+traced graph, which mixes in BN, activations and pooling. PfQ's savings are in the
+convolution and dense layers, so MACs are counted for those only, from each layer's
+kernel and output shape at the model's input shape:
+
+* Conv2D: `H_out * W_out * kh * kw * (C_in / groups) * C_out`
+* DepthwiseConv2D: `H_out * W_out * kh * kw * C_in * depth_multiplier`
+* Dense: `prod(leading dims) * C_in * units`
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+from tf_pfq.compat import keras
+
+__all__ = ["LayerCost", "count_macs", "count_params", "layer_costs"]
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerCost:
+    """Parameters (all weights, trainable or not) and per-sample MACs of one layer."""
+
+    params: int
+    macs: int
+
+
+def _output_shapes(layer) -> list[tuple]:
+    # A shared layer has one output shape per call; each call costs MACs.
+    nodes = getattr(layer, "inbound_nodes", None) or []
+    if len(nodes) <= 1:
+        return [tuple(layer.output_shape)]
+    return [tuple(layer.get_output_shape_at(i)) for i in range(len(nodes))]
+
+
+def _macs(layer) -> int:
+    kernel_types = (
+        keras.layers.Conv2D,
+        keras.layers.DepthwiseConv2D,
+        keras.layers.Dense,
+    )
+    if not isinstance(layer, kernel_types):
+        return 0
+    total = 0
+    for shape in _output_shapes(layer):
+        spatial = shape[1:-1]
+        if any(d is None for d in spatial):
+            raise ValueError(
+                f"Layer {layer.name!r} has an unknown output shape {shape}: MACs need a "
+                "model built for a fixed input size."
+            )
+        positions = int(np.prod(spatial)) if spatial else 1
+        # Every kernel weight is used once per output position (per group for Conv2D,
+        # whose kernel already holds C_in / groups input channels).
+        kernel = (
+            layer.depthwise_kernel
+            if isinstance(layer, keras.layers.DepthwiseConv2D)
+            else layer.kernel
+        )
+        total += positions * int(np.prod(kernel.shape))
+    return total
+
+
+def layer_costs(model) -> dict[str, LayerCost]:
+    """Parameters and MACs of every layer of `model` (nested models flattened), by name.
+
+    Args:
+      model: a built tf_keras model with a fixed input shape.
+
+    Returns:
+      {layer name: LayerCost}; layers without kernels have 0 MACs. Layers of a
+      nested model are listed under "outer/inner".
+
+    Raises:
+      ValueError: a Conv2D, DepthwiseConv2D or Dense output shape is not fully known.
+
+    Example:
+      >>> inputs = keras.Input((8, 8, 3))
+      >>> outputs = keras.layers.Conv2D(4, 3, padding="same", name="c")(inputs)
+      >>> layer_costs(keras.Model(inputs, outputs))["c"]
+      LayerCost(params=112, macs=6912)
+    """
+    costs = {}
+    for layer in model.layers:
+        if isinstance(layer, keras.Model):
+            for name, cost in layer_costs(layer).items():
+                costs[f"{layer.name}/{name}"] = cost
+            continue
+        costs[layer.name] = LayerCost(int(layer.count_params()), _macs(layer))
+    return costs
+
+
+def count_params(model) -> int:
+    """All weights of `model` (trainable and not, BN statistics included).
+
+    Example:
+      >>> inputs = keras.Input((4,))
+      >>> count_params(keras.Model(inputs, keras.layers.Dense(2)(inputs)))
+      10
+    """
+    return int(sum(c.params for c in layer_costs(model).values()))
+
+
+def count_macs(model) -> int:
+    """Per-sample multiply-accumulates of the Conv2D, DepthwiseConv2D and Dense layers.
+
+    Args:
+      model: a built tf_keras model with a fixed input shape.
+
+    Returns:
+      The MAC count for one input sample.
+
+    Raises:
+      ValueError: an output shape is not fully known.
+
+    Example:
+      >>> inputs = keras.Input((8, 8, 3))
+      >>> x = keras.layers.DepthwiseConv2D(3, padding="same")(inputs)
+      >>> count_macs(keras.Model(inputs, keras.layers.Dense(5)(x)))
+      2688
+    """
+    return int(sum(c.macs for c in layer_costs(model).values()))

@@ -1,0 +1,722 @@
+"""PfQ: filter pre-pruning of dead BatchNormalization channels (paper §3.1-3.2).
+
+A BN channel whose moving variance is below the layer's epsilon (eq. 17) outputs the
+constant `beta_c`, and after the activation `a_c = act(beta_c)`. PfQ removes the
+channel from its producer and absorbs `a_c` into every layer that reads it, so the
+pruned model computes the same function with fewer filters. No maintained library
+does this (tfmot's pruning zeroes weights by magnitude and keeps the shapes), so the
+graph walk is written here; the arithmetic is in `tf_pfq.pfq_math`.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import numpy as np
+import tensorflow as tf
+
+from tf_pfq import cost, pfq_math
+from tf_pfq.compat import keras
+from tf_pfq.graph import LayerGraph, rebuild
+from tf_pfq.ranges import ACTIVATION_RANGES_ATTR, ActivationRange, activation_ranges_of
+from tf_pfq.report import LayerReport, PruneReport
+
+__all__ = ["prune"]
+
+L = keras.layers
+
+# Layers that map each channel through the same elementwise function.
+_ELEMENTWISE = (L.ReLU, L.LeakyReLU, L.ELU, L.ThresholdedReLU)
+_ELEMENTWISE_ACTIVATIONS = frozenset(
+    [
+        "linear",
+        "relu",
+        "relu6",
+        "sigmoid",
+        "hard_sigmoid",
+        "tanh",
+        "swish",
+        "silu",
+        "elu",
+        "selu",
+        "gelu",
+        "softplus",
+        "softsign",
+        "exponential",
+        "mish",
+    ]
+)
+# Identity at inference time.
+_IDENTITY = (L.Dropout, L.GaussianDropout, L.GaussianNoise, L.AlphaDropout)
+# A constant channel stays the same constant; 'same' max/avg pooling in TF ignores
+# the padded positions, so there is no border effect.
+_POOLING = (
+    L.MaxPooling1D,
+    L.MaxPooling2D,
+    L.AveragePooling1D,
+    L.AveragePooling2D,
+    L.GlobalMaxPooling1D,
+    L.GlobalMaxPooling2D,
+    L.GlobalAveragePooling1D,
+    L.GlobalAveragePooling2D,
+)
+_KERNEL = (L.Conv2D, L.Dense)
+
+Source = tuple  # (BN layer name, channel)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Entry:
+    """A channel removed from a layer's output: its constant (None: unused, dead code)."""
+
+    value: float | None
+    sources: frozenset
+    exact: bool = True
+
+
+@dataclasses.dataclass
+class _Plan:
+    removed: dict = dataclasses.field(
+        default_factory=lambda: collections.defaultdict(dict)
+    )
+    requesters: dict = dataclasses.field(
+        default_factory=lambda: collections.defaultdict(set)
+    )
+    deltas: dict = dataclasses.field(default_factory=dict)
+    border: set = dataclasses.field(default_factory=set)
+    failures: list = dataclasses.field(default_factory=list)
+
+    def fail(self, sources, reason: str) -> None:
+        self.failures.append((frozenset(sources), reason))
+
+    def put(self, layer: str, channel: int, entry: _Entry) -> None:
+        old = self.removed[layer].get(channel)
+        if old is not None:
+            # Two paths reach the same channel: the first constant wins (sources are
+            # seeded first, so a dead BN keeps its beta); None never hides a constant.
+            value = old.value if old.value is not None else entry.value
+            entry = _Entry(
+                value, old.sources | entry.sources, old.exact and entry.exact
+            )
+        self.removed[layer][channel] = entry
+
+
+def _is_last_axis(axis, rank: int) -> bool:
+    axes = axis if isinstance(axis, (list, tuple)) else [axis]
+    return len(axes) == 1 and axes[0] % rank == rank - 1
+
+
+def _channels_last(layer) -> bool:
+    return getattr(layer, "data_format", "channels_last") == "channels_last"
+
+
+def _is_linear(layer) -> bool:
+    return keras.activations.serialize(layer.activation) == "linear"
+
+
+def _apply(fn, values: np.ndarray) -> np.ndarray:
+    out = fn(tf.constant(np.asarray(values, np.float32)[None, :]))
+    return np.asarray(out, np.float64)[0]
+
+
+class _Pruner:
+    """Plans which channels go and how their constants are absorbed, then rebuilds."""
+
+    def __init__(self, model, threshold, ranges: Mapping[str, ActivationRange]):
+        self.graph = LayerGraph(model)
+        self.ranges = dict(ranges)
+        self.threshold = threshold
+        self._weights: dict[str, list[np.ndarray]] = {}
+
+    # -- reading the model -------------------------------------------------------
+
+    def weights(self, name: str) -> list[np.ndarray]:
+        if name not in self._weights:
+            self._weights[name] = self.graph.layer(name).get_weights()
+        return self._weights[name]
+
+    def bn_params(self, name: str) -> dict[str, Any]:
+        layer = self.graph.layer(name)
+        weights = list(self.weights(name))
+        channels = weights[-1].shape[0]
+        gamma = weights.pop(0) if layer.scale else np.ones(channels, np.float32)
+        beta = weights.pop(0) if layer.center else np.zeros(channels, np.float32)
+        mean, variance = weights
+        return {
+            "gamma": gamma,
+            "beta": beta,
+            "mean": mean,
+            "variance": variance,
+            "eps": layer.epsilon,
+        }
+
+    def single_input(self, name: str) -> str | None:
+        inputs = self.graph.inputs_of(name)
+        return inputs[0] if len(inputs) == 1 else None
+
+    def channels(self, name: str) -> int:
+        return int(self.graph.layer(name).output_shape[-1])
+
+    def describe(self, name: str) -> str:
+        return f"{self.graph.class_name(name)} {name!r}"
+
+    def unsupported(self, name: str) -> str | None:
+        """Why constants cannot cross layer `name` (None when they can)."""
+        graph = self.graph
+        if graph.is_nested_model(name):
+            return f"nested model {name!r} (not flattened)"
+        if graph.is_shared(name):
+            return f"shared layer {name!r} (called {graph.num_calls(name)} times)"
+        if not _channels_last(graph.layer(name)):
+            return f"{self.describe(name)} is channels_first"
+        return None
+
+    def dead_candidates(self) -> dict[str, np.ndarray]:
+        candidates = {}
+        for name in self.graph.order:
+            layer = self.graph.layer(name)
+            if not isinstance(layer, L.BatchNormalization):
+                continue
+            params = self.bn_params(name)
+            if self.threshold is None:
+                limit = params["eps"]
+            elif callable(self.threshold):
+                limit = self.threshold(layer)
+                if not np.isfinite(limit) or limit < 0:
+                    raise ValueError(
+                        f"`threshold` returned {limit!r} for layer {name!r}; it must be a "
+                        "finite float >= 0."
+                    )
+            else:
+                limit = self.threshold
+            candidates[name] = pfq_math.dead_channels(params["variance"], float(limit))
+        return candidates
+
+    # -- planning ----------------------------------------------------------------
+
+    def emit(
+        self, plan: _Plan, name: str, channel: int, value: float, sources, exact
+    ) -> None:
+        if name in self.ranges:
+            # Stage A quantized this output: the channel is the quantized constant
+            # (paper §3.2, last lines).
+            value = float(self.ranges[name].quantize(np.float32(value)))
+        plan.put(name, channel, _Entry(float(value), frozenset(sources), bool(exact)))
+
+    def plan(self, accepted) -> _Plan:
+        plan = _Plan()
+        for bn, channel in sorted(accepted):
+            beta = self.bn_params(bn)["beta"][channel]
+            self.emit(plan, bn, channel, beta, {(bn, channel)}, True)
+        for bn, channel in sorted(accepted):
+            reason = self.unsupported(bn)
+            layer = self.graph.layer(bn)
+            if reason or not _is_last_axis(layer.axis, len(layer.input_shape)):
+                plan.fail(
+                    {(bn, channel)}, reason or f"BN {bn!r} does not normalize axis -1"
+                )
+                continue
+            self.request(plan, self.single_input(bn), channel, bn, {(bn, channel)})
+        for name in self.graph.order:
+            self.forward(plan, name)
+        for output in self.graph.outputs:
+            for entry in plan.removed.get(output.layer, {}).values():
+                plan.fail(
+                    entry.sources, f"the channel reaches model output {output.layer!r}"
+                )
+        return plan
+
+    def request(
+        self, plan: _Plan, name: str | None, channel: int, by: str, sources
+    ) -> None:
+        """Removes output `channel` of layer `name`, no longer read by layer `by`.
+
+        The backward dead-code clean-up: exact, no compensation, and it continues
+        through layers whose output channel c only depends on their input channel c.
+        """
+        if name is None:
+            plan.fail(sources, f"{self.describe(by)} has several inputs")
+            return
+        plan.requesters[(name, channel)].add(by)
+        if channel in plan.removed[name]:
+            plan.put(name, channel, _Entry(None, frozenset(sources)))
+            return
+        plan.put(name, channel, _Entry(None, frozenset(sources)))
+        layer = self.graph.layer(name)
+        reason = self.unsupported(name)
+        if reason:
+            plan.fail(sources, f"its producer is a {reason}")
+        elif isinstance(layer, L.DepthwiseConv2D):
+            if layer.depth_multiplier != 1:
+                plan.fail(sources, f"{self.describe(name)} has depth_multiplier > 1")
+            else:
+                self.request(plan, self.single_input(name), channel, name, sources)
+        elif isinstance(layer, L.Conv2D) and not isinstance(layer, L.Conv2DTranspose):
+            if layer.groups != 1:
+                plan.fail(sources, f"{self.describe(name)} is a grouped convolution")
+        elif isinstance(layer, L.Dense):
+            pass
+        elif isinstance(
+            layer, (L.BatchNormalization, L.ZeroPadding2D, *_IDENTITY, *_POOLING)
+        ) or self.elementwise(name):
+            self.request(plan, self.single_input(name), channel, name, sources)
+        elif isinstance(layer, L.Concatenate) and _is_last_axis(layer.axis, 4):
+            offset = 0
+            for inbound, shape in zip(self.graph.inputs_of(name), layer.input_shape):
+                if channel < offset + shape[-1]:
+                    self.request(plan, inbound, channel - offset, name, sources)
+                    return
+                offset += shape[-1]
+        else:
+            plan.fail(
+                sources, f"its producer {self.describe(name)} cannot drop channels"
+            )
+
+    def elementwise(self, name: str) -> bool:
+        layer = self.graph.layer(name)
+        if isinstance(layer, _ELEMENTWISE):
+            return True
+        if isinstance(layer, L.Activation):
+            return (
+                keras.activations.serialize(layer.activation)
+                in _ELEMENTWISE_ACTIVATIONS
+            )
+        return False
+
+    def forward(self, plan: _Plan, name: str) -> None:
+        """Carries constant channels across layer `name`, or absorbs them into it."""
+        inputs = self.graph.inputs_of(name)
+        entries = [plan.removed.get(inbound, {}) for inbound in inputs]
+        if not any(entries):
+            return
+        for inbound, removed in zip(inputs, entries):
+            for channel, entry in removed.items():
+                if (
+                    entry.value is None
+                    and name not in plan.requesters[(inbound, channel)]
+                ):
+                    plan.fail(
+                        entry.sources,
+                        f"{self.describe(name)} still reads channel {channel} of {inbound!r}",
+                    )
+        const = [
+            {c: e for c, e in removed.items() if e.value is not None}
+            for removed in entries
+        ]
+        if not any(const):
+            return
+        all_sources = frozenset().union(*(e.sources for r in const for e in r.values()))
+        reason = self.unsupported(name)
+        if reason:
+            plan.fail(all_sources, f"the constant reaches a {reason}")
+            return
+        layer = self.graph.layer(name)
+        if isinstance(layer, L.Concatenate):
+            self.concatenate(plan, name, const)
+        elif isinstance(layer, L.Add):
+            self.add(plan, name, const)
+        elif len(const) != 1:
+            plan.fail(
+                all_sources,
+                f"the constant reaches {self.describe(name)}, not supported",
+            )
+        else:
+            self.single(plan, name, const[0])
+
+    def single(self, plan: _Plan, name: str, const: dict[int, _Entry]) -> None:
+        layer = self.graph.layer(name)
+        channels = sorted(const)
+        values = np.array([const[c].value for c in channels])
+        if isinstance(layer, L.DepthwiseConv2D):
+            self.depthwise(plan, name, const)
+        elif isinstance(layer, L.Conv2D) and not isinstance(layer, L.Conv2DTranspose):
+            if layer.groups != 1:
+                plan.fail(
+                    _union(const), f"{self.describe(name)} is a grouped convolution"
+                )
+                return
+            self.absorb(plan, name, channels, values, _has_border(layer))
+        elif isinstance(layer, L.Dense):
+            self.absorb(plan, name, channels, values, False)
+        elif isinstance(layer, L.BatchNormalization):
+            if not _is_last_axis(layer.axis, len(layer.input_shape)):
+                plan.fail(
+                    _union(const), f"BN {name!r} does not normalize the last axis"
+                )
+                return
+            p = self.bn_params(name)
+            out = pfq_math.batchnorm_inference(
+                values, p["gamma"][channels], p["beta"][channels], p["mean"][channels],
+                p["variance"][channels], p["eps"],
+            )  # fmt: skip
+            self.emit_all(plan, name, const, out)
+        elif self.elementwise(name):
+            self.emit_all(plan, name, const, _apply(layer, values))
+        elif isinstance(layer, (*_IDENTITY, *_POOLING)):
+            self.emit_all(plan, name, const, values)
+        elif isinstance(layer, L.ZeroPadding2D):
+            # The padded border holds 0, not the constant: exact only where a_c == 0.
+            self.emit_all(plan, name, const, values, exact=[v == 0 for v in values])
+        elif isinstance(layer, L.Flatten) or (
+            isinstance(layer, L.Reshape) and len(layer.target_shape) == 1
+        ):
+            shape = layer.input_shape[1:]
+            for c in channels:
+                for row in pfq_math.flatten_indices(shape, c):
+                    e = const[c]
+                    self.emit(plan, name, int(row), e.value, e.sources, e.exact)
+        elif (
+            isinstance(layer, L.Reshape)
+            and layer.target_shape[-1] == layer.input_shape[-1]
+        ):
+            self.emit_all(plan, name, const, values)
+        else:
+            plan.fail(
+                _union(const),
+                f"the constant reaches {self.describe(name)}, not supported",
+            )
+
+    def emit_all(self, plan, name, const, values, exact=None) -> None:
+        for k, c in enumerate(sorted(const)):
+            ok = const[c].exact and (exact is None or exact[k])
+            self.emit(plan, name, c, values[k], const[c].sources, ok)
+
+    def absorb(self, plan: _Plan, name: str, channels, values, border: bool) -> None:
+        kernel = self.weights(name)[0]
+        delta = pfq_math.input_constant_delta(kernel, channels, values)
+        plan.deltas[name] = plan.deltas.get(name, 0.0) + delta
+        if border and np.any(values != 0):
+            plan.border.add(name)
+
+    def depthwise(self, plan: _Plan, name: str, const: dict[int, _Entry]) -> None:
+        layer = self.graph.layer(name)
+        kernel = self.weights(name)[0]
+        bias = self.weights(name)[1] if layer.use_bias else None
+        m = layer.depth_multiplier
+        border = _has_border(layer)
+        for c in sorted(const):
+            entry = const[c]
+            outs = _apply(
+                layer.activation,
+                pfq_math.depthwise_constant(kernel, bias, c, entry.value),
+            )
+            exact = entry.exact and not (border and entry.value != 0)
+            if not exact:
+                plan.border.add(name)
+            for j in range(m):
+                self.emit(plan, name, c * m + j, outs[j], entry.sources, exact)
+
+    def concatenate(self, plan: _Plan, name: str, const) -> None:
+        layer = self.graph.layer(name)
+        if not _is_last_axis(layer.axis, len(layer.output_shape)):
+            plan.fail(
+                _union(*const), f"{self.describe(name)} does not join the last axis"
+            )
+            return
+        offset = 0
+        for removed, shape in zip(const, layer.input_shape):
+            for c, e in removed.items():
+                self.emit(plan, name, offset + c, e.value, e.sources, e.exact)
+            offset += shape[-1]
+
+    def add(self, plan: _Plan, name: str, const) -> None:
+        common = set.intersection(*(set(r) for r in const))
+        for removed in const:
+            for c, e in removed.items():
+                if c not in common:
+                    plan.fail(
+                        e.sources,
+                        f"{self.describe(name)} has a live channel {c} on another branch",
+                    )
+        for c in sorted(common):
+            value = sum(r[c].value for r in const)
+            sources = frozenset().union(*(r[c].sources for r in const))
+            self.emit(plan, name, c, value, sources, all(r[c].exact for r in const))
+
+    # -- rewriting ---------------------------------------------------------------
+
+    def bn_after(self, name: str) -> str | None:
+        """The BN that alone reads layer `name` (moving-mean shift target), if any."""
+        consumers = self.graph.consumers_of(name)
+        if len(consumers) != 1 or self.graph.is_output(name):
+            return None
+        bn = consumers[0]
+        layer = self.graph.layer(bn)
+        if (
+            isinstance(layer, L.BatchNormalization)
+            and not self.graph.is_shared(bn)
+            and _is_last_axis(layer.axis, len(layer.input_shape))
+            and _is_linear(self.graph.layer(name))
+        ):
+            return bn
+        return None
+
+    def rewrite(self, plan: _Plan):
+        configs, weights, notes = {}, {}, collections.defaultdict(list)
+        mean_shift = {}
+        for name in self.graph.order:
+            layer = self.graph.layer(name)
+            out_removed = set(plan.removed.get(name, {}))
+            inbound = self.single_input(name)
+            in_removed = set(plan.removed.get(inbound, {})) if inbound else set()
+            if isinstance(layer, L.DepthwiseConv2D):
+                if not (in_removed or out_removed):
+                    continue
+                w = list(self.weights(name))
+                keep_in = pfq_math.keep_indices(w[0].shape[2], in_removed)
+                w[0] = w[0][:, :, keep_in, :]
+                if layer.use_bias:
+                    w[1] = w[1][pfq_math.keep_indices(w[1].shape[0], out_removed)]
+                weights[name] = w
+            elif isinstance(layer, _KERNEL):
+                delta = plan.deltas.get(name)
+                has_delta = delta is not None and np.any(delta != 0)
+                if not (in_removed or out_removed or has_delta):
+                    continue
+                config = layer.get_config()
+                w = list(self.weights(name))
+                kernel = w[0]
+                bias = w[1].astype(np.float64) if layer.use_bias else None
+                if has_delta:
+                    bn = None if layer.use_bias else self.bn_after(name)
+                    if bias is not None:
+                        bias = bias + delta
+                        notes[name].append("bias += removed constants (eq. 14)")
+                    elif bn is not None:
+                        mean_shift[bn] = delta
+                        notes[name].append(
+                            f"removed constants moved into {bn!r} moving mean"
+                        )
+                        notes[bn].append(
+                            f"moving_mean -= constants removed before {name!r}"
+                        )
+                    else:
+                        bias = delta
+                        config["use_bias"] = True
+                        notes[name].append(
+                            "bias enabled to hold removed constants (eq. 14)"
+                        )
+                if name in plan.border:
+                    notes[name].append("'same' padding: exact in the interior only")
+                keep_in = pfq_math.keep_indices(kernel.shape[-2], in_removed)
+                keep_out = pfq_math.keep_indices(kernel.shape[-1], out_removed)
+                w = [kernel[..., keep_in, :][..., keep_out]]
+                if bias is not None:
+                    w.append(bias[keep_out].astype(np.float32))
+                config["filters" if isinstance(layer, L.Conv2D) else "units"] = len(
+                    keep_out
+                )
+                configs[name], weights[name] = config, w
+            elif isinstance(layer, L.BatchNormalization):
+                if not (out_removed or name in mean_shift):
+                    continue
+                w = list(self.weights(name))
+                if name in mean_shift:
+                    w[-2] = pfq_math.shift_moving_mean(w[-2], mean_shift[name]).astype(
+                        np.float32
+                    )
+                keep = pfq_math.keep_indices(w[-1].shape[0], out_removed)
+                weights[name] = [v[keep] for v in w]
+            elif isinstance(layer, L.Reshape) and out_removed:
+                config = layer.get_config()
+                target = list(config["target_shape"])
+                target[-1] -= len(out_removed)
+                config["target_shape"] = tuple(target)
+                configs[name] = config
+            if name in plan.border and isinstance(layer, L.DepthwiseConv2D):
+                notes[name].append(
+                    "'same' padding: removed outputs were constant in the interior"
+                )
+        return rebuild(self.graph.model, layer_configs=configs, weights=weights), notes
+
+
+def _has_border(layer) -> bool:
+    return layer.padding == "same" and any(k > 1 for k in layer.kernel_size)
+
+
+def _union(*consts) -> frozenset:
+    return frozenset().union(*(e.sources for const in consts for e in const.values()))
+
+
+def _batches(data):
+    if isinstance(data, tf.data.Dataset):
+        for batch in data:
+            yield batch[0] if isinstance(batch, (tuple, list)) else batch
+    else:
+        yield data
+
+
+def _max_output_change(model, pruned, data) -> float:
+    worst = 0.0
+    for x in _batches(data):
+        before = tf.nest.flatten(model(x, training=False))
+        after = tf.nest.flatten(pruned(x, training=False))
+        for a, b in zip(before, after):
+            worst = max(worst, float(np.max(np.abs(np.asarray(a) - np.asarray(b)))))
+    return worst
+
+
+def _check_threshold(threshold) -> None:
+    if threshold is None or callable(threshold):
+        return
+    if isinstance(threshold, bool) or not isinstance(
+        threshold, (int, float, np.floating)
+    ):
+        raise TypeError(
+            "`threshold` must be None, a float or a callable(layer) -> float. Received: "
+            f"threshold={threshold!r} of type {type(threshold).__name__}"
+        )
+    if not np.isfinite(threshold) or threshold < 0:
+        raise ValueError(
+            f"`threshold` must be a finite float >= 0. Received: threshold={threshold}"
+        )
+
+
+def _costs(model):
+    costs = cost.layer_costs(model)
+    try:
+        macs = cost.count_macs(model)
+    except ValueError:
+        macs = None
+    return costs, macs
+
+
+def prune(
+    model,
+    *,
+    threshold: float | Callable[[Any], float] | None = None,
+    calibration_data=None,
+    activation_ranges: Mapping[str, ActivationRange] | None = None,
+):
+    """Removes dead BN channels and absorbs their constant output (PfQ, paper §3.2).
+
+    A BN channel c is dead when its moving variance `V_c < threshold`, by default the
+    layer's own `epsilon` (paper eq. 17). Its output is then the constant `beta_c`, and
+    `a_c = act(beta_c)` after the elementwise layers that follow (the quantized value
+    when the layer output has an `ActivationRange`). PfQ removes the channel from its
+    producer (Conv2D filter, DepthwiseConv2D channel, Dense unit) and the BN, and:
+
+    * Conv2D / Dense consumers absorb `delta_o = a_c * sum_{u,v} W[u, v, c, o]`
+      (paper eq. 14; after Flatten, channel c is several Dense rows, all summed): into
+      the bias when there is one; else, when a BN alone reads the consumer, into that
+      BN's moving mean (`mu_o -= delta_o`). The paper's eq. 18 adds
+      `gamma_o / sqrt(V_o + eps) * delta_o` to `beta_o`, which is exact at inference
+      only; the mean shift is exact in training mode too (the batch mean moves by
+      `delta_o` as well) and stays right as the moving mean updates while
+      fine-tuning. Otherwise the consumer gets a bias (`use_bias=True`) holding
+      `delta`: exact, one value per output channel.
+    * DepthwiseConv2D consumers: channel c only feeds its own outputs, which become
+      constant too; they are removed and their constants carried on (through the
+      following BN in inference form, activation, ...) to the next consumer.
+    * Backward dead code: a channel that no layer reads any more (the input of a
+      removed depthwise channel) is removed from its producer and BN too.
+    * Activations, Dropout, pooling, Flatten, channels-last Reshape, Concatenate
+      (with offsets) and Add (when every branch has the same constant channel) pass
+      constants on.
+    * A dead channel is kept, with the reason in the report, when its constant would
+      reach an Add with a live channel on another branch, a model output, a shared or
+      unknown layer, or a nested model.
+
+    Zero padding ('same' k x k convolutions, ZeroPadding2D) sees 0 instead of `a_c`
+    at the border, so there the compensation is exact in the interior only (the
+    paper's "as far as possible"); `report.exact` says so and `calibration_data`
+    measures the effect. 1x1 and Dense consumers, 'valid' padding and `a_c == 0` are
+    exact to float round-off.
+
+    Args:
+      model: a tf_keras Sequential or Functional model; it is not modified.
+      threshold: None for each BN layer's epsilon (eq. 17), a float >= 0, or a
+        callable(layer) -> float giving each BN layer's threshold.
+      calibration_data: optional inputs (array, or a tf.data.Dataset of inputs or
+        (inputs, labels) batches) on which to measure max |output change|.
+      activation_ranges: {layer name: ActivationRange} of quantized layer outputs;
+        defaults to the ranges `tf_pfq.strip` attached to `model`. They are attached
+        to the pruned model as well.
+
+    Returns:
+      (pruned_model, report): a new Functional model with the same layer names, and a
+      `PruneReport`.
+
+    Raises:
+      TypeError: `model` is not a tf_keras Sequential or Functional model (a
+        subclassed model's class is named), or `threshold` has the wrong type.
+      ValueError: `threshold` (or what the callable returns) is negative.
+
+    Example:
+      >>> inputs = keras.Input((4, 4, 2))
+      >>> x = keras.layers.Conv2D(3, 1, use_bias=False, name="conv")(inputs)
+      >>> x = keras.layers.BatchNormalization(name="bn")(x)
+      >>> x = keras.layers.ReLU(name="relu")(x)
+      >>> model = keras.Model(inputs, keras.layers.Dense(2, name="fc")(x))
+      >>> _ = model.get_layer("bn").moving_variance.assign([1.0, 0.0, 1.0])
+      >>> pruned, report = prune(model)
+      >>> pruned.get_layer("conv").filters, report.num_pruned
+      (2, 1)
+    """
+    _check_threshold(threshold)
+    pruner = _Pruner(model, threshold, activation_ranges or activation_ranges_of(model))
+    candidates = pruner.dead_candidates()
+    accepted = {(bn, int(c)) for bn, chans in candidates.items() for c in chans}
+    kept: dict = {}
+    while True:
+        plan = pruner.plan(accepted)
+        if not plan.failures:
+            break
+        for sources, reason in plan.failures:
+            for source in sources & accepted:
+                kept[source] = reason
+            accepted -= sources
+    pruned, notes = pruner.rewrite(plan)
+    if pruner.ranges:
+        setattr(pruned, ACTIVATION_RANGES_ATTR, dict(pruner.ranges))
+    report = _report(pruner, pruned, plan, candidates, kept, notes)
+    if calibration_data is not None:
+        report.max_output_change = _max_output_change(
+            pruner.graph.model, pruned, calibration_data
+        )
+    return pruned, report
+
+
+def _report(
+    pruner: _Pruner, pruned, plan: _Plan, candidates, kept, notes
+) -> PruneReport:
+    before, macs_before = _costs(pruner.graph.model)
+    after, macs_after = _costs(pruned)
+    rows = []
+    for name in pruner.graph.order:
+        layer = pruner.graph.layer(name)
+        if not isinstance(layer, (L.BatchNormalization, L.DepthwiseConv2D, *_KERNEL)):
+            continue
+        removed = sorted(plan.removed.get(name, {}))
+        rows.append(
+            LayerReport(
+                name=name,
+                class_name=type(layer).__name__,
+                channels_before=pruner.channels(name),
+                channels_after=int(pruned.get_layer(name).output_shape[-1]),
+                removed=removed,
+                dead=[int(c) for c in candidates.get(name, [])],
+                kept={c: why for (bn, c), why in sorted(kept.items()) if bn == name},
+                notes=notes.get(name, []),
+                params_before=before[name].params,
+                params_after=after[name].params,
+                macs_before=before[name].macs,
+                macs_after=after[name].macs,
+            )
+        )
+    exact = (
+        all(e.exact for r in plan.removed.values() for e in r.values())
+        and not plan.border
+    )
+    return PruneReport(
+        model_name=pruner.graph.model.name,
+        layers=rows,
+        params_before=sum(c.params for c in before.values()),
+        params_after=sum(c.params for c in after.values()),
+        macs_before=macs_before,
+        macs_after=macs_after,
+        exact=exact,
+    )
