@@ -133,9 +133,7 @@ def mobilenet_v2(
         if expansion != 1:
             x = _conv_bn_relu(x, channels * expansion, 1, 1, f"{prefix}_expand", reg)
         x = _dw_bn_relu(x, stride, f"{prefix}_dw", reg)
-        x = L.Conv2D(
-            out, 1, use_bias=False, kernel_regularizer=reg, name=f"{prefix}_project"
-        )(x)
+        x = L.Conv2D(out, 1, use_bias=False, kernel_regularizer=reg, name=f"{prefix}_project")(x)
         x = L.BatchNormalization(name=f"{prefix}_project_bn")(x)
         if stride == 1 and out == channels:
             x = L.Add(name=f"{prefix}_add")([shortcut, x])

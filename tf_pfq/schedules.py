@@ -30,7 +30,9 @@ def warmup_cosine(epoch, initial_learning_rate: float, warmup_epochs: float, per
         warm = initial_learning_rate * epoch / warmup_epochs
     else:
         warm = tf.constant(initial_learning_rate, tf.float32)
-    cosine = initial_learning_rate * 0.5 * (1.0 + tf.cos((epoch - warmup_epochs) / period * math.pi))
+    cosine = (
+        initial_learning_rate * 0.5 * (1.0 + tf.cos((epoch - warmup_epochs) / period * math.pi))
+    )
     return tf.where(epoch < warmup_epochs, warm, cosine)
 
 
@@ -58,7 +60,9 @@ class WarmupCosine(keras.optimizers.schedules.LearningRateSchedule):
         if period <= 0:
             raise ValueError(f"`period` must be positive. Received: period={period}")
         if warmup_epochs < 0:
-            raise ValueError(f"`warmup_epochs` must be >= 0. Received: warmup_epochs={warmup_epochs}")
+            raise ValueError(
+                f"`warmup_epochs` must be >= 0. Received: warmup_epochs={warmup_epochs}"
+            )
         self.initial_learning_rate = float(initial_learning_rate)
         self.steps_per_epoch = int(steps_per_epoch)
         self.warmup_epochs = float(warmup_epochs)
