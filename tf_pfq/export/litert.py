@@ -1,0 +1,267 @@
+"""Running a `.tflite` model with the LiteRT interpreter (`ai_edge_litert`).
+
+Thin helpers over `ai_edge_litert.interpreter.Interpreter`: build an interpreter for
+one of the CPU kernel sets or a named delegate, quantize inputs / dequantize outputs
+with the tensor's own scale and zero point, and run a batch one image at a time
+(exported models have a static batch of 1, which the Edge TPU needs).
+
+Backends (`backend` argument):
+
+* ``"xnnpack"`` (default): LiteRT's default CPU path, the XNNPACK delegate.
+* ``"builtin"``: TFLite's optimized builtin kernels without the default delegate.
+* ``"reference"``: TFLite's builtin reference kernels (`OpResolverType.BUILTIN_REF`).
+* ``"gpu"``, ``"edgetpu"``: a delegate library loaded with
+  `ai_edge_litert.interpreter.load_delegate`. The pip wheels of `ai-edge-litert` ship
+  no classic GPU delegate library and no Edge TPU runtime; the user passes the path
+  of `libtensorflowlite_gpu_delegate.so` / `libedgetpu.so.1` they have. When the
+  library cannot be loaded a `DelegateUnavailableError` is raised: there is never a
+  silent fallback to the CPU.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import time
+
+import numpy as np
+from ai_edge_litert import interpreter as litert
+
+__all__ = [
+    "BACKENDS",
+    "DelegateUnavailableError",
+    "benchmark",
+    "default_delegate_library",
+    "dequantize_output",
+    "make_interpreter",
+    "predict",
+    "quantize_input",
+]
+
+BACKENDS = ("xnnpack", "builtin", "reference", "gpu", "edgetpu")
+
+_RESOLVERS = {
+    "xnnpack": litert.OpResolverType.AUTO,
+    "builtin": litert.OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES,
+    "reference": litert.OpResolverType.BUILTIN_REF,
+}
+
+
+class DelegateUnavailableError(RuntimeError):
+    """The requested delegate library is missing or refused to load."""
+
+
+def default_delegate_library(backend: str) -> str:
+    """The usual file name of a delegate library on this platform.
+
+    Args:
+      backend: "gpu" or "edgetpu".
+
+    Returns:
+      A library name `load_delegate` searches on the library path.
+
+    Raises:
+      ValueError: unknown backend.
+
+    Example:
+      >>> default_delegate_library("gpu")
+      'libtensorflowlite_gpu_delegate.so'
+    """
+    system = platform.system()
+    if backend == "edgetpu":
+        return {"Darwin": "libedgetpu.1.dylib", "Windows": "edgetpu.dll"}.get(
+            system, "libedgetpu.so.1"
+        )
+    if backend == "gpu":
+        return {"Darwin": "libtensorflowlite_gpu_delegate.dylib"}.get(
+            system, "libtensorflowlite_gpu_delegate.so"
+        )
+    raise ValueError(f"`backend` must be 'gpu' or 'edgetpu'. Received: backend={backend!r}")
+
+
+def _load_delegate(backend: str, library: str | None):
+    library = library or default_delegate_library(backend)
+    try:
+        return litert.load_delegate(library)
+    except (ValueError, OSError, RuntimeError) as err:
+        hint = (
+            "The ai-edge-litert pip wheel ships no classic GPU delegate; build "
+            "libtensorflowlite_gpu_delegate.so for your platform (bazel target "
+            "//tensorflow/lite/delegates/gpu:libtensorflowlite_gpu_delegate.so)"
+            if backend == "gpu"
+            else "Install the Edge TPU runtime (libedgetpu) and compile the model with "
+            "`edgetpu_compiler` first"
+        )
+        raise DelegateUnavailableError(
+            f"Could not load the {backend} delegate library {library!r}: {err}. {hint}. "
+            "tf_pfq does not fall back to the CPU silently; use backend='xnnpack' to run "
+            "on the CPU."
+        ) from err
+
+
+def make_interpreter(
+    model: bytes | str | os.PathLike,
+    *,
+    backend: str = "xnnpack",
+    num_threads: int | None = None,
+    delegate_library: str | None = None,
+    preserve_all_tensors: bool = False,
+) -> litert.Interpreter:
+    """An allocated LiteRT interpreter for a `.tflite` model on the chosen backend.
+
+    Args:
+      model: the flatbuffer bytes or a path to a `.tflite` file.
+      backend: one of `BACKENDS` (see the module docstring).
+      num_threads: CPU threads for the CPU kernels (None: LiteRT's default).
+      delegate_library: path of the delegate library for "gpu" / "edgetpu"
+        (default: `default_delegate_library(backend)` on the library path).
+      preserve_all_tensors: keep every intermediate tensor readable with
+        `get_tensor` after `invoke` (debugging; not supported inside a delegate,
+        so use it with "builtin" or "reference" to read activations).
+
+    Returns:
+      An `ai_edge_litert.interpreter.Interpreter` with tensors allocated.
+
+    Raises:
+      ValueError: unknown backend.
+      DelegateUnavailableError: the delegate library is missing or failed to load.
+
+    Example:
+      >>> import tensorflow as tf
+      >>> f = tf.function(lambda x: x * 2.0, input_signature=[tf.TensorSpec([1, 2])])
+      >>> converter = tf.lite.TFLiteConverter.from_concrete_functions(
+      ...     [f.get_concrete_function()])
+      >>> interpreter = make_interpreter(converter.convert(), backend="reference")
+      >>> predict(interpreter, np.ones((1, 2), np.float32)).tolist()
+      [[2.0, 2.0]]
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"`backend` must be one of {BACKENDS}. Received: backend={backend!r}")
+    kwargs = {}
+    if isinstance(model, (bytes, bytearray)):
+        kwargs["model_content"] = bytes(model)
+    else:
+        kwargs["model_path"] = os.fspath(model)
+    if backend in _RESOLVERS:
+        kwargs["experimental_op_resolver_type"] = _RESOLVERS[backend]
+    else:
+        kwargs["experimental_delegates"] = [_load_delegate(backend, delegate_library)]
+    interpreter = litert.Interpreter(
+        num_threads=num_threads,
+        experimental_preserve_all_tensors=preserve_all_tensors,
+        **kwargs,
+    )
+    interpreter.allocate_tensors()
+    return interpreter
+
+
+def quantize_input(x: np.ndarray, detail: dict) -> np.ndarray:
+    """Converts float data to an input tensor's dtype with its scale and zero point.
+
+    Example:
+      >>> detail = {"dtype": np.int8, "quantization": (0.5, -1)}
+      >>> quantize_input(np.array([0.0, 1.0, 100.0]), detail).tolist()
+      [-1, 1, 127]
+    """
+    dtype = np.dtype(detail["dtype"])
+    scale, zero_point = detail["quantization"]
+    if dtype.kind == "f" or scale == 0:
+        return np.asarray(x, dtype)
+    info = np.iinfo(dtype)
+    q = np.round(np.asarray(x, np.float64) / scale) + zero_point
+    return np.clip(q, info.min, info.max).astype(dtype)
+
+
+def dequantize_output(q: np.ndarray, detail: dict) -> np.ndarray:
+    """Converts an output tensor to float32 with its scale and zero point.
+
+    Example:
+      >>> detail = {"dtype": np.int8, "quantization": (0.5, -1)}
+      >>> dequantize_output(np.array([-1, 1], np.int8), detail).tolist()
+      [0.0, 1.0]
+    """
+    scale, zero_point = detail["quantization"]
+    if np.dtype(detail["dtype"]).kind == "f" or scale == 0:
+        return np.asarray(q, np.float32)
+    return ((np.asarray(q, np.float32) - zero_point) * scale).astype(np.float32)
+
+
+def predict(interpreter: litert.Interpreter, images: np.ndarray) -> np.ndarray:
+    """Runs a single-input, single-output model on each row of `images`.
+
+    Args:
+      interpreter: from `make_interpreter`.
+      images: float data, (N, ...) with the model's per-example shape; inputs are
+        quantized with the input tensor's parameters when it is integer.
+
+    Returns:
+      float32 outputs (N, ...), dequantized when the output tensor is integer.
+
+    Raises:
+      ValueError: the per-example shape does not match the model input.
+    """
+    (inp,) = interpreter.get_input_details()
+    (out,) = interpreter.get_output_details()
+    images = np.asarray(images)
+    batch = int(inp["shape"][0])
+    if tuple(images.shape[1:]) != tuple(inp["shape"][1:]):
+        raise ValueError(
+            f"`images` must have per-example shape {tuple(inp['shape'][1:])}. Received: "
+            f"{tuple(images.shape[1:])}"
+        )
+    outputs = []
+    for start in range(0, len(images), batch):
+        chunk = images[start : start + batch]
+        interpreter.set_tensor(inp["index"], quantize_input(chunk, inp))
+        interpreter.invoke()
+        outputs.append(dequantize_output(interpreter.get_tensor(out["index"]), out))
+    return np.concatenate(outputs)
+
+
+def benchmark(
+    interpreter: litert.Interpreter,
+    sample: np.ndarray | None = None,
+    *,
+    num_runs: int = 50,
+    warmup: int = 5,
+) -> dict[str, float]:
+    """Latency of `invoke()` on one batch, in milliseconds.
+
+    Args:
+      interpreter: from `make_interpreter`.
+      sample: one input batch (float; quantized as in `predict`). Default: zeros.
+      num_runs: timed invokes.
+      warmup: untimed invokes first.
+
+    Returns:
+      {"median_ms", "mean_ms", "min_ms", "p90_ms"} over the timed invokes.
+
+    Example:
+      >>> import tensorflow as tf
+      >>> f = tf.function(lambda x: x + 1.0, input_signature=[tf.TensorSpec([1, 4])])
+      >>> converter = tf.lite.TFLiteConverter.from_concrete_functions(
+      ...     [f.get_concrete_function()])
+      >>> stats = benchmark(make_interpreter(converter.convert()), num_runs=3, warmup=1)
+      >>> sorted(stats)
+      ['mean_ms', 'median_ms', 'min_ms', 'p90_ms']
+    """
+    if num_runs < 1:
+        raise ValueError(f"`num_runs` must be >= 1. Received: num_runs={num_runs}")
+    (inp,) = interpreter.get_input_details()
+    if sample is None:
+        sample = np.zeros(inp["shape"], np.float32)
+    interpreter.set_tensor(inp["index"], quantize_input(sample, inp))
+    for _ in range(warmup):
+        interpreter.invoke()
+    times = []
+    for _ in range(num_runs):
+        start = time.perf_counter()
+        interpreter.invoke()
+        times.append((time.perf_counter() - start) * 1e3)
+    times_arr = np.asarray(times)
+    return {
+        "median_ms": float(np.median(times_arr)),
+        "mean_ms": float(times_arr.mean()),
+        "min_ms": float(times_arr.min()),
+        "p90_ms": float(np.percentile(times_arr, 90)),
+    }
