@@ -86,7 +86,7 @@ def test_generator_on_synthetic_tree(tmp_path):
     assert ub.main(["--root", str(root), "--check"]) == 0
     rules = {f"//{r.package}:{r.name}": r for r in ub.read_build_rules(root)}
     assert rules["//tf_pfq:b"].list_attr("deps") == [":a"]
-    assert sorted(rules["//tf_pfq:sub_c"].list_attr("deps")) == [":b", ":sub", ":sub_d"]
+    assert sorted(rules["//tf_pfq:sub_c"].list_attr("deps")) == [":b", ":sub_d"]
     assert rules["//tf_pfq:sub_c"].list_attr("srcs") == ["sub/c.py"]
     assert set(rules["//tf_pfq:tf_pfq"].list_attr("deps")) == {
         ":a",

@@ -8,6 +8,8 @@ the width, depth and input size be chosen.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from tf_pfq.compat import keras
 
 __all__ = ["mobilenet_v1", "mobilenet_v2", "build"]
@@ -144,7 +146,10 @@ def mobilenet_v2(
 
 def build(name: str, **kwargs):
     """Builds a model by name: "mobilenet_v1" or "mobilenet_v2"."""
-    builders = {"mobilenet_v1": mobilenet_v1, "mobilenet_v2": mobilenet_v2}
+    builders: dict[str, Callable[..., keras.Model]] = {
+        "mobilenet_v1": mobilenet_v1,
+        "mobilenet_v2": mobilenet_v2,
+    }
     if name not in builders:
         raise ValueError(f"`name` must be one of {sorted(builders)}. Received: name={name!r}")
     return builders[name](**kwargs)

@@ -104,6 +104,21 @@ def is_slow_test(source: str) -> bool:
     return SLOW_MARK in source
 
 
+def is_enclosing_package(init_path: str, rel_path: str) -> bool:
+    """Whether `init_path` is the `__init__.py` of a package that contains `rel_path`.
+
+    Example:
+        >>> is_enclosing_package("tf_pfq/export/__init__.py", "tf_pfq/export/convert.py")
+        True
+        >>> is_enclosing_package("tf_pfq/export/__init__.py", "tf_pfq/workflow.py")
+        False
+    """
+    if not init_path.endswith("/__init__.py"):
+        return False
+    package_dir = init_path[: -len("__init__.py")]
+    return rel_path != init_path and rel_path.startswith(package_dir)
+
+
 def imported_modules(source: str, this_module: str, is_package: bool) -> set[str]:
     """Dotted names a module imports, with relative imports resolved.
 
@@ -214,9 +229,10 @@ def package_rules(root: Path) -> tuple[list[Rule], list[str]]:
             dep_path = by_module.get(name)
             if dep_path is None or dep_path == path:
                 continue
-            if dep_path == top_init:
-                # `from tf_pfq import X` inside the package: the top target already
-                # bundles every module, so depending on it would only form a cycle.
+            if is_enclosing_package(dep_path, path):
+                # `from tf_pfq import X` or `from tf_pfq.export import Y` inside that
+                # package: whoever imports the module loads the package through
+                # //tf_pfq, and a dep on the package's __init__ would only form a cycle.
                 continue
             found.add(targets[dep_path])
         deps[targets[path]] = found
@@ -467,8 +483,8 @@ def coverage_problems(rules: Sequence[BuildRule], files: Mapping[str, str]) -> l
             listed.setdefault(path, []).append(rule)
     for path in sorted(listed):
         if path.endswith(".py") and path not in files:
-            owners = ", ".join(sorted({f"//{r.package}:{r.name}" for r in listed[path]}))
-            problems.append(f"{path}: listed by {owners} but not in the tree")
+            by = ", ".join(sorted({f"//{r.package}:{r.name}" for r in listed[path]}))
+            problems.append(f"{path}: listed by {by} but not in the tree")
 
     by_label = {f"//{r.package}:{r.name}": r for r in rules}
     modules = {module_name(p): p for p in files if p.startswith(PACKAGE + "/")}
@@ -495,7 +511,9 @@ def coverage_problems(rules: Sequence[BuildRule], files: Mapping[str, str]) -> l
                 for name in imported_modules(
                     files[path], module_name(path), path.endswith("__init__.py")
                 )
-                if name in modules and modules[name] not in (path, f"{PACKAGE}/__init__.py")
+                if name in modules
+                and modules[name] != path
+                and not is_enclosing_package(modules[name], path)
             }
             for dep_path in sorted(needed - declared):
                 problems.append(f"{path}: imports {module_name(dep_path)} but no dep provides it")
