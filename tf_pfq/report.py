@@ -82,6 +82,17 @@ class PruneReport:
     exact: bool = True
     max_output_change: float | None = None
 
+    def layer(self, name: str) -> LayerReport:
+        """The row of layer `name`.
+
+        Raises:
+          KeyError: no Conv2D, DepthwiseConv2D, Dense or BN layer has that name.
+        """
+        for row in self.layers:
+            if row.name == name:
+                return row
+        raise KeyError(f"No layer named {name!r} in the report of {self.model_name!r}.")
+
     @property
     def bn_layers(self) -> list[LayerReport]:
         return [r for r in self.layers if r.class_name == "BatchNormalization"]
@@ -113,19 +124,11 @@ class PruneReport:
     @property
     def channels_before(self) -> int:
         """Output channels of all Conv2D, DepthwiseConv2D and Dense layers."""
-        return sum(
-            r.channels_before
-            for r in self.layers
-            if r.class_name != "BatchNormalization"
-        )
+        return sum(r.channels_before for r in self.layers if r.class_name != "BatchNormalization")
 
     @property
     def channels_after(self) -> int:
-        return sum(
-            r.channels_after
-            for r in self.layers
-            if r.class_name != "BatchNormalization"
-        )
+        return sum(r.channels_after for r in self.layers if r.class_name != "BatchNormalization")
 
     @property
     def num_removed(self) -> int:
@@ -185,16 +188,10 @@ class PruneReport:
             )
         lines.append(
             "  compensation: "
-            + (
-                "exact"
-                if self.exact
-                else "exact in the interior (zero-padding border effect)"
-            )
+            + ("exact" if self.exact else "exact in the interior (zero-padding border effect)")
         )
         if self.max_output_change is not None:
-            lines.append(
-                f"  max |output change| on calibration data: {self.max_output_change:.3g}"
-            )
+            lines.append(f"  max |output change| on calibration data: {self.max_output_change:.3g}")
         changed = [r for r in self.layers if r.changed]
         if changed:
             width = max(len(r.name) for r in changed)
@@ -203,8 +200,7 @@ class PruneReport:
                 notes = list(r.notes)
                 reasons = sorted(set(r.kept.values()))
                 notes += [
-                    f"kept {sum(v == why for v in r.kept.values())}: {why}"
-                    for why in reasons
+                    f"kept {sum(v == why for v in r.kept.values())}: {why}" for why in reasons
                 ]
                 lines.append(
                     f"  {r.name:<{width}}  {r.channels_before:>4} -> {r.channels_after:<4}"
