@@ -332,7 +332,7 @@ def _with_after_bn(make_tail):
 
 
 @pytest.mark.parametrize(
-    "tail, reason",
+    ("tail", "reason"),
     [
         (lambda x: x, "model output 'conv_relu'"),
         (lambda x: L.Softmax(name="softmax")(x), "Softmax 'softmax'"),
