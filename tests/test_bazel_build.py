@@ -7,6 +7,7 @@ checker synthetic trees that lack a target, a dep or a size.
 
 from __future__ import annotations
 
+import doctest
 import importlib.util
 import sys
 from pathlib import Path
@@ -172,3 +173,28 @@ def test_import_cycle_is_broken_not_emitted(tmp_path):
     rules = ub.parse_build(files["tf_pfq/BUILD"], "tf_pfq")
     deps = {r.name: r.list_attr("deps") for r in rules}
     assert not (":b" in deps["a"] and ":a" in deps["b"])
+
+
+def test_update_build_docstring_examples():
+    # tools/ is outside tf_pfq, so tests/test_docstrings.py does not reach it.
+    results = doctest.testmod(ub, optionflags=doctest.ELLIPSIS)
+    assert results.attempted >= 10
+    assert results.failed == 0
+
+
+def test_bazel_pytest_main_arguments():
+    path = ROOT / "tests" / "bazel_pytest_main.py"
+    spec = importlib.util.spec_from_file_location("bazel_pytest_main", path)
+    assert spec is not None and spec.loader is not None
+    main = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(main)
+    base = ["tests/test_a.py", "-q", "-p", "no:cacheprovider"]
+    assert main.pytest_args(["tests/test_a.py"], {}) == base
+    env = {"XML_OUTPUT_FILE": "/x/test.xml", "TESTBRIDGE_TEST_ONLY": "fold and not slow"}
+    assert main.pytest_args(["tests/test_a.py"], env) == [
+        *base,
+        "-k",
+        "fold and not slow",
+        "--junitxml=/x/test.xml",
+    ]
+    assert doctest.testmod(main).failed == 0

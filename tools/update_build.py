@@ -22,6 +22,7 @@ import argparse
 import ast
 import dataclasses
 import re
+import subprocess
 import sys
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
@@ -91,6 +92,35 @@ def list_py(root: Path, directory: str) -> list[str]:
         p.relative_to(root).as_posix()
         for p in base.rglob("*.py")
         if "__pycache__" not in p.parts and not p.name.startswith(".")
+    )
+
+
+def list_data(root: Path, directory: str) -> list[str]:
+    """Non-Python files below `directory` that git tracks or would track, relative to it.
+
+    Package data (e.g. a reference `.tflite` under tests/data/) must be declared for the
+    Bazel sandbox to see it; ignored build outputs and caches are left out.
+    """
+    base = root / directory
+    if not base.is_dir():
+        return []
+    try:
+        listed = subprocess.run(
+            ["git", "ls-files", "--cached", "--others", "--exclude-standard", "--", directory],
+            cwd=root,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.splitlines()
+    except (OSError, subprocess.CalledProcessError):  # not a git checkout
+        listed = [p.relative_to(root).as_posix() for p in base.rglob("*") if p.is_file()]
+    return sorted(
+        path[len(directory) + 1 :]
+        for path in listed
+        if (root / path).is_file()
+        and not path.endswith((".py", ".pyc"))
+        and Path(path).name != "BUILD"
+        and "__pycache__" not in path
     )
 
 
@@ -246,19 +276,14 @@ def package_rules(root: Path) -> tuple[list[Rule], list[str]]:
     for path in sorted(paths, key=lambda p: (p != top_init, targets[p])):
         name = targets[path]
         comment = ""
+        attrs: dict[str, object] = {
+            "srcs": [path[len(PACKAGE) + 1 :]],
+            "deps": _sort_labels(f":{d}" for d in deps[name]),
+        }
         if path == top_init:
-            comment = "The whole library: the package __init__ and every module."
-        rules.append(
-            Rule(
-                "py_library",
-                name,
-                {
-                    "srcs": [path[len(PACKAGE) + 1 :]],
-                    "deps": _sort_labels(f":{d}" for d in deps[name]),
-                },
-                comment,
-            )
-        )
+            comment = "The whole library: the package __init__, every module and its data."
+            attrs["data"] = list_data(root, PACKAGE)
+        rules.append(Rule("py_library", name, attrs, comment))
     return rules, warnings
 
 
@@ -268,18 +293,20 @@ def _mentions(source: str, directory: str) -> bool:
 
 
 def script_deps(root: Path, source: str, own_dir: str | None) -> list[str]:
-    """Labels a test or script needs: the library plus script directories it names.
+    """Labels a test (`own_dir=None`) or a script directory's modules need.
 
-    Tests always get the whole library (conftest and doctests import it); a script
-    directory only when one of its modules imports `tf_pfq`.
+    Tests always get the whole library (conftest and doctests import it) and every
+    script directory they name, since they may run a script by path. Scripts get the
+    library and other script directories only when they import them.
     """
+    roots = {name.split(".")[0] for name in imported_modules(source, "__main__", False)}
     labels = []
-    if own_dir is None or any(
-        name.split(".")[0] == PACKAGE for name in imported_modules(source, "__main__", False)
-    ):
+    if own_dir is None or PACKAGE in roots:
         labels.append(f"//{PACKAGE}")
     for directory in SCRIPT_DIRS:
-        if directory != own_dir and list_py(root, directory) and _mentions(source, directory):
+        if directory == own_dir or not list_py(root, directory):
+            continue
+        if directory in roots or (own_dir is None and _mentions(source, directory)):
             labels.append(f"//{directory}")
     return labels
 
@@ -294,7 +321,7 @@ def tests_rules(root: Path) -> list[Rule]:
         Rule(
             "py_library",
             "test_support",
-            {"srcs": support, "data": ["//:pytest_config"]},
+            {"srcs": support, "data": ["//:pytest_config", *list_data(root, TESTS)]},
             "conftest.py, helpers and the pytest configuration every test needs.",
         )
     ]
