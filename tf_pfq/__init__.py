@@ -6,21 +6,33 @@ Quantized Deep Neural Networks", arXiv:2011.06751.
 
 from tf_pfq import compat, data, graph, models
 from tf_pfq.cost import count_macs, count_params, layer_costs
+from tf_pfq.fold import FoldReport, fold_batchnorm
 from tf_pfq.prune import prune
+from tf_pfq.quantize import apply, quantization_params, quantize_scope, strip
+from tf_pfq.quantizers import PfqActivationQuantizer, PfqBiasQuantizer, PfqWeightQuantizer
 from tf_pfq.ranges import ActivationRange
 from tf_pfq.report import PruneReport
 from tf_pfq.version import __version__
 
 __all__ = [
     "ActivationRange",
+    "FoldReport",
+    "PfqActivationQuantizer",
+    "PfqBiasQuantizer",
+    "PfqWeightQuantizer",
     "PruneReport",
     "__version__",
+    "apply",
     "compat",
     "count_macs",
     "count_params",
     "data",
+    "fold_batchnorm",
     "graph",
     "layer_costs",
     "models",
     "prune",
+    "quantization_params",
+    "quantize_scope",
+    "strip",
 ]

@@ -1,0 +1,202 @@
+"""Folding BatchNormalization into the preceding kernel and bias (paper eq. 5-6).
+
+In inference mode BN channel c computes `gamma_c * (y - mu_c) / sqrt(V_c + eps) +
+beta_c`; after a linear layer `y = W x + b` this is again linear, with
+
+    W'[..., c] = W[..., c] * gamma_c / sqrt(V_c + eps)                (eq. 5)
+    b'_c       = (b_c - mu_c) * gamma_c / sqrt(V_c + eps) + beta_c    (eq. 6)
+
+Stage W of the paper quantizes the folded weights (§3.3). tfmot folds BN inside its
+own 8-bit wrappers only, not into a plain model, so the rewrite is done here on the
+model config (`tf_pfq.graph.rebuild`); the arithmetic is the pure function
+`fold_weights`. Per-layer dynamic ranges of the folded kernels (paper Figure 2) are
+returned as data.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+from tf_pfq.compat import keras
+from tf_pfq.graph import LayerGraph, rebuild
+
+__all__ = ["fold_batchnorm", "fold_weights", "FoldReport", "WeightRange"]
+
+L = keras.layers
+_FOLDABLE = (L.Conv2D, L.DepthwiseConv2D, L.Dense)
+
+
+def fold_weights(kernel, bias, gamma, beta, mean, variance, epsilon: float, depthwise=False):
+    """Folds BN statistics into a kernel and bias (paper eq. 5-6), in float64.
+
+    Args:
+      kernel: Conv2D (kh, kw, cin, cout), Dense (cin, cout) or, with `depthwise`,
+        DepthwiseConv2D (kh, kw, cin, mult) kernel; output channel c * mult + m.
+      bias: the layer's bias (cout,), or None for a layer without bias.
+      gamma: BN scale (cout,), or None when the BN has `scale=False`.
+      beta: BN offset (cout,), or None when the BN has `center=False`.
+      mean: BN moving mean (cout,).
+      variance: BN moving variance (cout,).
+      epsilon: the BN layer's epsilon.
+      depthwise: `kernel` has the depthwise layout.
+
+    Returns:
+      (kernel, bias) float32 arrays; the kernel keeps its shape.
+
+    Example:
+      >>> k, b = fold_weights(np.ones((1, 2)), None, [2.0, 1.0], [0.5, 0.0],
+      ...                     [1.0, 0.0], [4.0, 1.0], epsilon=0.0)
+      >>> k.tolist(), b.tolist()
+      ([[1.0, 1.0]], [-0.5, 0.0])
+    """
+    kernel = np.asarray(kernel, np.float64)
+    mean = np.asarray(mean, np.float64)
+    channels = mean.shape[0]
+    gamma = np.ones(channels) if gamma is None else np.asarray(gamma, np.float64)
+    beta = np.zeros(channels) if beta is None else np.asarray(beta, np.float64)
+    bias = np.zeros(channels) if bias is None else np.asarray(bias, np.float64)
+    scale = gamma / np.sqrt(np.asarray(variance, np.float64) + epsilon)
+    if depthwise:
+        # Output channel c * mult + m sits at kernel[..., c, m].
+        folded = kernel * scale.reshape(kernel.shape[2], kernel.shape[3])
+    else:
+        folded = kernel * scale
+    return folded.astype(np.float32), ((bias - mean) * scale + beta).astype(np.float32)
+
+
+@dataclasses.dataclass(frozen=True)
+class WeightRange:
+    """Min and max of one layer's kernel; `dynamic_range` is max - min (paper Fig. 2)."""
+
+    min: float
+    max: float
+    folded: bool
+
+    @property
+    def dynamic_range(self) -> float:
+        return self.max - self.min
+
+
+@dataclasses.dataclass(frozen=True)
+class FoldReport:
+    """What `fold_batchnorm` did.
+
+    Attributes:
+      folded: {BN name: name of the layer it was folded into}.
+      unfolded: {BN name: why it stays in the model}.
+      weight_ranges: {layer name: WeightRange} for every Conv2D, DepthwiseConv2D and
+        Dense of the folded model, in layer order (the data of paper Figure 2).
+
+    Example:
+      >>> report = FoldReport({"bn": "conv"}, {}, {"conv": WeightRange(-1.0, 2.0, True)})
+      >>> report.weight_ranges["conv"].dynamic_range
+      3.0
+    """
+
+    folded: dict[str, str]
+    unfolded: dict[str, str]
+    weight_ranges: dict[str, WeightRange]
+
+    def __str__(self) -> str:
+        lines = [f"Folded {len(self.folded)} BatchNormalization layer(s)."]
+        lines += [f"  kept {bn}: {reason}" for bn, reason in self.unfolded.items()]
+        lines += [
+            f"  {name}: range {r.dynamic_range:.4g}{' (folded)' if r.folded else ''}"
+            for name, r in self.weight_ranges.items()
+        ]
+        return "\n".join(lines)
+
+
+def _why_not(graph: LayerGraph, bn: str) -> str | None:
+    layer = graph.layer(bn)
+    producers = graph.inputs_of(bn)
+    if graph.is_shared(bn):
+        return "the BatchNormalization layer is shared"
+    if len(producers) != 1 or producers[0] in graph.input_names:
+        return "it does not follow a Conv2D, DepthwiseConv2D or Dense layer"
+    producer = graph.layer(producers[0])
+    if not isinstance(producer, _FOLDABLE):
+        return f"it follows {type(producer).__name__} {producers[0]!r}"
+    if getattr(producer.activation, "__name__", "") != "linear":
+        return f"{producers[0]!r} has a fused activation before the BN"
+    if graph.is_shared(producers[0]) or graph.consumers_of(producers[0]) != [bn]:
+        return f"{producers[0]!r} is shared or has other consumers"
+    rank = len(producer.output_shape)
+    axis = layer.axis if isinstance(layer.axis, (list, tuple)) else [layer.axis]
+    if [a % rank for a in axis] != [rank - 1]:
+        return f"it normalizes axis {layer.axis}, not the channel (last) axis"
+    if getattr(producer, "data_format", "channels_last") != "channels_last":
+        return f"{producers[0]!r} is channels_first"
+    return None
+
+
+def fold_batchnorm(model):
+    """Folds every BN that directly follows a Conv2D, DepthwiseConv2D or Dense (eq. 5-6).
+
+    The producing layer gets a bias (`use_bias=True`) holding the folded offset;
+    the BN is removed. BNs elsewhere (after an Add, a pooling, a fused activation,
+    a layer with several consumers) stay and are listed in the report. In
+    inference mode the result computes the same function up to float round-off.
+
+    Args:
+      model: a Functional or Sequential tf_keras model; not modified.
+
+    Returns:
+      (folded model, FoldReport). The folded model keeps all other layer names.
+
+    Raises:
+      TypeError: not a tf_keras Functional or Sequential model.
+
+    Example:
+      >>> from tf_pfq import models
+      >>> m = models.mobilenet_v1(input_shape=(8, 8, 3), widths=(4, 8), strides=(1, 2))
+      >>> folded, report = fold_batchnorm(m)
+      >>> sorted(report.folded.items())[:2], report.unfolded
+      ([('conv1_bn', 'conv1'), ('conv_dw_1_bn', 'conv_dw_1')], {})
+    """
+    graph = LayerGraph(model)
+    folded: dict[str, str] = {}
+    unfolded: dict[str, str] = {}
+    layer_configs = {}
+    weights = {}
+    for name in graph.order:
+        if not isinstance(graph.layer(name), L.BatchNormalization):
+            continue
+        reason = _why_not(graph, name)
+        if reason is not None:
+            unfolded[name] = reason
+            continue
+        bn = graph.layer(name)
+        producer_name = graph.inputs_of(name)[0]
+        producer = graph.layer(producer_name)
+        depthwise = isinstance(producer, L.DepthwiseConv2D)
+        kernel = producer.depthwise_kernel if depthwise else producer.kernel
+        kernel, bias = fold_weights(
+            kernel.numpy(),
+            producer.bias.numpy() if producer.use_bias else None,
+            None if bn.gamma is None else bn.gamma.numpy(),
+            None if bn.beta is None else bn.beta.numpy(),
+            bn.moving_mean.numpy(),
+            bn.moving_variance.numpy(),
+            bn.epsilon,
+            depthwise,
+        )
+        config = producer.get_config()
+        config["use_bias"] = True
+        layer_configs[producer_name] = config
+        weights[producer_name] = [kernel, bias]
+        folded[name] = producer_name
+    result = rebuild(graph.model, remove=list(folded), layer_configs=layer_configs, weights=weights)
+    producers = set(folded.values())
+    ranges = {}
+    for layer in result.layers:
+        if isinstance(layer, _FOLDABLE):
+            kernel = (
+                layer.depthwise_kernel if isinstance(layer, L.DepthwiseConv2D) else layer.kernel
+            ).numpy()
+            ranges[layer.name] = WeightRange(
+                float(kernel.min()), float(kernel.max()), layer.name in producers
+            )
+    return result, FoldReport(folded, unfolded, ranges)

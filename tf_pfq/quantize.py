@@ -1,0 +1,521 @@
+"""Quantization-aware fine-tuning models: `apply`, `strip`, `quantize_scope` (paper §3.3, §4.1).
+
+`apply` returns an ordinary tfmot QAT model (tfmot `QuantizeWrapperV2` around the
+quantized layers, tfmot `QuantizeLayer` after the input), built by
+`quantize_annotate_layer` + `quantize_apply` with tf_pfq's own `PfqQuantizeConfig`
+per layer and `PfqQuantizeScheme` (whose layout transform replaces no config).
+
+Which tensors carry which quantizer (the contract the TFLite exporter relies on):
+
+* Model input: `QuantizeLayer` named `quant_<input>` with a
+  `PfqActivationQuantizer(input_bits)` (8 by default; the input is data, not an
+  activation, but integer inference needs it on a grid).
+* Activations (`PfqActivationQuantizer(activation_bits)`, moving-average range
+  holding 0), attached as the OUTPUT quantizer of the layer producing them:
+  - activation layers (ReLU, ReLU(6), Activation, LeakyReLU, PReLU, ELU, Softmax);
+  - Conv2D / DepthwiseConv2D / Dense / BatchNormalization outputs, unless the
+    layer's only consumer is a BatchNormalization or an activation layer (then the
+    tensor is fused away in integer inference and only the later one is
+    quantized); a layer with a fused activation (`Conv2D(activation="relu")`) has
+    its activated output quantized;
+  - AveragePooling2D / GlobalAveragePooling2D outputs (a mean leaves the grid;
+    the next layer's bias grid needs an input scale).
+  Not quantized (paper §4.1): the model's last layer output (any layer producing
+  a model output, directly or through grid-preserving layers) and Add outputs
+  (unless `add_bits` is given). Grid-preserving layers (Dropout, Flatten, Reshape,
+  max pooling, zero padding, cropping) carry no quantizer: their output is on
+  their input's grid. Concatenate, Multiply and unknown layers carry none either.
+* Weights (stage W only, `weight_bits` given): every Conv2D, DepthwiseConv2D and
+  Dense kernel, first and last included: `PfqWeightQuantizer(weight_bits)` on the
+  kernel's current min/max; per output channel with `per_channel_weights` for
+  Conv2D and DepthwiseConv2D (Dense stays per tensor: TFLite rejects per-axis
+  FullyConnected weights with "mismatched quantized axes"); 8-bit weights are
+  symmetric narrow-range. Every weight grid is int8 with zero point 0.
+* Biases (stage W): `PfqBiasQuantizer` rounds the bias onto the int32 grid
+  `s_in * s_w`, `s_in` being the step of the activation quantizer that produces
+  the layer's input (found through grid-preserving layers). A layer whose input is
+  not quantized (after an Add with `add_bits=None`) keeps a float bias.
+
+`quantization_params(qat_model)` reads all of it back as numbers (nudged min/max,
+scale, zero point, bits) by original layer name.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import dataclasses
+from collections.abc import Iterator
+
+import numpy as np
+import tensorflow_model_optimization as tfmot
+
+from tf_pfq import ranges
+from tf_pfq.compat import check_model, keras
+from tf_pfq.graph import LayerGraph
+from tf_pfq.quantize_configs import PfqQuantizeConfig
+from tf_pfq.quantizers import (
+    GRID_PRESERVING,
+    PfqActivationQuantizer,
+    PfqBiasQuantizer,
+    PfqWeightQuantizer,
+    QuantParams,
+    check_bits,
+    nudge,
+)
+from tf_pfq.scheme import PfqQuantizeScheme, quantize_layer_class
+
+__all__ = [
+    "apply",
+    "strip",
+    "quantize_scope",
+    "quantization_params",
+    "LayerQuantParams",
+    "quantized_tensors",
+]
+
+_qkeras = tfmot.quantization.keras
+L = keras.layers
+WEIGHTED = (L.Conv2D, L.DepthwiseConv2D, L.Dense)
+ACTIVATIONS = (L.ReLU, L.Activation, L.LeakyReLU, L.PReLU, L.ELU, L.Softmax, L.ThresholdedReLU)
+MEAN_POOLING = (L.AveragePooling2D, L.GlobalAveragePooling2D)
+_WRAPPERS = (_qkeras.QuantizeWrapper,)
+
+
+@contextlib.contextmanager
+def quantize_scope() -> Iterator[None]:
+    """Scope to load (or clone) tf_pfq QAT models: tfmot's objects plus tf_pfq's.
+
+    Example:
+      >>> with quantize_scope():
+      ...     cls = keras.utils.get_registered_object("PfqQuantizeConfig")
+      >>> cls.__name__
+      'PfqQuantizeConfig'
+    """
+    objects = {
+        "PfqQuantizeConfig": PfqQuantizeConfig,
+        "PfqActivationQuantizer": PfqActivationQuantizer,
+        "PfqWeightQuantizer": PfqWeightQuantizer,
+        "PfqBiasQuantizer": PfqBiasQuantizer,
+    }
+    with _qkeras.quantize_scope(objects):
+        yield
+
+
+def _kernel_attr(layer) -> str:
+    return "depthwise_kernel" if isinstance(layer, L.DepthwiseConv2D) else "kernel"
+
+
+def _is_linear(layer) -> bool:
+    activation = getattr(layer, "activation", None)
+    return activation is None or getattr(activation, "__name__", "") == "linear"
+
+
+def _is_weighted(layer) -> bool:
+    return type(layer) in WEIGHTED or isinstance(layer, L.DepthwiseConv2D)
+
+
+def _validate_graph(graph: LayerGraph, weight_bits) -> None:
+    for name in graph.order:
+        layer = graph.layer(name)
+        if graph.is_nested_model(name):
+            raise ValueError(
+                f"Layer {name!r} is a nested model; flatten it into one Functional model "
+                "before tf_pfq.apply."
+            )
+        if graph.is_shared(name):
+            raise ValueError(
+                f"Layer {name!r} is called {graph.num_calls(name)} times (shared weights); "
+                "tf_pfq.apply needs each layer called once."
+            )
+        if weight_bits is None:
+            continue
+        if isinstance(layer, L.BatchNormalization):
+            producers = [graph.layer(p) for p in graph.inputs_of(name)]
+            if any(_is_weighted(p) for p in producers):
+                raise ValueError(
+                    f"BatchNormalization {name!r} follows {graph.inputs_of(name)[0]!r}: fold it "
+                    "into the kernel first with `tf_pfq.fold_batchnorm(model)` (paper §3.3, "
+                    "stage W quantizes folded weights)."
+                )
+        elif layer.weights and not isinstance(layer, (*WEIGHTED, L.PReLU)):
+            raise ValueError(
+                f"Layer {name!r} ({type(layer).__name__}) has weights tf_pfq cannot quantize; "
+                "stage W quantizes Conv2D, DepthwiseConv2D and Dense kernels only."
+            )
+
+
+def _is_terminal(graph: LayerGraph, name: str, memo: dict[str, bool]) -> bool:
+    if name not in memo:
+        consumers = graph.consumers_of(name)
+        memo[name] = graph.is_output(name) or bool(
+            consumers
+            and all(
+                isinstance(graph.layer(c), GRID_PRESERVING) and _is_terminal(graph, c, memo)
+                for c in consumers
+            )
+        )
+    return memo[name]
+
+
+def quantized_tensors(
+    model, *, activation_bits: int, add_bits: int | None = None
+) -> dict[str, int]:
+    """Which layer outputs `apply` quantizes, and with how many bits (see module doc).
+
+    Args:
+      model: a Functional or Sequential tf_keras model.
+      activation_bits: bit width of activations.
+      add_bits: bit width of Add outputs; None leaves them float (paper §4.1).
+
+    Returns:
+      {layer name: bits} for every layer whose output gets a quantizer (model
+      inputs excluded).
+
+    Example:
+      >>> from tf_pfq import models
+      >>> m = models.mobilenet_v1(input_shape=(8, 8, 3), widths=(4, 8), strides=(1, 2))
+      >>> sorted(quantized_tensors(m, activation_bits=4))
+      ['conv1_relu', 'conv_dw_1_relu', 'conv_pw_1_relu', 'pool']
+    """
+    graph = LayerGraph(model)
+    memo: dict[str, bool] = {}
+    selected = {}
+    for name in graph.order:
+        layer = graph.layer(name)
+        if name in graph.input_names or _is_terminal(graph, name, memo):
+            continue
+        if isinstance(layer, L.Add):
+            if add_bits is not None:
+                selected[name] = add_bits
+            continue
+        if isinstance(layer, L.Activation) and _is_linear(layer):
+            continue
+        if isinstance(layer, (*ACTIVATIONS, *MEAN_POOLING)):
+            selected[name] = activation_bits
+        elif _is_weighted(layer) or isinstance(layer, L.BatchNormalization):
+            consumers = graph.consumers_of(name)
+            fused = (
+                _is_linear(layer)
+                and len(consumers) == 1
+                and isinstance(graph.layer(consumers[0]), (L.BatchNormalization, *ACTIVATIONS))
+            )
+            if not fused:
+                selected[name] = activation_bits
+    return selected
+
+
+def _input_is_quantized(graph, name, outputs, input_bits) -> bool:
+    current = name
+    while True:
+        producers = graph.inputs_of(current)
+        if len(producers) != 1:
+            return False
+        producer = producers[0]
+        if producer in graph.input_names:
+            return input_bits is not None
+        if producer in outputs:
+            return True
+        if not isinstance(graph.layer(producer), GRID_PRESERVING):
+            return False
+        current = producer
+
+
+def _plan(graph, activation_bits, weight_bits, per_channel_weights, add_bits, input_bits):
+    outputs = quantized_tensors(graph.model, activation_bits=activation_bits, add_bits=add_bits)
+    configs = {}
+    for name in graph.order:
+        layer = graph.layer(name)
+        output_quantizer = PfqActivationQuantizer(outputs[name]) if name in outputs else None
+        weight_quantizer = bias_quantizer = None
+        attr = _kernel_attr(layer)
+        if weight_bits is not None and _is_weighted(layer):
+            per_channel = per_channel_weights and not isinstance(layer, L.Dense)
+            depthwise = isinstance(layer, L.DepthwiseConv2D)
+            weight_quantizer = PfqWeightQuantizer(weight_bits, per_channel, depthwise)
+            if layer.use_bias and _input_is_quantized(graph, name, outputs, input_bits):
+                bias_quantizer = PfqBiasQuantizer(weight_bits, per_channel, depthwise, attr)
+        if output_quantizer or weight_quantizer:
+            configs[name] = PfqQuantizeConfig(
+                weight_quantizer, bias_quantizer, output_quantizer, kernel_attr=attr
+            )
+    return configs
+
+
+def apply(
+    model,
+    *,
+    activation_bits: int,
+    weight_bits: int | None = None,
+    per_channel_weights: bool = False,
+    add_bits: int | None = None,
+    input_bits: int | None = 8,
+):
+    """Wraps `model` for quantization-aware fine-tuning (paper §3.3 stages A and W).
+
+    Stage A (`weight_bits=None`): activations only; BatchNormalization stays
+    unfolded and keeps training. Stage W: activations, and the weights and biases
+    of every Conv2D, DepthwiseConv2D and Dense (first and last layers included);
+    BN must be folded first (`tf_pfq.fold_batchnorm`). The module docstring lists
+    exactly which tensors are quantized. Quantizer: paper eq. 20-21 with
+    `s = (M - m) / (2^n - 1)` (2^n levels; the paper's 2^n gives 2^n + 1).
+
+    Args:
+      model: a built Functional or Sequential tf_keras model; not modified.
+      activation_bits: activation bit width, 2..8.
+      weight_bits: weight bit width, 2..8; None for stage A.
+      per_channel_weights: per-output-channel weight ranges for Conv2D and
+        DepthwiseConv2D (the paper uses per tensor; Dense always per tensor).
+      add_bits: quantize Add outputs with this many bits (None: float, paper
+        §4.1; 8 lets integer inference reproduce the model exactly).
+      input_bits: bit width of the model-input quantizer; None for none.
+
+    Returns:
+      A new tfmot QAT model (layers named `quant_<name>`), trainable with `fit`.
+
+    Raises:
+      TypeError: `model` is not a tf_keras Functional or Sequential model.
+      ValueError: a bit width is outside 2..8 (the message names the argument);
+        a layer is shared or nested; in stage W, a BatchNormalization still
+        follows a Conv2D/DepthwiseConv2D/Dense, or a layer with weights other than
+        those can't be quantized.
+
+    Example:
+      >>> from tf_pfq import models
+      >>> m = models.mobilenet_v1(input_shape=(8, 8, 3), widths=(4, 8), strides=(1, 2))
+      >>> qat = apply(m, activation_bits=4)
+      >>> qat.get_layer("quant_conv1_relu").quantize_config.output_quantizer
+      PfqActivationQuantizer(num_bits=4, ema_decay=0.99)
+    """
+    check_bits(activation_bits, "activation_bits")
+    if weight_bits is not None:
+        check_bits(weight_bits, "weight_bits")
+    if add_bits is not None:
+        check_bits(add_bits, "add_bits")
+    if input_bits is not None:
+        check_bits(input_bits, "input_bits")
+    check_model(model)
+    graph = LayerGraph(model)
+    _validate_graph(graph, weight_bits)
+    configs = _plan(graph, activation_bits, weight_bits, per_channel_weights, add_bits, input_bits)
+    if not configs:
+        raise ValueError(f"Model {model.name!r} has no tensor for tf_pfq.apply to quantize.")
+    with quantize_scope():
+        # A private copy, so that annotating (which re-calls the layers) leaves the
+        # user's model and its layers untouched.
+        private = keras.models.clone_model(graph.model)
+        private.set_weights(graph.model.get_weights())
+
+        def annotate(layer):
+            if layer.name in configs:
+                return _qkeras.quantize_annotate_layer(layer, copy.deepcopy(configs[layer.name]))
+            return layer
+
+        annotated = keras.models.clone_model(private, clone_function=annotate)
+        qat = _qkeras.quantize_apply(annotated, scheme=PfqQuantizeScheme(input_bits))
+        # quantize_apply reuses the layer objects it does not wrap, so their first
+        # inbound node belongs to an intermediate model; bias quantizers follow
+        # inbound nodes, so give the result layers of its own.
+        result = keras.models.clone_model(qat)
+        result.set_weights(qat.get_weights())
+        return result
+
+
+def _original_name(layer) -> str:
+    return layer.layer.name if isinstance(layer, _WRAPPERS) else layer.name
+
+
+def _is_input_quantizer(layer) -> bool:
+    return isinstance(layer, quantize_layer_class())
+
+
+def _activation_quantizers(qat_model) -> dict[str, PfqActivationQuantizer]:
+    """{original name of the layer (or input) whose output is quantized: quantizer}."""
+    found = {}
+    for layer in qat_model.layers:
+        if isinstance(layer, _WRAPPERS) and isinstance(layer.quantize_config, PfqQuantizeConfig):
+            if layer.quantize_config.output_quantizer is not None:
+                found[layer.layer.name] = layer.quantize_config.output_quantizer
+        elif _is_input_quantizer(layer) and isinstance(layer.quantizer, PfqActivationQuantizer):
+            source = layer.inbound_nodes[0].inbound_layers
+            found[source.name] = layer.quantizer
+    return found
+
+
+def _check_qat(qat_model, argument: str = "qat_model") -> None:
+    check_model(qat_model, argument)
+    if not any(
+        isinstance(layer, _WRAPPERS) or _is_input_quantizer(layer) for layer in qat_model.layers
+    ):
+        raise ValueError(
+            f"`{argument}` ({qat_model.name}) has no quantized layer; expected a model "
+            "returned by tf_pfq.apply."
+        )
+
+
+def strip(qat_model):
+    """Returns the plain float tf_keras model inside a QAT model, with its trained weights.
+
+    Wrappers are replaced by the layers they wrap (same names as before `apply`)
+    and input quantizers are dropped. The learned activation ranges stay
+    available for a second PfQ (paper §3.2: a dead channel's constant is the
+    quantized `act(beta)`): they are attached as
+    `{layer name: ActivationRange}` under `tf_pfq.ranges.ACTIVATION_RANGES_ATTR`,
+    keyed by the layer whose output was quantized; read them with
+    `tf_pfq.ranges.activation_ranges_of(model)`.
+
+    Args:
+      qat_model: a model returned by `tf_pfq.apply` (or loaded under
+        `quantize_scope`); not modified.
+
+    Returns:
+      A new Functional float model.
+
+    Raises:
+      TypeError: not a tf_keras Functional or Sequential model.
+      ValueError: the model has no quantized layer.
+
+    Example:
+      >>> from tf_pfq import models, ranges
+      >>> m = models.mobilenet_v1(input_shape=(8, 8, 3), widths=(4, 8), strides=(1, 2))
+      >>> float_model = strip(apply(m, activation_bits=4))
+      >>> [l.name for l in float_model.layers] == [l.name for l in m.layers]
+      True
+      >>> ranges.activation_ranges_of(float_model)["conv1_relu"]
+      ActivationRange(min=-6.0, max=6.0, num_bits=4)
+    """
+    _check_qat(qat_model)
+    config = copy.deepcopy(qat_model.get_config())
+    renames: dict[str, str] = {}
+    bypass: dict[str, list] = {}
+    layers = []
+    for layer_config in config["layers"]:
+        layer = qat_model.get_layer(layer_config["name"])
+        if _is_input_quantizer(layer):
+            bypass[layer.name] = layer_config["inbound_nodes"][0][0][:3]
+            continue
+        if isinstance(layer, _WRAPPERS):
+            inner = layer_config["config"]["layer"]
+            renames[layer.name] = layer.layer.name
+            layer_config = {
+                **{k: v for k, v in inner.items() if k != "config"},
+                "config": inner["config"],
+                "name": layer.layer.name,
+                "inbound_nodes": layer_config["inbound_nodes"],
+            }
+        layers.append(layer_config)
+
+    def resolve(item):
+        name = item[0]
+        if name in bypass:
+            return resolve(bypass[name]) + list(item[3:])
+        return [renames.get(name, name), *item[1:]]
+
+    for layer_config in layers:
+        layer_config["inbound_nodes"] = [
+            [resolve(item) for item in node] for node in layer_config["inbound_nodes"]
+        ]
+    config["layers"] = layers
+    config["output_layers"] = [resolve(item)[:3] for item in config["output_layers"]]
+    config["input_layers"] = [resolve(item)[:3] for item in config["input_layers"]]
+    model = keras.Model.from_config(config)
+    for layer in qat_model.layers:
+        if _is_input_quantizer(layer):
+            continue
+        if isinstance(layer, _WRAPPERS):
+            target = model.get_layer(layer.layer.name)
+            trained = _wrapped_weights(layer)
+            target.set_weights([trained[_weight_name(w)].numpy() for w in target.weights])
+        else:
+            model.get_layer(layer.name).set_weights(layer.get_weights())
+    activation_ranges = {
+        name: ranges.ActivationRange(float(q.min_var.numpy()), float(q.max_var.numpy()), q.num_bits)
+        for name, q in _activation_quantizers(qat_model).items()
+    }
+    setattr(model, ranges.ACTIVATION_RANGES_ATTR, activation_ranges)
+    return model
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerQuantParams:
+    """The quantization of one layer of a QAT model, as numbers (for the exporter).
+
+    Attributes:
+      output: grid of the layer's output, or None if not quantized.
+      kernel: grid of the kernel (per channel: arrays over output channels).
+      bias_scale: the bias grid step `s_in * s_w` (int32 values), or None.
+      input_layer: original name of the layer whose quantized output feeds this
+        layer's bias grid (the model input's name for the first layer), or None.
+    """
+
+    output: QuantParams | None = None
+    kernel: QuantParams | None = None
+    bias_scale: np.ndarray | None = None
+    input_layer: str | None = None
+
+
+def _weight_name(weight) -> str:
+    return weight.name.split(":")[0].split("/")[-1]
+
+
+def _wrapped_weights(wrapper) -> dict[str, object]:
+    """The wrapped layer's variables by short name ("kernel", "gamma", ...).
+
+    tfmot swaps `layer.kernel` for the quantized tensor on every call, which
+    drops the variable from the inner layer's `weights`; the wrapper keeps it.
+    """
+    return {_weight_name(w): w for w in wrapper.weights}
+
+
+def quantization_params(qat_model) -> dict[str, LayerQuantParams]:
+    """Effective quantization parameters of a QAT model, by original layer name.
+
+    The grids are those TensorFlow's fake-quant ops use after zero-point nudging
+    (`tf_pfq.quantizers.nudge`): an integer model with these scales and zero points
+    reproduces the QAT model's inference-mode outputs. Model inputs appear under
+    the input layer's name with an `output` grid.
+
+    Args:
+      qat_model: a model returned by `tf_pfq.apply`.
+
+    Returns:
+      {layer name: LayerQuantParams}.
+
+    Raises:
+      ValueError: the model has no quantized layer.
+
+    Example:
+      >>> from tf_pfq import models
+      >>> m = models.mobilenet_v1(input_shape=(8, 8, 3), widths=(4, 8), strides=(1, 2))
+      >>> params = quantization_params(apply(m, activation_bits=4))
+      >>> params["conv1_relu"].output.num_levels, round(float(params["conv1_relu"].output.scale), 6)
+      (16, 0.8)
+    """
+    _check_qat(qat_model)
+    result = {}
+    for name, quantizer in _activation_quantizers(qat_model).items():
+        params = nudge(quantizer.min_var.numpy(), quantizer.max_var.numpy(), quantizer.num_bits)
+        result[name] = LayerQuantParams(output=params)
+    for layer in qat_model.layers:
+        if not isinstance(layer, _WRAPPERS) or not isinstance(
+            layer.quantize_config, PfqQuantizeConfig
+        ):
+            continue
+        config = layer.quantize_config
+        if config.weight_quantizer is None:
+            continue
+        kernel = _wrapped_weights(layer)[config.kernel_attr]
+        bias_scale = input_layer = None
+        if config.bias_quantizer is not None:
+            bias_scale = np.asarray(config.bias_quantizer.scale().numpy(), np.float32)
+            source = config.bias_quantizer.input_quantizer()
+            input_layer = next(
+                n for n, q in _activation_quantizers(qat_model).items() if q is source
+            )
+        result[layer.layer.name] = dataclasses.replace(
+            result.get(layer.layer.name, LayerQuantParams()),
+            kernel=config.weight_quantizer.params(kernel),
+            bias_scale=bias_scale,
+            input_layer=input_layer,
+        )
+    return result

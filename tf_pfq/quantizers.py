@@ -1,0 +1,547 @@
+"""The paper's n-bit linear quantizer (eq. 20-21) on TensorFlow's fused fake-quant ops.
+
+`Q(x) = round((clip(x, m, M) - m) / s) * s + m` with a straight-through gradient.
+The paper writes `s = (M - m) / 2^n`, which gives 2^n + 1 levels that do not fit in
+n bits; tf_pfq uses `s = (M - m) / (2^n - 1)` (exactly 2^n levels), which is what
+`tf.quantization.fake_quant_with_min_max_vars` computes. That op also nudges the
+range so that 0.0 is exactly on the grid (the "zero point" of integer inference)
+and supplies the STE gradient (1 inside the nudged range, 0 outside); tf_pfq does
+not hand-write round/clip for activations or weights. Only the int32 bias grid,
+which no TF op covers (fake-quant stops at 16 bits), is rounded here.
+
+The math lives in pure functions; the `Pfq*Quantizer` classes are thin tfmot
+`Quantizer` wrappers that own the moving-average variables and serialize.
+
+Ranges:
+  * activations: moving average of the batch min/max, always including 0 (so
+    after a ReLU the minimum is exactly 0);
+  * weights: the tensor's current min/max including 0, per tensor (the paper) or
+    per output channel; 8-bit weights are symmetric with `narrow_range` (integer
+    values -127..127, TFLite's int8 weight spec), so every weight grid is an int8
+    tensor with zero point 0 (for n < 8 the integers lie in [-(2^n - 1), 2^n - 1]);
+  * biases: int32 on the grid `s_in * s_w` of the layer's input scale times its
+    weight scale, as integer inference stores them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import numpy as np
+import tensorflow as tf
+import tensorflow_model_optimization as tfmot
+
+from tf_pfq.compat import keras
+
+__all__ = [
+    "MIN_BITS",
+    "MAX_BITS",
+    "QuantParams",
+    "check_bits",
+    "nudge",
+    "fake_quant",
+    "weight_min_max",
+    "weight_scale",
+    "quantize_weight",
+    "quantize_bias",
+    "PfqActivationQuantizer",
+    "PfqWeightQuantizer",
+    "PfqBiasQuantizer",
+]
+
+MIN_BITS = 2
+MAX_BITS = 8
+_INT32_MIN = -(2.0**31)
+_INT32_MAX = 2.0**31 - 1
+
+
+def check_bits(num_bits, argument: str = "num_bits") -> int:
+    """Returns `num_bits` as an int, or raises ValueError naming `argument`.
+
+    Example:
+      >>> check_bits(4)
+      4
+    """
+    if isinstance(num_bits, bool) or not isinstance(num_bits, (int, np.integer)):
+        raise ValueError(
+            f"`{argument}` must be an integer in [{MIN_BITS}, {MAX_BITS}]. "
+            f"Received: {argument}={num_bits!r}"
+        )
+    if not MIN_BITS <= num_bits <= MAX_BITS:
+        raise ValueError(
+            f"`{argument}` must be in [{MIN_BITS}, {MAX_BITS}]. Received: {argument}={num_bits}"
+        )
+    return int(num_bits)
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantParams:
+    """Effective grid of one fake-quant op, after TensorFlow's zero-point nudging.
+
+    Real values are `(q - zero_point) * scale` for integers `q` in
+    [quant_min, quant_max]; `min`/`max` are the nudged range ends. Arrays hold one
+    entry per channel for per-channel weights, scalars otherwise.
+
+    Attributes:
+      min: nudged lower end of the range (a grid point).
+      max: nudged upper end of the range (a grid point).
+      scale: step `s = (M - m) / (quant_max - quant_min)` (paper eq. 21, 2^n levels).
+      zero_point: the integer `q` that represents 0.0.
+      num_bits: bit width n.
+      narrow_range: True when the lowest level is not used (2^n - 1 levels).
+    """
+
+    min: np.ndarray
+    max: np.ndarray
+    scale: np.ndarray
+    zero_point: np.ndarray
+    num_bits: int
+    narrow_range: bool = False
+
+    @property
+    def quant_min(self) -> int:
+        return 1 if self.narrow_range else 0
+
+    @property
+    def quant_max(self) -> int:
+        return 2**self.num_bits - 1
+
+    @property
+    def num_levels(self) -> int:
+        return self.quant_max - self.quant_min + 1
+
+
+def nudge(min_value, max_value, num_bits: int, narrow_range: bool = False) -> QuantParams:
+    """The grid TensorFlow's fake-quant ops use for a range (float32, like the kernel).
+
+    Re-implements the op's `Nudge` step so that the exporter can read the exact
+    scale and zero point; `tests/test_quantizers.py` checks it against the op.
+
+    Args:
+      min_value: range minimum (scalar or per-channel array).
+      max_value: range maximum, same shape.
+      num_bits: bit width, 2..16 (the op's limits).
+      narrow_range: quantize into [1, 2^n - 1] instead of [0, 2^n - 1].
+
+    Returns:
+      The `QuantParams` of the nudged grid.
+
+    Example:
+      >>> p = nudge(-1.0, 2.0, num_bits=2)
+      >>> float(p.scale), int(p.zero_point), float(p.min), float(p.max)
+      (1.0, 1, -1.0, 2.0)
+    """
+    lo = np.asarray(min_value, np.float32)
+    hi = np.asarray(max_value, np.float32)
+    quant_min = np.float32(1 if narrow_range else 0)
+    quant_max = np.float32(2**num_bits - 1)
+    scale = (hi - lo) / (quant_max - quant_min)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        zero_point_from_min = quant_min - lo / scale
+    # std::round in the kernel rounds half away from zero.
+    rounded = np.sign(zero_point_from_min) * np.floor(np.abs(zero_point_from_min) + 0.5)
+    zero_point = np.clip(np.nan_to_num(rounded), quant_min, quant_max).astype(np.float32)
+    return QuantParams(
+        min=((quant_min - zero_point) * scale).astype(np.float32),
+        max=((quant_max - zero_point) * scale).astype(np.float32),
+        scale=scale.astype(np.float32),
+        zero_point=zero_point.astype(np.int32),
+        num_bits=int(num_bits),
+        narrow_range=bool(narrow_range),
+    )
+
+
+def fake_quant(x, min_value, max_value, num_bits: int, narrow_range: bool = False):
+    """Paper eq. 20-21 with STE gradient: TF's fused fake-quant op, per tensor or channel.
+
+    Args:
+      x: float tensor.
+      min_value: range minimum; a scalar, or a vector over the LAST axis of `x`
+        for per-channel quantization.
+      max_value: range maximum, same shape as `min_value`.
+      num_bits: bit width n (2^n levels, or 2^n - 1 with `narrow_range`).
+      narrow_range: drop the lowest level (symmetric int8 weights).
+
+    Returns:
+      `x` fake-quantized; its gradient is 1 inside the nudged range, 0 outside.
+
+    Example:
+      >>> fake_quant([-0.2, 0.4, 0.6, 3.5], 0.0, 3.0, num_bits=2).numpy().tolist()
+      [0.0, 0.0, 1.0, 3.0]
+    """
+    x = tf.convert_to_tensor(x, tf.float32)
+    min_value = tf.convert_to_tensor(min_value, tf.float32)
+    max_value = tf.convert_to_tensor(max_value, tf.float32)
+    if min_value.shape.rank == 0:
+        return tf.quantization.fake_quant_with_min_max_vars(
+            x, min_value, max_value, num_bits=num_bits, narrow_range=narrow_range
+        )
+    return tf.quantization.fake_quant_with_min_max_vars_per_channel(
+        x, min_value, max_value, num_bits=num_bits, narrow_range=narrow_range
+    )
+
+
+def _channels_last(kernel, depthwise: bool):
+    # A depthwise kernel (kh, kw, cin, mult) has output channel c * mult + m; merging
+    # the last two axes puts that channel index last, where the per-channel op wants
+    # it (and where TFLite's converter expects it: a reshape after the op breaks it).
+    if depthwise:
+        shape = tf.shape(kernel)
+        return tf.reshape(kernel, tf.concat([shape[:2], [shape[2] * shape[3]]], 0))
+    return kernel
+
+
+def _weight_narrow_range(num_bits: int) -> bool:
+    return num_bits == 8
+
+
+def weight_min_max(kernel, num_bits: int, per_channel: bool = False, depthwise: bool = False):
+    """The range tf_pfq quantizes a kernel with: its current min/max, always holding 0.
+
+    n < 8: `[min(w, 0), max(w, 0)]` (paper); n = 8: symmetric `[-|w|max, |w|max]`
+    with `narrow_range`, so the integer weights fit int8 with zero point 0.
+    A degenerate (all-zero) range is widened to 1e-8 so the scale stays finite.
+
+    Args:
+      kernel: Conv2D (kh, kw, cin, cout), DepthwiseConv2D (kh, kw, cin, mult) or
+        Dense (cin, cout) kernel.
+      num_bits: weight bit width.
+      per_channel: one range per output channel instead of one per tensor.
+      depthwise: `kernel` is a depthwise kernel (output channel = cin * mult + m).
+
+    Returns:
+      (min, max) float32 tensors, scalars or vectors over output channels.
+
+    Example:
+      >>> lo, hi = weight_min_max([[0.5, -1.0], [2.0, 0.25]], num_bits=4, per_channel=True)
+      >>> lo.numpy().tolist(), hi.numpy().tolist()
+      ([0.0, -1.0], [2.0, 0.25])
+    """
+    w = _channels_last(tf.convert_to_tensor(kernel, tf.float32), depthwise)
+    axes = list(range(len(w.shape) - 1)) if per_channel else None
+    if _weight_narrow_range(num_bits):
+        hi = tf.reduce_max(tf.abs(w), axis=axes)
+        lo = -hi
+    else:
+        lo = tf.minimum(tf.reduce_min(w, axis=axes), 0.0)
+        hi = tf.maximum(tf.reduce_max(w, axis=axes), 0.0)
+    hi = tf.maximum(hi, lo + 1e-8)
+    return lo, hi
+
+
+def weight_scale(kernel, num_bits: int, per_channel: bool = False, depthwise: bool = False):
+    """The weight step `s_w` (paper eq. 21) of `quantize_weight`, per tensor or channel.
+
+    Example:
+      >>> float(weight_scale([[-1.0, 2.0]], num_bits=2))
+      1.0
+    """
+    lo, hi = weight_min_max(kernel, num_bits, per_channel, depthwise)
+    levels = 2**num_bits - (2 if _weight_narrow_range(num_bits) else 1)
+    return (hi - lo) / float(levels)
+
+
+def quantize_weight(kernel, num_bits: int, per_channel: bool = False, depthwise: bool = False):
+    """Fake-quantizes a kernel on its current range (paper eq. 20-21), STE gradient.
+
+    Args:
+      kernel: the float kernel.
+      num_bits: weight bit width (2..8).
+      per_channel: one range per output channel (Conv2D/DepthwiseConv2D only: keep
+        Dense per tensor, TFLite rejects per-axis FullyConnected weights).
+      depthwise: `kernel` has the depthwise layout (kh, kw, cin, mult).
+
+    Returns:
+      The fake-quantized kernel, same shape.
+
+    Example:
+      >>> quantize_weight([[-1.0, 0.2, 0.6, 2.0]], num_bits=2).numpy().tolist()
+      [[-1.0, 0.0, 1.0, 2.0]]
+    """
+    kernel = tf.convert_to_tensor(kernel, tf.float32)
+    lo, hi = weight_min_max(kernel, num_bits, per_channel, depthwise)
+    flat = _channels_last(kernel, depthwise)
+    quantized = fake_quant(flat, lo, hi, num_bits, _weight_narrow_range(num_bits))
+    return tf.reshape(quantized, tf.shape(kernel)) if depthwise else quantized
+
+
+def quantize_bias(bias, scale):
+    """Rounds a bias onto the int32 grid `scale = s_in * s_w`, straight-through gradient.
+
+    Integer inference adds the bias to the int32 accumulator of `x_q * w_q`, whose
+    unit is `s_in * s_w`; rounding it here during QAT makes the exported model
+    match the trained one. No TF fake-quant op goes beyond 16 bits, hence the
+    explicit round (the gradient passes straight through, as in eq. 20's STE).
+
+    Args:
+      bias: float bias vector.
+      scale: the grid step, scalar or per output channel.
+
+    Returns:
+      `round(bias / scale) * scale`, clipped to the int32 range.
+
+    Example:
+      >>> quantize_bias([0.26, -0.74], 0.5).numpy().tolist()
+      [0.5, -0.5]
+    """
+    bias = tf.convert_to_tensor(bias, tf.float32)
+    scale = tf.convert_to_tensor(scale, tf.float32)
+    steps = tf.clip_by_value(tf.round(bias / scale), _INT32_MIN, _INT32_MAX)
+    return bias + tf.stop_gradient(steps * scale - bias)
+
+
+class _Serializable(tfmot.quantization.keras.quantizers.Quantizer):
+    """Equality and from_config from get_config (tfmot leaves both to subclasses)."""
+
+    def get_config(self) -> dict[str, Any]:
+        raise NotImplementedError
+
+    @classmethod
+    def from_config(cls, config):
+        return cls(**config)
+
+    def __eq__(self, other):
+        return type(self) is type(other) and self.get_config() == other.get_config()
+
+    def __ne__(self, other):
+        return not self == other
+
+    def __hash__(self):
+        return hash((type(self).__name__, tuple(sorted(self.get_config().items()))))
+
+    def __repr__(self):
+        args = ", ".join(f"{k}={v!r}" for k, v in self.get_config().items())
+        return f"{type(self).__name__}({args})"
+
+
+class PfqActivationQuantizer(_Serializable):
+    """n-bit activation quantizer with a moving-average range (paper eq. 20-21).
+
+    Training: the batch min/max (extended to include 0, so after a ReLU the
+    minimum is 0) update non-trainable `min`/`max` variables by an exponential
+    moving average; the first training batch sets them directly, so a short
+    fine-tuning does not drag an arbitrary initial range along (tfmot's
+    `MovingAverageQuantizer` starts from [-6, 6] with decay 0.999). Inference uses
+    the stored range. Before any training step the range is [-6, 6].
+
+    Args:
+      num_bits: bit width n, 2..8 (2^n levels).
+      ema_decay: moving-average decay in [0, 1).
+
+    Example:
+      >>> PfqActivationQuantizer(4).get_config()
+      {'num_bits': 4, 'ema_decay': 0.99}
+    """
+
+    def __init__(self, num_bits: int, ema_decay: float = 0.99):
+        self.num_bits = check_bits(num_bits)
+        if not 0.0 <= ema_decay < 1.0:
+            raise ValueError(f"`ema_decay` must be in [0, 1). Received: ema_decay={ema_decay}")
+        self.ema_decay = float(ema_decay)
+        self.min_var = None
+        self.max_var = None
+
+    def build(self, tensor_shape, name: str, layer):
+        def variable(suffix, value):
+            return layer.add_weight(
+                f"{name}_{suffix}",
+                initializer=keras.initializers.Constant(value),
+                trainable=False,
+            )
+
+        self.min_var = variable("min", -6.0)
+        self.max_var = variable("max", 6.0)
+        seen = variable("seen", 0.0)
+        return {"min": self.min_var, "max": self.max_var, "seen": seen}
+
+    def __call__(self, inputs, training, weights, **kwargs):
+        if training:
+            batch_min = tf.minimum(tf.reduce_min(inputs), 0.0)
+            batch_max = tf.maximum(tf.reduce_max(inputs), 0.0)
+            seen = weights["seen"]
+            decay = self.ema_decay * seen  # 0 on the first batch: take it as is
+            new_min = decay * weights["min"] + (1.0 - decay) * batch_min
+            new_max = decay * weights["max"] + (1.0 - decay) * batch_max
+            weights["min"].assign(new_min)
+            weights["max"].assign(new_max)
+            seen.assign(1.0)
+            return fake_quant(inputs, new_min, new_max, self.num_bits)
+        return fake_quant(inputs, weights["min"], weights["max"], self.num_bits)
+
+    def get_config(self):
+        return {"num_bits": self.num_bits, "ema_decay": self.ema_decay}
+
+
+class PfqWeightQuantizer(_Serializable):
+    """n-bit kernel quantizer on the kernel's current min/max (see `quantize_weight`).
+
+    Args:
+      num_bits: bit width n, 2..8.
+      per_channel: one range per output channel.
+      depthwise: the kernel has the DepthwiseConv2D layout (kh, kw, cin, mult).
+
+    Example:
+      >>> q = PfqWeightQuantizer(3, per_channel=True)
+      >>> PfqWeightQuantizer.from_config(q.get_config()) == q
+      True
+    """
+
+    def __init__(self, num_bits: int, per_channel: bool = False, depthwise: bool = False):
+        self.num_bits = check_bits(num_bits)
+        self.per_channel = bool(per_channel)
+        self.depthwise = bool(depthwise)
+
+    def build(self, tensor_shape, name: str, layer):
+        return {}
+
+    def __call__(self, inputs, training, weights, **kwargs):
+        return quantize_weight(inputs, self.num_bits, self.per_channel, self.depthwise)
+
+    def params(self, kernel) -> QuantParams:
+        """The nudged grid of `kernel` (for export)."""
+        lo, hi = weight_min_max(kernel, self.num_bits, self.per_channel, self.depthwise)
+        return nudge(lo.numpy(), hi.numpy(), self.num_bits, _weight_narrow_range(self.num_bits))
+
+    def get_config(self):
+        return {
+            "num_bits": self.num_bits,
+            "per_channel": self.per_channel,
+            "depthwise": self.depthwise,
+        }
+
+
+class PfqBiasQuantizer(_Serializable):
+    """Rounds a bias onto the int32 grid `s_in * s_w` (see `quantize_bias`).
+
+    `s_w` is recomputed from the layer's kernel (the same pure function the
+    kernel's `PfqWeightQuantizer` uses); `s_in` is the step of the activation
+    quantizer that produced the layer's input. tfmot gives a quantizer only its own
+    tensor, so the link is made from the model graph: at `build` the quantizer
+    keeps its `QuantizeWrapper`; at call time it follows the wrapper's inbound node
+    back through grid-preserving layers (Dropout, Flatten, Reshape, max pooling,
+    zero padding) to the producing `QuantizeWrapper`/`QuantizeLayer` and reads its
+    `min`/`max` variables. The link is rebuilt from the graph after loading, so
+    nothing but the weight settings needs serializing. `tf_pfq.apply` gives a
+    layer a bias quantizer only when its input is quantized.
+
+    Args:
+      weight_bits: bit width of the layer's kernel.
+      per_channel: the kernel is quantized per output channel.
+      depthwise: the kernel has the DepthwiseConv2D layout.
+      kernel_attr: the wrapped layer's kernel attribute.
+
+    Example:
+      >>> PfqBiasQuantizer(4, kernel_attr="depthwise_kernel", depthwise=True).weight_bits
+      4
+    """
+
+    def __init__(
+        self,
+        weight_bits: int,
+        per_channel: bool = False,
+        depthwise: bool = False,
+        kernel_attr: str = "kernel",
+    ):
+        self.weight_bits = check_bits(weight_bits, "weight_bits")
+        self.per_channel = bool(per_channel)
+        self.depthwise = bool(depthwise)
+        self.kernel_attr = str(kernel_attr)
+        self._wrapper = None
+        self._kernel = None
+
+    def build(self, tensor_shape, name: str, layer):
+        self._wrapper = layer
+        # The wrapper swaps `layer.kernel` for the quantized tensor on every call;
+        # keep the variable itself.
+        self._kernel = getattr(layer.layer, self.kernel_attr)
+        return {}
+
+    def input_quantizer(self):
+        """The `PfqActivationQuantizer` of this layer's input, or None before wiring."""
+        return input_activation_quantizer(self._wrapper)
+
+    def scale(self):
+        """The bias grid step `s_in * s_w` (a tensor), or None before the graph exists."""
+        quantizer = self.input_quantizer()
+        if quantizer is None:
+            return None
+        s_in = (quantizer.max_var - quantizer.min_var) / float(2**quantizer.num_bits - 1)
+        s_w = weight_scale(self._kernel, self.weight_bits, self.per_channel, self.depthwise)
+        return s_in * s_w
+
+    def __call__(self, inputs, training, weights, **kwargs):
+        scale = self.scale()
+        if scale is None:
+            # Only while Keras first traces the layer to build the functional graph
+            # (the wrapper has no inbound node yet): the output is a shape probe.
+            return inputs
+        return quantize_bias(inputs, scale)
+
+    def get_config(self):
+        return {
+            "weight_bits": self.weight_bits,
+            "per_channel": self.per_channel,
+            "depthwise": self.depthwise,
+            "kernel_attr": self.kernel_attr,
+        }
+
+
+# Layers whose output is on the same grid as their input (0 is on every grid, so
+# zero padding keeps it too). Shared with tf_pfq.quantize's tensor selection.
+GRID_PRESERVING = (
+    keras.layers.Dropout,
+    keras.layers.SpatialDropout2D,
+    keras.layers.Flatten,
+    keras.layers.Reshape,
+    keras.layers.MaxPooling2D,
+    keras.layers.GlobalMaxPooling2D,
+    keras.layers.ZeroPadding2D,
+    keras.layers.Cropping2D,
+)
+
+
+def _output_quantizer_of(layer):
+    quantizer = None
+    if isinstance(layer, tfmot.quantization.keras.QuantizeWrapper):
+        outputs = layer.quantize_config.get_output_quantizers(layer.layer)
+        quantizer = outputs[0] if outputs else None
+    elif hasattr(layer, "quantizer") and isinstance(
+        layer.quantizer, tfmot.quantization.keras.quantizers.Quantizer
+    ):  # tfmot's QuantizeLayer, which tfmot does not export by name
+        quantizer = layer.quantizer
+    return quantizer if isinstance(quantizer, PfqActivationQuantizer) else None
+
+
+def input_activation_quantizer(layer):
+    """The activation quantizer whose output feeds `layer` (through grid-preserving layers).
+
+    Args:
+      layer: a layer of a QAT model built by `tf_pfq.apply`.
+
+    Returns:
+      The producing `PfqActivationQuantizer`, or None if `layer` is not yet
+      connected in a model.
+
+    Raises:
+      RuntimeError: the input of `layer` is not quantized.
+    """
+    if layer is None or not layer.inbound_nodes:
+        return None
+    current = layer
+    while True:
+        producers = current.inbound_nodes[0].inbound_layers
+        if isinstance(producers, (list, tuple)):
+            if len(producers) != 1:
+                break
+            producers = producers[0]
+        quantizer = _output_quantizer_of(producers)
+        if quantizer is not None:
+            return quantizer
+        if not isinstance(producers, GRID_PRESERVING) or not producers.inbound_nodes:
+            break
+        current = producers
+    raise RuntimeError(
+        f"Layer {layer.name!r} has a bias quantizer but its input is not produced by a "
+        "tf_pfq activation quantizer; build QAT models with tf_pfq.apply."
+    )
