@@ -10,7 +10,7 @@ from test_prune_helpers import (
     all_weights,
     assert_same_outputs,
     assert_weights_equal,
-    mark_live_as_dead,
+    live_threshold,
     max_change,
     plant_dead,
     randomize_bn,
@@ -69,8 +69,8 @@ def test_conv_consumer_with_bias_absorbs_constant_into_bias():
 
 def test_conv_consumer_negative_control_live_channel_changes_outputs():
     model = _chain(consumer_bias=True, consumer_bn=False)
-    mark_live_as_dead(model, "conv1_bn", 2)
-    pruned, report = tf_pfq.prune(model)
+    threshold, _ = live_threshold(model, "conv1_bn")
+    pruned, report = tf_pfq.prune(model, threshold=threshold)
     assert report.num_pruned == 1  # same code path as above
     x = _x((8, 8, 3))
     scale = float(np.max(np.abs(model(x))))

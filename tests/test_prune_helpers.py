@@ -15,20 +15,35 @@ L = keras.layers
 ROUND_OFF = 2e-5
 
 
-def randomize_bn(model, seed: int = 0) -> None:
-    """Random BN statistics and affine terms, so every channel carries a signal."""
+def randomize_bn(model, x=None, seed: int = 0) -> None:
+    """Random BN affine terms; statistics random too, or measured on the inputs `x`.
+
+    Measured statistics (floored at 10 epsilon; one training-mode pass with momentum 0, so the moving values
+    become the batch values) keep the signal alive through deep untrained nets.
+    """
     rng = np.random.default_rng(seed)
-    for layer in model.layers:
-        if isinstance(layer, L.BatchNormalization):
-            c = layer.moving_variance.shape[0]
-            layer.set_weights(
-                [
-                    rng.uniform(0.5, 1.5, c),
-                    rng.normal(0.0, 0.5, c),
-                    rng.normal(0.0, 0.1, c),
-                    rng.uniform(0.5, 1.5, c),
-                ]
-            )
+    bns = [layer for layer in model.layers if isinstance(layer, L.BatchNormalization)]
+    for layer in bns:
+        c = layer.moving_variance.shape[0]
+        layer.set_weights(
+            [
+                rng.uniform(0.5, 1.5, c),
+                rng.normal(0.0, 0.5, c),
+                rng.normal(0.0, 0.1, c),
+                rng.uniform(0.5, 1.5, c),
+            ]
+        )
+    if x is not None:
+        momenta = [layer.momentum for layer in bns]
+        for layer in bns:
+            layer.momentum = 0.0
+        model(x, training=True)
+        for layer, momentum in zip(bns, momenta):
+            layer.momentum = momentum
+            # Untrained nets have channels that are (nearly) constant on real inputs;
+            # lift them above epsilon so that only the planted channels are dead.
+            floor = np.maximum(layer.moving_variance.numpy(), 10 * layer.epsilon)
+            layer.moving_variance.assign(floor)
 
 
 def producer_of(model, bn_name: str):
@@ -55,13 +70,23 @@ def plant_dead(model, bn_name: str, channel: int, beta: float) -> None:
     bn.set_weights([gamma, b, mean, var])
 
 
-def mark_live_as_dead(model, bn_name: str, channel: int) -> None:
-    """Negative control: the rule sees a dead channel, but its filter is live."""
+def live_threshold(model, bn_name: str):
+    """Negative control: a `threshold` under which the most varying (live) channel of
+    `bn_name` looks dead, so prune takes the same path as for a dead one.
+
+    The channel's moving variance is lowered to half the layer's smallest, keeping it
+    far from saturating the activation; the threshold lies between the two.
+
+    Returns:
+      (threshold callable, the flagged channel).
+    """
     bn = model.get_layer(bn_name)
-    gamma, b, mean, var = bn.get_weights()
-    var[channel] = bn.epsilon / 1000
-    b[channel] = 1.0
-    bn.set_weights([gamma, b, mean, var])
+    variance = bn.moving_variance.numpy()
+    channel, smallest = int(np.argmax(variance)), float(variance.min())
+    variance[channel] = smallest / 2
+    bn.moving_variance.assign(variance)
+    limit = 0.75 * smallest
+    return (lambda layer: limit if layer.name == bn_name else 0.0), channel
 
 
 def outputs(model, x, training: bool = False) -> np.ndarray:
