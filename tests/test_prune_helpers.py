@@ -18,8 +18,9 @@ ROUND_OFF = 2e-5
 def randomize_bn(model, x=None, seed: int = 0) -> None:
     """Random BN affine terms; statistics random too, or measured on the inputs `x`.
 
-    Measured statistics (floored at 10 epsilon; one training-mode pass with momentum 0, so the moving values
-    become the batch values) keep the signal alive through deep untrained nets.
+    Measured statistics (one training-mode pass with momentum 0, so the moving values
+    become the batch values; variances floored at 10 epsilon) keep the signal alive
+    through deep untrained nets.
     """
     rng = np.random.default_rng(seed)
     bns = [layer for layer in model.layers if isinstance(layer, L.BatchNormalization)]
