@@ -1,0 +1,129 @@
+"""The paper's comparisons, selectable by name through one API (paper Tables 1-3).
+
+* "pfq": Algorithm 1 (PfQ, stage A, PfQ, fold BN, stage W).
+* "original": the same staged workflow without PfQ (Table 1's "original").
+* "pfq_once": PfQ, fold BN, then activations and weights quantized together for
+  `e_A + e_W` epochs (Table 2's "fine-tune once (w/ PfQ)").
+* "dfq": fold BN, Nagel et al. 2019 DFQ (`tf_pfq.dfq`), then activations and weights
+  quantized together for `e_A + e_W` epochs (Table 3's "DFQ (w/ fine-tune)").
+* "tfmot": tfmot's own n-bit QAT (`DefaultNBitQuantizeScheme`, BN handled by tfmot's
+  transforms) for `e_A + e_W` epochs, the existing-library reference.
+
+All methods get the same number of training epochs, as in the paper.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from tf_pfq.training import TrainConfig
+from tf_pfq.workflow import Step, algorithm1_steps, run_steps
+
+__all__ = ["METHODS", "method_steps", "run_method"]
+
+METHODS = ("pfq", "original", "pfq_once", "dfq", "tfmot")
+
+
+def method_steps(
+    method: str,
+    stage_a: TrainConfig,
+    stage_w: TrainConfig,
+    activation_bits: int = 4,
+    weight_bits: int = 4,
+    combined: TrainConfig | None = None,
+) -> list[Step]:
+    """The workflow steps of a method.
+
+    Args:
+      method: one of `METHODS`.
+      stage_a: stage A hyperparameters (activations only).
+      stage_w: stage W hyperparameters (activations and weights).
+      activation_bits: activation bit width.
+      weight_bits: weight bit width.
+      combined: hyperparameters of the single stage of "pfq_once", "dfq" and
+        "tfmot"; default: `stage_w`'s with `stage_a.epochs + stage_w.epochs` epochs
+        (the paper's equal-epoch comparison, eq. 19's lambda over all of them).
+
+    Returns:
+      A list of `tf_pfq.workflow.Step`.
+
+    Raises:
+      ValueError: unknown method.
+
+    Example:
+      >>> [s.name for s in method_steps("dfq", TrainConfig(epochs=2), TrainConfig(epochs=3))]
+      ['fold', 'dfq', 'stage_aw']
+      >>> method_steps("dfq", TrainConfig(epochs=2), TrainConfig(epochs=3))[-1].config.epochs
+      5
+    """
+    if method not in METHODS:
+        raise ValueError(f"`method` must be one of {METHODS}. Received: method={method!r}")
+    if combined is None:
+        combined = dataclasses.replace(stage_w, epochs=stage_a.epochs + stage_w.epochs, period=None)
+    aw = Step("stage_aw", "train", activation_bits, weight_bits, combined)
+    if method == "pfq":
+        return algorithm1_steps(stage_a, stage_w, activation_bits, weight_bits)
+    if method == "original":
+        return [
+            Step("stage_a", "train", activation_bits, None, stage_a),
+            Step("fold", "fold"),
+            Step("stage_w", "train", activation_bits, weight_bits, stage_w),
+        ]
+    if method == "pfq_once":
+        return [Step("pfq_1", "prune"), Step("fold", "fold"), aw]
+    if method == "dfq":
+        return [Step("fold", "fold"), Step("dfq", "dfq", weight_bits=weight_bits), aw]
+    return [dataclasses.replace(aw, quantizer="tfmot")]
+
+
+def run_method(
+    method: str,
+    model,
+    train_data,
+    *,
+    activation_bits: int = 4,
+    weight_bits: int = 4,
+    stage_a: TrainConfig | None = None,
+    stage_w: TrainConfig | None = None,
+    combined: TrainConfig | None = None,
+    **kwargs,
+):
+    """Runs one of `METHODS` on a pretrained float model (see `method_steps`).
+
+    Args:
+      method: "pfq", "original", "pfq_once", "dfq" or "tfmot".
+      model: pretrained float tf_keras model (not modified).
+      train_data: batched (image, label) training dataset.
+      activation_bits: activation bit width.
+      weight_bits: weight bit width.
+      stage_a: stage A hyperparameters (default: `TrainConfig(epochs=1)`).
+      stage_w: stage W hyperparameters (default: `TrainConfig(epochs=1)`).
+      combined: the single stage of the one-stage methods (see `method_steps`).
+      **kwargs: as for `tf_pfq.workflow.run_steps` (test/validation data,
+        `output_dir`, `strategy`, callbacks, ...).
+
+    Returns:
+      (quantized QAT model, `tf_pfq.workflow.WorkflowSummary`).
+
+    Raises:
+      ValueError: unknown method.
+
+    Example:
+      >>> from tf_pfq import data, models
+      >>> splits = data.load_digits(image_size=8, num_train=64)
+      >>> train = data.to_dataset(splits["train"], 32)
+      >>> m = models.mobilenet_v1(input_shape=(8, 8, 3), widths=(4, 8), strides=(1, 2))
+      >>> _, summary = run_method("original", m, train, verbose=0)
+      >>> summary.method, [s.name for s in summary.steps]
+      ('original', ['stage_a', 'fold', 'stage_w'])
+    """
+    steps = method_steps(
+        method,
+        stage_a or TrainConfig(epochs=1),
+        stage_w or TrainConfig(epochs=1),
+        activation_bits,
+        weight_bits,
+        combined,
+    )
+    kwargs.setdefault("method", method)
+    return run_steps(model, train_data, steps, **kwargs)

@@ -1,0 +1,632 @@
+"""The PfQ quantization workflow (paper Algorithm 1, §3.3) in one resumable call.
+
+Algorithm 1: PfQ on the pretrained model -> fine-tune `e_A` epochs with quantized
+activations (BN unfolded and training) -> PfQ again (BN training can create new
+dead channels) -> fold BN into kernels and biases (eqs. 5-6) -> fine-tune `e_W`
+epochs with quantized activations and weights.
+
+A run is a list of `Step`s (transforms of the float model, and training stages of a
+QAT model); `run_steps` executes any such list, which is how the paper's baselines
+(`tf_pfq.baselines`) share the machinery. With `output_dir` every finished step is
+written to disk and a restarted run resumes after the last finished step, and inside
+a training stage from the last finished epoch (Keras `BackupAndRestore`). Training
+runs under an optional `tf.distribute` strategy (Mirrored, MultiWorkerMirrored).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+import tensorflow as tf
+from absl import logging
+
+from tf_pfq.compat import check_model, keras
+from tf_pfq.training import TrainConfig, clear_regularizers, evaluate_accuracy, fit
+
+__all__ = [
+    "Step",
+    "StepResult",
+    "WorkflowSummary",
+    "algorithm1_steps",
+    "run_steps",
+    "run_workflow",
+    "calibration_images",
+]
+
+STATE_FILE = "workflow_state.json"
+
+
+@dataclasses.dataclass(frozen=True)
+class Step:
+    """One step of a quantization workflow.
+
+    Attributes:
+      name: unique name; also the checkpoint sub-directory.
+      kind: "prune" (PfQ), "fold" (BN folding), "dfq" (Nagel et al.), or "train"
+        (wrap for QAT and fine-tune).
+      activation_bits: for "train": activation bit width.
+      weight_bits: for "train": weight bit width, None for activations only (stage A);
+        for "dfq": the bit width bias correction targets.
+      config: for "train": the stage's hyperparameters.
+      quantizer: for "train": "pfq" (`tf_pfq.apply`, paper eqs. 20-21) or "tfmot"
+        (tfmot's `DefaultNBitQuantizeScheme`, the library reference).
+    """
+
+    name: str
+    kind: str
+    activation_bits: int | None = None
+    weight_bits: int | None = None
+    config: TrainConfig | None = None
+    quantizer: str = "pfq"
+
+    def __post_init__(self):
+        if self.kind not in ("prune", "fold", "dfq", "train"):
+            raise ValueError(
+                f"`kind` must be 'prune', 'fold', 'dfq' or 'train'. Received: kind={self.kind!r}"
+            )
+        if self.kind == "train" and (self.config is None or self.activation_bits is None):
+            raise ValueError(f"Training step {self.name!r} needs `config` and `activation_bits`.")
+        if self.quantizer not in ("pfq", "tfmot"):
+            raise ValueError(
+                f"`quantizer` must be 'pfq' or 'tfmot'. Received: quantizer={self.quantizer!r}"
+            )
+
+
+@dataclasses.dataclass
+class StepResult:
+    """What one step did and the model it left (accuracy as a fraction)."""
+
+    name: str
+    kind: str
+    accuracy: float | None = None
+    val_accuracy: float | None = None
+    params: int | None = None
+    macs: int | None = None
+    channels_removed: int | None = None
+    dead_pruned: int | None = None
+    dead_kept: int | None = None
+    epochs: int | None = None
+    stopped_early: str = ""
+    seconds: float = 0.0
+    details: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass
+class WorkflowSummary:
+    """Accuracy after each step, channels pruned by each PfQ, params and MACs.
+
+    Attributes:
+      method: the workflow's name ("pfq" for Algorithm 1).
+      activation_bits: activation bit width of the last training stage.
+      weight_bits: weight bit width of the last training stage.
+      float_accuracy: test accuracy of the input float model (None without test data).
+      float_params: parameters of the input model.
+      float_macs: per-sample MACs of the input model.
+      steps: one `StepResult` per step, in order.
+    """
+
+    method: str
+    activation_bits: int | None
+    weight_bits: int | None
+    float_accuracy: float | None
+    float_params: int
+    float_macs: int | None
+    steps: list[StepResult] = dataclasses.field(default_factory=list)
+
+    @property
+    def accuracy(self) -> float | None:
+        """Test accuracy of the final quantized model."""
+        return self.steps[-1].accuracy if self.steps else self.float_accuracy
+
+    @property
+    def params(self) -> int:
+        return self.steps[-1].params if self.steps else self.float_params
+
+    @property
+    def macs(self) -> int | None:
+        return self.steps[-1].macs if self.steps else self.float_macs
+
+    @property
+    def channels_removed(self) -> int:
+        """Conv/Dense output channels removed by all PfQ steps together."""
+        return sum(s.channels_removed or 0 for s in self.steps)
+
+    @property
+    def params_pruned_fraction(self) -> float:
+        """Share of the input model's weights removed (the paper's "pruned by x %")."""
+        return 1.0 - self.params / self.float_params if self.float_params else 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        out = dataclasses.asdict(self)
+        out.update(
+            accuracy=self.accuracy,
+            params=self.params,
+            macs=self.macs,
+            channels_removed=self.channels_removed,
+            params_pruned_fraction=self.params_pruned_fraction,
+        )
+        return out
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> WorkflowSummary:
+        fields = {f.name for f in dataclasses.fields(cls)}
+        kwargs = {k: v for k, v in values.items() if k in fields}
+        kwargs["steps"] = [StepResult(**s) for s in values.get("steps", [])]
+        return cls(**kwargs)
+
+    def to_markdown(self) -> str:
+        """The per-step table (accuracy in %, MACs in millions)."""
+        rows = [
+            "| step | kind | test acc. % | val acc. % | epochs | removed channels | params "
+            "| MACs (M) |",
+            "|---|---|---|---|---|---|---|---|",
+            (f"| float | input | {_pct(self.float_accuracy)} | | | | {self.float_params} | "
+            f"{_mmacs(self.float_macs)} |"),
+        ]
+        for s in self.steps:
+            rows.append(
+                f"| {s.name} | {s.kind} | {_pct(s.accuracy)} | {_pct(s.val_accuracy)} | "
+                f"{'' if s.epochs is None else s.epochs} | "
+                f"{'' if s.channels_removed is None else s.channels_removed} | {s.params} | "
+                f"{_mmacs(s.macs)} |"
+            )
+        return "\n".join(rows)
+
+    def __str__(self) -> str:
+        return self.to_markdown()
+
+
+def _pct(value) -> str:
+    return "" if value is None else f"{100 * value:.2f}"
+
+
+def _mmacs(value) -> str:
+    return "" if value is None else f"{value / 1e6:.3f}"
+
+
+def algorithm1_steps(
+    stage_a: TrainConfig,
+    stage_w: TrainConfig,
+    activation_bits: int = 4,
+    weight_bits: int = 4,
+) -> list[Step]:
+    """The steps of paper Algorithm 1.
+
+    Example:
+      >>> [s.name for s in algorithm1_steps(TrainConfig(epochs=1), TrainConfig(epochs=1))]
+      ['pfq_1', 'stage_a', 'pfq_2', 'fold', 'stage_w']
+    """
+    return [
+        Step("pfq_1", "prune"),
+        Step("stage_a", "train", activation_bits, None, stage_a),
+        Step("pfq_2", "prune"),
+        Step("fold", "fold"),
+        Step("stage_w", "train", activation_bits, weight_bits, stage_w),
+    ]
+
+
+def calibration_images(dataset: tf.data.Dataset, max_images: int = 256) -> np.ndarray:
+    """Up to `max_images` images from a batched (image, label) dataset, as one array.
+
+    Example:
+      >>> ds = tf.data.Dataset.from_tensor_slices((np.zeros((10, 2, 2, 1)), np.zeros(10)))
+      >>> calibration_images(ds.batch(4), max_images=6).shape
+      (6, 2, 2, 1)
+    """
+    images, count = [], 0
+    for batch in dataset:
+        x = batch[0] if isinstance(batch, (tuple, list)) else batch
+        images.append(np.asarray(x))
+        count += len(images[-1])
+        if count >= max_images:
+            break
+    if not images:
+        raise ValueError("The calibration dataset is empty.")
+    return np.concatenate(images)[:max_images].astype(np.float32)
+
+
+# --------------------------------------------------------------------------------------
+# Quantization back-ends
+
+
+def _quantize(model, step: Step):
+    if step.quantizer == "tfmot":
+        import tensorflow_model_optimization as tfmot
+        from tensorflow_model_optimization.quantization.keras.experimental import default_n_bit
+
+        scheme = default_n_bit.DefaultNBitQuantizeScheme(
+            num_bits_weight=step.weight_bits or 8, num_bits_activation=step.activation_bits
+        )
+        annotated = tfmot.quantization.keras.quantize_annotate_model(model)
+        return tfmot.quantization.keras.quantize_apply(annotated, scheme=scheme)
+    from tf_pfq.quantize import apply
+
+    return apply(model, activation_bits=step.activation_bits, weight_bits=step.weight_bits)
+
+
+def _strip(qat, step: Step):
+    if step.quantizer == "tfmot":
+        raise ValueError(
+            f"Step {step.name!r} uses tfmot's scheme, which has no strip: it must be the "
+            "last training step."
+        )
+    from tf_pfq.quantize import strip
+
+    return strip(qat)
+
+
+def _scope(step: Step):
+    if step.quantizer == "tfmot":
+        import tensorflow_model_optimization as tfmot
+
+        return tfmot.quantization.keras.quantize_scope()
+    from tf_pfq.quantize import quantize_scope
+
+    return quantize_scope()
+
+
+# --------------------------------------------------------------------------------------
+# Checkpoints
+
+
+def _is_chief(strategy) -> bool:
+    resolver = getattr(strategy, "cluster_resolver", None)
+    if resolver is None or not getattr(resolver, "task_type", None):
+        return True
+    if resolver.task_type == "chief":
+        return True
+    cluster = resolver.cluster_spec().as_dict()
+    return resolver.task_type == "worker" and resolver.task_id == 0 and "chief" not in cluster
+
+
+class _Checkpoints:
+    """Per-step files under `output_dir` (only the chief writes; others use a temp dir)."""
+
+    def __init__(self, output_dir: str | None, strategy, custom_objects):
+        self.enabled = output_dir is not None
+        self.custom_objects = dict(custom_objects or {})
+        if output_dir is not None and not _is_chief(strategy):
+            resolver = strategy.cluster_resolver
+            output_dir = os.path.join(
+                tempfile.gettempdir(), f"tf_pfq_{resolver.task_type}_{resolver.task_id}"
+            )
+        self.root = output_dir
+        if self.root:
+            os.makedirs(self.root, exist_ok=True)
+
+    def step_dir(self, index: int, step: Step) -> str | None:
+        if not self.root:
+            return None
+        path = os.path.join(self.root, f"{index:02d}_{step.name}")
+        os.makedirs(path, exist_ok=True)
+        return path
+
+    def load_state(self) -> dict[str, Any] | None:
+        if not self.root or not os.path.exists(os.path.join(self.root, STATE_FILE)):
+            return None
+        with open(os.path.join(self.root, STATE_FILE)) as f:
+            return json.load(f)
+
+    def save_state(self, state: dict[str, Any]) -> None:
+        if not self.root:
+            return
+        tmp = os.path.join(self.root, STATE_FILE + ".tmp")
+        with open(tmp, "w") as f:
+            json.dump(state, f, indent=2)
+        os.replace(tmp, os.path.join(self.root, STATE_FILE))  # atomic: never half-written
+
+    def save_model(self, model, path: str) -> None:
+        model.save(path)
+
+    def load_model(self, path: str):
+        return keras.models.load_model(path, custom_objects=self.custom_objects, compile=False)
+
+
+# --------------------------------------------------------------------------------------
+# The engine
+
+
+def _costs(model) -> tuple[int, int | None]:
+    from tf_pfq.cost import count_macs, count_params
+
+    try:
+        macs = count_macs(model)
+    except ValueError:
+        macs = None
+    return count_params(model), macs
+
+
+def _evaluate(model, data) -> float | None:
+    return None if data is None else evaluate_accuracy(model, data)
+
+
+def _transform(step: Step, model, calibration: np.ndarray, prune_kwargs, dfq_kwargs):
+    """Runs a float-model transform; returns (new model, StepResult fields)."""
+    if step.kind == "prune":
+        from tf_pfq.prune import prune
+
+        pruned, report = prune(model, calibration_data=calibration, **prune_kwargs)
+        fields = {
+            "channels_removed": report.num_removed,
+            "dead_pruned": report.num_pruned,
+            "dead_kept": report.num_kept,
+            "details": {
+                "exact": report.exact,
+                "max_output_change": report.max_output_change,
+                "bn_channels_before": report.bn_channels_before,
+                "bn_channels_after": report.bn_channels_after,
+            },
+        }
+        logging.info(
+            "%s: PfQ removed %d output channels (%d dead BN channels pruned, %d kept).",
+            step.name,
+            report.num_removed,
+            report.num_pruned,
+            report.num_kept,
+        )
+        return pruned, fields
+    if step.kind == "fold":
+        from tf_pfq.fold import fold_batchnorm
+
+        folded, report = fold_batchnorm(model)
+        if report.unfolded:
+            logging.warning("%s: BN layers left unfolded: %s", step.name, report.unfolded)
+        return folded, {
+            "details": {"folded": len(report.folded), "unfolded": dict(report.unfolded)}
+        }
+    if step.kind == "dfq":
+        from tf_pfq.dfq import dfq
+
+        out, report = dfq(model, calibration, step.weight_bits or 8, **dfq_kwargs)
+        return out, {
+            "details": {
+                "equalized_pairs": len(report.equalized_pairs),
+                "absorbed_channels": sum(report.absorbed_channels.values()),
+            }
+        }
+    raise AssertionError(step.kind)
+
+
+def run_steps(
+    model,
+    train_data: tf.data.Dataset,
+    steps: Sequence[Step],
+    *,
+    test_data: tf.data.Dataset | None = None,
+    validation_data: tf.data.Dataset | None = None,
+    output_dir: str | None = None,
+    strategy: tf.distribute.Strategy | None = None,
+    tensorboard: bool = False,
+    calibration_data: np.ndarray | None = None,
+    prune_kwargs: dict[str, Any] | None = None,
+    dfq_kwargs: dict[str, Any] | None = None,
+    callbacks: Sequence[keras.callbacks.Callback] | Callable[[Step], Sequence[Any]] = (),
+    loss=None,
+    verbose: int | str = "auto",
+    method: str = "custom",
+    keep_regularizers: bool = False,
+    custom_objects: dict[str, Any] | None = None,
+):
+    """Runs a list of workflow steps on a float model; resumable, distributable.
+
+    Args:
+      model: the pretrained float tf_keras model (not modified).
+      train_data: batched (image, label) training dataset of known length.
+      steps: what to do, e.g. `algorithm1_steps(...)`.
+      test_data: batched dataset for the accuracy reported after each step.
+      validation_data: batched dataset for per-epoch validation and the appendix A.1
+        early stopping (`TrainConfig.target_drop` / `patience`).
+      output_dir: checkpoint directory; a run restarted with the same directory skips
+        finished steps and resumes a training stage at its last finished epoch.
+      strategy: a `tf.distribute.Strategy` for the training stages.
+      tensorboard: write TensorBoard logs under `output_dir/tensorboard/<step>`.
+      calibration_data: images for PfQ's output-change check and DFQ's statistics;
+        default: 256 training images.
+      prune_kwargs: extra arguments to `tf_pfq.prune` (e.g. `threshold`).
+      dfq_kwargs: extra arguments to `tf_pfq.dfq.dfq`.
+      callbacks: Keras callbacks for every training stage, or a function of the `Step`
+        returning them.
+      loss: Keras loss (default: sparse categorical cross-entropy from logits).
+      verbose: Keras progress-bar setting.
+      method: name recorded in the summary.
+      keep_regularizers: keep the model's own kernel regularizers while fine-tuning
+        (default: remove them; the optimizer's weight decay replaces them, paper §4).
+      custom_objects: for loading checkpoints of models with custom layers.
+
+    Returns:
+      (quantized QAT model of the last training step, or the float model if there is
+      none; `WorkflowSummary`).
+
+    Raises:
+      TypeError: `model` is not a tf_keras Functional/Sequential model.
+      ValueError: duplicate step names, a checkpoint from a different step list, or a
+        tfmot training step that is not the last one.
+    """
+    check_model(model)
+    names = [s.name for s in steps]
+    if len(set(names)) != len(names):
+        raise ValueError(f"Step names must be unique. Received: {names}")
+    trains = [i for i, s in enumerate(steps) if s.kind == "train"]
+    for i in trains:
+        if steps[i].quantizer == "tfmot" and i != len(steps) - 1:
+            raise ValueError(f"tfmot training step {steps[i].name!r} must be the last step.")
+    ckpt = _Checkpoints(output_dir, strategy, custom_objects)
+    prune_kwargs = dict(prune_kwargs or {})
+    dfq_kwargs = dict(dfq_kwargs or {})
+    if calibration_data is None:
+        calibration_data = calibration_images(train_data)
+
+    float_model = model if keep_regularizers else clear_regularizers(model)
+    state = ckpt.load_state()
+    if state is not None and state.get("steps") != names:
+        raise ValueError(
+            f"{output_dir} holds a run of steps {state.get('steps')}, not {names}; use "
+            "another output directory."
+        )
+    if state is None:
+        params, macs = _costs(float_model)
+        summary = WorkflowSummary(
+            method,
+            steps[trains[-1]].activation_bits if trains else None,
+            steps[trains[-1]].weight_bits if trains else None,
+            _evaluate(float_model, test_data),
+            params,
+            macs,
+        )
+        state = {"steps": names, "summary": summary.to_dict(), "done": 0}
+        ckpt.save_state(state)
+    summary = WorkflowSummary.from_dict(state["summary"])
+    reference = _evaluate(float_model, validation_data) if validation_data is not None else None
+    qat = None
+    done = state["done"]
+    if done:
+        logging.info("Resuming from %s after step %r.", output_dir, names[done - 1])
+        float_model, qat = _restore(ckpt, steps, done, strategy)
+
+    for index in range(done, len(steps)):
+        step = steps[index]
+        start = time.time()
+        step_dir = ckpt.step_dir(index, step)
+        logging.info("Step %d/%d: %s (%s).", index + 1, len(steps), step.name, step.kind)
+        if step.kind == "train":
+            if step_dir:
+                ckpt.save_model(float_model, os.path.join(step_dir, "input.keras"))
+            qat = _build_qat(float_model, step, strategy)
+            step_callbacks = callbacks(step) if callable(callbacks) else callbacks
+            _, epochs, reason = fit(
+                qat,
+                train_data,
+                step.config,
+                validation_data=validation_data,
+                reference_accuracy=reference,
+                backup_dir=os.path.join(step_dir, "backup") if step_dir else None,
+                tensorboard_dir=(
+                    os.path.join(ckpt.root, "tensorboard", step.name)
+                    if tensorboard and ckpt.root
+                    else None
+                ),
+                callbacks=step_callbacks,
+                loss=loss,
+                verbose=verbose,
+                strategy=strategy,
+            )
+            if step_dir:
+                qat.save_weights(os.path.join(step_dir, "qat.weights.h5"))
+            params, macs = _costs(float_model)
+            result = StepResult(
+                step.name,
+                step.kind,
+                _evaluate(qat, test_data),
+                _evaluate(qat, validation_data),
+                params,
+                macs,
+                epochs=epochs,
+                stopped_early=reason,
+            )
+            if index != len(steps) - 1:
+                float_model = _strip(qat, step)
+        else:
+            float_model, fields = _transform(
+                step, float_model, calibration_data, prune_kwargs, dfq_kwargs
+            )
+            qat = None
+            if step_dir:
+                ckpt.save_model(float_model, os.path.join(step_dir, "model.keras"))
+            params, macs = _costs(float_model)
+            result = StepResult(
+                step.name,
+                step.kind,
+                _evaluate(float_model, test_data),
+                _evaluate(float_model, validation_data),
+                params,
+                macs,
+                **fields,
+            )
+        result.seconds = round(time.time() - start, 2)
+        summary.steps.append(result)
+        logging.info(
+            "Step %s done in %.1f s: test accuracy %s, params %d, MACs %s.",
+            step.name,
+            result.seconds,
+            _pct(result.accuracy),
+            result.params,
+            result.macs,
+        )
+        state.update(summary=summary.to_dict(), done=index + 1)
+        ckpt.save_state(state)
+    return (qat if qat is not None else float_model), summary
+
+
+def _build_qat(float_model, step: Step, strategy):
+    if strategy is None:
+        return _quantize(float_model, step)
+    with strategy.scope():
+        return _quantize(float_model, step)
+
+
+def _restore(ckpt: _Checkpoints, steps: Sequence[Step], done: int, strategy):
+    """The float model (and QAT model) as they were after step `done - 1`."""
+    index = done - 1
+    step = steps[index]
+    step_dir = ckpt.step_dir(index, step)
+    if step.kind != "train":
+        return ckpt.load_model(os.path.join(step_dir, "model.keras")), None
+    with _scope(step):
+        input_model = ckpt.load_model(os.path.join(step_dir, "input.keras"))
+    qat = _build_qat(input_model, step, strategy)
+    qat.load_weights(os.path.join(step_dir, "qat.weights.h5"))
+    float_model = _strip(qat, step) if done < len(steps) else input_model
+    return float_model, qat
+
+
+def run_workflow(
+    model,
+    train_data: tf.data.Dataset,
+    *,
+    activation_bits: int = 4,
+    weight_bits: int = 4,
+    stage_a: TrainConfig | None = None,
+    stage_w: TrainConfig | None = None,
+    **kwargs,
+):
+    """Paper Algorithm 1 in one call: PfQ, stage A, PfQ, fold BN, stage W.
+
+    Args:
+      model: pretrained float tf_keras model with BatchNormalization (not modified).
+      train_data: batched (image, label) training dataset.
+      activation_bits: activation bit width (both stages).
+      weight_bits: weight bit width (stage W).
+      stage_a: stage A hyperparameters (`e_A` = `stage_a.epochs`); default: the
+        paper's §4.2.1 fine-tuning (momentum SGD 0.9, l0 = 1e-3, weight decay 1e-4,
+        no warm-up, cosine to 0) for 1 epoch.
+      stage_w: stage W hyperparameters (`e_W`); same default.
+      **kwargs: as for `run_steps` (test/validation data, `output_dir`,
+        `strategy`, `tensorboard`, callbacks, ...).
+
+    Returns:
+      (quantized QAT model, `WorkflowSummary`).
+
+    Example:
+      >>> from tf_pfq import data, models
+      >>> splits = data.load_digits(image_size=8, num_train=64)
+      >>> train = data.to_dataset(splits["train"], 32)
+      >>> m = models.mobilenet_v1(input_shape=(8, 8, 3), widths=(4, 8), strides=(1, 2))
+      >>> qat, summary = run_workflow(m, train, verbose=0)
+      >>> [s.name for s in summary.steps]
+      ['pfq_1', 'stage_a', 'pfq_2', 'fold', 'stage_w']
+    """
+    steps = algorithm1_steps(
+        stage_a or TrainConfig(epochs=1),
+        stage_w or TrainConfig(epochs=1),
+        activation_bits,
+        weight_bits,
+    )
+    kwargs.setdefault("method", "pfq")
+    return run_steps(model, train_data, steps, **kwargs)
