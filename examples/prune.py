@@ -25,6 +25,9 @@ flags.DEFINE_string("workdir", "runs/prune", "Where the pretrained and pruned mo
 flags.DEFINE_string("output", None, "Pruned model path (default: <workdir>/pruned.keras).")
 flags.DEFINE_string("report_json", None, "Write the PfQ report as JSON here.")
 flags.DEFINE_float("threshold", None, "BN moving-variance threshold (default: each BN's eps).")
+flags.DEFINE_bool(
+    "exact_only", False, "Keep dead channels whose constant meets zero padding (exact result)."
+)
 flags.DEFINE_integer("epochs", 40, "Pretraining epochs (without --model).")
 flags.DEFINE_integer("batch_size", 32, "Pretraining batch size.")
 flags.DEFINE_float("learning_rate", 0.16, "Peak learning rate (paper eq. 19).")
@@ -76,7 +79,12 @@ def main(argv):
         logging.info("Saved the pretrained model to %s", path)
     matches = tuple(model.input_shape[1:]) == splits["test"].images.shape[1:]
     calibration = splits["test"].images if matches else None
-    pruned, report = tf_pfq.prune(model, threshold=FLAGS.threshold, calibration_data=calibration)
+    pruned, report = tf_pfq.prune(
+        model,
+        threshold=FLAGS.threshold,
+        calibration_data=calibration,
+        exact_only=FLAGS.exact_only,
+    )
     print(report)
     if matches:
         print(

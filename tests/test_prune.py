@@ -133,6 +133,19 @@ def test_same_padding_3x3_consumer_border_effect_is_measured():
     assert np.max(np.abs(b - a)) > 1e-2
 
 
+@pytest.mark.parametrize("zero_pad", [False, True])
+def test_exact_only_keeps_channels_that_meet_zero_padding(zero_pad):
+    model = _separable(dw_padding="valid" if zero_pad else "same", zero_pad=zero_pad)
+    plant_dead(model, "pw1_bn", 2, beta=0.8)  # border effect: kept
+    plant_dead(model, "pw1_bn", 3, beta=-0.8)  # act 0: exact, removed
+    plant_dead(model, "dw_bn", 4, beta=0.5)  # 1x1 consumer: exact, removed
+    pruned, report = tf_pfq.prune(model, exact_only=True)
+    assert report.exact and report.num_pruned == 2
+    assert "zero padding in " in report.layer("pw1_bn").kept[2]
+    assert report.layer("pw1").removed == [3, 4]
+    assert_same_outputs(model, pruned, _x((8, 8, 3)))
+
+
 # -- Dense, Flatten, Reshape ---------------------------------------------------------
 
 

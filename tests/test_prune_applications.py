@@ -72,6 +72,9 @@ def test_mobilenet_v1_border_case_within_measured_bound(images):
         report.max_output_change, rel=1e-6
     )
     assert report.max_output_change > 0
+    pruned, report = tf_pfq.prune(model, exact_only=True)
+    assert report.num_pruned == 1 and report.num_kept == 1 and report.exact
+    assert_same_outputs(model, pruned, images[:2])
 
 
 def _v2_plants(model):

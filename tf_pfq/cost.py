@@ -97,6 +97,12 @@ def layer_costs(model) -> dict[str, LayerCost]:
 def count_params(model) -> int:
     """All weights of `model` (trainable and not, BN statistics included).
 
+    Args:
+      model: a built tf_keras model.
+
+    Returns:
+      The number of scalar weights.
+
     Example:
       >>> inputs = keras.Input((4,))
       >>> count_params(keras.Model(inputs, keras.layers.Dense(2)(inputs)))

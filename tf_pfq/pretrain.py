@@ -55,8 +55,8 @@ def compile_for_training(
     Example:
       >>> model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
       >>> compile_for_training(model, steps_per_epoch=5, epochs=4, warmup_epochs=1)
-      >>> type(model.optimizer.learning_rate).__name__
-      'WarmupCosine'
+      >>> model.optimizer.get_config()["learning_rate"]["config"]["period"]
+      3.0
     """
     if epochs <= warmup_epochs:
         raise ValueError(

@@ -79,12 +79,8 @@ class _Entry:
 
 @dataclasses.dataclass
 class _Plan:
-    removed: dict = dataclasses.field(
-        default_factory=lambda: collections.defaultdict(dict)
-    )
-    requesters: dict = dataclasses.field(
-        default_factory=lambda: collections.defaultdict(set)
-    )
+    removed: dict = dataclasses.field(default_factory=lambda: collections.defaultdict(dict))
+    requesters: dict = dataclasses.field(default_factory=lambda: collections.defaultdict(set))
     deltas: dict = dataclasses.field(default_factory=dict)
     border: set = dataclasses.field(default_factory=set)
     failures: list = dataclasses.field(default_factory=list)
@@ -98,9 +94,7 @@ class _Plan:
             # Two paths reach the same channel: the first constant wins (sources are
             # seeded first, so a dead BN keeps its beta); None never hides a constant.
             value = old.value if old.value is not None else entry.value
-            entry = _Entry(
-                value, old.sources | entry.sources, old.exact and entry.exact
-            )
+            entry = _Entry(value, old.sources | entry.sources, old.exact and entry.exact)
         self.removed[layer][channel] = entry
 
 
@@ -125,10 +119,11 @@ def _apply(fn, values: np.ndarray) -> np.ndarray:
 class _Pruner:
     """Plans which channels go and how their constants are absorbed, then rebuilds."""
 
-    def __init__(self, model, threshold, ranges: Mapping[str, ActivationRange]):
+    def __init__(self, model, threshold, ranges: Mapping[str, ActivationRange], exact_only: bool):
         self.graph = LayerGraph(model)
         self.ranges = dict(ranges)
         self.threshold = threshold
+        self.exact_only = exact_only
         self._weights: dict[str, list[np.ndarray]] = {}
 
     # -- reading the model -------------------------------------------------------
@@ -197,9 +192,7 @@ class _Pruner:
 
     # -- planning ----------------------------------------------------------------
 
-    def emit(
-        self, plan: _Plan, name: str, channel: int, value: float, sources, exact
-    ) -> None:
+    def emit(self, plan: _Plan, name: str, channel: int, value: float, sources, exact) -> None:
         if name in self.ranges:
             # Stage A quantized this output: the channel is the quantized constant
             # (paper §3.2, last lines).
@@ -215,23 +208,17 @@ class _Pruner:
             reason = self.unsupported(bn)
             layer = self.graph.layer(bn)
             if reason or not _is_last_axis(layer.axis, len(layer.input_shape)):
-                plan.fail(
-                    {(bn, channel)}, reason or f"BN {bn!r} does not normalize axis -1"
-                )
+                plan.fail({(bn, channel)}, reason or f"BN {bn!r} does not normalize axis -1")
                 continue
             self.request(plan, self.single_input(bn), channel, bn, {(bn, channel)})
         for name in self.graph.order:
             self.forward(plan, name)
         for output in self.graph.outputs:
             for entry in plan.removed.get(output.layer, {}).values():
-                plan.fail(
-                    entry.sources, f"the channel reaches model output {output.layer!r}"
-                )
+                plan.fail(entry.sources, f"the channel reaches model output {output.layer!r}")
         return plan
 
-    def request(
-        self, plan: _Plan, name: str | None, channel: int, by: str, sources
-    ) -> None:
+    def request(self, plan: _Plan, name: str | None, channel: int, by: str, sources) -> None:
         """Removes output `channel` of layer `name`, no longer read by layer `by`.
 
         The backward dead-code clean-up: exact, no compensation, and it continues
@@ -271,19 +258,14 @@ class _Pruner:
                     return
                 offset += shape[-1]
         else:
-            plan.fail(
-                sources, f"its producer {self.describe(name)} cannot drop channels"
-            )
+            plan.fail(sources, f"its producer {self.describe(name)} cannot drop channels")
 
     def elementwise(self, name: str) -> bool:
         layer = self.graph.layer(name)
         if isinstance(layer, _ELEMENTWISE):
             return True
         if isinstance(layer, L.Activation):
-            return (
-                keras.activations.serialize(layer.activation)
-                in _ELEMENTWISE_ACTIVATIONS
-            )
+            return keras.activations.serialize(layer.activation) in _ELEMENTWISE_ACTIVATIONS
         return False
 
     def forward(self, plan: _Plan, name: str) -> None:
@@ -294,18 +276,12 @@ class _Pruner:
             return
         for inbound, removed in zip(inputs, entries):
             for channel, entry in removed.items():
-                if (
-                    entry.value is None
-                    and name not in plan.requesters[(inbound, channel)]
-                ):
+                if entry.value is None and name not in plan.requesters[(inbound, channel)]:
                     plan.fail(
                         entry.sources,
                         f"{self.describe(name)} still reads channel {channel} of {inbound!r}",
                     )
-        const = [
-            {c: e for c, e in removed.items() if e.value is not None}
-            for removed in entries
-        ]
+        const = [{c: e for c, e in removed.items() if e.value is not None} for removed in entries]
         if not any(const):
             return
         all_sources = frozenset().union(*(e.sources for r in const for e in r.values()))
@@ -334,18 +310,14 @@ class _Pruner:
             self.depthwise(plan, name, const)
         elif isinstance(layer, L.Conv2D) and not isinstance(layer, L.Conv2DTranspose):
             if layer.groups != 1:
-                plan.fail(
-                    _union(const), f"{self.describe(name)} is a grouped convolution"
-                )
+                plan.fail(_union(const), f"{self.describe(name)} is a grouped convolution")
                 return
-            self.absorb(plan, name, channels, values, _has_border(layer))
+            self.absorb(plan, name, const, _has_border(layer))
         elif isinstance(layer, L.Dense):
-            self.absorb(plan, name, channels, values, False)
+            self.absorb(plan, name, const, False)
         elif isinstance(layer, L.BatchNormalization):
             if not _is_last_axis(layer.axis, len(layer.input_shape)):
-                plan.fail(
-                    _union(const), f"BN {name!r} does not normalize the last axis"
-                )
+                plan.fail(_union(const), f"BN {name!r} does not normalize the last axis")
                 return
             p = self.bn_params(name)
             out = pfq_math.batchnorm_inference(
@@ -359,6 +331,9 @@ class _Pruner:
             self.emit_all(plan, name, const, values)
         elif isinstance(layer, L.ZeroPadding2D):
             # The padded border holds 0, not the constant: exact only where a_c == 0.
+            for c in channels:
+                if const[c].value != 0:
+                    self.inexact(plan, name, const[c].sources)
             self.emit_all(plan, name, const, values, exact=[v == 0 for v in values])
         elif isinstance(layer, L.Flatten) or (
             isinstance(layer, L.Reshape) and len(layer.target_shape) == 1
@@ -368,10 +343,7 @@ class _Pruner:
                 for row in pfq_math.flatten_indices(shape, c):
                     e = const[c]
                     self.emit(plan, name, int(row), e.value, e.sources, e.exact)
-        elif (
-            isinstance(layer, L.Reshape)
-            and layer.target_shape[-1] == layer.input_shape[-1]
-        ):
+        elif isinstance(layer, L.Reshape) and layer.target_shape[-1] == layer.input_shape[-1]:
             self.emit_all(plan, name, const, values)
         else:
             plan.fail(
@@ -384,12 +356,23 @@ class _Pruner:
             ok = const[c].exact and (exact is None or exact[k])
             self.emit(plan, name, c, values[k], const[c].sources, ok)
 
-    def absorb(self, plan: _Plan, name: str, channels, values, border: bool) -> None:
+    def inexact(self, plan: _Plan, name: str, sources) -> None:
+        """Notes a border effect at layer `name`, or refuses it under `exact_only`."""
+        if self.exact_only:
+            plan.fail(sources, f"zero padding in {self.describe(name)} (exact_only=True)")
+        else:
+            plan.border.add(name)
+
+    def absorb(self, plan: _Plan, name: str, const: dict[int, _Entry], border: bool) -> None:
+        channels = sorted(const)
+        values = np.array([const[c].value for c in channels])
         kernel = self.weights(name)[0]
         delta = pfq_math.input_constant_delta(kernel, channels, values)
         plan.deltas[name] = plan.deltas.get(name, 0.0) + delta
-        if border and np.any(values != 0):
-            plan.border.add(name)
+        if border:
+            for c in channels:
+                if const[c].value != 0:
+                    self.inexact(plan, name, const[c].sources)
 
     def depthwise(self, plan: _Plan, name: str, const: dict[int, _Entry]) -> None:
         layer = self.graph.layer(name)
@@ -404,17 +387,15 @@ class _Pruner:
                 pfq_math.depthwise_constant(kernel, bias, c, entry.value),
             )
             exact = entry.exact and not (border and entry.value != 0)
-            if not exact:
-                plan.border.add(name)
+            if border and entry.value != 0:
+                self.inexact(plan, name, entry.sources)
             for j in range(m):
                 self.emit(plan, name, c * m + j, outs[j], entry.sources, exact)
 
     def concatenate(self, plan: _Plan, name: str, const) -> None:
         layer = self.graph.layer(name)
         if not _is_last_axis(layer.axis, len(layer.output_shape)):
-            plan.fail(
-                _union(*const), f"{self.describe(name)} does not join the last axis"
-            )
+            plan.fail(_union(*const), f"{self.describe(name)} does not join the last axis")
             return
         offset = 0
         for removed, shape in zip(const, layer.input_shape):
@@ -487,18 +468,12 @@ class _Pruner:
                         notes[name].append("bias += removed constants (eq. 14)")
                     elif bn is not None:
                         mean_shift[bn] = delta
-                        notes[name].append(
-                            f"removed constants moved into {bn!r} moving mean"
-                        )
-                        notes[bn].append(
-                            f"moving_mean -= constants removed before {name!r}"
-                        )
+                        notes[name].append(f"removed constants moved into {bn!r} moving mean")
+                        notes[bn].append(f"moving_mean -= constants removed before {name!r}")
                     else:
                         bias = delta
                         config["use_bias"] = True
-                        notes[name].append(
-                            "bias enabled to hold removed constants (eq. 14)"
-                        )
+                        notes[name].append("bias enabled to hold removed constants (eq. 14)")
                 if name in plan.border:
                     notes[name].append("'same' padding: exact in the interior only")
                 keep_in = pfq_math.keep_indices(kernel.shape[-2], in_removed)
@@ -506,18 +481,14 @@ class _Pruner:
                 w = [kernel[..., keep_in, :][..., keep_out]]
                 if bias is not None:
                     w.append(bias[keep_out].astype(np.float32))
-                config["filters" if isinstance(layer, L.Conv2D) else "units"] = len(
-                    keep_out
-                )
+                config["filters" if isinstance(layer, L.Conv2D) else "units"] = len(keep_out)
                 configs[name], weights[name] = config, w
             elif isinstance(layer, L.BatchNormalization):
                 if not (out_removed or name in mean_shift):
                     continue
                 w = list(self.weights(name))
                 if name in mean_shift:
-                    w[-2] = pfq_math.shift_moving_mean(w[-2], mean_shift[name]).astype(
-                        np.float32
-                    )
+                    w[-2] = pfq_math.shift_moving_mean(w[-2], mean_shift[name]).astype(np.float32)
                 keep = pfq_math.keep_indices(w[-1].shape[0], out_removed)
                 weights[name] = [v[keep] for v in w]
             elif isinstance(layer, L.Reshape) and out_removed:
@@ -527,9 +498,7 @@ class _Pruner:
                 config["target_shape"] = tuple(target)
                 configs[name] = config
             if name in plan.border and isinstance(layer, L.DepthwiseConv2D):
-                notes[name].append(
-                    "'same' padding: removed outputs were constant in the interior"
-                )
+                notes[name].append("'same' padding: removed outputs were constant in the interior")
         return rebuild(self.graph.model, layer_configs=configs, weights=weights), notes
 
 
@@ -562,9 +531,7 @@ def _max_output_change(model, pruned, data) -> float:
 def _check_threshold(threshold) -> None:
     if threshold is None or callable(threshold):
         return
-    if isinstance(threshold, bool) or not isinstance(
-        threshold, (int, float, np.floating)
-    ):
+    if isinstance(threshold, bool) or not isinstance(threshold, (int, float, np.floating)):
         raise TypeError(
             "`threshold` must be None, a float or a callable(layer) -> float. Received: "
             f"threshold={threshold!r} of type {type(threshold).__name__}"
@@ -590,6 +557,7 @@ def prune(
     threshold: float | Callable[[Any], float] | None = None,
     calibration_data=None,
     activation_ranges: Mapping[str, ActivationRange] | None = None,
+    exact_only: bool = False,
 ):
     """Removes dead BN channels and absorbs their constant output (PfQ, paper §3.2).
 
@@ -635,6 +603,8 @@ def prune(
       activation_ranges: {layer name: ActivationRange} of quantized layer outputs;
         defaults to the ranges `tf_pfq.strip` attached to `model`. They are attached
         to the pruned model as well.
+      exact_only: keep (with the reason in the report) the dead channels whose
+        constant would meet zero padding, so the pruned model is exact everywhere.
 
     Returns:
       (pruned_model, report): a new Functional model with the same layer names, and a
@@ -657,7 +627,8 @@ def prune(
       (2, 1)
     """
     _check_threshold(threshold)
-    pruner = _Pruner(model, threshold, activation_ranges or activation_ranges_of(model))
+    ranges = activation_ranges or activation_ranges_of(model)
+    pruner = _Pruner(model, threshold, ranges, exact_only)
     candidates = pruner.dead_candidates()
     accepted = {(bn, int(c)) for bn, chans in candidates.items() for c in chans}
     kept: dict = {}
@@ -674,15 +645,11 @@ def prune(
         setattr(pruned, ACTIVATION_RANGES_ATTR, dict(pruner.ranges))
     report = _report(pruner, pruned, plan, candidates, kept, notes)
     if calibration_data is not None:
-        report.max_output_change = _max_output_change(
-            pruner.graph.model, pruned, calibration_data
-        )
+        report.max_output_change = _max_output_change(pruner.graph.model, pruned, calibration_data)
     return pruned, report
 
 
-def _report(
-    pruner: _Pruner, pruned, plan: _Plan, candidates, kept, notes
-) -> PruneReport:
+def _report(pruner: _Pruner, pruned, plan: _Plan, candidates, kept, notes) -> PruneReport:
     before, macs_before = _costs(pruner.graph.model)
     after, macs_after = _costs(pruned)
     rows = []
@@ -707,10 +674,7 @@ def _report(
                 macs_after=after[name].macs,
             )
         )
-    exact = (
-        all(e.exact for r in plan.removed.values() for e in r.values())
-        and not plan.border
-    )
+    exact = all(e.exact for r in plan.removed.values() for e in r.values()) and not plan.border
     return PruneReport(
         model_name=pruner.graph.model.name,
         layers=rows,

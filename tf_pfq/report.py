@@ -71,6 +71,12 @@ class PruneReport:
         interior only.
       max_output_change: max |pruned(x) - model(x)| over the model outputs on the
         `calibration_data` (None without it).
+
+    Example:
+      >>> row = LayerReport("bn", "BatchNormalization", 8, 6, removed=[1, 4], dead=[1, 4])
+      >>> report = PruneReport("net", [row], 100, 80, macs_before=1000, macs_after=700)
+      >>> report.num_pruned, report.to_dict()["macs_after"]
+      (2, 700)
     """
 
     model_name: str
