@@ -15,6 +15,7 @@ import pkgutil
 import pytest
 
 import tf_pfq
+from tf_pfq.compat import keras
 
 OPTIONFLAGS = doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE
 
@@ -57,6 +58,9 @@ def test_modules_discovered():
 
 @pytest.mark.parametrize("module_name", MODULES)
 def test_docstring_examples(module_name):
+    # Each module's examples start as in a fresh interpreter: earlier modules' models
+    # must not shift Keras' automatic layer names (dense_1, ...) shown in outputs.
+    keras.backend.clear_session()
     results, report = run_doctests(module_name)
     assert results.failed == 0, f"{results.failed} docstring example(s) failed:\n{report}"
 
