@@ -288,7 +288,8 @@ def quantize_bias(bias, scale):
     bias = tf.convert_to_tensor(bias, tf.float32)
     scale = tf.convert_to_tensor(scale, tf.float32)
     steps = tf.clip_by_value(tf.round(bias / scale), _INT32_MIN, _INT32_MAX)
-    return bias + tf.stop_gradient(steps * scale - bias)
+    # Forward value exactly steps * scale (x - stop_gradient(x) is 0); gradient 1.
+    return steps * scale + (bias - tf.stop_gradient(bias))
 
 
 class _Serializable(tfmot.quantization.keras.quantizers.Quantizer):

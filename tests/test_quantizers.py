@@ -1,0 +1,226 @@
+"""Golden tables and properties of the n-bit quantizers (paper eq. 20-21)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from tf_pfq import quantizers
+from tf_pfq.compat import keras
+from tf_pfq.quantize_configs import PfqQuantizeConfig
+from tf_pfq.quantizers import (
+    PfqActivationQuantizer,
+    PfqBiasQuantizer,
+    PfqWeightQuantizer,
+    fake_quant,
+    nudge,
+    quantize_bias,
+    quantize_weight,
+    weight_min_max,
+    weight_scale,
+)
+
+BITS = [2, 3, 4, 8]
+# Ranges whose ends are already on the grid (min = -z * s), so TF's zero-point
+# nudging leaves them alone and eq. 20 can be written out independently below.
+STEP = 0.25
+
+
+def _grid_range(num_bits: int, zero_point: int):
+    return -zero_point * STEP, (2**num_bits - 1 - zero_point) * STEP
+
+
+def _eq20(x, lo, hi, num_bits):
+    """Paper eq. 20 with s = (M - m) / (2^n - 1), written in NumPy (float64)."""
+    s = (hi - lo) / (2**num_bits - 1)
+    return np.floor((np.clip(x, lo, hi) - lo) / s + 0.5) * s + lo
+
+
+def _boundary_inputs(lo, hi, num_bits):
+    """Every level, every midpoint between levels, each +/- a little, and outside."""
+    levels = lo + STEP * np.arange(2**num_bits)
+    mids = levels[:-1] + STEP / 2
+    tiny = STEP / 100
+    points = [levels, levels - tiny, levels + tiny, mids - tiny, mids + tiny]
+    outside = [lo - 1.0, lo - tiny, hi + tiny, hi + 1.0]
+    return np.concatenate([*points, outside]).astype(np.float32)
+
+
+@pytest.mark.parametrize("num_bits", BITS)
+@pytest.mark.parametrize("zero_point", [0, 1])
+def test_per_tensor_golden_table(num_bits, zero_point):
+    lo, hi = _grid_range(num_bits, zero_point)
+    x = _boundary_inputs(lo, hi, num_bits)
+    xt = tf.constant(x)
+    with tf.GradientTape() as tape:
+        tape.watch(xt)
+        y = fake_quant(xt, lo, hi, num_bits)
+    grad = tape.gradient(y, xt).numpy()
+    np.testing.assert_allclose(y.numpy(), _eq20(x, lo, hi, num_bits), atol=1e-6)
+    inside = (x >= lo) & (x <= hi)
+    np.testing.assert_array_equal(grad, inside.astype(np.float32))
+    assert inside.any() and (~inside).any()
+
+
+@pytest.mark.parametrize("num_bits", BITS)
+def test_exactly_2_pow_n_levels(num_bits):
+    lo, hi = _grid_range(num_bits, 1)
+    x = np.linspace(lo - 1, hi + 1, 20001, dtype=np.float32)
+    levels = np.unique(fake_quant(x, lo, hi, num_bits).numpy())
+    assert len(levels) == 2**num_bits
+    np.testing.assert_allclose(np.diff(levels), STEP, rtol=1e-5)
+    assert 0.0 in levels  # zero is exactly representable
+
+
+@pytest.mark.parametrize("num_bits", BITS)
+def test_per_channel_golden_table(num_bits):
+    ranges = [_grid_range(num_bits, z) for z in (0, 1, 2)]
+    columns = [_boundary_inputs(lo, hi, num_bits) for lo, hi in ranges]
+    x = np.stack(columns, axis=-1)  # (N, 3): one range per last-axis channel
+    lo = np.array([r[0] for r in ranges], np.float32)
+    hi = np.array([r[1] for r in ranges], np.float32)
+    xt = tf.constant(x)
+    with tf.GradientTape() as tape:
+        tape.watch(xt)
+        y = fake_quant(xt, lo, hi, num_bits)
+    grad = tape.gradient(y, xt).numpy()
+    for c in range(3):
+        np.testing.assert_allclose(
+            y.numpy()[:, c], _eq20(x[:, c], lo[c], hi[c], num_bits), atol=1e-6
+        )
+        inside = (x[:, c] >= lo[c]) & (x[:, c] <= hi[c])
+        np.testing.assert_array_equal(grad[:, c], inside.astype(np.float32))
+        dense = np.linspace(lo[c] - 1, hi[c] + 1, 5001, dtype=np.float32)
+        column = np.tile(dense[:, None], (1, 3))
+        assert len(np.unique(fake_quant(column, lo, hi, num_bits).numpy()[:, c])) == 2**num_bits
+
+
+@pytest.mark.parametrize("num_bits", BITS)
+def test_nudge_matches_the_op_on_arbitrary_ranges(num_bits):
+    rng = np.random.default_rng(num_bits)
+    for _ in range(5):
+        lo, hi = -rng.uniform(0.01, 2.0), rng.uniform(0.01, 3.0)
+        p = nudge(lo, hi, num_bits)
+        x = rng.uniform(lo - 1, hi + 1, 4000).astype(np.float32)
+        y = fake_quant(x, lo, hi, num_bits).numpy()
+        steps = (y - p.min) / p.scale
+        np.testing.assert_allclose(steps, np.round(steps), atol=1e-3)
+        assert y.min() == pytest.approx(p.min, abs=1e-6)
+        assert y.max() == pytest.approx(p.max, abs=1e-6)
+        assert p.min + p.zero_point * p.scale == pytest.approx(0.0, abs=1e-6)
+
+
+@pytest.mark.parametrize("num_bits", BITS)
+@pytest.mark.parametrize("per_channel", [False, True])
+def test_weight_grid_is_int8_with_zero_point_0(num_bits, per_channel):
+    kernel = np.random.default_rng(1).normal(size=(3, 3, 4, 5)).astype(np.float32)
+    kernel[..., 2] = np.abs(kernel[..., 2])  # an all-positive channel: min clamps to 0
+    quantized = quantize_weight(kernel, num_bits, per_channel).numpy()
+    scale = weight_scale(kernel, num_bits, per_channel).numpy()
+    ints = quantized / scale
+    np.testing.assert_allclose(ints, np.round(ints), atol=1e-3)
+    limit = 127 if num_bits == 8 else 2**num_bits - 1
+    assert np.abs(np.round(ints)).max() <= limit
+    levels = 2**num_bits - (1 if num_bits == 8 else 0)  # 8 bits: narrow range
+    per = [quantized[..., c] for c in range(5)] if per_channel else [quantized]
+    for values in per:
+        assert len(np.unique(values)) <= levels
+    if num_bits == 8:
+        lo, hi = weight_min_max(kernel, 8, per_channel)
+        np.testing.assert_allclose(lo.numpy(), -hi.numpy())
+
+
+@pytest.mark.parametrize("num_bits", [2, 4, 8])
+def test_depthwise_per_channel_uses_each_output_channel_range(num_bits):
+    # (kh, kw, cin, mult): output channel c * mult + m is kernel[..., c, m].
+    rng = np.random.default_rng(2)
+    kernel = rng.normal(size=(3, 3, 2, 3)).astype(np.float32)
+    kernel *= np.arange(1, 7, dtype=np.float32).reshape(2, 3)  # distinct ranges
+    quantized = quantize_weight(kernel, num_bits, per_channel=True, depthwise=True).numpy()
+    narrow = num_bits == 8
+    for c in range(2):
+        for m in range(3):
+            lo, hi = weight_min_max(kernel[..., c, m], num_bits)
+            expected = fake_quant(kernel[..., c, m], lo, hi, num_bits, narrow).numpy()
+            np.testing.assert_allclose(quantized[..., c, m], expected, atol=1e-6)
+    # Negative control: the per-tensor grid is different.
+    per_tensor = quantize_weight(kernel, num_bits, per_channel=False, depthwise=True).numpy()
+    assert np.abs(per_tensor - quantized).max() > 1e-3
+    scales = weight_scale(kernel, num_bits, per_channel=True, depthwise=True).numpy()
+    assert scales.shape == (6,)
+
+
+def test_weight_gradient_is_straight_through():
+    kernel = tf.Variable(np.random.default_rng(3).normal(size=(4, 3)).astype(np.float32))
+    with tf.GradientTape() as tape:
+        y = tf.reduce_sum(quantize_weight(kernel, 3) * 2.0)
+    # The range is the kernel's own min/max, so every element is inside it.
+    np.testing.assert_allclose(tape.gradient(y, kernel).numpy(), 2.0)
+
+
+def test_bias_on_grid_with_straight_through_gradient():
+    bias = tf.Variable([0.26, -0.74, 3.0, 1e12])
+    scale = tf.constant([0.5, 0.5, 0.7, 1e-3])
+    with tf.GradientTape() as tape:
+        y = quantize_bias(bias, scale)
+        loss = tf.reduce_sum(y * 3.0)
+    np.testing.assert_allclose(y.numpy()[:3], [0.5, -0.5, 2.8], rtol=1e-6)
+    assert y.numpy()[3] == pytest.approx((2**31 - 1) * 1e-3, rel=1e-6)  # int32 clip
+    np.testing.assert_allclose(tape.gradient(loss, bias).numpy(), 3.0)
+
+
+def test_activation_quantizer_moving_average():
+    layer = keras.layers.Layer()
+    quantizer = PfqActivationQuantizer(4, ema_decay=0.5)
+    weights = quantizer.build(tf.TensorShape([None, 2]), "output", layer)
+    first = tf.constant([[0.5, 2.0], [1.0, 3.0]])  # after a ReLU: min is 0, not 0.5
+    quantizer(first, True, weights)
+    assert (weights["min"].numpy(), weights["max"].numpy()) == (0.0, 3.0)
+    quantizer(tf.constant([[-1.0, 5.0]]), True, weights)
+    assert (weights["min"].numpy(), weights["max"].numpy()) == (-0.5, 4.0)
+    y = quantizer(tf.constant([[10.0, -10.0]]), False, weights)  # inference: no update
+    assert (weights["min"].numpy(), weights["max"].numpy()) == (-0.5, 4.0)
+    grid = nudge(-0.5, 4.0, 4)  # nudged so that 0 is a level: [-0.6, 3.9]
+    np.testing.assert_allclose(y.numpy(), [[grid.max, grid.min]], atol=1e-6)
+    assert grid.min == pytest.approx(-0.6) and grid.max == pytest.approx(3.9)
+
+
+@pytest.mark.parametrize(
+    "quantizer",
+    [
+        PfqActivationQuantizer(3, ema_decay=0.9),
+        PfqWeightQuantizer(4, per_channel=True, depthwise=True),
+        PfqBiasQuantizer(2, per_channel=False, depthwise=True, kernel_attr="depthwise_kernel"),
+    ],
+    ids=["activation", "weight", "bias"],
+)
+def test_quantizer_serialization_round_trip(quantizer):
+    clone = type(quantizer).from_config(quantizer.get_config())
+    assert clone == quantizer and clone is not quantizer
+    changed = dict(quantizer.get_config())
+    key = "num_bits" if "num_bits" in changed else "weight_bits"
+    changed[key] = 5
+    assert type(quantizer).from_config(changed) != quantizer  # negative control
+
+
+def test_config_serialization_round_trip():
+    config = PfqQuantizeConfig(
+        PfqWeightQuantizer(3),
+        PfqBiasQuantizer(3),
+        PfqActivationQuantizer(4),
+        kernel_attr="kernel",
+    )
+    clone = PfqQuantizeConfig.from_config(config.get_config())
+    assert clone == config
+    assert (
+        PfqQuantizeConfig.from_config({**config.get_config(), "output_quantizer": None}) != config
+    )
+
+
+@pytest.mark.parametrize("bad", [1, 9, 0, 4.0, True, "4"])
+def test_bits_validation_names_the_argument(bad):
+    with pytest.raises(ValueError, match="weight_bits"):
+        quantizers.check_bits(bad, "weight_bits")
+    with pytest.raises(ValueError, match="num_bits"):
+        PfqWeightQuantizer(bad)
