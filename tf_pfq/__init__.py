@@ -4,7 +4,7 @@ Implements Nishikawa et al., "Filter Pre-Pruning for Improved Fine-tuning of
 Quantized Deep Neural Networks", arXiv:2011.06751.
 """
 
-from tf_pfq import compat, data, graph, models
+from tf_pfq import compat, data, export, graph, models
 from tf_pfq.cost import count_macs, count_params, layer_costs
 from tf_pfq.fold import FoldReport, fold_batchnorm
 from tf_pfq.prune import prune
@@ -27,6 +27,7 @@ __all__ = [
     "count_macs",
     "count_params",
     "data",
+    "export",
     "fold_batchnorm",
     "graph",
     "layer_costs",

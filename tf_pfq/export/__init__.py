@@ -10,15 +10,20 @@
 """
 
 from tf_pfq.export import litert
+from tf_pfq.export.convert import ExportPlan, plan_from_qat, save, to_tflite
 from tf_pfq.export.edgetpu import Problem, edgetpu_compatibility
 from tf_pfq.export.summary import ModelSummary, activation_levels, inspect, weight_levels
 
 __all__ = [
+    "ExportPlan",
     "ModelSummary",
     "Problem",
     "activation_levels",
     "edgetpu_compatibility",
     "inspect",
     "litert",
+    "plan_from_qat",
+    "save",
+    "to_tflite",
     "weight_levels",
 ]

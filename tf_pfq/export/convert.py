@@ -1,0 +1,761 @@
+"""Full-integer TFLite export that keeps the n-bit grid of a tf_pfq QAT model.
+
+Why not convert the tfmot model directly: for activations below 8 bits TensorFlow's
+converter emits `quant.uniform<i4...>` tensors that TFLite's int8 kernels reject
+(tensorflow/model-optimization #574), and with 8-bit activations it stores n-bit
+weights as INT4 tensors (not Edge TPU compatible) and re-rounds a 3-bit grid into the
+4-bit container.
+
+The route taken here: at export time the QAT model is rebuilt as a plain TensorFlow
+graph (a static batch-1 concrete function) in which every n-bit quantizer of paper
+eq. 20-21 becomes an **8-bit** fake-quant op whose int8 scale equals the n-bit scale
+`s = (M - m) / (2^n - 1)`:
+
+* weights: `fake_quant(w_n, -127 s_w, 127 s_w, num_bits=8, narrow_range=True)` on
+  the QAT model's n-bit weights `w_n`, per tensor or per output channel. The int8
+  weight tensor in the file holds the n-bit integers `w_n / s_w` (zero point 0), so
+  at most 2^n distinct values per quantization axis.
+* activations with nudged n-bit range `[m, M]`: the 8-bit range
+  `[M - 255 s, M]` has step `s` and puts `M` on int8 127, so int8 saturation is the
+  upper clamp `min(x, M)`. The lower clamp `max(x, m)` is the fused ReLU/ReLU6 of
+  the producing op when the tensor is non-negative (then `m = 0`); for a signed
+  tensor (e.g. a linear bottleneck) it is an explicit MAXIMUM op (with
+  `clamp_signed=False` it is left out: faster, since XNNPACK does not take int8
+  MAXIMUM and the graph gets split, but values below `m` are then not clamped).
+* biases: snapped to the int32 grid `s_in * s_w` (tf_pfq's stage W already trains
+  them on it), so the converter's bias rounding is exact.
+* tensors without a QAT quantizer (Add outputs, logits, pooled means, the model input
+  if it has no quantizer) get an ordinary 8-bit range: the min/max over
+  `representative_data` when given, otherwise a guaranteed interval bound propagated
+  from the input range through the layer (no saturation, coarser step).
+
+Every op in the result is int8 (weights int8, biases int32), shapes are static, and
+the converter needs no calibration pass. Stage-A models (activation quantizers only,
+batch normalization unfolded) are rejected: fold BN with `tf_pfq.fold_batchnorm` and
+run stage W first; exporting float weights to int8 would silently change the model.
+
+Numerically, XNNPACK's int8 kernels compute `round(acc * s_in * s_w / s_out)` with a
+single rounding, which matches the QAT model's fake-quant up to ties, so the exported
+model agrees with the Keras QAT model up to the 8-bit rounding of the tensors that
+QAT left in float (Add outputs, pooled means, logits: each within half an int8 step)
+and accumulation-order float round-off. TFLite's builtin reference kernels round
+twice in their fixed-point requantization and agree less at low bit widths.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+import tensorflow as tf
+
+from tf_pfq.compat import keras
+from tf_pfq.graph import LayerGraph
+from tf_pfq.quantizers import QuantParams, nudge
+
+__all__ = [
+    "ExportPlan",
+    "plan_from_qat",
+    "to_tflite",
+    "LayerQuantization",
+    "IO_DTYPES",
+    "build_function",
+    "plan_to_tflite",
+    "save",
+    "simulate",
+]
+
+IO_DTYPES = {"int8": tf.int8, "uint8": tf.uint8, "float32": tf.float32}
+
+L = keras.layers
+_PASS_THROUGH = (
+    L.Dropout,
+    L.SpatialDropout2D,
+    L.Flatten,
+    L.Reshape,
+    L.MaxPooling2D,
+    L.GlobalMaxPooling2D,
+    L.ZeroPadding2D,
+    L.Cropping2D,
+    L.InputLayer,
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerQuantization:
+    """The trained n-bit grids of one layer.
+
+    Attributes:
+      kernel: grid of the layer's kernel (per tensor, or per output channel), or None.
+      output: grid of the layer's output activation, or None when QAT leaves the
+        output in float (Add outputs, logits).
+      bias_scale: the int32 bias grid `s_in * s_w` QAT trained the bias on, or None
+        (then the export snaps the bias to its own input scale times `s_w`).
+    """
+
+    kernel: QuantParams | None = None
+    output: QuantParams | None = None
+    bias_scale: np.ndarray | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class ExportPlan:
+    """A float model plus the n-bit grids to export it with.
+
+    Attributes:
+      model: a Functional tf_keras model of plain layers with the trained (float)
+        weights: the stripped QAT model.
+      layers: `LayerQuantization` by layer name.
+      input: grid of the model input, or None when QAT does not quantize it.
+    """
+
+    model: Any
+    layers: Mapping[str, LayerQuantization]
+    input: QuantParams | None = None
+
+
+@dataclasses.dataclass
+class _Tensor:
+    value: tf.Tensor
+    lo: np.ndarray  # guaranteed bounds of the real values (per tensor)
+    hi: np.ndarray
+    grid: QuantParams | None  # the n-bit / 8-bit grid the value lies on, if any
+    nonneg: bool = False  # produced by a ReLU-type op (values >= 0)
+
+
+def _scalar(x) -> float:
+    return float(np.asarray(x).reshape(-1)[0])
+
+
+def _grid8(lo: float, hi: float) -> QuantParams:
+    lo, hi = min(lo, 0.0), max(hi, 0.0)
+    if hi - lo < 1e-8:
+        hi = lo + 1e-8
+    return nudge(np.float32(lo), np.float32(hi), 8)
+
+
+def _usable(grid: QuantParams | None) -> QuantParams | None:
+    """A grid with a positive step: a dead (all-zero) tensor trained to [0, 0] gets a tiny one.
+
+    TF's fake-quant maps everything to 0 on a zero-width range; TFLite needs a
+    positive scale. A 1e-6 step keeps 0 exact and changes nothing measurable.
+    """
+    if grid is None:
+        return None
+    scale = np.asarray(grid.scale, np.float32)
+    if np.all(np.isfinite(scale)) and np.all(scale > 0):
+        return grid
+    lo = np.minimum(np.asarray(grid.min, np.float32), 0.0)
+    hi = np.maximum(np.asarray(grid.max, np.float32), lo + np.float32(1e-6 * grid.quant_max))
+    return nudge(lo, hi, grid.num_bits, grid.narrow_range)
+
+
+def _fq_activation(x, grid: QuantParams, nonneg: bool, clamp_signed: bool):
+    """The n-bit grid `grid` as an 8-bit fake-quant (see the module docstring)."""
+    scale = np.float32(_scalar(grid.scale))
+    top = np.float32(_scalar(grid.max))
+    bottom = np.float32(_scalar(grid.min))
+    if grid.num_bits < 8 and not nonneg:
+        if bottom == 0.0:
+            x = tf.nn.relu(x)  # fused into the producing op
+        elif clamp_signed:
+            x = tf.maximum(x, bottom)
+    return tf.quantization.fake_quant_with_min_max_vars(
+        x, top - np.float32(255.0) * scale, top, num_bits=8
+    )
+
+
+def _fq_weight(w: np.ndarray, grid: QuantParams, channel_axis_last: bool):
+    scale = np.asarray(grid.scale, np.float32)
+    if scale.ndim == 0 or scale.size == 1:
+        s = np.float32(scale.reshape(-1)[0])
+        return tf.quantization.fake_quant_with_min_max_vars(
+            tf.constant(w), -127.0 * s, 127.0 * s, num_bits=8, narrow_range=True
+        )
+    if not channel_axis_last:
+        raise ValueError("per-channel weights need the channel axis last")
+    return tf.quantization.fake_quant_with_min_max_vars_per_channel(
+        tf.constant(w), -127.0 * scale, 127.0 * scale, num_bits=8, narrow_range=True
+    )
+
+
+def _weight_values(w: np.ndarray, grid: QuantParams) -> np.ndarray:
+    """The kernel on its n-bit grid, as the QAT forward pass sees it (paper eq. 20).
+
+    Uses TensorFlow's fake-quant op on the nudged range (nudging a nudged range is
+    the identity), so rounding ties break exactly as in the QAT model. Per-channel
+    grids apply along the last axis of `w`.
+    """
+    lo, hi = np.asarray(grid.min, np.float32), np.asarray(grid.max, np.float32)
+    bits, narrow = grid.num_bits, grid.narrow_range
+    with tf.init_scope():  # eager, also while the export function is traced
+        if lo.size == 1:
+            out = tf.quantization.fake_quant_with_min_max_vars(
+                w, lo.reshape(()), hi.reshape(()), num_bits=bits, narrow_range=narrow
+            )
+        else:
+            out = tf.quantization.fake_quant_with_min_max_vars_per_channel(
+                w, lo, hi, num_bits=bits, narrow_range=narrow
+            )
+        return out.numpy()
+
+
+def _activation_fn(name: str, layer_name: str):
+    if name in ("linear", None):
+        return None, False
+    if name == "relu":
+        return tf.nn.relu, True
+    if name == "relu6":
+        return tf.nn.relu6, True
+    raise ValueError(
+        f"Layer {layer_name!r}: activation {name!r} is not supported by the integer "
+        "export; use linear, relu or relu6 (or a ReLU layer)."
+    )
+
+
+def _interval_linear(kernel_2d: np.ndarray, bias, lo: float, hi: float, taps: int = 1):
+    """Bounds of `x @ W + b` for x in [lo, hi]^in (kernel (in, out))."""
+    pos = np.clip(kernel_2d, 0, None)
+    neg = np.clip(kernel_2d, None, 0)
+    out_hi = (pos * hi + neg * lo).sum(0)
+    out_lo = (pos * lo + neg * hi).sum(0)
+    if bias is not None:
+        out_hi, out_lo = out_hi + bias, out_lo + bias
+    return float(out_lo.min()), float(out_hi.max())
+
+
+class _Builder:
+    """Evaluates a float model layer by layer with export-time quantization ops."""
+
+    def __init__(self, plan: ExportPlan, mode: str, clamp_signed: bool, ranges=None):
+        if mode not in ("export", "simulate", "calibrate"):
+            raise ValueError(f"unknown mode {mode!r}")
+        self.plan = plan
+        self.mode = mode
+        self.clamp_signed = clamp_signed
+        self.ranges = dict(ranges or {})  # calibrated (lo, hi) by layer name
+        self.seen_ranges: dict[str, tuple[float, float]] = {}
+        self.graph = LayerGraph(plan.model)
+        # Read eagerly: inside the traced function Keras cannot fetch variable values.
+        self.weights = {layer.name: layer.get_weights() for layer in self.graph.model.layers}
+
+    # --- helpers -----------------------------------------------------------------
+    def _record(self, name: str, value):
+        if self.mode == "calibrate":
+            lo = float(tf.reduce_min(value))
+            hi = float(tf.reduce_max(value))
+            old = self.seen_ranges.get(name)
+            if old is not None:
+                lo, hi = min(lo, old[0]), max(hi, old[1])
+            self.seen_ranges[name] = (lo, hi)
+
+    def _quantize_output(self, name: str, t: _Tensor, needs_range: bool) -> _Tensor:
+        grid = self.plan.layers.get(name, LayerQuantization()).output
+        if grid is not None:
+            if self.mode == "export":
+                value = _fq_activation(t.value, grid, t.nonneg, self.clamp_signed)
+            else:
+                value = tf.quantization.fake_quant_with_min_max_vars(
+                    t.value, _scalar(grid.min), _scalar(grid.max), num_bits=grid.num_bits
+                )
+            lo, hi = _scalar(grid.min), _scalar(grid.max)
+            return _Tensor(value, np.float32(lo), np.float32(hi), grid, t.nonneg)
+        self._record(name, t.value)
+        if not needs_range or self.mode != "export":
+            return t
+        lo, hi = self.ranges.get(name, (float(t.lo), float(t.hi)))
+        grid8 = _grid8(lo, hi)
+        value = tf.quantization.fake_quant_with_min_max_vars(
+            t.value, _scalar(grid8.min), _scalar(grid8.max), num_bits=8
+        )
+        return _Tensor(value, grid8.min, grid8.max, grid8, t.nonneg)
+
+    def _needs_range(self, name: str) -> bool:
+        """False when the converter can fuse the next op (a quantized ReLU layer)."""
+        if self.graph.is_output(name):
+            return True
+        consumers = self.graph.consumers_of(name)
+        if len(consumers) != 1:
+            return True
+        consumer = self.graph.layer(consumers[0])
+        fusable = isinstance(consumer, L.ReLU) or (
+            isinstance(consumer, L.Activation)
+            and consumer.get_config()["activation"] in ("relu", "relu6")
+        )
+        has_grid = self.plan.layers.get(consumers[0], LayerQuantization()).output is not None
+        return not (fusable and has_grid)
+
+    # --- layers ------------------------------------------------------------------
+    def _input(self, name: str, x) -> _Tensor:
+        self._record(name, x)
+        grid = self.plan.input
+        if grid is None and name in self.ranges:
+            grid = _grid8(*self.ranges[name])
+        if grid is None:
+            if self.mode == "export":
+                raise ValueError(
+                    f"Input {name!r} has no quantizer in the QAT model; pass "
+                    "`representative_data` or `input_range=(lo, hi)` so it gets an "
+                    "int8 range."
+                )
+            return _Tensor(x, np.float32(-np.inf), np.float32(np.inf), None)
+        value = tf.quantization.fake_quant_with_min_max_vars(
+            x, _scalar(grid.min), _scalar(grid.max), num_bits=grid.num_bits
+        )
+        return _Tensor(value, grid.min, grid.max, grid)
+
+    def _weighted(self, name: str, layer, x: _Tensor) -> _Tensor:
+        config = layer.get_config()
+        quant = self.plan.layers.get(name, LayerQuantization())
+        if quant.kernel is None:
+            raise ValueError(
+                f"Layer {name!r} ({type(layer).__name__}) has no weight quantizer: the "
+                "integer export needs a stage-W model. Fold batch normalization with "
+                "tf_pfq.fold_batchnorm and quantize weights with "
+                "tf_pfq.apply(..., weight_bits=n) first."
+            )
+        if config.get("data_format", "channels_last") != "channels_last":
+            raise ValueError(f"Layer {name!r}: only channels_last is supported.")
+        weights = self.weights[name]
+        kernel = weights[0].astype(np.float32)
+        bias = weights[1].astype(np.float32) if len(weights) > 1 else None
+        grid = quant.kernel
+        depthwise = isinstance(layer, L.DepthwiseConv2D)
+        per_channel = np.asarray(grid.scale).size > 1
+        if depthwise:
+            kh, kw, cin, mult = kernel.shape
+            flat = _weight_values(kernel.reshape(kh, kw, cin * mult), grid)
+            kernel_n = flat.reshape(kernel.shape)
+        else:
+            kernel_n = _weight_values(kernel, grid)
+        # Bias on the int32 grid s_in * s_w (what TFLite stores).
+        s_in = _scalar(x.grid.scale) if x.grid is not None else None
+        if bias is not None and s_in is not None:
+            step = np.float32(s_in) * np.asarray(grid.scale, np.float32)
+            if quant.bias_scale is not None and np.allclose(
+                quant.bias_scale, step, rtol=1e-5, atol=0.0
+            ):
+                step = np.asarray(quant.bias_scale, np.float32)
+            bias = (np.round(bias / step) * step).astype(np.float32)
+
+        if self.mode == "export":
+            if depthwise:
+                k = _fq_weight(kernel_n.reshape(kh, kw, 1, cin * mult), grid, True)
+                k = tf.reshape(k, kernel.shape)
+            elif isinstance(layer, L.Dense) and per_channel:
+                k = _fq_weight(kernel_n.reshape(1, 1, *kernel_n.shape), grid, True)
+            else:
+                k = _fq_weight(kernel_n, grid, True)
+        else:
+            k = tf.constant(kernel_n)
+
+        v = x.value
+        if isinstance(layer, L.Dense):
+            if v.shape.rank != 2:
+                raise ValueError(f"Layer {name!r}: Dense on a rank-{v.shape.rank} input.")
+            if self.mode == "export" and per_channel:
+                # TFLite's FULLY_CONNECTED takes per-tensor weights only; a 1x1 CONV_2D
+                # carries the per-channel grid.
+                y = tf.nn.conv2d(tf.reshape(v, [-1, 1, 1, v.shape[-1]]), k, 1, "VALID")
+                y = tf.reshape(y, [-1, kernel.shape[1]])
+            else:
+                y = tf.matmul(v, k)
+            taps = 1
+            k2d = kernel_n
+        elif depthwise:
+            if config["dilation_rate"] not in ((1, 1), [1, 1]):
+                raise ValueError(f"Layer {name!r}: dilation is not supported by the export.")
+            strides = [1, *config["strides"], 1]
+            y = tf.nn.depthwise_conv2d(v, k, strides, config["padding"].upper())
+            taps = kh * kw
+            k2d = np.abs(kernel_n).reshape(kh * kw, cin * mult)
+        elif isinstance(layer, L.Conv2D) and type(layer) is L.Conv2D:
+            if config.get("groups", 1) != 1:
+                raise ValueError(f"Layer {name!r}: grouped convolution is not supported.")
+            y = tf.nn.conv2d(
+                v,
+                k,
+                config["strides"],
+                config["padding"].upper(),
+                dilations=config["dilation_rate"],
+            )
+            taps = 1
+            k2d = kernel_n.reshape(-1, kernel_n.shape[-1])
+        else:
+            raise ValueError(f"Layer {name!r}: unsupported weighted layer {type(layer).__name__}.")
+        if bias is not None:
+            y = y + bias
+        # Interval bound of the output (used only when QAT left it in float).
+        if depthwise:
+            amax = max(abs(float(x.lo)), abs(float(x.hi)))
+            bound = float(k2d.sum(0).max()) * amax + (
+                float(np.abs(bias).max()) if bias is not None else 0.0
+            )
+            lo, hi = -bound, bound
+        else:
+            lo, hi = _interval_linear(k2d, bias, float(x.lo), float(x.hi), taps)
+        activation, nonneg = _activation_fn(config.get("activation"), name)
+        if activation is not None:
+            y = activation(y)
+            lo = max(lo, 0.0)
+            hi = min(hi, 6.0) if activation is tf.nn.relu6 else hi
+        t = _Tensor(y, np.float32(lo), np.float32(hi), None, nonneg)
+        return self._quantize_output(name, t, self._needs_range(name))
+
+    def _relu(self, name: str, layer, x: _Tensor) -> _Tensor:
+        config = layer.get_config()
+        if isinstance(layer, L.Activation):
+            fn, _ = _activation_fn(config["activation"], name)
+            fn = fn or (lambda v: v)
+            max_value = 6.0 if config["activation"] == "relu6" else None
+        else:
+            if config.get("negative_slope") or config.get("threshold"):
+                raise ValueError(
+                    f"Layer {name!r}: ReLU with negative_slope or threshold is not supported."
+                )
+            max_value = config.get("max_value")
+            if max_value is None:
+                fn = tf.nn.relu
+            elif float(max_value) == 6.0:
+                fn = tf.nn.relu6
+            else:
+                limit = np.float32(max_value)
+
+                def fn(v):
+                    return tf.minimum(tf.nn.relu(v), limit)
+
+        y = fn(x.value)
+        hi = float(x.hi) if max_value is None else min(float(x.hi), float(max_value))
+        t = _Tensor(y, np.float32(0.0), np.float32(max(hi, 0.0)), x.grid, True)
+        return self._quantize_output(name, t, needs_range=False)
+
+    def _add(self, name: str, inputs: list[_Tensor]) -> _Tensor:
+        y = inputs[0].value
+        for t in inputs[1:]:
+            y = y + t.value
+        lo = sum(float(t.lo) for t in inputs)
+        hi = sum(float(t.hi) for t in inputs)
+        t = _Tensor(y, np.float32(lo), np.float32(hi), None)
+        return self._quantize_output(name, t, needs_range=True)
+
+    def _pool(self, name: str, layer, x: _Tensor) -> _Tensor:
+        config = layer.get_config()
+        if isinstance(layer, L.GlobalAveragePooling2D):
+            y = tf.reduce_mean(x.value, axis=[1, 2], keepdims=config.get("keepdims", False))
+        else:
+            y = tf.nn.avg_pool2d(
+                x.value, config["pool_size"], config["strides"], config["padding"].upper()
+            )
+        t = _Tensor(y, x.lo, x.hi, None, x.nonneg)
+        return self._quantize_output(name, t, needs_range=True)
+
+    def _pass_through(self, name: str, layer, x: _Tensor) -> _Tensor:
+        config = layer.get_config()
+        v = x.value
+        if isinstance(layer, (L.Dropout, L.SpatialDropout2D, L.InputLayer)):
+            y = v
+        elif isinstance(layer, L.Flatten):
+            y = tf.reshape(v, [v.shape[0], -1])
+        elif isinstance(layer, L.Reshape):
+            y = tf.reshape(v, [v.shape[0], *config["target_shape"]])
+        elif isinstance(layer, L.MaxPooling2D):
+            y = tf.nn.max_pool2d(
+                v, config["pool_size"], config["strides"], config["padding"].upper()
+            )
+        elif isinstance(layer, L.GlobalMaxPooling2D):
+            y = tf.reduce_max(v, axis=[1, 2], keepdims=config.get("keepdims", False))
+        elif isinstance(layer, L.ZeroPadding2D):
+            (top, bottom), (left, right) = config["padding"]
+            y = tf.pad(v, [[0, 0], [top, bottom], [left, right], [0, 0]])
+        else:  # Cropping2D
+            (top, bottom), (left, right) = config["cropping"]
+            y = v[:, top : v.shape[1] - bottom, left : v.shape[2] - right, :]
+        t = _Tensor(y, x.lo, x.hi, x.grid, x.nonneg)
+        return self._quantize_output(name, t, needs_range=self.graph.is_output(name))
+
+    def _concat(self, name: str, layer, inputs: list[_Tensor]) -> _Tensor:
+        y = tf.concat([t.value for t in inputs], axis=layer.get_config()["axis"])
+        lo = min(float(t.lo) for t in inputs)
+        hi = max(float(t.hi) for t in inputs)
+        t = _Tensor(y, np.float32(lo), np.float32(hi), None)
+        return self._quantize_output(name, t, needs_range=True)
+
+    def __call__(self, x):
+        graph = self.graph
+        tensors: dict[str, _Tensor] = {}
+        for name in graph.order:
+            layer = graph.layer(name)
+            if graph.is_shared(name):
+                raise ValueError(f"Layer {name!r} is shared (called more than once).")
+            inbound = [tensors[n] for n in graph.inputs_of(name)]
+            if isinstance(layer, L.InputLayer):
+                tensors[name] = self._input(name, x)
+            elif isinstance(layer, (L.Conv2D, L.DepthwiseConv2D, L.Dense)):
+                tensors[name] = self._weighted(name, layer, inbound[0])
+            elif isinstance(layer, (L.ReLU, L.Activation)):
+                tensors[name] = self._relu(name, layer, inbound[0])
+            elif isinstance(layer, L.Add):
+                tensors[name] = self._add(name, inbound)
+            elif isinstance(layer, (L.GlobalAveragePooling2D, L.AveragePooling2D)):
+                tensors[name] = self._pool(name, layer, inbound[0])
+            elif isinstance(layer, L.Concatenate):
+                tensors[name] = self._concat(name, layer, inbound)
+            elif isinstance(layer, _PASS_THROUGH):
+                tensors[name] = self._pass_through(name, layer, inbound[0])
+            elif isinstance(layer, L.BatchNormalization):
+                raise ValueError(
+                    f"Layer {name!r} is a BatchNormalization: the integer export needs a "
+                    "stage-W model. Fold it with tf_pfq.fold_batchnorm and fine-tune "
+                    "with tf_pfq.apply(..., weight_bits=n) first."
+                )
+            else:
+                raise ValueError(
+                    f"Layer {name!r} of class {type(layer).__name__} is not supported by "
+                    "the integer export."
+                )
+        outputs = [tensors[o.layer].value for o in graph.outputs]
+        return outputs[0] if len(outputs) == 1 else outputs
+
+
+def _input_spec(plan: ExportPlan) -> tf.TensorSpec:
+    model = plan.model
+    if len(model.inputs) != 1:
+        raise ValueError(
+            f"The integer export supports single-input models; {model.name!r} has "
+            f"{len(model.inputs)} inputs."
+        )
+    shape = tuple(model.inputs[0].shape)[1:]
+    if any(d is None for d in shape):
+        raise ValueError(
+            f"Model {model.name!r} has a dynamic input shape {shape}; the Edge TPU and "
+            "the static export need fixed (H, W, C)."
+        )
+    return tf.TensorSpec([1, *shape], tf.float32, name=model.inputs[0].name.split(":")[0])
+
+
+def calibrate(plan: ExportPlan, representative_data, batch_size: int = 64) -> dict:
+    """Min/max of every float (unquantized) tensor of the plan's graph over data.
+
+    Args:
+      plan: the `ExportPlan`.
+      representative_data: float inputs (N, H, W, C).
+      batch_size: evaluation batch size.
+
+    Returns:
+      {layer name: (lo, hi)} for the input (when it has no quantizer) and every layer
+      output QAT leaves in float.
+    """
+    builder = _Builder(plan, "calibrate", clamp_signed=True)
+    data = np.asarray(representative_data, np.float32)
+    if data.ndim != 4 and data.ndim != len(plan.model.inputs[0].shape):
+        raise ValueError(
+            f"`representative_data` must be a batch of inputs; got shape {data.shape}."
+        )
+    for start in range(0, len(data), batch_size):
+        builder(tf.constant(data[start : start + batch_size]))
+    return builder.seen_ranges
+
+
+def build_function(
+    plan: ExportPlan,
+    *,
+    ranges: Mapping[str, tuple[float, float]] | None = None,
+    clamp_signed: bool = True,
+):
+    """The export graph: a `tf.function` of static batch 1 with 8-bit fake-quant ops.
+
+    Args:
+      plan: the `ExportPlan`.
+      ranges: calibrated (lo, hi) for tensors QAT leaves in float (see `calibrate`);
+        missing ones use interval bounds.
+      clamp_signed: insert MAXIMUM ops for the lower end of signed n-bit tensors.
+
+    Returns:
+      A `tf.function` with one `[1, H, W, C]` float32 input signature.
+    """
+    spec = _input_spec(plan)
+    builder = _Builder(plan, "export", clamp_signed, ranges)
+    return tf.function(builder.__call__, input_signature=[spec], autograph=False)
+
+
+def simulate(plan: ExportPlan, images: np.ndarray) -> np.ndarray:
+    """The plan's n-bit forward pass in float (what the QAT model computes at inference).
+
+    Args:
+      plan: the `ExportPlan`.
+      images: float inputs (N, ...).
+
+    Returns:
+      The model outputs, float32 numpy.
+    """
+    builder = _Builder(plan, "simulate", clamp_signed=True)
+    return builder(tf.constant(np.asarray(images, np.float32))).numpy()
+
+
+def plan_to_tflite(
+    plan: ExportPlan,
+    *,
+    representative_data=None,
+    io_dtype: str = "int8",
+    input_range: tuple[float, float] | None = None,
+    clamp_signed: bool = True,
+) -> bytes:
+    """Converts an `ExportPlan` to full-integer TFLite flatbuffer bytes.
+
+    Args:
+      plan: the float model and its n-bit grids.
+      representative_data: float inputs used only to set the 8-bit ranges of the
+        tensors QAT leaves in float (input without quantizer, Add outputs, pooled
+        means, logits). Without it those ranges are interval bounds.
+      io_dtype: "int8", "uint8" or "float32" model input and output.
+      input_range: (lo, hi) of the model input when it has no quantizer and no
+        `representative_data` is given.
+      clamp_signed: see the module docstring.
+
+    Returns:
+      The `.tflite` flatbuffer.
+
+    Raises:
+      ValueError: bad `io_dtype`, unsupported layer, stage-A model, missing input range.
+    """
+    if io_dtype not in IO_DTYPES:
+        raise ValueError(
+            f"`io_dtype` must be one of {sorted(IO_DTYPES)}. Received: io_dtype={io_dtype!r}"
+        )
+    ranges: dict[str, tuple[float, float]] = {}
+    if representative_data is not None:
+        ranges.update(calibrate(plan, representative_data))
+    if input_range is not None:
+        ranges[plan.model.layers[0].name] = tuple(float(v) for v in input_range)
+    function = build_function(plan, ranges=ranges, clamp_signed=clamp_signed)
+    concrete = function.get_concrete_function()
+    module = tf.Module()
+    module.f = function
+    converter = tf.lite.TFLiteConverter.from_concrete_functions([concrete], module)
+    converter.optimizations = [tf.lite.Optimize.DEFAULT]
+    converter.inference_input_type = IO_DTYPES[io_dtype]
+    converter.inference_output_type = IO_DTYPES[io_dtype]
+    return converter.convert()
+
+
+def plan_from_qat(qat_model) -> ExportPlan:
+    """Reads a `tf_pfq.apply` QAT model into an `ExportPlan`.
+
+    Uses `tf_pfq.strip` (float layers with the trained weights) and
+    `tf_pfq.quantize.quantization_params` (the nudged grids of every quantizer; its
+    module docstring lists which tensor carries which quantizer).
+
+    Args:
+      qat_model: a stage-W model from `tf_pfq.apply(..., weight_bits=n)`.
+
+    Returns:
+      The `ExportPlan`.
+
+    Raises:
+      ValueError: the model quantizes no weights (a stage-A model).
+    """
+    from tf_pfq.quantize import quantization_params, strip
+
+    params = quantization_params(qat_model)
+    model = strip(qat_model)
+    graph = LayerGraph(model)
+    if not any(p.kernel is not None for p in params.values()):
+        raise ValueError(
+            f"`qat_model` ({qat_model.name}) quantizes activations only (stage A). The "
+            "integer export needs n-bit weights: fold batch normalization with "
+            "tf_pfq.fold_batchnorm, wrap with tf_pfq.apply(..., weight_bits=n) and "
+            "fine-tune (stage W) first."
+        )
+    input_name = graph.input_names[0]
+    input_params = params.get(input_name)
+    layers = {
+        name: LayerQuantization(
+            kernel=_usable(p.kernel), output=_usable(p.output), bias_scale=p.bias_scale
+        )
+        for name, p in params.items()
+        if name != input_name
+    }
+    return ExportPlan(
+        model=model,
+        layers=layers,
+        input=_usable(input_params.output) if input_params is not None else None,
+    )
+
+
+def to_tflite(
+    qat_model,
+    *,
+    representative_data=None,
+    io_dtype: str = "int8",
+    input_range: tuple[float, float] | None = None,
+    clamp_signed: bool = True,
+) -> bytes:
+    """Exports a stage-W tf_pfq QAT model to a full-integer `.tflite` keeping its n-bit grid.
+
+    Every op is int8 (int32 biases), shapes are static with batch 1, each weight
+    tensor holds at most 2^n integer levels per quantization axis and each tensor
+    QAT quantized holds at most 2^n levels (paper eq. 20-21); see the module
+    docstring for how.
+
+    Args:
+      qat_model: a model from `tf_pfq.apply(..., weight_bits=n)` (fine-tuned).
+      representative_data: optional float inputs (N, H, W, C) that set the int8
+        ranges of the tensors QAT leaves in float (Add outputs, logits); without
+        them those ranges are guaranteed interval bounds (coarser).
+      io_dtype: "int8", "uint8" or "float32" model input and output.
+      input_range: (lo, hi) of the input when it has no quantizer and no data.
+      clamp_signed: clamp the lower end of signed n-bit tensors with MAXIMUM ops
+        (exact; False is faster on XNNPACK but lets values below the range through).
+
+    Returns:
+      The flatbuffer bytes (write them with `save`).
+
+    Raises:
+      ValueError: a stage-A model, an unsupported layer, a bad `io_dtype`, or a
+        model input without a range.
+      TypeError: not a tf_keras model.
+
+    Example:
+      >>> import tf_pfq
+      >>> from tf_pfq import models
+      >>> m = models.mobilenet_v1(input_shape=(8, 8, 3), widths=(4,), strides=(1,))
+      >>> folded, _ = tf_pfq.fold_batchnorm(m)
+      >>> qat = tf_pfq.apply(folded, activation_bits=4, weight_bits=4)
+      >>> summary = tf_pfq.export.inspect(to_tflite(qat, input_range=(0.0, 1.0)))
+      >>> sorted({t.dtype for t in summary.tensors}), max(summary.weight_levels().values())
+      (['int32', 'int8'], 16)
+    """
+    plan = plan_from_qat(qat_model)
+    return plan_to_tflite(
+        plan,
+        representative_data=representative_data,
+        io_dtype=io_dtype,
+        input_range=input_range,
+        clamp_signed=clamp_signed,
+    )
+
+
+def save(tflite_bytes: bytes, path: str | os.PathLike) -> str:
+    """Writes `.tflite` bytes to `path` (creating its folder); returns the path.
+
+    Example:
+      >>> import tempfile
+      >>> path = save(b"TFL3", os.path.join(tempfile.mkdtemp(), "m", "model.tflite"))
+      >>> os.path.getsize(path)
+      4
+    """
+    if not isinstance(tflite_bytes, (bytes, bytearray)):
+        raise TypeError(
+            f"`tflite_bytes` must be bytes. Received an object of class "
+            f"{type(tflite_bytes).__name__}."
+        )
+    path = os.fspath(path)
+    folder = os.path.dirname(path)
+    if folder:
+        os.makedirs(folder, exist_ok=True)
+    with open(path, "wb") as f:
+        f.write(tflite_bytes)
+    return path
