@@ -61,6 +61,7 @@ def test_conv_consumer_with_bias_absorbs_constant_into_bias():
     assert pruned.get_layer("conv1").filters == 5
     assert pruned.get_layer("conv2").kernel.shape == (1, 1, 5, 7)
     assert report.num_pruned == 1 and report.exact
+    assert report.max_residual_std < 0.05  # V = eps / 1000: a true constant
     kernel, bias = model.get_layer("conv2").get_weights()
     expected = bias + np.minimum(0.8, 6.0) * kernel[0, 0, 2, :]
     np.testing.assert_allclose(pruned.get_layer("conv2").bias.numpy(), expected, rtol=1e-6)
@@ -72,6 +73,7 @@ def test_conv_consumer_negative_control_live_channel_changes_outputs():
     threshold, _ = live_threshold(model, "conv1_bn")
     pruned, report = tf_pfq.prune(model, threshold=threshold)
     assert report.num_pruned == 1  # same code path as above
+    assert report.max_residual_std > 0.4  # the report's data-free warning sign
     x = _x((8, 8, 3))
     scale = float(np.max(np.abs(model(x))))
     assert max_change(model, pruned, x) > 100 * ROUND_OFF * scale
@@ -367,6 +369,16 @@ def test_shared_consumer_keeps_the_channel():
     model = _with_after_bn(lambda x: L.Add()([shared(x), shared(L.ReLU()(x))]))
     _, report = tf_pfq.prune(model)
     assert report.num_kept == 1 and "shared layer 'shared'" in report.layer("conv_bn").kept[1]
+
+
+def test_a_layer_keeps_at_least_one_channel():
+    model = _chain(consumer_bias=True, consumer_bn=False)
+    for channel in range(6):
+        plant_dead(model, "conv1_bn", channel, beta=0.1 * channel)
+    pruned, report = tf_pfq.prune(model)
+    assert pruned.get_layer("conv1").filters == 1 and report.num_kept == 1
+    assert "it is the last channel of " in report.layer("conv1_bn").kept[5]
+    assert_same_outputs(model, pruned, _x((8, 8, 3)))
 
 
 # -- thresholds, quantized constants -----------------------------------------------

@@ -21,6 +21,7 @@ def _report(**kwargs):
             dead=[1, 2, 4],
             kept={2: "Add 'add' has a live channel 2 on another branch"},
             notes=["moving_mean -= constants removed before 'x'"],
+            residual_std=0.25,
         ),
         LayerReport("fc", "Dense", 10, 10, notes=["bias += removed constants (eq. 14)"]),
         LayerReport("idle", "Dense", 3, 3),
@@ -48,6 +49,7 @@ def test_str_lists_changed_layers_reasons_and_totals():
     assert "kept 1: Add 'add' has a live channel 2 on another branch" in text
     assert "interior" in text and "0.0123" in text
     assert "idle" not in text
+    assert "vary by at most std 0.25" in text
 
 
 def test_str_without_macs_or_calibration():
@@ -60,7 +62,7 @@ def test_dict_and_json_round_trip():
     data = json.loads(report.to_json())
     assert data == json.loads(json.dumps(report.to_dict()))
     assert data["pruned_bn_channels"] == 2 and data["macs_after"] == 4000
-    assert data["max_output_change"] == 0.5
+    assert data["max_output_change"] == 0.5 and data["max_residual_std"] == 0.25
     row = data["layers"][1]
     assert row["name"] == "conv_bn" and row["kept"] == {"2": report.layer("conv_bn").kept[2]}
     assert row["removed"] == [1, 4] and row["dead"] == [1, 2, 4]

@@ -22,6 +22,7 @@ __all__ = [
     "flatten_indices",
     "input_constant_delta",
     "keep_indices",
+    "residual_std",
     "shift_moving_mean",
 ]
 
@@ -46,6 +47,22 @@ def dead_channels(moving_variance, threshold: float) -> np.ndarray:
     """
     variance = np.asarray(moving_variance)
     return np.flatnonzero(variance < threshold)
+
+
+def residual_std(gamma, moving_variance, epsilon: float) -> np.ndarray:
+    """How far a "dead" BN channel's output can still vary: `|gamma| sqrt(V / (V + eps))`.
+
+    The BN output's standard deviation, if its input has variance V. Eq. 17's
+    condition `V < eps` bounds it by `|gamma| / sqrt(2)`, which is not small: the
+    paper's argument needs `V << eps`. With Keras' eps = 1e-3 (NNabla's is 1e-5), a
+    threshold well below eps keeps the removed channels truly constant.
+
+    Example:
+      >>> residual_std([1.0, 2.0], [1e-3, 0.0], 1e-3).round(4).tolist()
+      [0.7071, 0.0]
+    """
+    variance = np.asarray(moving_variance, np.float64)
+    return np.abs(np.asarray(gamma, np.float64)) * np.sqrt(variance / (variance + epsilon))
 
 
 def input_constant_delta(kernel, channels: Sequence[int], values) -> np.ndarray:
@@ -116,9 +133,7 @@ def batchnorm_inference(x, gamma, beta, mean, variance, epsilon: float) -> np.nd
       [-1.0, 1.0]
     """
     x = np.asarray(x, np.float64)
-    return (
-        gamma * (x - mean) / np.sqrt(np.asarray(variance, np.float64) + epsilon) + beta
-    )
+    return gamma * (x - mean) / np.sqrt(np.asarray(variance, np.float64) + epsilon) + beta
 
 
 def batchnorm_training(x, gamma, beta, epsilon: float) -> np.ndarray:
@@ -158,9 +173,7 @@ def beta_update(beta, gamma, moving_variance, epsilon: float, delta) -> np.ndarr
       >>> beta_update([0.0], [2.0], [3.0], 1.0, [1.0]).tolist()
       [1.0]
     """
-    scale = np.asarray(gamma, np.float64) / np.sqrt(
-        np.asarray(moving_variance) + epsilon
-    )
+    scale = np.asarray(gamma, np.float64) / np.sqrt(np.asarray(moving_variance) + epsilon)
     return np.asarray(beta, np.float64) + scale * np.asarray(delta, np.float64)
 
 

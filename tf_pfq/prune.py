@@ -213,6 +213,11 @@ class _Pruner:
             self.request(plan, self.single_input(bn), channel, bn, {(bn, channel)})
         for name in self.graph.order:
             self.forward(plan, name)
+        for name, removed in plan.removed.items():
+            if removed and len(removed) >= self.channels(name):
+                # Keras layers need at least one channel: keep the last one.
+                last = removed[max(removed)]
+                plan.fail(last.sources, f"it is the last channel of {self.describe(name)}")
         for output in self.graph.outputs:
             for entry in plan.removed.get(output.layer, {}).values():
                 plan.fail(entry.sources, f"the channel reaches model output {output.layer!r}")
@@ -658,6 +663,14 @@ def _report(pruner: _Pruner, pruned, plan: _Plan, candidates, kept, notes) -> Pr
         if not isinstance(layer, (L.BatchNormalization, L.DepthwiseConv2D, *_KERNEL)):
             continue
         removed = sorted(plan.removed.get(name, {}))
+        residual = 0.0
+        pruned_dead = [c for c in candidates.get(name, []) if (name, int(c)) not in kept]
+        if pruned_dead:
+            p = pruner.bn_params(name)
+            stds = pfq_math.residual_std(
+                p["gamma"][pruned_dead], p["variance"][pruned_dead], p["eps"]
+            )
+            residual = float(stds.max())
         rows.append(
             LayerReport(
                 name=name,
@@ -668,6 +681,7 @@ def _report(pruner: _Pruner, pruned, plan: _Plan, candidates, kept, notes) -> Pr
                 dead=[int(c) for c in candidates.get(name, [])],
                 kept={c: why for (bn, c), why in sorted(kept.items()) if bn == name},
                 notes=notes.get(name, []),
+                residual_std=residual,
                 params_before=before[name].params,
                 params_after=after[name].params,
                 macs_before=before[name].macs,

@@ -23,6 +23,8 @@ class LayerReport:
       kept: {original channel index: reason} for dead channels left in place.
       notes: compensations applied to this layer (bias update, moving-mean shift,
         border effect of zero padding, ...).
+      residual_std: BN layers: the largest `|gamma| sqrt(V / (V + eps))` of the removed
+        dead channels, how much their output can still vary (0 for a true constant).
       params_before: the layer's weights in the input model.
       params_after: the layer's weights in the pruned model.
       macs_before: per-sample MACs in the input model.
@@ -37,6 +39,7 @@ class LayerReport:
     dead: list[int] = dataclasses.field(default_factory=list)
     kept: dict[int, str] = dataclasses.field(default_factory=dict)
     notes: list[str] = dataclasses.field(default_factory=list)
+    residual_std: float = 0.0
     params_before: int = 0
     params_after: int = 0
     macs_before: int = 0
@@ -119,6 +122,11 @@ class PruneReport:
         return sum(len(r.kept) for r in self.bn_layers)
 
     @property
+    def max_residual_std(self) -> float:
+        """The largest output std a removed dead BN channel can have (data-free bound)."""
+        return max((r.residual_std for r in self.bn_layers), default=0.0)
+
+    @property
     def bn_channels_before(self) -> int:
         return sum(r.channels_before for r in self.bn_layers)
 
@@ -157,6 +165,7 @@ class PruneReport:
             "macs_before": self.macs_before,
             "macs_after": self.macs_after,
             "exact": self.exact,
+            "max_residual_std": self.max_residual_std,
             "max_output_change": self.max_output_change,
             "layers": [
                 {
@@ -196,6 +205,11 @@ class PruneReport:
             "  compensation: "
             + ("exact" if self.exact else "exact in the interior (zero-padding border effect)")
         )
+        if self.num_pruned:
+            lines.append(
+                "  removed BN outputs vary by at most std "
+                f"{self.max_residual_std:.3g} (|gamma| sqrt(V / (V + eps)))"
+            )
         if self.max_output_change is not None:
             lines.append(f"  max |output change| on calibration data: {self.max_output_change:.3g}")
         changed = [r for r in self.layers if r.changed]
