@@ -32,6 +32,7 @@ TESTS = "tests"
 # Directories of thin scripts that get a py_library (for tests) and py_binary targets.
 SCRIPT_DIRS = ("examples", "export", "benchmarks", "tools")
 PYTEST_MAIN = "bazel_pytest_main.py"
+SMOKE_TESTS = ("test_bazel_build", "test_public_api")
 SLOW_MARK = "pytest.mark.slow"
 SLOW_SIZES = ("large", "enormous")
 FAST_SIZES = ("small", "medium")
@@ -197,7 +198,7 @@ class Rule:
         lines = [f"# {c}" for c in self.comment.splitlines()] if self.comment else []
         lines.append(f"{self.kind}(")
         lines.append(f'    name = "{self.name}",')
-        for key in ("size", "srcs", "args", "main", "data", "imports", "tags", "deps"):
+        for key in ("size", "srcs", "args", "main", "data", "tags", "tests", "deps"):
             if key not in self.attrs:
                 continue
             value = self.attrs[key]
@@ -341,6 +342,17 @@ def tests_rules(root: Path) -> list[Rule]:
         if slow:
             attrs["tags"] = ["slow"]
         rules.append(Rule("py_test", rel[: -len(".py")].replace("/", "_"), attrs))
+    smoke = [f":{name}" for name in SMOKE_TESTS if (root / TESTS / f"{name}.py").is_file()]
+    if smoke:
+        rules.append(
+            Rule(
+                "test_suite",
+                "smoke",
+                {"tests": smoke},
+                "A quick check that Bazel builds and runs offline with a complete package in\n"
+                "the runfiles (every module importable, BUILD in step with the tree).",
+            )
+        )
     return rules
 
 
