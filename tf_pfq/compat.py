@@ -22,6 +22,13 @@ def check_model(model, argument="model"):
     Raises:
       TypeError: `model` is not a tf_keras model, is a Keras 3 model, or is a
         subclassed model (whose graph cannot be read or rewritten).
+
+    Example:
+      >>> check_model(keras.Sequential([keras.Input((4,)), keras.layers.Dense(2)]))
+      >>> check_model("not a model", argument="float_model")
+      Traceback (most recent call last):
+      ...
+      TypeError: `float_model` must be a tf_keras Sequential or Functional model; ...
     """
     cls = type(model)
     qualname = f"{cls.__module__}.{cls.__qualname__}"

@@ -18,7 +18,12 @@ __all__ = ["Split", "load_digits", "load_tfds", "to_dataset"]
 
 @dataclasses.dataclass(frozen=True)
 class Split:
-    """Images (N, H, W, C) float32 in [0, 1] and integer labels (N,)."""
+    """Images (N, H, W, C) float32 in [0, 1] and integer labels (N,).
+
+    Example:
+      >>> len(Split(np.zeros((5, 8, 8, 1), np.float32), np.arange(5)))
+      5
+    """
 
     images: np.ndarray
     labels: np.ndarray
@@ -82,7 +87,23 @@ def load_digits(
 def to_dataset(
     split: Split, batch_size: int, shuffle: bool = False, seed: int = 0, drop_remainder=False
 ) -> tf.data.Dataset:
-    """A batched `tf.data.Dataset` of (image, label) from a `Split`."""
+    """A batched `tf.data.Dataset` of (image, label) from a `Split`.
+
+    Args:
+      split: the images and labels.
+      batch_size: examples per batch.
+      shuffle: reshuffle the whole split every epoch (for training).
+      seed: shuffle seed.
+      drop_remainder: drop the last, smaller batch.
+
+    Returns:
+      The prefetched dataset of (images, labels) batches.
+
+    Example:
+      >>> split = Split(np.zeros((5, 8, 8, 1), np.float32), np.arange(5))
+      >>> [int(labels.shape[0]) for _, labels in to_dataset(split, batch_size=2)]
+      [2, 2, 1]
+    """
     ds = tf.data.Dataset.from_tensor_slices((split.images, split.labels))
     if shuffle:
         ds = ds.shuffle(len(split), seed=seed, reshuffle_each_iteration=True)

@@ -23,7 +23,12 @@ __all__ = ["LayerGraph", "Inbound", "to_functional", "rebuild"]
 
 @dataclasses.dataclass(frozen=True)
 class Inbound:
-    """One input tensor of a layer call: the producing layer and which of its outputs."""
+    """One input tensor of a layer call: the producing layer and which of its outputs.
+
+    Example:
+      >>> Inbound("conv1_bn")
+      Inbound(layer='conv1_bn', node_index=0, tensor_index=0)
+    """
 
     layer: str
     node_index: int = 0
@@ -35,6 +40,12 @@ def to_functional(model, argument: str = "model"):
 
     Raises:
       TypeError: not a tf_keras Sequential or Functional model.
+
+    Example:
+      >>> seq = keras.Sequential([keras.Input((4,)), keras.layers.Dense(2, name="fc")])
+      >>> functional = to_functional(seq)
+      >>> type(functional).__name__, functional.layers[-1] is seq.layers[-1]
+      ('Functional', True)
     """
     check_model(model, argument)
     if isinstance(model, keras.Sequential):
@@ -58,6 +69,16 @@ class LayerGraph:
       model: the Functional model (Sequential models are converted).
       config: a deep copy of `model.get_config()`.
       order: layer names in topological order.
+
+    Example:
+      >>> x = keras.Input((8, 8, 3), name="image")
+      >>> y = keras.layers.Conv2D(4, 3, name="conv")(x)
+      >>> y = keras.layers.BatchNormalization(name="bn")(y)
+      >>> graph = LayerGraph(keras.Model(x, keras.layers.ReLU(name="relu")(y)))
+      >>> graph.order
+      ['image', 'conv', 'bn', 'relu']
+      >>> graph.inputs_of("bn"), graph.consumers_of("conv"), graph.class_name("bn")
+      (['conv'], ['bn'], 'BatchNormalization')
     """
 
     def __init__(self, model):
@@ -143,6 +164,18 @@ def rebuild(
 
     Raises:
       ValueError: a name is unknown, or a removed layer has several inputs or calls.
+
+    Example:
+      >>> x = keras.Input((3,), name="x")
+      >>> h = keras.layers.Dense(3, name="fc1")(x)
+      >>> h = keras.layers.ReLU(name="relu")(h)
+      >>> model = keras.Model(x, keras.layers.Dense(2, name="fc2")(h))
+      >>> smaller = rebuild(model, remove=["relu"])
+      >>> [layer.name for layer in smaller.layers]
+      ['x', 'fc1', 'fc2']
+      >>> kernel = smaller.get_layer("fc2").kernel.numpy()
+      >>> bool(np.all(kernel == model.get_layer("fc2").kernel.numpy()))
+      True
     """
     graph = LayerGraph(model)
     config = copy.deepcopy(graph.config)

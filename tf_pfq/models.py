@@ -145,7 +145,22 @@ def mobilenet_v2(
 
 
 def build(name: str, **kwargs):
-    """Builds a model by name: "mobilenet_v1" or "mobilenet_v2"."""
+    """Builds a model by name: "mobilenet_v1" or "mobilenet_v2".
+
+    Args:
+      name: "mobilenet_v1" or "mobilenet_v2".
+      **kwargs: passed to that builder.
+
+    Returns:
+      The tf_keras Functional model.
+
+    Raises:
+      ValueError: unknown `name`.
+
+    Example:
+      >>> build("mobilenet_v1", input_shape=(8, 8, 1), widths=(4, 8), strides=(1, 2)).name
+      'mobilenet_v1'
+    """
     builders: dict[str, Callable[..., keras.Model]] = {
         "mobilenet_v1": mobilenet_v1,
         "mobilenet_v2": mobilenet_v2,

@@ -45,5 +45,17 @@ class ActivationRange:
 
 
 def activation_ranges_of(model) -> dict[str, ActivationRange]:
-    """The ranges `tf_pfq.strip` attached to `model`, by layer name ({} if none)."""
+    """The ranges `tf_pfq.strip` attached to `model`, by layer name ({} if none).
+
+    Args:
+      model: a tf_keras model, usually returned by `tf_pfq.strip`.
+
+    Returns:
+      A new dict {layer name: ActivationRange}; empty for a model with none attached.
+
+    Example:
+      >>> from tf_pfq.compat import keras
+      >>> activation_ranges_of(keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)]))
+      {}
+    """
     return dict(getattr(model, ACTIVATION_RANGES_ATTR, None) or {})
