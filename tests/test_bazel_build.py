@@ -77,6 +77,7 @@ SYNTHETIC = {
     "tests/bazel_pytest_main.py": "",
     "tests/test_fast.py": "def test_x():\n    pass\n",
     "tests/test_slow.py": "import pytest\n\n@pytest.mark.slow\ndef test_y():\n    pass\n",
+    "tests/test_quoted.py": "TEXT = '@pytest.mark.slow'\n\ndef test_z():\n    pass\n",
     "examples/train.py": "from tf_pfq import a\nif __name__ == '__main__':\n    pass\n",
 }
 
@@ -99,6 +100,9 @@ def test_generator_on_synthetic_tree(tmp_path):
     assert rules["//tests:test_slow"].attrs["size"] == "large"
     assert rules["//tests:test_slow"].list_attr("tags") == ["slow"]
     assert rules["//tests:test_fast"].attrs["size"] == "medium"
+    # The marker quoted in a string is not a slow test.
+    assert rules["//tests:test_quoted"].attrs["size"] == "medium"
+    assert "tags" not in rules["//tests:test_quoted"].attrs
     assert rules["//tests:test_fast"].list_attr("args") == ["tests/test_fast.py"]
     assert rules["//examples:train"].kind == "py_binary"
     assert rules["//examples:examples"].list_attr("deps") == ["//tf_pfq"]
@@ -126,7 +130,7 @@ def test_check_mode_detects_new_module(tmp_path):
             "tests/test_slow.py: uses pytest.mark.slow",
         ),
         (
-            lambda t: t.replace('size = "medium"', 'size = "enormous"'),
+            lambda t: t.replace('size = "medium"', 'size = "enormous"', 1),
             "tests/test_fast.py: //tests:test_fast has size='enormous'",
         ),
         (

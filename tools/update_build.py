@@ -33,6 +33,9 @@ TESTS = "tests"
 SCRIPT_DIRS = ("examples", "export", "benchmarks", "tools")
 PYTEST_MAIN = "bazel_pytest_main.py"
 SMOKE_TESTS = ("test_bazel_build", "test_public_api")
+# Tests that read the real checkout (the file tree, CHANGELOG.md) rather than their
+# runfiles: tagged "external" so Bazel never serves them from its result cache.
+TREE_TESTS = ("test_bazel_build", "test_public_api")
 SLOW_MARK = "pytest.mark.slow"
 SLOW_SIZES = ("large", "enormous")
 FAST_SIZES = ("small", "medium")
@@ -131,8 +134,24 @@ def is_test_file(rel_path: str) -> bool:
 
 
 def is_slow_test(source: str) -> bool:
-    """Whether a test module marks anything `pytest.mark.slow` (then size large)."""
-    return SLOW_MARK in source
+    r"""Whether a test module uses the `pytest.mark.slow` marker (then size large).
+
+    Looks at the code, not the text, so the marker quoted in a string does not count.
+
+    Example:
+        >>> is_slow_test("import pytest\n@pytest.mark.slow\ndef test_a(): pass")
+        True
+        >>> is_slow_test("TEXT = '@pytest.mark.slow'")
+        False
+    """
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Attribute) and node.attr == "slow":
+            owner = node.value
+            if isinstance(owner, ast.Attribute) and owner.attr == "mark":
+                return True
+            if isinstance(owner, ast.Name) and owner.id == "mark":
+                return True
+    return False
 
 
 def is_enclosing_package(init_path: str, rel_path: str) -> bool:
@@ -332,6 +351,7 @@ def tests_rules(root: Path) -> list[Rule]:
         source = (root / path).read_text(encoding="utf-8")
         slow = is_slow_test(source)
         rel = path[len(TESTS) + 1 :]
+        name = rel[: -len(".py")].replace("/", "_")
         attrs: dict[str, object] = {
             "size": "large" if slow else "medium",
             "srcs": sorted([PYTEST_MAIN, rel]),
@@ -339,9 +359,10 @@ def tests_rules(root: Path) -> list[Rule]:
             "main": PYTEST_MAIN,
             "deps": _sort_labels([":test_support", *script_deps(root, source, None)]),
         }
-        if slow:
-            attrs["tags"] = ["slow"]
-        rules.append(Rule("py_test", rel[: -len(".py")].replace("/", "_"), attrs))
+        tags = (["slow"] if slow else []) + (["external"] if name in TREE_TESTS else [])
+        if tags:
+            attrs["tags"] = tags
+        rules.append(Rule("py_test", name, attrs))
     smoke = [f":{name}" for name in SMOKE_TESTS if (root / TESTS / f"{name}.py").is_file()]
     if smoke:
         rules.append(
