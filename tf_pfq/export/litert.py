@@ -29,6 +29,7 @@ from ai_edge_litert import interpreter as litert
 
 __all__ = [
     "BACKENDS",
+    "accuracy",
     "DelegateUnavailableError",
     "benchmark",
     "default_delegate_library",
@@ -216,6 +217,28 @@ def predict(interpreter: litert.Interpreter, images: np.ndarray) -> np.ndarray:
         interpreter.invoke()
         outputs.append(dequantize_output(interpreter.get_tensor(out["index"]), out))
     return np.concatenate(outputs)
+
+
+def accuracy(interpreter: litert.Interpreter, images: np.ndarray, labels: np.ndarray) -> float:
+    """Top-1 accuracy of a classifier over `images` (run one batch at a time).
+
+    Example:
+      >>> import tensorflow as tf
+      >>> f = tf.function(lambda x: x * 1.0, input_signature=[tf.TensorSpec([1, 3])])
+      >>> converter = tf.lite.TFLiteConverter.from_concrete_functions(
+      ...     [f.get_concrete_function()])
+      >>> x = np.eye(3, dtype=np.float32)
+      >>> accuracy(make_interpreter(converter.convert()), x, np.array([0, 1, 1]))
+      0.6666666666666666
+    """
+    labels = np.asarray(labels)
+    if len(images) != len(labels):
+        raise ValueError(
+            f"`images` and `labels` must have the same length. Received: {len(images)} "
+            f"images and {len(labels)} labels"
+        )
+    logits = predict(interpreter, images)
+    return float(np.mean(np.argmax(logits.reshape(len(labels), -1), axis=1) == labels))
 
 
 def benchmark(
