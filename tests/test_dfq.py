@@ -13,11 +13,7 @@ def _folded_model(activation="relu", padding="valid"):
     """A small BN-free (folded) net: conv -> act -> dw -> act -> pw -> act -> gap -> dense."""
     rng = np.random.default_rng(1)
     x = keras.Input((6, 6, 3))
-    act = (
-        (lambda n: L.ReLU(name=n))
-        if activation == "relu"
-        else (lambda n: L.ReLU(6.0, name=n))
-    )
+    act = (lambda n: L.ReLU(name=n)) if activation == "relu" else (lambda n: L.ReLU(6.0, name=n))
     y = L.Conv2D(4, 3, padding=padding, name="conv")(x)
     y = act("conv_relu")(y)
     y = L.DepthwiseConv2D(3, padding="same", name="dw")(y)
@@ -31,9 +27,7 @@ def _folded_model(activation="relu", padding="valid"):
     for layer in model.layers:
         if layer.weights:
             kernel, bias = layer.get_weights()
-            spread = 10.0 ** rng.uniform(
-                -1, 1, size=kernel.shape[-1 if layer.name != "dw" else -2]
-            )
+            spread = 10.0 ** rng.uniform(-1, 1, size=kernel.shape[-1 if layer.name != "dw" else -2])
             if layer.name == "dw":
                 kernel = rng.normal(size=kernel.shape) * spread[None, None, :, None]
             else:
@@ -62,15 +56,11 @@ def _weights_quantized(model, bits):
 
 
 def _data(n=16, scale=1.0):
-    return (
-        np.random.default_rng(2).uniform(0, scale, size=(n, 6, 6, 3)).astype(np.float32)
-    )
+    return np.random.default_rng(2).uniform(0, scale, size=(n, 6, 6, 3)).astype(np.float32)
 
 
 def test_equalization_scales_golden():
-    s = dfq_lib.equalization_scales(
-        np.array([9.0, 1.0, 2.0, 0.0]), np.array([1.0, 9.0, 2.0, 3.0])
-    )
+    s = dfq_lib.equalization_scales(np.array([9.0, 1.0, 2.0, 0.0]), np.array([1.0, 9.0, 2.0, 3.0]))
     np.testing.assert_allclose(s, [3.0, 1 / 3, 1.0, 1.0], rtol=1e-6)
 
 
@@ -78,9 +68,7 @@ def test_equalize_pair_equalizes_ranges_and_keeps_product():
     rng = np.random.default_rng(0)
     w1 = rng.normal(size=(3, 3, 2, 4)) * np.array([0.1, 1, 10, 100])
     w2 = rng.normal(size=(1, 1, 4, 3))
-    new_w1, _, new_w2, _ = dfq_lib.equalize_pair(
-        w1, np.zeros(4), "Conv2D", w2, "Conv2D"
-    )
+    new_w1, _, new_w2, _ = dfq_lib.equalize_pair(w1, np.zeros(4), "Conv2D", w2, "Conv2D")
     np.testing.assert_allclose(
         np.abs(new_w1).max(axis=(0, 1, 2)),
         np.abs(new_w2).max(axis=(0, 1, 3)),
@@ -112,9 +100,7 @@ def test_cle_leaves_float_outputs_unchanged():
     new_model, pairs = dfq_lib.cross_layer_equalize(model)
     assert set(pairs) == {("conv", "dw"), ("dw", "pw"), ("pw", "logits")}
     # float32 round-off only: outputs are O(10), relative 1e-5 of that.
-    np.testing.assert_allclose(
-        new_model.predict(x, verbose=0), before, rtol=1e-4, atol=1e-4
-    )
+    np.testing.assert_allclose(new_model.predict(x, verbose=0), before, rtol=1e-4, atol=1e-4)
     # The per-channel ranges of the pw kernel's outputs and the Dense rows now agree.
     pw = np.abs(new_model.get_layer("pw").get_weights()[0]).max(axis=(0, 1, 2))
     dense = np.abs(new_model.get_layer("logits").get_weights()[0]).max(axis=1)
@@ -128,9 +114,7 @@ def test_cle_negative_control_uncompensated_scaling_changes_outputs():
     x = _data()
     new_model, _ = dfq_lib.cross_layer_equalize(model)
     # Undo the compensation in the second layer of one pair: outputs must change.
-    broken = dfq_lib.rebuild(
-        new_model, weights={"pw": model.get_layer("pw").get_weights()}
-    )
+    broken = dfq_lib.rebuild(new_model, weights={"pw": model.get_layer("pw").get_weights()})
     diff = np.abs(broken.predict(x, verbose=0) - model.predict(x, verbose=0)).max()
     assert diff > 1e-2
 
@@ -169,12 +153,8 @@ def test_high_bias_absorption_exact_when_preactivation_stays_above_c():
         atol=1e-5,
     )
     # Negative control: moving the bias without compensating changes the output.
-    broken = dfq_lib.rebuild(
-        new_model, weights={"b": model.get_layer("b").get_weights()}
-    )
-    assert (
-        np.abs(broken.predict(x, verbose=0) - model.predict(x, verbose=0)).max() > 1e-2
-    )
+    broken = dfq_lib.rebuild(new_model, weights={"b": model.get_layer("b").get_weights()})
+    assert np.abs(broken.predict(x, verbose=0) - model.predict(x, verbose=0)).max() > 1e-2
 
 
 def test_bias_correction_matches_float_means_of_the_quantized_model():
@@ -185,9 +165,7 @@ def test_bias_correction_matches_float_means_of_the_quantized_model():
     assert set(changes) == set(names)
 
     def means(m):
-        outs = keras.Model(m.inputs, [m.get_layer(n).output for n in names]).predict(
-            x, verbose=0
-        )
+        outs = keras.Model(m.inputs, [m.get_layer(n).output for n in names]).predict(x, verbose=0)
         return [o.reshape(-1, o.shape[-1]).mean(axis=0) for o in outs]
 
     reference = means(model)

@@ -27,10 +27,16 @@ _STAGE = textwrap.dedent(
     import numpy as np
     import tensorflow as tf
     mode, out = sys.argv[1], sys.argv[2]
+    # Both set-ups must happen before TensorFlow runs any op.
+    strategy = None
     if mode == "mirrored":
         cpu = tf.config.list_physical_devices("CPU")[0]
         tf.config.set_logical_device_configuration(
             cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+        strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+        assert strategy.num_replicas_in_sync == 2
+    elif mode == "multiworker":
+        strategy = tf.distribute.MultiWorkerMirroredStrategy()
     from tf_pfq import models
     from tf_pfq.compat import keras
     from tf_pfq.training import TrainConfig
@@ -49,12 +55,6 @@ _STAGE = textwrap.dedent(
                           tf.TensorSpec((16,), tf.int64)),
     ).apply(tf.data.experimental.assert_cardinality(len(batches)))
     model = models.mobilenet_v1(input_shape=(8, 8, 3), widths=(4, 8), strides=(1, 2))
-    strategy = None
-    if mode == "mirrored":
-        strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
-        assert strategy.num_replicas_in_sync == 2
-    elif mode == "multiworker":
-        strategy = tf.distribute.MultiWorkerMirroredStrategy()
     np.save(os.path.join(out, "pred0.npy"), model.predict(x, verbose=0))
     steps = [Step("stage_a", "train", 8, None, TrainConfig(epochs=2, learning_rate=0.05))]
     output_dir = os.path.join(out, "run") if mode == "multiworker" else None

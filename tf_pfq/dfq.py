@@ -147,9 +147,7 @@ def equalize_pair(w1, b1, kind1: str, w2, kind2: str):
     )
 
 
-def _is_relu_like(
-    graph: LayerGraph, name: str, replace_relu6: bool
-) -> tuple[bool, bool]:
+def _is_relu_like(graph: LayerGraph, name: str, replace_relu6: bool) -> tuple[bool, bool]:
     """(positively homogeneous, needs ReLU6 -> ReLU) for a layer between a pair."""
     cls = graph.class_name(name)
     config = graph.layer_config(name)["config"]
@@ -273,9 +271,7 @@ def cross_layer_equalize(
     for first, second, _ in pairs:
         for name in (first, second):
             if name not in weights:
-                weights[name] = [
-                    np.array(v) for v in _weights_with_bias(model.get_layer(name))
-                ]
+                weights[name] = [np.array(v) for v in _weights_with_bias(model.get_layer(name))]
     graph = LayerGraph(model)
     for _ in range(iterations):
         largest = 0.0
@@ -359,15 +355,9 @@ def absorb_high_biases(model, calibration_data, num_std: float = 3.0):
     weights, absorbed = {}, {}
     for first, second, _ in pairs:
         out = outputs[first].reshape(-1, outputs[first].shape[-1]).astype(np.float64)
-        c = np.maximum(0.0, out.mean(axis=0) - num_std * out.std(axis=0)).astype(
-            np.float32
-        )
-        w1 = weights.get(first) or [
-            np.array(v) for v in _weights_with_bias(graph.layer(first))
-        ]
-        w2 = weights.get(second) or [
-            np.array(v) for v in _weights_with_bias(graph.layer(second))
-        ]
+        c = np.maximum(0.0, out.mean(axis=0) - num_std * out.std(axis=0)).astype(np.float32)
+        w1 = weights.get(first) or [np.array(v) for v in _weights_with_bias(graph.layer(first))]
+        w2 = weights.get(second) or [np.array(v) for v in _weights_with_bias(graph.layer(second))]
         w1[1] = w1[1] - c
         w2[1] = w2[1] + _kernel_sum(w2[0], graph.class_name(second), c)
         weights[first], weights[second] = w1, w2
@@ -382,9 +372,7 @@ def _is_plain_relu(graph: LayerGraph, name: str) -> bool:
         homogeneous
         and not needs
         and cls in ("ReLU", "Activation")
-        and (
-            cls == "ReLU" or graph.layer_config(name)["config"]["activation"] == "relu"
-        )
+        and (cls == "ReLU" or graph.layer_config(name)["config"]["activation"] == "relu")
     )
 
 
@@ -403,9 +391,7 @@ def quantize_weights(kernel: np.ndarray, num_bits: int) -> np.ndarray:
     ).numpy()
 
 
-def correct_biases(
-    model, calibration_data, weight_bits: int, layers: Iterable[str] | None = None
-):
+def correct_biases(model, calibration_data, weight_bits: int, layers: Iterable[str] | None = None):
     """Nagel et al. §4.2 empirical bias correction for `weight_bits` weights.
 
     Layer by layer in topological order, the bias absorbs the mean output error
@@ -429,13 +415,9 @@ def correct_biases(
     weighted = [
         n
         for n in graph.order
-        if graph.class_name(n) in _WEIGHTED
-        and graph.layer(n).use_bias
-        and not graph.is_shared(n)
+        if graph.class_name(n) in _WEIGHTED and graph.layer(n).use_bias and not graph.is_shared(n)
     ]
-    layers = (
-        weighted if layers is None else [n for n in graph.order if n in set(layers)]
-    )
+    layers = weighted if layers is None else [n for n in graph.order if n in set(layers)]
     if not layers:
         return rebuild(model), {}
     float_means = {

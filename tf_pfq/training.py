@@ -216,7 +216,9 @@ class AccuracyTargetStopping(keras.callbacks.Callback):
         else:
             self._wait += 1
         if self.reached(logs):
-            self.reason = f"{self.monitor}={value:.4f} within {self.max_drop} of {self.reference:.4f}"
+            self.reason = (
+                f"{self.monitor}={value:.4f} within {self.max_drop} of {self.reference:.4f}"
+            )
         elif self.patience is not None and self._wait >= self.patience:
             self.reason = f"{self.monitor} did not improve for {self.patience} epochs"
             if self._best_weights is not None:
@@ -271,9 +273,7 @@ def fit(
     steps = steps_per_epoch(train_data)
     wants_stop = config.target_drop is not None or config.patience is not None
     if wants_stop and validation_data is None:
-        raise ValueError(
-            "`target_drop`/`patience` (paper appendix A.1) need `validation_data`."
-        )
+        raise ValueError("`target_drop`/`patience` (paper appendix A.1) need `validation_data`.")
     if config.target_drop is not None and reference_accuracy is None:
         raise ValueError("`target_drop` needs the float model's `reference_accuracy`.")
     scope = strategy.scope() if strategy is not None else _null_scope()
@@ -289,6 +289,13 @@ def fit(
         )
         all_callbacks.append(stopper)
     if tensorboard_dir:
+        import importlib.util
+
+        if importlib.util.find_spec("tensorboard") is None:
+            raise ImportError(
+                "TensorBoard logging (`tensorboard_dir`/`tensorboard=True`) needs the "
+                "`tensorboard` package: pip install tensorboard"
+            )
         all_callbacks.append(keras.callbacks.TensorBoard(log_dir=tensorboard_dir))
     if backup_dir:
         # Last, so that its epoch-end save sees the state after the other callbacks.

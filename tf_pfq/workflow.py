@@ -20,6 +20,7 @@ import json
 import os
 import tempfile
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -140,8 +141,20 @@ class WorkflowSummary:
 
     @property
     def params_pruned_fraction(self) -> float:
-        """Share of the input model's weights removed (the paper's "pruned by x %")."""
-        return 1.0 - self.params / self.float_params if self.float_params else 0.0
+        """Share of the input model's weights that PfQ removed (the paper's "pruned by x %").
+
+        Only the prune steps count: BN folding also removes BN's four vectors, but
+        that is not pruning.
+        """
+        removed = sum(s.details.get("params_removed", 0) for s in self.steps)
+        return removed / self.float_params if self.float_params else 0.0
+
+    @property
+    def macs_reduction(self) -> float | None:
+        """1 - final MACs / input MACs."""
+        if not self.float_macs or self.macs is None:
+            return None
+        return 1.0 - self.macs / self.float_macs
 
     def to_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
@@ -151,6 +164,7 @@ class WorkflowSummary:
             macs=self.macs,
             channels_removed=self.channels_removed,
             params_pruned_fraction=self.params_pruned_fraction,
+            macs_reduction=self.macs_reduction,
         )
         return out
 
@@ -164,11 +178,15 @@ class WorkflowSummary:
     def to_markdown(self) -> str:
         """The per-step table (accuracy in %, MACs in millions)."""
         rows = [
-            "| step | kind | test acc. % | val acc. % | epochs | removed channels | params "
-            "| MACs (M) |",
+            (
+                "| step | kind | test acc. % | val acc. % | epochs | removed channels | params "
+                "| MACs (M) |"
+            ),
             "|---|---|---|---|---|---|---|---|",
-            (f"| float | input | {_pct(self.float_accuracy)} | | | | {self.float_params} | "
-            f"{_mmacs(self.float_macs)} |"),
+            (
+                f"| float | input | {_pct(self.float_accuracy)} | | | | {self.float_params} | "
+                f"{_mmacs(self.float_macs)} |"
+            ),
         ]
         for s in self.steps:
             rows.append(
@@ -323,7 +341,12 @@ class _Checkpoints:
         os.replace(tmp, os.path.join(self.root, STATE_FILE))  # atomic: never half-written
 
     def save_model(self, model, path: str) -> None:
-        model.save(path)
+        # HDF5 stores weights by layer name and order, which survives the config
+        # rewrites (pruned widths, folded biases) that the .keras format's
+        # variable-path matching trips over.
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            model.save(path, include_optimizer=False)
 
     def load_model(self, path: str):
         return keras.models.load_model(path, custom_objects=self.custom_objects, compile=False)
@@ -362,6 +385,7 @@ def _transform(step: Step, model, calibration: np.ndarray, prune_kwargs, dfq_kwa
                 "max_output_change": report.max_output_change,
                 "bn_channels_before": report.bn_channels_before,
                 "bn_channels_after": report.bn_channels_after,
+                "params_removed": report.params_before - report.params_after,
             },
         }
         logging.info(
@@ -497,7 +521,7 @@ def run_steps(
         logging.info("Step %d/%d: %s (%s).", index + 1, len(steps), step.name, step.kind)
         if step.kind == "train":
             if step_dir:
-                ckpt.save_model(float_model, os.path.join(step_dir, "input.keras"))
+                ckpt.save_model(float_model, os.path.join(step_dir, "input.h5"))
             qat = _build_qat(float_model, step, strategy)
             step_callbacks = callbacks(step) if callable(callbacks) else callbacks
             _, epochs, reason = fit(
@@ -518,7 +542,7 @@ def run_steps(
                 strategy=strategy,
             )
             if step_dir:
-                qat.save_weights(os.path.join(step_dir, "qat.weights.h5"))
+                qat.save_weights(os.path.join(step_dir, "qat_weights.h5"))
             params, macs = _costs(float_model)
             result = StepResult(
                 step.name,
@@ -538,7 +562,7 @@ def run_steps(
             )
             qat = None
             if step_dir:
-                ckpt.save_model(float_model, os.path.join(step_dir, "model.keras"))
+                ckpt.save_model(float_model, os.path.join(step_dir, "model.h5"))
             params, macs = _costs(float_model)
             result = StepResult(
                 step.name,
@@ -577,11 +601,11 @@ def _restore(ckpt: _Checkpoints, steps: Sequence[Step], done: int, strategy):
     step = steps[index]
     step_dir = ckpt.step_dir(index, step)
     if step.kind != "train":
-        return ckpt.load_model(os.path.join(step_dir, "model.keras")), None
+        return ckpt.load_model(os.path.join(step_dir, "model.h5")), None
     with _scope(step):
-        input_model = ckpt.load_model(os.path.join(step_dir, "input.keras"))
+        input_model = ckpt.load_model(os.path.join(step_dir, "input.h5"))
     qat = _build_qat(input_model, step, strategy)
-    qat.load_weights(os.path.join(step_dir, "qat.weights.h5"))
+    qat.load_weights(os.path.join(step_dir, "qat_weights.h5"))
     float_model = _strip(qat, step) if done < len(steps) else input_model
     return float_model, qat
 

@@ -1,0 +1,129 @@
+"""Ready-made model and pretraining recipes for the demo, the examples and the benchmarks.
+
+The digits recipe (DESIGN §6) follows the paper's pretraining (§4.2.1: momentum SGD
+0.9, l0 = 0.16, cosine) with a strong L2 on the kernels (4e-3), under which a share
+of the BN channels ends with a moving variance below epsilon, the channels PfQ
+removes. The pretrained model can be cached on disk and reused.
+"""
+
+from __future__ import annotations
+
+import os
+
+from absl import logging
+
+from tf_pfq import data, models
+from tf_pfq.compat import keras
+
+__all__ = ["scaled_model", "pretrain_digits"]
+
+_V1_WIDTHS = (32, 64, 128, 128, 256, 256, 512, 512)
+_V1_STRIDES = (1, 1, 2, 1, 2, 1, 2, 1)
+_V2_BLOCKS = ((16, 1, 1), (24, 2, 6), (24, 1, 6), (32, 2, 6), (32, 1, 6), (64, 2, 6), (64, 1, 6))
+
+
+def _scale(channels: int, width: float) -> int:
+    return max(4, round(channels * width))
+
+
+def scaled_model(
+    name: str = "mobilenet_v1",
+    image_size: int = 32,
+    width: float = 1.0,
+    num_classes: int = 10,
+    l2: float = 4e-3,
+):
+    """The `tf_pfq.models` MobileNetV1/V2-style net with all widths times `width`.
+
+    Args:
+      name: "mobilenet_v1" or "mobilenet_v2".
+      image_size: input height and width (3 channels).
+      width: width multiplier (MobileNet's alpha).
+      num_classes: number of logits.
+      l2: L2 regularization on the kernels (the pretraining weight decay).
+
+    Returns:
+      A functional tf_keras model producing logits.
+
+    Example:
+      >>> scaled_model("mobilenet_v1", image_size=16, width=0.25).count_params()
+      9690
+    """
+    shape = (image_size, image_size, 3)
+    if name == "mobilenet_v1":
+        return models.mobilenet_v1(
+            shape, num_classes, tuple(_scale(c, width) for c in _V1_WIDTHS), _V1_STRIDES, l2=l2
+        )
+    if name == "mobilenet_v2":
+        blocks = tuple((_scale(c, width), s, e) for c, s, e in _V2_BLOCKS)
+        return models.mobilenet_v2(
+            shape, num_classes, _scale(16, width), blocks, _scale(256, width), l2=l2
+        )
+    raise ValueError(f"`name` must be 'mobilenet_v1' or 'mobilenet_v2'. Received: name={name!r}")
+
+
+def pretrain_digits(
+    name: str = "mobilenet_v1",
+    *,
+    image_size: int = 32,
+    width: float = 1.0,
+    epochs: int = 40,
+    batch_size: int = 32,
+    learning_rate: float = 0.16,
+    warmup_epochs: float = 2.0,
+    l2: float = 4e-3,
+    seed: int = 0,
+    num_train: int = 1400,
+    num_val: int = 0,
+    cache_path: str | None = None,
+    verbose: int | str = 0,
+):
+    """Pretrains (or loads from `cache_path`) a float model on the embedded digits data.
+
+    Args:
+      name: "mobilenet_v1" or "mobilenet_v2".
+      image_size: digits are upsampled to this size.
+      width: width multiplier.
+      epochs: pretraining epochs (DESIGN §6: 40).
+      batch_size: batch size (32).
+      learning_rate: peak learning rate of eq. 19 (paper: 0.16).
+      warmup_epochs: linear warm-up epochs.
+      l2: L2 on kernels (4e-3 makes dead BN channels; 5e-4 makes none).
+      seed: seed of the weights initialization and shuffling.
+      num_train: digits images for training (+ validation); the rest are the test set.
+      num_val: images of the train split held out as validation (paper appendix A.1).
+      cache_path: a `.keras` file: loaded if it exists, else written after training.
+      verbose: Keras progress-bar setting.
+
+    Returns:
+      (float model, the digits splits from `tf_pfq.data.load_digits`).
+
+    Example:
+      >>> m, splits = pretrain_digits(image_size=8, width=0.125, epochs=1, num_train=64)
+      >>> m.output_shape, len(splits["train"])
+      ((None, 10), 64)
+    """
+    from tf_pfq.pretrain import train_float
+
+    splits = data.load_digits(image_size=image_size, num_train=num_train, num_val=num_val)
+    if cache_path and os.path.exists(cache_path):
+        logging.info("Loading the pretrained model from %s", cache_path)
+        return keras.models.load_model(cache_path, compile=False), splits
+    keras.utils.set_random_seed(seed)
+    model = scaled_model(name, image_size, width, l2=l2)
+    train = data.to_dataset(splits["train"], batch_size, shuffle=True, seed=seed)
+    test = data.to_dataset(splits["test"], 256)
+    train_float(
+        model,
+        train,
+        test,
+        epochs=epochs,
+        learning_rate=learning_rate,
+        warmup_epochs=min(warmup_epochs, epochs / 2),
+        verbose=verbose,
+    )
+    if cache_path:
+        os.makedirs(os.path.dirname(os.path.abspath(cache_path)), exist_ok=True)
+        model.save(cache_path)
+        logging.info("Saved the pretrained model to %s", cache_path)
+    return model, splits
