@@ -24,10 +24,11 @@ eq. 20-21 becomes an **8-bit** fake-quant op whose int8 scale equals the n-bit s
   MAXIMUM and the graph gets split, but values below `m` are then not clamped).
 * biases: snapped to the int32 grid `s_in * s_w` (tf_pfq's stage W already trains
   them on it), so the converter's bias rounding is exact.
-* tensors without a QAT quantizer (Add outputs, logits, pooled means, the model input
-  if it has no quantizer) get an ordinary 8-bit range: the min/max over
-  `representative_data` when given, otherwise a guaranteed interval bound propagated
-  from the input range through the layer (no saturation, coarser step).
+* tensors without a QAT quantizer (Add outputs, logits, the model input if it has
+  no quantizer) get an ordinary 8-bit range: the min/max over `representative_data`
+  when given (widened by `OUTPUT_MARGIN` for model outputs, whose saturation would
+  tie logits), otherwise a guaranteed interval bound propagated from the input
+  range through the layers (no saturation, coarser step).
 
 Every op in the result is int8 (weights int8, biases int32), shapes are static, and
 the converter needs no calibration pass. Stage-A models (activation quantizers only,
@@ -69,6 +70,8 @@ __all__ = [
 ]
 
 IO_DTYPES = {"int8": tf.int8, "uint8": tf.uint8, "float32": tf.float32}
+# Calibrated output (logit) ranges are widened by this share of their width on each side.
+OUTPUT_MARGIN = 0.1
 
 L = keras.layers
 _PASS_THROUGH = (
@@ -266,7 +269,15 @@ class _Builder:
         self._record(name, t.value)
         if not needs_range or self.mode != "export":
             return t
-        lo, hi = self.ranges.get(name, (float(t.lo), float(t.hi)))
+        if name in self.ranges:
+            lo, hi = self.ranges[name]
+            if self.graph.is_output(name):
+                # Saturated logits tie at 127 and lose the argmax; data outside the
+                # representative set gets room at the price of a coarser step.
+                pad = OUTPUT_MARGIN * (hi - lo)
+                lo, hi = lo - pad, hi + pad
+        else:
+            lo, hi = float(t.lo), float(t.hi)
         grid8 = _grid8(lo, hi)
         value = tf.quantization.fake_quant_with_min_max_vars(
             t.value, _scalar(grid8.min), _scalar(grid8.max), num_bits=8
