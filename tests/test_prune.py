@@ -23,6 +23,12 @@ from tf_pfq.ranges import ACTIVATION_RANGES_ATTR, ActivationRange
 L = keras.layers
 
 
+@pytest.fixture(autouse=True)
+def _keras_seed():
+    # Unseeded Keras initializers draw from Python's `random` as well.
+    keras.utils.set_random_seed(0)
+
+
 def _x(shape, n=4, seed=1):
     return np.random.default_rng(seed).normal(size=(n, *shape)).astype(np.float32)
 

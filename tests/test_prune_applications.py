@@ -20,6 +20,12 @@ import tf_pfq
 from tf_pfq.compat import keras
 
 
+@pytest.fixture(autouse=True)
+def _keras_seed():
+    # Unseeded Keras initializers draw from Python's `random` as well.
+    keras.utils.set_random_seed(0)
+
+
 @pytest.fixture(scope="module")
 def images():
     return np.random.default_rng(3).uniform(-1, 1, (4, 96, 96, 3)).astype(np.float32)

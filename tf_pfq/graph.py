@@ -97,7 +97,11 @@ class LayerGraph:
         self.input_names = [i[0] for i in self.config["input_layers"]]
 
     def layer(self, name: str):
-        return self.model.get_layer(name)
+        # Model.get_layer walks every layer (and their sub-modules) on each call:
+        # thousands of look-ups on MobileNetV2 took a minute, a dict takes nothing.
+        if not hasattr(self, "_layers"):
+            self._layers = {layer.name: layer for layer in self.model.layers}
+        return self._layers[name] if name in self._layers else self.model.get_layer(name)
 
     def layer_config(self, name: str) -> dict[str, Any]:
         return self._configs[name]
