@@ -309,12 +309,15 @@ def weight_levels(model: bytes | str | os.PathLike) -> dict[str, int]:
 
     Example:
       >>> import tensorflow as tf
-      >>> w = tf.quantization.fake_quant_with_min_max_vars(
-      ...     tf.constant([[-0.7, 0.1, 0.3, 0.7]]), -0.7, 0.7, num_bits=8, narrow_range=True)
-      >>> f = tf.function(lambda x: tf.matmul(x, w, transpose_b=True),
-      ...                 input_signature=[tf.TensorSpec([1, 4])])
+      >>> w = tf.quantization.fake_quant_with_min_max_vars(  # 4 levels on an int8 grid
+      ...     tf.constant([[[[-0.7], [0.1], [0.3], [0.7]]]]), -0.7, 0.7, narrow_range=True)
+      >>> @tf.function(input_signature=[tf.TensorSpec([1, 2, 2, 4])])
+      ... def f(x):
+      ...     x = tf.quantization.fake_quant_with_min_max_vars(x, 0.0, 1.0)
+      ...     y = tf.nn.conv2d(x, w, 1, "VALID")
+      ...     return tf.quantization.fake_quant_with_min_max_vars(y, -2.0, 2.0)
       >>> converter = tf.lite.TFLiteConverter.from_concrete_functions(
-      ...     [f.get_concrete_function()])
+      ...     [f.get_concrete_function()], f)
       >>> converter.optimizations = [tf.lite.Optimize.DEFAULT]
       >>> sorted(weight_levels(converter.convert()).values())
       [4]
@@ -341,10 +344,10 @@ def activation_levels(
     Example:
       >>> import tensorflow as tf
       >>> @tf.function(input_signature=[tf.TensorSpec([1, 4])])
-      ... def f(x):
+      ... def f(x):  # a 2-bit grid (step 0.1) held by an 8-bit op: tf_pfq's route
       ...     x = tf.quantization.fake_quant_with_min_max_vars(x, 0.0, 2.55)
       ...     return tf.quantization.fake_quant_with_min_max_vars(
-      ...         tf.nn.relu6(2.0 * x), 0.0, 0.3, num_bits=2)
+      ...         tf.nn.relu(2.0 * x), 0.3 - 25.5, 0.3)
       >>> converter = tf.lite.TFLiteConverter.from_concrete_functions(
       ...     [f.get_concrete_function()], f)
       >>> converter.optimizations = [tf.lite.Optimize.DEFAULT]
