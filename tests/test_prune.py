@@ -448,6 +448,25 @@ def test_input_model_is_not_modified():
     assert model.get_config() == config
 
 
+def test_sequential_model_is_pruned():
+    model = keras.Sequential(
+        [
+            keras.Input((6, 6, 3)),
+            L.Conv2D(5, 3, use_bias=False, name="conv"),
+            L.BatchNormalization(name="bn"),
+            L.ReLU(name="relu"),
+            L.MaxPooling2D(name="pool"),
+            L.Flatten(name="flat"),
+            L.Dense(3, name="fc"),
+        ]
+    )
+    randomize_bn(model)
+    plant_dead(model, "bn", 3, beta=0.9)
+    pruned, report = tf_pfq.prune(model)
+    assert report.num_pruned == 1 and pruned.get_layer("fc").kernel.shape == (2 * 2 * 4, 3)
+    assert_same_outputs(model, pruned, _x((6, 6, 3)))
+
+
 class _Subclassed(keras.Model):
     def call(self, x):
         return x
