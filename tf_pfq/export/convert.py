@@ -219,8 +219,13 @@ def _activation_fn(name: str, layer_name: str):
     )
 
 
-def _interval_linear(kernel_2d: np.ndarray, bias, lo: float, hi: float, taps: int = 1):
-    """Bounds of `x @ W + b` for x in [lo, hi]^in (kernel (in, out))."""
+def _interval_linear(kernel_2d: np.ndarray, bias, lo: float, hi: float):
+    """Bounds of `x @ W + b` for x in [lo, hi]^in (kernel (in, out)).
+
+    A convolution is the same per output channel with `in` = its taps; the input
+    bounds are per tensor, so a depthwise kernel reshaped to (kh * kw, channels)
+    works too.
+    """
     pos = np.clip(kernel_2d, 0, None)
     neg = np.clip(kernel_2d, None, 0)
     out_hi = (pos * hi + neg * lo).sum(0)
@@ -374,15 +379,13 @@ class _Builder:
                 y = tf.reshape(y, [-1, kernel.shape[1]])
             else:
                 y = tf.matmul(v, k)
-            taps = 1
             k2d = kernel_n
         elif depthwise:
             if config["dilation_rate"] not in ((1, 1), [1, 1]):
                 raise ValueError(f"Layer {name!r}: dilation is not supported by the export.")
             strides = [1, *config["strides"], 1]
             y = tf.nn.depthwise_conv2d(v, k, strides, config["padding"].upper())
-            taps = kh * kw
-            k2d = np.abs(kernel_n).reshape(kh * kw, cin * mult)
+            k2d = kernel_n.reshape(kh * kw, cin * mult)
         elif isinstance(layer, L.Conv2D) and type(layer) is L.Conv2D:
             if config.get("groups", 1) != 1:
                 raise ValueError(f"Layer {name!r}: grouped convolution is not supported.")
@@ -393,21 +396,13 @@ class _Builder:
                 config["padding"].upper(),
                 dilations=config["dilation_rate"],
             )
-            taps = 1
             k2d = kernel_n.reshape(-1, kernel_n.shape[-1])
         else:
             raise ValueError(f"Layer {name!r}: unsupported weighted layer {type(layer).__name__}.")
         if bias is not None:
             y = y + bias
         # Interval bound of the output (used only when QAT left it in float).
-        if depthwise:
-            amax = max(abs(float(x.lo)), abs(float(x.hi)))
-            bound = float(k2d.sum(0).max()) * amax + (
-                float(np.abs(bias).max()) if bias is not None else 0.0
-            )
-            lo, hi = -bound, bound
-        else:
-            lo, hi = _interval_linear(k2d, bias, float(x.lo), float(x.hi), taps)
+        lo, hi = _interval_linear(k2d, bias, float(x.lo), float(x.hi))
         activation, nonneg = _activation_fn(config.get("activation"), name)
         if activation is not None:
             y = activation(y)
