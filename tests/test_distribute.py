@@ -95,9 +95,10 @@ def test_mirrored_two_cpus_matches_no_strategy(tmp_path):
     script.write_text(_STAGE)
     (tmp_path / "plain").mkdir()
     (tmp_path / "mirrored").mkdir()
+    # Both at once: independent processes, so the two cores overlap them.
     plain = _run(str(script), ["plain", str(tmp_path / "plain")])
-    _wait(plain)
     mirrored = _run(str(script), ["mirrored", str(tmp_path / "mirrored")])
+    _wait(plain)
     _wait(mirrored)
     a = np.load(tmp_path / "plain" / "pred.npy")
     b = np.load(tmp_path / "mirrored" / "pred.npy")

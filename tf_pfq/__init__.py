@@ -4,7 +4,21 @@ Implements Nishikawa et al., "Filter Pre-Pruning for Improved Fine-tuning of
 Quantized Deep Neural Networks", arXiv:2011.06751.
 """
 
-from tf_pfq import compat, data, export, graph, models
+from tf_pfq import (
+    baselines,
+    comparison,
+    compat,
+    data,
+    dfq,
+    export,
+    graph,
+    models,
+    plots,
+    recipes,
+    training,
+    workflow,
+)
+from tf_pfq.baselines import METHODS, run_method
 from tf_pfq.cost import count_macs, count_params, layer_costs
 from tf_pfq.fold import FoldReport, fold_batchnorm
 from tf_pfq.prune import prune
@@ -12,9 +26,23 @@ from tf_pfq.quantize import apply, quantization_params, quantize_scope, strip
 from tf_pfq.quantizers import PfqActivationQuantizer, PfqBiasQuantizer, PfqWeightQuantizer
 from tf_pfq.ranges import ActivationRange
 from tf_pfq.report import PruneReport
+from tf_pfq.training import TrainConfig
 from tf_pfq.version import __version__
+from tf_pfq.workflow import WorkflowSummary, run_workflow
 
 __all__ = [
+    "METHODS",
+    "TrainConfig",
+    "WorkflowSummary",
+    "baselines",
+    "comparison",
+    "dfq",
+    "plots",
+    "recipes",
+    "run_method",
+    "run_workflow",
+    "training",
+    "workflow",
     "ActivationRange",
     "FoldReport",
     "PfqActivationQuantizer",

@@ -109,13 +109,10 @@ def run_method(
       ValueError: unknown method.
 
     Example:
-      >>> from tf_pfq import data, models
-      >>> splits = data.load_digits(image_size=8, num_train=64)
-      >>> train = data.to_dataset(splits["train"], 32)
-      >>> m = models.mobilenet_v1(input_shape=(8, 8, 3), widths=(4, 8), strides=(1, 2))
-      >>> _, summary = run_method("original", m, train, verbose=0)
-      >>> summary.method, [s.name for s in summary.steps]
-      ('original', ['stage_a', 'fold', 'stage_w'])
+      >>> run_method("qat", None, None)
+      Traceback (most recent call last):
+      ...
+      ValueError: `method` must be one of (...). Received: method='qat'
     """
     steps = method_steps(
         method,

@@ -47,7 +47,7 @@ def scaled_model(
 
     Example:
       >>> scaled_model("mobilenet_v1", image_size=16, width=0.25).count_params()
-      9690
+      40250
     """
     shape = (image_size, image_size, 3)
     if name == "mobilenet_v1":

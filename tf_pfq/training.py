@@ -50,6 +50,10 @@ class TrainConfig:
         points (fraction, e.g. 0.005) of the float model's; None disables.
       patience: also stop when validation accuracy has not improved for this many
         epochs (restoring the best weights); None disables.
+
+    Example:
+      >>> TrainConfig(epochs=100, weight_decay=1e-5).learning_rate
+      0.001
     """
 
     epochs: int = 1

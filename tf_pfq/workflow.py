@@ -111,6 +111,13 @@ class WorkflowSummary:
       float_params: parameters of the input model.
       float_macs: per-sample MACs of the input model.
       steps: one `StepResult` per step, in order.
+
+    Example:
+      >>> s = WorkflowSummary("pfq", 4, 4, 0.99, 1000, 2_000_000,
+      ...     [StepResult("pfq_1", "prune", 0.99, params=800, macs=1_500_000,
+      ...                 channels_removed=12, details={"params_removed": 200})])
+      >>> s.channels_removed, s.params_pruned_fraction, s.macs_reduction
+      (12, 0.2, 0.25)
     """
 
     method: str

@@ -1,0 +1,115 @@
+"""Tests for tf_pfq.baselines: the paper's comparison methods through one API."""
+
+import numpy as np
+import pytest
+
+from tf_pfq import comparison, data, models
+from tf_pfq.baselines import METHODS, method_steps, run_method
+from tf_pfq.compat import keras
+from tf_pfq.training import TrainConfig
+
+A = TrainConfig(epochs=1, learning_rate=0.01)
+W = TrainConfig(epochs=2, learning_rate=0.02)
+
+
+def _tiny_model():
+    """Tiny MobileNetV1-style net with 2 exactly dead channels (see test_workflow)."""
+    keras.utils.set_random_seed(0)
+    model = models.mobilenet_v1(input_shape=(8, 8, 3), widths=(4, 8), strides=(1, 2))
+    dw = model.get_layer("conv_dw_1")
+    kernel = dw.get_weights()[0]
+    kernel[..., [1, 3], :] = 0.0
+    dw.set_weights([kernel])
+    bn = model.get_layer("conv_dw_1_bn")
+    gamma, beta, mean, var = bn.get_weights()
+    beta[[1, 3]], mean[[1, 3]], var[[1, 3]] = -0.5, 0.0, 0.0
+    bn.set_weights([gamma, beta, mean, var])
+    return model
+
+
+@pytest.fixture(scope="module")
+def digits():
+    splits = data.load_digits(image_size=8, num_train=96)
+    return data.to_dataset(splits["train"], 32), data.to_dataset(splits["test"], 256)
+
+
+def test_method_steps_structure():
+    names = {m: [(s.name, s.kind) for s in method_steps(m, A, W, 3, 3)] for m in METHODS}
+    assert names["pfq"] == [
+        ("pfq_1", "prune"),
+        ("stage_a", "train"),
+        ("pfq_2", "prune"),
+        ("fold", "fold"),
+        ("stage_w", "train"),
+    ]
+    assert names["original"] == [("stage_a", "train"), ("fold", "fold"), ("stage_w", "train")]
+    assert names["pfq_once"] == [("pfq_1", "prune"), ("fold", "fold"), ("stage_aw", "train")]
+    assert names["dfq"] == [("fold", "fold"), ("dfq", "dfq"), ("stage_aw", "train")]
+    assert names["tfmot"] == [("stage_aw", "train")]
+    # Equal epochs for all methods (paper §4.2.2: 2 x 100 vs 200).
+    for method in METHODS:
+        steps = method_steps(method, A, W, 3, 3)
+        assert sum(s.config.epochs for s in steps if s.kind == "train") == 3, method
+        last = steps[-1]
+        assert (last.activation_bits, last.weight_bits) == (3, 3)
+    # Stage A quantizes activations only; the tfmot step uses tfmot's scheme.
+    assert method_steps("original", A, W)[0].weight_bits is None
+    assert method_steps("tfmot", A, W)[0].quantizer == "tfmot"
+    with pytest.raises(ValueError, match="method"):
+        method_steps("dsq", A, W)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["original", "pfq_once", "dfq", "tfmot"])
+def test_method_runs_and_reports(method, digits):
+    train, test = digits
+    model = _tiny_model()
+    qat, summary = run_method(method, model, train, stage_a=A, stage_w=W, test_data=test, verbose=0)
+    float_macs = summary.float_macs
+    steps = {s.name: s for s in summary.steps}
+    assert steps["stage_aw" if method != "original" else "stage_w"].epochs == (
+        3 if method != "original" else 2
+    )
+    assert 0.0 <= summary.accuracy <= 1.0
+    if method == "pfq_once":
+        assert steps["pfq_1"].channels_removed == 4
+        assert summary.macs < float_macs and summary.params_pruned_fraction > 0
+    else:
+        # No PfQ: nothing pruned, MACs unchanged.
+        assert summary.channels_removed == 0 and summary.macs == float_macs
+        assert summary.params_pruned_fraction == 0.0
+    if method == "dfq":
+        assert steps["dfq"].details["equalized_pairs"] >= 2
+    wrappers = [type(layer).__name__ for layer in qat.layers]
+    assert any("QuantizeWrapper" in name for name in wrappers)
+    if method == "tfmot":
+        # tfmot's default n-bit scheme keeps BN (its transforms handle it); ours fold it.
+        assert any("bn" in layer.name for layer in qat.layers)
+    else:
+        assert not any(layer.name.endswith("_bn") for layer in qat.layers)
+    # The pretrained model is never modified.
+    np.testing.assert_array_equal(
+        model.get_layer("conv_dw_1").get_weights()[0],
+        _tiny_model().get_layer("conv_dw_1").get_weights()[0],
+    )
+
+
+@pytest.mark.slow
+def test_compare_is_resumable_and_aggregates(digits, tmp_path):
+    splits = data.load_digits(image_size=8, num_train=96)
+    model = _tiny_model()
+    kwargs = {"methods": ["tfmot"], "bits": [(4, 4)], "seeds": [0, 1], "stage_a": A, "stage_w": A}
+    rows = comparison.compare(model, splits, str(tmp_path), **kwargs)
+    assert [(r["method"], r["seed"]) for r in rows] == [("tfmot", 0), ("tfmot", 1)]
+    # A second call finds both runs finished and reads their summaries back.
+    states = sorted(tmp_path.glob("*/workflow_state.json"))
+    assert len(states) == 2
+    mtimes = [p.stat().st_mtime_ns for p in states]
+    again = comparison.compare(model, splits, str(tmp_path), **kwargs)
+    assert [p.stat().st_mtime_ns for p in states] == mtimes  # nothing re-ran
+    assert [r["accuracy"] for r in again] == [r["accuracy"] for r in rows]
+    table = comparison.aggregate(rows)
+    assert len(table) == 1 and table[0]["runs"] == 2
+    expected_std = float(np.std([r["accuracy"] for r in rows], ddof=1))
+    assert table[0]["accuracy_std"] == pytest.approx(expected_std)
+    assert "| tfmot |" in comparison.to_markdown(table)
