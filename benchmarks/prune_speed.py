@@ -120,7 +120,12 @@ def main(argv):
         "# tf_pfq.prune speed\n\n"
         f"`python benchmarks/prune_speed.py` on {stamp}"
         "\n\n| quantity | value |\n|---|---|\n"
-        f"{rows}\n"
+        f"{rows}\n\n"
+        "Seconds are wall-clock on a shared 2-core machine (see the load average); CPU "
+        "seconds are less sensitive to other processes. Python peak memory is what "
+        "tracemalloc sees during one prune (NumPy and Python objects, not TF tensors); "
+        "peak RSS is the whole process, model included. Planted channels in BNs that "
+        "feed a residual Add are kept (the other branch is live).\n"
     )
     print(table)
     print(report)
