@@ -203,7 +203,11 @@ class PruneReport:
             )
         lines.append(
             "  compensation: "
-            + ("exact" if self.exact else "exact in the interior (zero-padding border effect)")
+            + (
+                "exact for constant channels"
+                if self.exact
+                else "exact in the interior only (zero-padding border effect)"
+            )
         )
         if self.num_pruned:
             lines.append(
