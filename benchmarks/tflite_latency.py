@@ -157,6 +157,7 @@ def main(argv):
                 "size_bytes": len(content),
                 "ops": len(summary.ops),
                 "maximum_ops": summary.op_counts().get("MAXIMUM", 0),
+                "edgetpu_problems": len(tf_pfq.export.edgetpu_compatibility(content)),
                 "macs": macs[model_name],
                 "latency_ms_1t": latency[key][1],
                 "latency_ms_2t": latency[key][2],
@@ -214,15 +215,17 @@ def main(argv):
         ),
         "",
         (
-            "| model | file | size (KiB) | MACs (M) | MAXIMUM ops | max weight levels "
+            "| model | file | size (KiB) | MACs (M) | MAXIMUM ops | Edge TPU problems "
+            "| max weight levels "
             "| weights (KiB) | biases (KiB) | latency 1 thread (ms) | latency 2 threads (ms) |"
         ),
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         lines.append(
             f"| {r['model']} | {r['kind']} | {r['size_bytes'] / 1024:.1f} | "
-            f"{r['macs'] / 1e6:.2f} | {r['maximum_ops']} | {r['max_weight_levels']} | "
+            f"{r['macs'] / 1e6:.2f} | {r['maximum_ops']} | {r['edgetpu_problems']} | "
+            f"{r['max_weight_levels']} | "
             f"{r['weight_bytes'] / 1024:.1f} | {r['bias_bytes'] / 1024:.1f} | "
             f"{r['latency_ms_1t']:.2f} | {r['latency_ms_2t']:.2f} |"
         )
