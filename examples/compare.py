@@ -39,6 +39,7 @@ flags.DEFINE_enum(
 flags.DEFINE_float("width", 1.0, "Width multiplier when pretraining.")
 flags.DEFINE_integer("image_size", 32, "Input size when pretraining.")
 flags.DEFINE_integer("pretrain_epochs", 40, "Pretraining epochs.")
+flags.DEFINE_integer("num_train", 1400, "Digits training images (the rest are the test set).")
 flags.DEFINE_list("methods", list(METHODS), "Methods to compare.")
 flags.DEFINE_list("bits", ["4/4"], "activation/weight bit widths, e.g. 4/4,3/3.")
 flags.DEFINE_list("seeds", ["0"], "Fine-tuning seeds.")
@@ -54,13 +55,14 @@ def main(argv):
     os.makedirs(FLAGS.output_dir, exist_ok=True)
     if FLAGS.model:
         model = keras.models.load_model(FLAGS.model, compile=False)
-        splits = data.load_digits(image_size=model.input_shape[1])
+        splits = data.load_digits(image_size=model.input_shape[1], num_train=FLAGS.num_train)
     else:
         model, splits = recipes.pretrain_digits(
             FLAGS.architecture,
             image_size=FLAGS.image_size,
             width=FLAGS.width,
             epochs=FLAGS.pretrain_epochs,
+            num_train=FLAGS.num_train,
             cache_path=os.path.join(FLAGS.output_dir, "pretrained.keras"),
         )
     bits = [tuple(int(b) for b in pair.split("/")) for pair in FLAGS.bits]

@@ -1,0 +1,134 @@
+"""Smoke tests of the workflow scripts (examples/ and benchmarks/accuracy.py), tiny configs.
+
+Each script runs in a subprocess (absl flags are process-global) for one tiny epoch.
+"""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY_PRETRAIN = ["--width=0.125", "--image_size=8", "--num_train=100"]
+
+
+def _run(args, timeout=400):
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONPATH": ROOT}
+    proc = subprocess.run(
+        [sys.executable, *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-5000:]
+    return proc.stdout + proc.stderr
+
+
+def _json(path):
+    with open(path) as f:
+        return json.load(f)
+
+
+@pytest.mark.slow
+def test_pretrain_then_quantize_and_resume(tmp_path):
+    model_path = str(tmp_path / "float.keras")
+    out = _run(["examples/pretrain.py", *TINY_PRETRAIN, "--epochs=1", f"--output={model_path}"])
+    assert "BN channels with variance < eps" in out and os.path.exists(model_path)
+    run_dir = str(tmp_path / "pfq")
+    args = [
+        "examples/quantize.py",
+        f"--model={model_path}",
+        "--method=pfq",
+        "--epochs_a=1",
+        "--epochs_w=1",
+        "--num_train=100",
+        "--activation_bits=3",
+        "--weight_bits=3",
+        f"--output_dir={run_dir}",
+    ]
+    out = _run(args)
+    summary = _json(os.path.join(run_dir, "summary.json"))
+    assert [s["name"] for s in summary["steps"]] == ["pfq_1", "stage_a", "pfq_2", "fold", "stage_w"]
+    assert (summary["activation_bits"], summary["weight_bits"]) == (3, 3)
+    assert "| stage_w | train |" in out
+    # Started again with the same output directory, nothing is retrained.
+    again = _run(args)
+    assert "Resuming from" in again and "Step 1/5" not in again
+    assert _json(os.path.join(run_dir, "summary.json")) == summary
+
+
+@pytest.mark.slow
+def test_pretrain_on_a_tfds_dataset_with_mock_data(tmp_path):
+    # tfds.testing.mock_data patches tfds.load in-process, so wrap the script.
+    runner = tmp_path / "runner.py"
+    runner.write_text(
+        textwrap.dedent(
+            f"""
+            import runpy, sys
+            import tensorflow_datasets as tfds
+            sys.argv = ["pretrain.py", "--dataset=cifar10", "--data_dir={tmp_path}",
+                        "--width=0.125", "--image_size=8", "--epochs=1",
+                        "--output={tmp_path / "cifar.keras"}"]
+            with tfds.testing.mock_data(num_examples=40):
+                runpy.run_path("examples/pretrain.py", run_name="__main__")
+            """
+        )
+    )
+    out = _run([str(runner)])
+    assert "test accuracy" in out and (tmp_path / "cifar.keras").exists()
+
+
+@pytest.mark.slow
+def test_compare_writes_tables_and_figures(tmp_path):
+    out = _run(
+        [
+            "examples/compare.py",
+            *TINY_PRETRAIN,
+            "--pretrain_epochs=1",
+            "--methods=pfq_once,dfq",
+            "--epochs_a=1",
+            "--epochs_w=1",
+            f"--output_dir={tmp_path}",
+        ]
+    )
+    assert "| pfq_once |" in out and "| dfq |" in out
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert {r["method"] for r in results["aggregated"]} == {"pfq_once", "dfq"}
+    for name in ("results.md", "fig2_weight_ranges.png", "fig3_bn_variance.png"):
+        assert (tmp_path / name).stat().st_size > 0, name
+
+
+@pytest.mark.slow
+def test_demo_and_benchmark_quick(tmp_path):
+    out = _run(
+        [
+            "examples/demo.py",
+            f"--workdir={tmp_path / 'demo'}",
+            "--width=0.125",
+            "--image_size=8",
+            "--num_train=100",
+            "--pretrain_epochs=1",
+            "--epochs=1",
+            "--methods=pfq",
+        ]
+    )
+    assert "| mobilenet_v1 | A4/W4 | pfq |" in out and "demo wall time" in out
+    prefix = str(tmp_path / "results" / "accuracy")
+    _run(
+        [
+            "benchmarks/accuracy.py",
+            "--quick",
+            "--models=mobilenet_v2",
+            "--methods=original",
+            f"--workdir={tmp_path / 'bench'}",
+            f"--results={prefix}",
+        ]
+    )
+    results = _json(prefix + ".json")
+    assert results["complete"] and len(results["runs"]) == 1
+    assert "mobilenet_v2" in results["pretrained"]
