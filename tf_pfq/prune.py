@@ -65,8 +65,6 @@ _POOLING = (
 )
 _KERNEL = (L.Conv2D, L.Dense)
 
-Source = tuple  # (BN layer name, channel)
-
 
 @dataclasses.dataclass(frozen=True)
 class _Entry:
