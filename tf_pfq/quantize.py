@@ -46,6 +46,7 @@ import contextlib
 import copy
 import dataclasses
 from collections.abc import Iterator
+from typing import Any
 
 import numpy as np
 import tensorflow_model_optimization as tfmot
@@ -458,7 +459,7 @@ def _weight_name(weight) -> str:
     return weight.name.split(":")[0].split("/")[-1]
 
 
-def _wrapped_weights(wrapper) -> dict[str, object]:
+def _wrapped_weights(wrapper) -> dict[str, Any]:
     """The wrapped layer's variables by short name ("kernel", "gamma", ...).
 
     tfmot swaps `layer.kernel` for the quantized tensor on every call, which

@@ -340,8 +340,9 @@ class PfqActivationQuantizer(_Serializable):
         if not 0.0 <= ema_decay < 1.0:
             raise ValueError(f"`ema_decay` must be in [0, 1). Received: ema_decay={ema_decay}")
         self.ema_decay = float(ema_decay)
-        self.min_var = None
-        self.max_var = None
+        # Set by `build`: the range variables, read by bias quantizers and export.
+        self.min_var: Any = None
+        self.max_var: Any = None
 
     def build(self, tensor_shape, name: str, layer):
         def variable(suffix, value):

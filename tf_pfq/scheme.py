@@ -4,7 +4,10 @@
 match Conv->BN->ReLU, Conv->ReLU, Dense->ReLU, ... and replace the annotated
 configs of the matched layers with tfmot's own (a no-op config on the conv whose
 output is fused, an 8-bit one elsewhere). With tf_pfq's per-layer configs that
-silently left Conv->ReLU kernels unquantized. tf_pfq decides every tensor itself
+silently left Conv->ReLU kernels unquantized (the layout transform cannot be
+switched off through `quantize_model`: tensorflow/model-optimization#445; the
+test `test_tfmot_default_scheme_drops_conv_relu_configs` pins the behavior).
+tf_pfq decides every tensor itself
 (`tf_pfq.quantize`), so its layout transform does one thing: insert tfmot's
 `QuantizeLayer` with a `PfqActivationQuantizer` after each model input (integer
 inference needs an integer input, and the first layer's bias grid needs its
@@ -14,21 +17,26 @@ explicit `PfqQuantizeConfig`, so `quantize_apply` never falls back to a default.
 
 from __future__ import annotations
 
-import tensorflow_model_optimization as tfmot
+from tensorflow_model_optimization.quantization.keras import (
+    QuantizeLayoutTransform,
+    QuantizeRegistry,
+    QuantizeScheme,
+    quantize_scope,
+)
+from tensorflow_model_optimization.quantization.keras.graph_transformations import (
+    model_transformer,
+    transforms,
+)
 
 from tf_pfq.compat import keras
 from tf_pfq.quantizers import PfqActivationQuantizer
 
 __all__ = ["PfqQuantizeScheme", "PfqLayoutTransform", "PfqQuantizeRegistry", "input_quantizer_name"]
 
-_qkeras = tfmot.quantization.keras
-_transforms = _qkeras.graph_transformations.transforms
-_model_transformer = _qkeras.graph_transformations.model_transformer
-
 
 def quantize_layer_class():
     """tfmot's `QuantizeLayer`, which tfmot registers in its scope but does not export."""
-    with _qkeras.quantize_scope():
+    with quantize_scope():
         return keras.utils.get_registered_object("QuantizeLayer")
 
 
@@ -37,14 +45,14 @@ def input_quantizer_name(input_name: str) -> str:
     return f"quant_{input_name}"
 
 
-class _InputQuantize(_transforms.Transform):
+class _InputQuantize(transforms.Transform):
     """InputLayer => InputLayer -> QuantizeLayer(PfqActivationQuantizer(num_bits))."""
 
     def __init__(self, num_bits: int):
         self.num_bits = num_bits
 
     def pattern(self):
-        return _transforms.LayerPattern("InputLayer")
+        return transforms.LayerPattern("InputLayer")
 
     def replacement(self, match_layer):
         input_name = match_layer.layer["config"]["name"]
@@ -56,7 +64,7 @@ class _InputQuantize(_transforms.Transform):
             "config": layer.get_config(),
             "name": layer.name,
         }
-        return _transforms.LayerNode(config, input_layers=[match_layer])
+        return transforms.LayerNode(config, input_layers=[match_layer])
 
     def custom_objects(self):
         return {
@@ -65,7 +73,7 @@ class _InputQuantize(_transforms.Transform):
         }
 
 
-class PfqLayoutTransform(_qkeras.QuantizeLayoutTransform):
+class PfqLayoutTransform(QuantizeLayoutTransform):
     """Adds an input quantizer; leaves every other layer and config untouched.
 
     Args:
@@ -78,12 +86,12 @@ class PfqLayoutTransform(_qkeras.QuantizeLayoutTransform):
     def apply(self, model, layer_quantize_map):
         if self.input_bits is None:
             return model, layer_quantize_map
-        return _model_transformer.ModelTransformer(
+        return model_transformer.ModelTransformer(
             model, [_InputQuantize(self.input_bits)], None, layer_quantize_map
         ).transform()
 
 
-class PfqQuantizeRegistry(_qkeras.QuantizeRegistry):
+class PfqQuantizeRegistry(QuantizeRegistry):
     """A registry with no defaults: tf_pfq annotates every layer it quantizes."""
 
     def supports(self, layer) -> bool:
@@ -96,7 +104,7 @@ class PfqQuantizeRegistry(_qkeras.QuantizeRegistry):
         )
 
 
-class PfqQuantizeScheme(_qkeras.QuantizeScheme):
+class PfqQuantizeScheme(QuantizeScheme):
     """The scheme `tf_pfq.apply` passes to `tfmot.quantization.keras.quantize_apply`.
 
     Args:
