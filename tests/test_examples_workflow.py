@@ -5,6 +5,7 @@ Each script runs in a subprocess (absl flags are process-global) for one tiny ep
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -34,11 +35,18 @@ def _json(path):
         return json.load(f)
 
 
-@pytest.mark.slow
-def test_pretrain_then_quantize_and_resume(tmp_path):
-    model_path = str(tmp_path / "float.keras")
+@pytest.fixture(scope="module")
+def pretrained(tmp_path_factory):
+    """A tiny float model from examples/pretrain.py, shared by the scripts below."""
+    model_path = str(tmp_path_factory.mktemp("pretrain") / "float.keras")
     out = _run(["examples/pretrain.py", *TINY_PRETRAIN, "--epochs=1", f"--output={model_path}"])
     assert "BN channels with variance < eps" in out and os.path.exists(model_path)
+    return model_path
+
+
+@pytest.mark.slow
+def test_pretrain_then_quantize_and_resume(pretrained, tmp_path):
+    model_path = pretrained
     run_dir = str(tmp_path / "pfq")
     args = [
         "examples/quantize.py",
@@ -84,12 +92,12 @@ def test_pretrain_on_a_tfds_dataset_with_mock_data(tmp_path):
 
 
 @pytest.mark.slow
-def test_compare_writes_tables_and_figures(tmp_path):
+def test_compare_writes_tables_and_figures(pretrained, tmp_path):
     out = _run(
         [
             "examples/compare.py",
-            *TINY_PRETRAIN,
-            "--pretrain_epochs=1",
+            f"--model={pretrained}",
+            "--num_train=100",
             "--methods=pfq_once,dfq",
             "--epochs_a=1",
             "--epochs_w=1",
@@ -104,7 +112,10 @@ def test_compare_writes_tables_and_figures(tmp_path):
 
 
 @pytest.mark.slow
-def test_demo_and_benchmark_quick(tmp_path):
+def test_demo_and_benchmark_quick(pretrained, tmp_path):
+    # The demo reuses a cached pretrained model when its workdir has one.
+    (tmp_path / "demo").mkdir()
+    shutil.copy(pretrained, tmp_path / "demo" / "pretrained.keras")
     out = _run(
         [
             "examples/demo.py",
@@ -118,6 +129,7 @@ def test_demo_and_benchmark_quick(tmp_path):
         ]
     )
     assert "| mobilenet_v1 | A4/W4 | pfq |" in out and "demo wall time" in out
+    assert "Loading the pretrained model" in out
     prefix = str(tmp_path / "results" / "accuracy")
     _run(
         [

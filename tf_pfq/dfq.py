@@ -352,7 +352,8 @@ def absorb_high_biases(model, calibration_data, num_std: float = 3.0):
     if not pairs:
         return rebuild(model), {}
     outputs = _layer_outputs(model, [a for a, _, _ in pairs], calibration_data)
-    weights, absorbed = {}, {}
+    weights: dict[str, list[np.ndarray]] = {}
+    absorbed: dict[str, int] = {}
     for first, second, _ in pairs:
         out = outputs[first].reshape(-1, outputs[first].shape[-1]).astype(np.float64)
         c = np.maximum(0.0, out.mean(axis=0) - num_std * out.std(axis=0)).astype(np.float32)

@@ -117,8 +117,10 @@ def plot_bn_variances(model, path: str, title: str = ""):
     ax.set_xlabel("BN channel (layers in order)")
     ax.set_ylabel("moving variance")
     total = sum(len(v) for v, _ in variances.values())
-    dead = sum(int(np.sum(v < e)) for v, e in variances.values())
-    ax.set_title(title or f"BN moving variance per channel (paper Fig. 3): {dead}/{total} < eps")
+    num_dead = sum(int(np.sum(v < e)) for v, e in variances.values())
+    ax.set_title(
+        title or f"BN moving variance per channel (paper Fig. 3): {num_dead}/{total} < eps"
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -135,7 +135,8 @@ class WorkflowSummary:
 
     @property
     def params(self) -> int:
-        return self.steps[-1].params if self.steps else self.float_params
+        last = self.steps[-1].params if self.steps else None
+        return self.float_params if last is None else last
 
     @property
     def macs(self) -> int | None:
@@ -273,6 +274,7 @@ def _quantize(model, step: Step):
         return tfmot.quantization.keras.quantize_apply(annotated, scheme=scheme)
     from tf_pfq.quantize import apply
 
+    assert step.activation_bits is not None  # Step.__post_init__ checks training steps
     return apply(model, activation_bits=step.activation_bits, weight_bits=step.weight_bits)
 
 
@@ -531,6 +533,7 @@ def run_steps(
                 ckpt.save_model(float_model, os.path.join(step_dir, "input.h5"))
             qat = _build_qat(float_model, step, strategy)
             step_callbacks = callbacks(step) if callable(callbacks) else callbacks
+            assert step.config is not None  # Step.__post_init__ checks training steps
             _, epochs, reason = fit(
                 qat,
                 train_data,
@@ -607,6 +610,7 @@ def _restore(ckpt: _Checkpoints, steps: Sequence[Step], done: int, strategy):
     index = done - 1
     step = steps[index]
     step_dir = ckpt.step_dir(index, step)
+    assert step_dir is not None  # only called when checkpoints are enabled
     if step.kind != "train":
         return ckpt.load_model(os.path.join(step_dir, "model.h5")), None
     with _scope(step):
