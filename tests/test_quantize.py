@@ -356,3 +356,13 @@ def test_stage_a_and_stage_w_fine_tune_on_digits():
     stage_w = tf_pfq.apply(folded, activation_bits=3, weight_bits=3)
     losses_w = _fine_tune_losses(stage_w, split)
     assert losses_w[-1] < 0.8 * losses_w[0], losses_w
+
+
+def test_without_input_quantizer_the_first_bias_stays_float():
+    folded, _ = tf_pfq.fold_batchnorm(_v2())
+    qat = tf_pfq.apply(folded, activation_bits=4, weight_bits=4, input_bits=None)
+    assert "quant_image" not in [layer.name for layer in qat.layers]
+    wrappers = _wrappers(qat)
+    assert wrappers["conv1"].quantize_config.bias_quantizer is None
+    assert wrappers["block_1_dw"].quantize_config.bias_quantizer is not None
+    assert "image" not in quantize.quantization_params(qat)
