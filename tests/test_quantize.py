@@ -320,6 +320,9 @@ def test_save_and_load_round_trip(tmp_path, fmt):
     x = _images(8, seed=3)
     np.testing.assert_array_equal(loaded.predict(x, verbose=0), qat.predict(x, verbose=0))
     assert _wrappers(loaded)["conv1"].quantize_config == _wrappers(qat)["conv1"].quantize_config
+    assert ranges.activation_ranges_of(tf_pfq.strip(loaded)) == ranges.activation_ranges_of(
+        tf_pfq.strip(qat)
+    )
 
 
 def _compile(model, learning_rate):
