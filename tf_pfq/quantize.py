@@ -134,10 +134,15 @@ def _validate_graph(graph: LayerGraph, weight_bits) -> None:
         if isinstance(layer, L.BatchNormalization):
             producers = [graph.layer(p) for p in graph.inputs_of(name)]
             if any(_is_weighted(p) for p in producers):
+                hint = (
+                    "fold it into the kernel first with `tf_pfq.fold_batchnorm(model)`"
+                    if all(_is_linear(p) for p in producers)
+                    else "it follows a fused activation, so it cannot be folded: move the "
+                    "activation after the BN, then call `tf_pfq.fold_batchnorm(model)`"
+                )
                 raise ValueError(
-                    f"BatchNormalization {name!r} follows {graph.inputs_of(name)[0]!r}: fold it "
-                    "into the kernel first with `tf_pfq.fold_batchnorm(model)` (paper §3.3, "
-                    "stage W quantizes folded weights)."
+                    f"BatchNormalization {name!r} follows {graph.inputs_of(name)[0]!r}: {hint} "
+                    "(paper §3.3: stage W quantizes folded weights)."
                 )
         elif layer.weights and not isinstance(layer, (*WEIGHTED, L.PReLU)):
             raise ValueError(
