@@ -246,3 +246,45 @@ def test_save_roundtrip(tmp_path, exported4):
     np.testing.assert_array_equal(a, b)
     with pytest.raises(TypeError, match="bytes"):
         tf_pfq.export.save("not bytes", tmp_path / "x.tflite")
+
+
+def test_sequential_with_pooling_padding_flatten():
+    # Grid-preserving layers (max pooling, zero padding, flatten) and average pooling
+    # pass through the export; the model is Sequential.
+    keras.utils.set_random_seed(5)
+    model = keras.Sequential(
+        [
+            keras.Input((10, 10, 2)),
+            L.Conv2D(6, 3, activation="relu", name="conv"),
+            L.MaxPooling2D(2, name="max"),
+            L.ZeroPadding2D(1, name="pad"),
+            L.AveragePooling2D(2, name="avg"),
+            L.Flatten(name="flat"),
+            L.Dense(4, name="out"),
+        ]
+    )
+    qat = tf_pfq.apply(model, activation_bits=4, weight_bits=4)
+    data = np.random.default_rng(5).uniform(0, 1, (32, 10, 10, 2)).astype(np.float32)
+    qat(data, training=True)
+    tflite = tf_pfq.export.to_tflite(qat, representative_data=data)
+    counts = inspect(tflite).op_counts()
+    # Average pooling is a depthwise conv with constant 1/(kh*kw) weights (one rounding).
+    assert {"CONV_2D", "MAX_POOL_2D", "PAD", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED"} <= set(counts)
+    assert "QUANTIZE" not in counts and "AVERAGE_POOL_2D" not in counts
+    keras_out = qat.predict(data, verbose=0)
+    out = litert.predict(litert.make_interpreter(tflite), data)
+    step = inspect(tflite).outputs[0].scales[0]
+    assert np.abs(out - keras_out).max() <= step  # every tensor has a QAT grid here
+
+    # Without an input quantizer, a Sequential model's input takes `input_range`.
+    no_input_q = tf_pfq.apply(model, activation_bits=4, weight_bits=4, input_bits=None)
+    no_input_q(data, training=True)
+    with pytest.raises(ValueError, match="input_range"):
+        tf_pfq.export.to_tflite(no_input_q)
+    exported = tf_pfq.export.to_tflite(no_input_q, input_range=(0.0, 1.0))
+    assert inspect(exported).inputs[0].scales[0] == pytest.approx(1 / 255)
+
+    same = keras.Sequential([keras.Input((4, 4, 1)), L.AveragePooling2D(2, padding="same")])
+    plan = convert.ExportPlan(same, {}, input=tf_pfq.quantizers.nudge(0.0, 1.0, 8))
+    with pytest.raises(ValueError, match="padding='same'"):
+        convert.plan_to_tflite(plan)

@@ -451,10 +451,29 @@ class _Builder:
         config = layer.get_config()
         if isinstance(layer, L.GlobalAveragePooling2D):
             y = tf.reduce_mean(x.value, axis=[1, 2], keepdims=config.get("keepdims", False))
-        else:
+        elif self.mode != "export":
             y = tf.nn.avg_pool2d(
                 x.value, config["pool_size"], config["strides"], config["padding"].upper()
             )
+        else:
+            # TFLite's int8 AVERAGE_POOL_2D needs equal input and output scales, so the
+            # converter would requantize the input to the output grid before averaging
+            # (two roundings). A depthwise conv with constant weights 1/(kh*kw) on an
+            # exact int8 grid averages in int32 and rounds once, like the QAT model.
+            if config["padding"].lower() != "valid":
+                raise ValueError(
+                    f"Layer {name!r}: AveragePooling2D with padding='same' is not "
+                    "supported by the integer export (its border windows average fewer "
+                    "values); use padding='valid' or GlobalAveragePooling2D."
+                )
+            kh, kw = config["pool_size"]
+            channels = x.value.shape[-1]
+            step = np.float32(1.0 / (kh * kw * 127.0))
+            kernel = np.full((kh, kw, channels, 1), 127.0 * step, np.float32)
+            k = tf.quantization.fake_quant_with_min_max_vars(
+                tf.constant(kernel), -127.0 * step, 127.0 * step, narrow_range=True
+            )
+            y = tf.nn.depthwise_conv2d(x.value, k, [1, *config["strides"], 1], "VALID")
         t = _Tensor(y, x.lo, x.hi, None, x.nonneg)
         return self._quantize_output(name, t, needs_range=True)
 
@@ -635,7 +654,7 @@ def plan_to_tflite(
     if representative_data is not None:
         ranges.update(calibrate(plan, representative_data))
     if input_range is not None:
-        ranges[plan.model.layers[0].name] = tuple(float(v) for v in input_range)
+        ranges[LayerGraph(plan.model).input_names[0]] = tuple(float(v) for v in input_range)
     function = build_function(plan, ranges=ranges, clamp_signed=clamp_signed)
     concrete = function.get_concrete_function()
     module = tf.Module()
