@@ -20,8 +20,9 @@ eq. 20-21 becomes an **8-bit** fake-quant op whose int8 scale equals the n-bit s
   upper clamp `min(x, M)`. The lower clamp `max(x, m)` is the fused ReLU/ReLU6 of
   the producing op when the tensor is non-negative (then `m = 0`); for a signed
   tensor (e.g. a linear bottleneck) it is an explicit MAXIMUM op (with
-  `clamp_signed=False` it is left out: faster, since XNNPACK does not take int8
-  MAXIMUM and the graph gets split, but values below `m` are then not clamped).
+  `clamp_signed=False` it is left out: values below `m` are then not clamped; the
+  MAXIMUM ops cost a few percent of latency on XNNPACK,
+  benchmarks/results/tflite_latency.md).
 * biases: snapped to the int32 grid `s_in * s_w` (tf_pfq's stage W already trains
   them on it), so the converter's bias rounding is exact.
 * tensors without a QAT quantizer (Add outputs, logits, the model input if it has
@@ -29,6 +30,10 @@ eq. 20-21 becomes an **8-bit** fake-quant op whose int8 scale equals the n-bit s
   when given (widened by `OUTPUT_MARGIN` for model outputs, whose saturation would
   tie logits), otherwise a guaranteed interval bound propagated from the input
   range through the layers (no saturation, coarser step).
+* average pooling ('valid') becomes a depthwise conv with constant `1/(kh*kw)`
+  weights: TFLite's int8 AVERAGE_POOL_2D needs equal input and output scales, so the
+  converter would requantize before averaging (two roundings); 'same' padding is
+  rejected.
 
 Every op in the result is int8 (weights int8, biases int32), shapes are static, and
 the converter needs no calibration pass. Stage-A models (activation quantizers only,
@@ -36,11 +41,14 @@ batch normalization unfolded) are rejected: fold BN with `tf_pfq.fold_batchnorm`
 run stage W first; exporting float weights to int8 would silently change the model.
 
 Numerically, XNNPACK's int8 kernels compute `round(acc * s_in * s_w / s_out)` with a
-single rounding, which matches the QAT model's fake-quant up to ties, so the exported
-model agrees with the Keras QAT model up to the 8-bit rounding of the tensors that
-QAT left in float (Add outputs, pooled means, logits: each within half an int8 step)
-and accumulation-order float round-off. TFLite's builtin reference kernels round
-twice in their fixed-point requantization and agree less at low bit widths.
+single rounding, like the QAT model's fake-quant, so when every tensor of the QAT
+model has a grid (train with `tf_pfq.apply(..., add_bits=8)`) the XNNPACK logits are
+within half an int8 output step of the Keras QAT logits (measured at 4 and 3 bits;
+benchmarks/results/export_fidelity.md). With the paper's float Add outputs the export
+has to round each Add output to int8, and that noise flips some n-bit roundings
+downstream (top-1 agreement 99.7 % at A4/W4, 94 % at A3/W3 on the digits net).
+TFLite's builtin kernels (optimized and reference) disagree with exact rounding on a
+few percent of conv outputs and agree much less at low bit widths.
 """
 
 from __future__ import annotations
