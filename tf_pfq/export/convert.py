@@ -131,8 +131,8 @@ class ExportPlan:
 @dataclasses.dataclass
 class _Tensor:
     value: tf.Tensor
-    lo: np.ndarray  # guaranteed bounds of the real values (per tensor)
-    hi: np.ndarray
+    lo: Any  # guaranteed bounds of the real values (per tensor), float32 scalars
+    hi: Any
     grid: QuantParams | None  # the n-bit / 8-bit grid the value lies on, if any
     nonneg: bool = False  # produced by a ReLU-type op (values >= 0)
 
@@ -662,7 +662,8 @@ def plan_to_tflite(
     if representative_data is not None:
         ranges.update(calibrate(plan, representative_data))
     if input_range is not None:
-        ranges[LayerGraph(plan.model).input_names[0]] = tuple(float(v) for v in input_range)
+        lo, hi = input_range
+        ranges[LayerGraph(plan.model).input_names[0]] = (float(lo), float(hi))
     function = build_function(plan, ranges=ranges, clamp_signed=clamp_signed)
     concrete = function.get_concrete_function()
     module = tf.Module()

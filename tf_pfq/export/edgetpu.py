@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from typing import Any
 
 import numpy as np
 
@@ -127,7 +128,7 @@ def _is_boundary_float(op: OpInfo, summary: ModelSummary) -> bool:
 
 def _check_tensor(t: TensorInfo, op: OpInfo, is_weight: bool) -> list[Problem]:
     problems = []
-    where = {"op_index": op.index, "op": op.op}
+    where: dict[str, Any] = {"op_index": op.index, "op": op.op}
     if t.is_dynamic:
         problems.append(
             Problem(
@@ -194,7 +195,7 @@ def _axes(op: OpInfo) -> list[int]:
 
 
 def _op_constraints(op: OpInfo, read_const) -> list[Problem]:
-    where = {"op_index": op.index, "op": op.op}
+    where: dict[str, Any] = {"op_index": op.index, "op": op.op}
     problems = []
     options = op.options
     if op.op in ("AVERAGE_POOL_2D", "MAX_POOL_2D", "CONCATENATION") and op.fused_activation:
@@ -219,11 +220,12 @@ def _op_constraints(op: OpInfo, read_const) -> list[Problem]:
     if op.op in _WEIGHT_OPS:
         weight_positions = (1, 2) if op.op != "TRANSPOSE_CONV" else (1, 3)
         for k in weight_positions:
-            if k < len(op.inputs) and op.inputs[k] is not None and not op.inputs[k].is_constant:
+            param = op.inputs[k] if k < len(op.inputs) else None
+            if param is not None and not param.is_constant:
                 problems.append(
                     Problem(
                         "constant_parameters",
-                        f"input {k} ({op.inputs[k].name!r}) is not a compile-time constant.",
+                        f"input {k} ({param.name!r}) is not a compile-time constant.",
                         **where,
                     )
                 )

@@ -23,6 +23,7 @@ from __future__ import annotations
 import os
 import platform
 import time
+from typing import Any
 
 import numpy as np
 from ai_edge_litert import interpreter as litert
@@ -138,7 +139,7 @@ def make_interpreter(
     """
     if backend not in BACKENDS:
         raise ValueError(f"`backend` must be one of {BACKENDS}. Received: backend={backend!r}")
-    kwargs = {}
+    kwargs: dict[str, Any] = {}
     if isinstance(model, (bytes, bytearray)):
         kwargs["model_content"] = bytes(model)
     else:
