@@ -288,3 +288,27 @@ def test_sequential_with_pooling_padding_flatten():
     plan = convert.ExportPlan(same, {}, input=tf_pfq.quantizers.nudge(0.0, 1.0, 8))
     with pytest.raises(ValueError, match="padding='same'"):
         convert.plan_to_tflite(plan)
+
+
+def test_relu_max_value_clamped_by_saturation():
+    # ReLU(max_value=1.5): the output grid tops out at <= 1.5, so int8 saturation is
+    # the upper clamp and no MINIMUM op is needed.
+    keras.utils.set_random_seed(6)
+    inputs = keras.Input((8, 8, 2))
+    x = L.Conv2D(6, 3, name="conv")(inputs)
+    x = L.ReLU(1.5, name="relu")(x)
+    x = L.GlobalAveragePooling2D(name="pool")(x)
+    model = keras.Model(inputs, L.Dense(3, name="out")(x))
+    qat = tf_pfq.apply(model, activation_bits=4, weight_bits=4)
+    data = np.random.default_rng(6).uniform(0, 1, (32, 8, 8, 2)).astype(np.float32)
+    qat(data, training=True)
+    assert float(tf_pfq.quantization_params(qat)["relu"].output.max) <= 1.5
+    tflite = tf_pfq.export.to_tflite(qat, representative_data=data)
+    counts = inspect(tflite).op_counts()
+    assert "MINIMUM" not in counts and "RELU" not in counts  # fused into the conv
+    keras_out = qat.predict(data, verbose=0)
+    out = litert.predict(litert.make_interpreter(tflite), data)
+    step = inspect(tflite).outputs[0].scales[0]
+    # Rounding ties of the mean (both grids saturate at 1.5, so they coincide) can
+    # break either way in float; all but such outliers are within half a step.
+    assert np.median(np.abs(out - keras_out)) <= 0.5 * step + 1e-7

@@ -435,6 +435,12 @@ class _Builder:
                 fn = tf.nn.relu
             elif float(max_value) == 6.0:
                 fn = tf.nn.relu6
+            elif (
+                self.mode == "export"
+                and (grid := self.plan.layers.get(name, LayerQuantization()).output) is not None
+                and _scalar(grid.max) <= float(max_value)
+            ):
+                fn = tf.nn.relu  # int8 saturation at the grid's top is the tighter clamp
             else:
                 limit = np.float32(max_value)
 

@@ -15,7 +15,8 @@ Backends (`backend` argument):
   no classic GPU delegate library and no Edge TPU runtime; the user passes the path
   of `libtensorflowlite_gpu_delegate.so` / `libedgetpu.so.1` they have. When the
   library cannot be loaded a `DelegateUnavailableError` is raised: there is never a
-  silent fallback to the CPU.
+  silent fallback to the CPU. (The wheel's newer `CompiledModel` API brings a WebGPU
+  accelerator, which needs a GPU adapter; tf_pfq does not use it.)
 """
 
 from __future__ import annotations
