@@ -229,7 +229,17 @@ def main(argv):
             f"{r['weight_bytes'] / 1024:.1f} | {r['bias_bytes'] / 1024:.1f} | "
             f"{r['latency_ms_1t']:.2f} | {r['latency_ms_2t']:.2f} |"
         )
-    lines += ["", "Ratios (targets: n-bit latency <= 1.1x int8, n-bit size <= 0.27x float):", ""]
+    lines += [
+        "",
+        (
+            f"PfQ: {report.num_dead} dead BN channels found, {report.num_pruned} pruned; "
+            f"{report.num_removed} channels removed in all (with dead-code clean-up); MACs "
+            f"{macs['original'] / 1e6:.2f} M -> {macs['pruned'] / 1e6:.2f} M."
+        ),
+        "",
+        "Ratios (targets: n-bit latency <= 1.1x int8, n-bit size <= 0.27x float):",
+        "",
+    ]
     for model_name, rr in ratios.items():
         lines.append(f"* {model_name}: " + ", ".join(f"{k} = {v:.3f}" for k, v in rr.items()))
     lines.append(
