@@ -224,3 +224,15 @@ def test_bits_validation_names_the_argument(bad):
         quantizers.check_bits(bad, "weight_bits")
     with pytest.raises(ValueError, match="num_bits"):
         PfqWeightQuantizer(bad)
+
+
+def test_non_negative_shortcut_matches_the_general_range():
+    x = tf.nn.relu(tf.random.normal((4, 5, 5, 3), seed=1))
+    results = []
+    for non_negative in (False, True):
+        quantizer = PfqActivationQuantizer(3, non_negative=non_negative)
+        weights = quantizer.build(x.shape, "output", keras.layers.Layer())
+        y = quantizer(x, True, weights)
+        results.append((y.numpy(), weights["min"].numpy(), weights["max"].numpy()))
+    np.testing.assert_array_equal(results[0][0], results[1][0])
+    assert results[0][1:] == results[1][1:] == (0.0, pytest.approx(float(tf.reduce_max(x))))

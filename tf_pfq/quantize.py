@@ -211,6 +211,20 @@ def quantized_tensors(
     return selected
 
 
+_NON_NEGATIVE = frozenset(["relu", "relu6", "softmax", "sigmoid"])
+
+
+def _is_non_negative(layer) -> bool:
+    """True when the layer's output is >= 0 whatever its input (a ReLU, ReLU6, ...)."""
+    if isinstance(layer, L.ReLU):
+        slope = float(np.asarray(layer.negative_slope))
+        return slope == 0.0 and float(np.asarray(layer.threshold)) >= 0.0
+    if isinstance(layer, L.Softmax):
+        return True
+    name = getattr(getattr(layer, "activation", None), "__name__", "")
+    return name in _NON_NEGATIVE
+
+
 def _input_is_quantized(graph, name, outputs, input_bits) -> bool:
     current = name
     while True:
@@ -232,7 +246,11 @@ def _plan(graph, activation_bits, weight_bits, per_channel_weights, add_bits, in
     configs = {}
     for name in graph.order:
         layer = graph.layer(name)
-        output_quantizer = PfqActivationQuantizer(outputs[name]) if name in outputs else None
+        output_quantizer = None
+        if name in outputs:
+            output_quantizer = PfqActivationQuantizer(
+                outputs[name], non_negative=_is_non_negative(layer)
+            )
         weight_quantizer = bias_quantizer = None
         attr = _kernel_attr(layer)
         if weight_bits is not None and _is_weighted(layer):
@@ -291,7 +309,7 @@ def apply(
       >>> m = models.mobilenet_v1(input_shape=(8, 8, 3), widths=(4, 8), strides=(1, 2))
       >>> qat = apply(m, activation_bits=4)
       >>> qat.get_layer("quant_conv1_relu").quantize_config.output_quantizer
-      PfqActivationQuantizer(num_bits=4, ema_decay=0.99)
+      PfqActivationQuantizer(num_bits=4, ema_decay=0.99, non_negative=True)
     """
     check_bits(activation_bits, "activation_bits")
     if weight_bits is not None:

@@ -329,17 +329,21 @@ class PfqActivationQuantizer(_Serializable):
     Args:
       num_bits: bit width n, 2..8 (2^n levels).
       ema_decay: moving-average decay in [0, 1).
+      non_negative: the tensor is known to be >= 0 (a ReLU output): the batch
+        minimum is then 0, the value `min(x.min(), 0)` gives, without a reduction
+        pass over the tensor (saves training time).
 
     Example:
       >>> PfqActivationQuantizer(4).get_config()
-      {'num_bits': 4, 'ema_decay': 0.99}
+      {'num_bits': 4, 'ema_decay': 0.99, 'non_negative': False}
     """
 
-    def __init__(self, num_bits: int, ema_decay: float = 0.99):
+    def __init__(self, num_bits: int, ema_decay: float = 0.99, non_negative: bool = False):
         self.num_bits = check_bits(num_bits)
         if not 0.0 <= ema_decay < 1.0:
             raise ValueError(f"`ema_decay` must be in [0, 1). Received: ema_decay={ema_decay}")
         self.ema_decay = float(ema_decay)
+        self.non_negative = bool(non_negative)
         # Set by `build`: the range variables, read by bias quantizers and export.
         self.min_var: Any = None
         self.max_var: Any = None
@@ -359,7 +363,10 @@ class PfqActivationQuantizer(_Serializable):
 
     def __call__(self, inputs, training, weights, **kwargs):
         if training:
-            batch_min = tf.minimum(tf.reduce_min(inputs), 0.0)
+            if self.non_negative:
+                batch_min = tf.constant(0.0)
+            else:
+                batch_min = tf.minimum(tf.reduce_min(inputs), 0.0)
             batch_max = tf.maximum(tf.reduce_max(inputs), 0.0)
             seen = weights["seen"]
             decay = self.ema_decay * seen  # 0 on the first batch: take it as is
@@ -372,7 +379,11 @@ class PfqActivationQuantizer(_Serializable):
         return fake_quant(inputs, weights["min"], weights["max"], self.num_bits)
 
     def get_config(self):
-        return {"num_bits": self.num_bits, "ema_decay": self.ema_decay}
+        return {
+            "num_bits": self.num_bits,
+            "ema_decay": self.ema_decay,
+            "non_negative": self.non_negative,
+        }
 
 
 class PfqWeightQuantizer(_Serializable):
