@@ -150,4 +150,5 @@ def test_multi_worker_mirrored_completes_a_stage(tmp_path):
     )
     # Only the chief (worker 0) writes the checkpoints to the output directory.
     assert (tmp_path / "worker0" / "run" / "workflow_state.json").exists()
-    assert not (tmp_path / "worker1" / "run").exists()
+    assert not (tmp_path / "worker1" / "run" / "workflow_state.json").exists()
+    assert (tmp_path / "worker1" / "run" / "workertemp_worker_1" / "workflow_state.json").exists()

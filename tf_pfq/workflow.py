@@ -18,7 +18,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import tempfile
 import time
 import warnings
 from collections.abc import Callable, Sequence
@@ -320,9 +319,12 @@ class _Checkpoints:
         self.enabled = output_dir is not None
         self.custom_objects = dict(custom_objects or {})
         if output_dir is not None and not _is_chief(strategy):
+            # Keras' own multi-worker convention (ModelCheckpoint, BackupAndRestore): a
+            # non-chief writes to a private folder inside the chief's directory, so it
+            # never clobbers the chief's files and resumes from its own state.
             resolver = strategy.cluster_resolver
             output_dir = os.path.join(
-                tempfile.gettempdir(), f"tf_pfq_{resolver.task_type}_{resolver.task_id}"
+                output_dir, f"workertemp_{resolver.task_type}_{resolver.task_id}"
             )
         self.root = output_dir
         if self.root:
