@@ -155,8 +155,14 @@ def test_weight_gradient_is_straight_through():
     kernel = tf.Variable(np.random.default_rng(3).normal(size=(4, 3)).astype(np.float32))
     with tf.GradientTape() as tape:
         y = tf.reduce_sum(quantize_weight(kernel, 3) * 2.0)
-    # The range is the kernel's own min/max, so every element is inside it.
-    np.testing.assert_allclose(tape.gradient(y, kernel).numpy(), 2.0)
+    # STE: gradient 1 (times 2) inside the NUDGED range, 0 for an extreme element
+    # that zero-point nudging moved just outside it; none through the range.
+    lo, hi = weight_min_max(kernel, 3)
+    grid = nudge(lo.numpy(), hi.numpy(), 3)
+    w = kernel.numpy()
+    inside = (w >= grid.min) & (w <= grid.max)
+    np.testing.assert_allclose(tape.gradient(y, kernel).numpy(), 2.0 * inside)
+    assert inside.sum() >= w.size - 1
 
 
 def test_bias_on_grid_with_straight_through_gradient():

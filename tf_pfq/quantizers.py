@@ -227,7 +227,9 @@ def weight_min_max(kernel, num_bits: int, per_channel: bool = False, depthwise: 
         lo = tf.minimum(tf.reduce_min(w, axis=axes), 0.0)
         hi = tf.maximum(tf.reduce_max(w, axis=axes), 0.0)
     hi = tf.maximum(hi, lo + 1e-8)
-    return lo, hi
+    # The range is a statistic, not a trained quantity (as in tfmot's quantizers):
+    # no gradient flows back through the reductions.
+    return tf.stop_gradient(lo), tf.stop_gradient(hi)
 
 
 def weight_scale(kernel, num_bits: int, per_channel: bool = False, depthwise: bool = False):
@@ -370,8 +372,10 @@ class PfqActivationQuantizer(_Serializable):
             batch_max = tf.maximum(tf.reduce_max(inputs), 0.0)
             seen = weights["seen"]
             decay = self.ema_decay * seen  # 0 on the first batch: take it as is
-            new_min = decay * weights["min"] + (1.0 - decay) * batch_min
-            new_max = decay * weights["max"] + (1.0 - decay) * batch_max
+            # stop_gradient: backpropagating through reduce_min/max would cost a
+            # second pass over the activation for a gradient the range never uses.
+            new_min = tf.stop_gradient(decay * weights["min"] + (1.0 - decay) * batch_min)
+            new_max = tf.stop_gradient(decay * weights["max"] + (1.0 - decay) * batch_max)
             weights["min"].assign(new_min)
             weights["max"].assign(new_max)
             seen.assign(1.0)
