@@ -113,6 +113,12 @@ def to_markdown(results: dict, settings: dict) -> str:
         lines.append(f"| {name} | {seconds * 1e3:.1f} | {seconds / base:.2f}x |")
     lines += [
         "",
+        (
+            "Stage W trains the BN-folded model (no batch statistics to compute), while "
+            "tfmot's `quantize_model` keeps BatchNormalization in the training graph; both "
+            "fake-quantize weights and activations with TensorFlow's fused ops."
+        ),
+        "",
         "Reproduce: `python benchmarks/train_step.py` (flags: --rounds, --steps, --bits).",
         "",
     ]
