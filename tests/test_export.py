@@ -203,6 +203,16 @@ def test_stage_a_model_is_rejected():
         tf_pfq.export.to_tflite(qat, input_range=(0.0, 1.0))
 
 
+def test_representative_dataset_and_shape_check():
+    qat, data = _qat(4, seed=7)
+    from_array = tf_pfq.export.to_tflite(qat, representative_data=data)
+    dataset = tf.data.Dataset.from_tensor_slices((data, np.zeros(len(data)))).batch(16)
+    from_dataset = tf_pfq.export.to_tflite(qat, representative_data=dataset)
+    assert from_array == from_dataset
+    with pytest.raises(ValueError, match=r"\(N, 12, 12, 3\)"):
+        tf_pfq.export.to_tflite(qat, representative_data=data[:, :8])
+
+
 def test_bad_arguments():
     qat, _ = _qat(4, seed=4)
     with pytest.raises(ValueError, match="io_dtype"):

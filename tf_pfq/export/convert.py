@@ -580,18 +580,31 @@ def calibrate(plan: ExportPlan, representative_data, batch_size: int = 64) -> di
 
     Args:
       plan: the `ExportPlan`.
-      representative_data: float inputs (N, H, W, C).
+      representative_data: float inputs (N, H, W, C) as an array, or a
+        `tf.data.Dataset` of input batches or (inputs, labels) batches.
       batch_size: evaluation batch size.
 
     Returns:
       {layer name: (lo, hi)} for the input (when it has no quantizer) and every layer
       output QAT leaves in float.
+
+    Raises:
+      ValueError: the data does not have the model's per-example input shape.
     """
     builder = _Builder(plan, "calibrate", clamp_signed=True)
-    data = np.asarray(representative_data, np.float32)
-    if data.ndim != 4 and data.ndim != len(plan.model.inputs[0].shape):
+    if isinstance(representative_data, tf.data.Dataset):
+        batches = [
+            np.asarray(b[0] if isinstance(b, (tuple, list)) else b, np.float32)
+            for b in representative_data.as_numpy_iterator()
+        ]
+        data = np.concatenate(batches) if batches else np.zeros((0,), np.float32)
+    else:
+        data = np.asarray(representative_data, np.float32)
+    expected = tuple(plan.model.inputs[0].shape)[1:]
+    if data.ndim != len(expected) + 1 or tuple(data.shape[1:]) != expected or not len(data):
         raise ValueError(
-            f"`representative_data` must be a batch of inputs; got shape {data.shape}."
+            f"`representative_data` must be a non-empty batch of inputs of shape "
+            f"(N, {', '.join(str(d) for d in expected)}). Received: shape {data.shape}"
         )
     for start in range(0, len(data), batch_size):
         builder(tf.constant(data[start : start + batch_size]))
@@ -742,7 +755,8 @@ def to_tflite(
 
     Args:
       qat_model: a model from `tf_pfq.apply(..., weight_bits=n)` (fine-tuned).
-      representative_data: optional float inputs (N, H, W, C) that set the int8
+      representative_data: optional float inputs (N, H, W, C), or a
+        `tf.data.Dataset` of input or (input, label) batches, that set the int8
         ranges of the tensors QAT leaves in float (Add outputs, logits); without
         them those ranges are guaranteed interval bounds (coarser).
       io_dtype: "int8", "uint8" or "float32" model input and output.
