@@ -35,6 +35,7 @@ __all__ = [
 _OP_NAMES = {v: k for k, v in vars(schema.BuiltinOperator).items() if not k.startswith("_")}
 _TYPE_NAMES = {v: k.lower() for k, v in vars(schema.TensorType).items() if not k.startswith("_")}
 _ACT_NAMES = {v: k for k, v in vars(schema.ActivationFunctionType).items() if not k.startswith("_")}
+_WEIGHTED_OPS = ("CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED", "TRANSPOSE_CONV")
 _NUMPY_TYPES = {
     "int8": np.int8,
     "uint8": np.uint8,
@@ -151,7 +152,9 @@ class ModelSummary:
         ]
         for op in self.ops:
             out = op.outputs[0] if op.outputs else None
-            weight = next((t for t in op.inputs[1:] if t is not None and t.is_constant), None)
+            weight = None
+            if op.op in _WEIGHTED_OPS and len(op.inputs) > 1 and op.inputs[1] is not None:
+                weight = op.inputs[1]
             w_scale = ""
             if weight is not None and weight.scales:
                 w_scale = (
