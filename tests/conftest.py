@@ -4,13 +4,12 @@ import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-import numpy as np  # noqa: E402
-import pytest  # noqa: E402
-import tensorflow as tf  # noqa: E402
+import numpy as np
+import pytest
+import tensorflow as tf
 
 
 @pytest.fixture(autouse=True)
 def _seed():
     np.random.seed(0)
     tf.random.set_seed(0)
-    yield

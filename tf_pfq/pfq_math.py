@@ -88,11 +88,11 @@ def input_constant_delta(kernel, channels: Sequence[int], values) -> np.ndarray:
       [4.5]
     """
     kernel = np.asarray(kernel, np.float64)
-    channels = np.asarray(channels, np.int64)
+    index = np.asarray(channels, np.int64)
     values = np.asarray(values, np.float64)
-    if channels.size == 0:
+    if index.size == 0:
         return np.zeros(kernel.shape[-1])
-    rows = kernel[..., channels, :]
+    rows = kernel[..., index, :]
     spatial = tuple(range(rows.ndim - 2))
     return values @ rows.sum(axis=spatial)
 

@@ -190,7 +190,13 @@ class _Pruner:
 
     # -- planning ----------------------------------------------------------------
 
-    def emit(self, plan: _Plan, name: str, channel: int, value: float, sources, exact) -> None:
+    def emit(
+        self, plan: _Plan, name: str, channel: int, value: float | None, sources, exact
+    ) -> None:
+        if value is None:
+            # Unused channel (dead code): nothing to quantize or absorb downstream.
+            plan.put(name, channel, _Entry(None, frozenset(sources), bool(exact)))
+            return
         if name in self.ranges:
             # Stage A quantized this output: the channel is the quantized constant
             # (paper §3.2, last lines).
@@ -387,7 +393,7 @@ class _Pruner:
             entry = const[c]
             outs = _apply(
                 layer.activation,
-                pfq_math.depthwise_constant(kernel, bias, c, entry.value),
+                pfq_math.depthwise_constant(kernel, bias, c, float(entry.value or 0.0)),
             )
             exact = entry.exact and not (border and entry.value != 0)
             if border and entry.value != 0:
@@ -456,8 +462,8 @@ class _Pruner:
                     w[1] = w[1][pfq_math.keep_indices(w[1].shape[0], out_removed)]
                 weights[name] = w
             elif isinstance(layer, _KERNEL):
-                delta = plan.deltas.get(name)
-                has_delta = delta is not None and np.any(delta != 0)
+                delta = plan.deltas.get(name, np.zeros(0))
+                has_delta = bool(np.any(delta != 0))
                 if not (in_removed or out_removed or has_delta):
                     continue
                 config = layer.get_config()
