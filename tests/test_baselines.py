@@ -2,29 +2,14 @@
 
 import numpy as np
 import pytest
+from test_prune_helpers import tiny_dead_model
 
-from tf_pfq import comparison, data, models
+from tf_pfq import comparison, data
 from tf_pfq.baselines import METHODS, method_steps, run_method
-from tf_pfq.compat import keras
 from tf_pfq.training import TrainConfig
 
 A = TrainConfig(epochs=1, learning_rate=0.01)
 W = TrainConfig(epochs=2, learning_rate=0.02)
-
-
-def _tiny_model():
-    """Tiny MobileNetV1-style net with 2 exactly dead channels (see test_workflow)."""
-    keras.utils.set_random_seed(0)
-    model = models.mobilenet_v1(input_shape=(8, 8, 3), widths=(4, 8), strides=(1, 2))
-    dw = model.get_layer("conv_dw_1")
-    kernel = dw.get_weights()[0]
-    kernel[..., [1, 3], :] = 0.0
-    dw.set_weights([kernel])
-    bn = model.get_layer("conv_dw_1_bn")
-    gamma, beta, mean, var = bn.get_weights()
-    beta[[1, 3]], mean[[1, 3]], var[[1, 3]] = -0.5, 0.0, 0.0
-    bn.set_weights([gamma, beta, mean, var])
-    return model
 
 
 @pytest.fixture(scope="module")
@@ -63,7 +48,7 @@ def test_method_steps_structure():
 @pytest.mark.parametrize("method", ["original", "pfq_once", "dfq", "tfmot"])
 def test_method_runs_and_reports(method, digits):
     train, test = digits
-    model = _tiny_model()
+    model = tiny_dead_model()
     qat, summary = run_method(method, model, train, stage_a=A, stage_w=W, test_data=test, verbose=0)
     float_macs = summary.float_macs
     steps = {s.name: s for s in summary.steps}
@@ -90,14 +75,14 @@ def test_method_runs_and_reports(method, digits):
     # The pretrained model is never modified.
     np.testing.assert_array_equal(
         model.get_layer("conv_dw_1").get_weights()[0],
-        _tiny_model().get_layer("conv_dw_1").get_weights()[0],
+        tiny_dead_model().get_layer("conv_dw_1").get_weights()[0],
     )
 
 
 @pytest.mark.slow
 def test_compare_is_resumable_and_aggregates(digits, tmp_path):
     splits = data.load_digits(image_size=8, num_train=96)
-    model = _tiny_model()
+    model = tiny_dead_model()
     kwargs = {"methods": ["tfmot"], "bits": [(4, 4)], "seeds": [0, 1], "stage_a": A, "stage_w": A}
     rows = comparison.compare(model, splits, str(tmp_path), **kwargs)
     assert [(r["method"], r["seed"]) for r in rows] == [("tfmot", 0), ("tfmot", 1)]

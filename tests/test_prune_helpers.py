@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from tf_pfq import models
 from tf_pfq.compat import keras
 
 L = keras.layers
@@ -69,6 +70,19 @@ def plant_dead(model, bn_name: str, channel: int, beta: float) -> None:
     gamma, b, mean, var = bn.get_weights()
     b[channel], mean[channel], var[channel] = beta, constant, bn.epsilon / 1000
     bn.set_weights([gamma, b, mean, var])
+
+
+def tiny_dead_model(l2: float = 0.0):
+    """A tiny MobileNetV1-style net (8x8 input) with 2 genuinely dead channels in conv_dw_1_bn.
+
+    beta < 0 makes relu6(beta) = 0, so PfQ's absorption is exact even across the next
+    layer's zero padding. Shared by the workflow and baseline tests.
+    """
+    keras.utils.set_random_seed(0)
+    model = models.mobilenet_v1(input_shape=(8, 8, 3), widths=(4, 8), strides=(1, 2), l2=l2)
+    for channel in (1, 3):
+        plant_dead(model, "conv_dw_1_bn", channel, beta=-0.5)
+    return model
 
 
 def live_threshold(model, bn_name: str):

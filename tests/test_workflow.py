@@ -6,6 +6,7 @@ import os
 import numpy as np
 import pytest
 import tensorflow as tf
+from test_prune_helpers import tiny_dead_model
 
 from tf_pfq import data, models
 from tf_pfq.compat import keras
@@ -26,29 +27,6 @@ from tf_pfq.workflow import (
 )
 
 STAGE = TrainConfig(epochs=2, learning_rate=0.02)
-
-
-def _tiny_model():
-    """A tiny MobileNetV1-style net with 2 genuinely dead channels in conv_dw_1_bn.
-
-    Their depthwise filters are zero, so the BN sees a constant 0 (variance 0) and
-    outputs beta; beta < 0 makes relu6(beta) = 0, so PfQ's absorption is exact even
-    across the next layer's zero padding.
-    """
-    keras.utils.set_random_seed(0)
-    model = models.mobilenet_v1(input_shape=(8, 8, 3), widths=(4, 8), strides=(1, 2), l2=1e-3)
-    dw = model.get_layer("conv_dw_1")
-    kernel = dw.get_weights()[0]
-    kernel[..., 1, :] = 0.0
-    kernel[..., 3, :] = 0.0
-    dw.set_weights([kernel])
-    bn = model.get_layer("conv_dw_1_bn")
-    gamma, beta, mean, var = bn.get_weights()
-    beta[[1, 3]] = -0.5
-    mean[[1, 3]] = 0.0
-    var[[1, 3]] = 0.0
-    bn.set_weights([gamma, beta, mean, var])
-    return model
 
 
 @pytest.fixture(scope="module")
@@ -97,7 +75,7 @@ def _callbacks(log, crash_step=None, crash_epoch=None):
 def reference_run(digits, tmp_path_factory):
     """One uninterrupted Algorithm 1 run, shared by the tests below."""
     train, test = digits
-    model = _tiny_model()
+    model = tiny_dead_model(l2=1e-3)
     before = [w.copy() for w in model.get_weights()]
     log = []
     out = str(tmp_path_factory.mktemp("reference"))
@@ -156,9 +134,9 @@ def test_tensorboard_logs_or_clear_error(digits, tmp_path):
     kwargs = {"output_dir": str(tmp_path), "tensorboard": True, "verbose": 0}
     if importlib.util.find_spec("tensorboard") is None:
         with pytest.raises(ImportError, match="pip install tensorboard"):
-            run_steps(_tiny_model(), train, steps, **kwargs)
+            run_steps(tiny_dead_model(l2=1e-3), train, steps, **kwargs)
     else:
-        run_steps(_tiny_model(), train, steps, **kwargs)
+        run_steps(tiny_dead_model(l2=1e-3), train, steps, **kwargs)
         assert os.listdir(tmp_path / "tensorboard" / "stage_a")
 
 
@@ -169,7 +147,7 @@ def test_killed_run_resumes_from_last_stage_and_epoch(reference_run, digits, tmp
     log = []
     with pytest.raises(RuntimeError, match="simulated crash"):
         run_workflow(
-            _tiny_model(),
+            tiny_dead_model(l2=1e-3),
             train,
             stage_a=STAGE,
             stage_w=STAGE,
@@ -183,7 +161,7 @@ def test_killed_run_resumes_from_last_stage_and_epoch(reference_run, digits, tmp
     assert log[-1] == ("stage_w", 1)
     log.clear()
     qat, summary = run_workflow(
-        _tiny_model(),
+        tiny_dead_model(l2=1e-3),
         train,
         stage_a=STAGE,
         stage_w=STAGE,
@@ -207,7 +185,7 @@ def test_killed_run_resumes_from_last_stage_and_epoch(reference_run, digits, tmp
     # A third call finds everything done and trains nothing.
     log.clear()
     run_workflow(
-        _tiny_model(),
+        tiny_dead_model(l2=1e-3),
         train,
         stage_a=STAGE,
         stage_w=STAGE,
@@ -223,13 +201,13 @@ def test_killed_run_resumes_from_last_stage_and_epoch(reference_run, digits, tmp
 def test_appendix_a1_stops_a_stage_early(digits):
     train, test = digits
     steps = [Step("stage_a", "train", 4, None, TrainConfig(epochs=3, target_drop=1.0))]
-    _, summary = run_steps(_tiny_model(), train, steps, validation_data=test, verbose=0)
+    _, summary = run_steps(tiny_dead_model(l2=1e-3), train, steps, validation_data=test, verbose=0)
     # A budget of 100 % is met after the first epoch.
     assert summary.steps[0].epochs == 1
     assert "within" in summary.steps[0].stopped_early
     # Negative control: no budget, all epochs run.
     steps = [Step("stage_a", "train", 4, None, TrainConfig(epochs=3))]
-    _, summary = run_steps(_tiny_model(), train, steps, validation_data=test, verbose=0)
+    _, summary = run_steps(tiny_dead_model(l2=1e-3), train, steps, validation_data=test, verbose=0)
     assert summary.steps[0].epochs == 3 and summary.steps[0].stopped_early == ""
 
 
@@ -300,7 +278,7 @@ def test_step_validation():
 
 def test_run_steps_rejects_bad_step_lists(digits, tmp_path):
     train, _ = digits
-    model = _tiny_model()
+    model = tiny_dead_model(l2=1e-3)
     with pytest.raises(ValueError, match="unique"):
         run_steps(model, train, [Step("a", "fold"), Step("a", "fold")])
     tfmot_first = [
