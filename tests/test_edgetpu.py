@@ -210,3 +210,26 @@ def test_tf_pfq_export_is_compatible():
     for io_dtype in ("int8", "uint8"):
         tflite = tf_pfq.export.to_tflite(qat, representative_data=data, io_dtype=io_dtype)
         assert edgetpu_compatibility(tflite) == []
+
+
+@pytest.mark.parametrize("value", [np.nan, np.inf, 0.0], ids=["nan", "inf", "zero"])
+@pytest.mark.parametrize("kind", ["activation", "weight"])
+def test_invalid_scale_is_flagged(good, value, kind):
+    def edit(model):
+        subgraph = model.subgraphs[0]
+        op = subgraph.operators[_op_index(model, "CONV_2D")]
+        tensor = subgraph.tensors[op.outputs[0] if kind == "activation" else op.inputs[1]]
+        tensor.quantization.scale = np.full_like(tensor.quantization.scale, value)
+
+    problems = edgetpu_compatibility(_edit(good, edit))
+    assert [(p.rule, p.op) for p in problems] == [("quantization", "CONV_2D")], problems
+    assert "finite and positive" in problems[0].message
+
+
+def test_not_a_tflite_is_a_value_error(tmp_path):
+    with pytest.raises(ValueError, match=r"`model` is not a \.tflite"):
+        edgetpu_compatibility(b"garbage")
+    path = tmp_path / "model.tflite"
+    path.write_bytes(b"\x00" * 64)
+    with pytest.raises(ValueError, match=str(path)):
+        edgetpu_compatibility(path)

@@ -100,6 +100,32 @@ def test_reads_path(tmp_path):
     assert inspect(path).op_counts() == inspect(tflite).op_counts()
 
 
+@pytest.mark.parametrize(
+    "content",
+    [b"garbage", b"", b"\x1c\x00\x00\x00XXXX" + b"\x00" * 40],
+    ids=["garbage", "empty", "other_identifier"],
+)
+def test_not_a_tflite_is_a_value_error(content):
+    # Before the identifier check these raised struct.error / IndexError.
+    with pytest.raises(ValueError, match=r"`model` is not a \.tflite flatbuffer"):
+        inspect(content)
+
+
+def test_truncated_tflite_is_a_value_error(tmp_path):
+    tflite = _conv_model(False)
+    path = tmp_path / "cut.tflite"
+    path.write_bytes(tflite[: len(tflite) // 3])
+    with pytest.raises(ValueError, match=r"cut\.tflite"):
+        inspect(path)
+    with pytest.raises(ValueError, match="`model`"):
+        weight_levels(tflite[:100])
+
+
+def test_not_bytes_or_path_is_a_type_error():
+    with pytest.raises(TypeError, match=r"`model` must be \.tflite bytes or a path"):
+        inspect(123)  # type: ignore[arg-type]
+
+
 # --- LiteRT helpers ------------------------------------------------------------
 
 

@@ -23,6 +23,7 @@ from tf_pfq.compat import keras
 from tf_pfq.graph import LayerGraph, rebuild
 from tf_pfq.ranges import ACTIVATION_RANGES_ATTR, ActivationRange, activation_ranges_of
 from tf_pfq.report import LayerReport, PruneReport
+from tf_pfq.validation import check_data
 
 __all__ = ["prune"]
 
@@ -622,7 +623,8 @@ def prune(
     Raises:
       TypeError: `model` is not a tf_keras Sequential or Functional model (a
         subclassed model's class is named), or `threshold` has the wrong type.
-      ValueError: `threshold` (or what the callable returns) is negative.
+      ValueError: `threshold` (or what the callable returns) is negative, or
+        `calibration_data` is empty or holds NaN/Inf (the first bad example is named).
 
     Example:
       >>> inputs = keras.Input((4, 4, 2))
@@ -636,6 +638,8 @@ def prune(
       (2, 1)
     """
     _check_threshold(threshold)
+    if calibration_data is not None:
+        check_data(calibration_data, "calibration_data")
     ranges = activation_ranges or activation_ranges_of(model)
     pruner = _Pruner(model, threshold, ranges, exact_only)
     candidates = pruner.dead_candidates()

@@ -29,6 +29,7 @@ from absl import logging
 
 from tf_pfq.compat import check_model, keras
 from tf_pfq.training import TrainConfig, clear_regularizers, evaluate_accuracy, fit
+from tf_pfq.validation import check_data
 
 __all__ = [
     "Step",
@@ -659,6 +660,7 @@ def run_workflow(
       >>> [s.name for s in summary.steps]
       ['pfq_1', 'stage_a', 'pfq_2', 'fold', 'stage_w']
     """
+    check_data(train_data, "train_data")  # before anything is trained or written
     steps = algorithm1_steps(
         stage_a or TrainConfig(epochs=1),
         stage_w or TrainConfig(epochs=1),

@@ -64,6 +64,7 @@ import tensorflow as tf
 from tf_pfq.compat import keras
 from tf_pfq.graph import LayerGraph
 from tf_pfq.quantizers import QuantParams, nudge
+from tf_pfq.validation import check_finite
 
 __all__ = [
     "ExportPlan",
@@ -589,7 +590,8 @@ def calibrate(plan: ExportPlan, representative_data, batch_size: int = 64) -> di
       output QAT leaves in float.
 
     Raises:
-      ValueError: the data does not have the model's per-example input shape.
+      ValueError: the data does not have the model's per-example input shape, or
+        holds NaN/Inf (the first bad example is named).
     """
     builder = _Builder(plan, "calibrate", clamp_signed=True)
     if isinstance(representative_data, tf.data.Dataset):
@@ -606,6 +608,7 @@ def calibrate(plan: ExportPlan, representative_data, batch_size: int = 64) -> di
             f"`representative_data` must be a non-empty batch of inputs of shape "
             f"(N, {', '.join(str(d) for d in expected)}). Received: shape {data.shape}"
         )
+    check_finite(data, "representative_data")  # a NaN would become a NaN int8 scale
     for start in range(0, len(data), batch_size):
         builder(tf.constant(data[start : start + batch_size]))
     return builder.seen_ranges
@@ -768,8 +771,8 @@ def to_tflite(
       The flatbuffer bytes (write them with `save`).
 
     Raises:
-      ValueError: a stage-A model, an unsupported layer, a bad `io_dtype`, or a
-        model input without a range.
+      ValueError: a stage-A model, an unsupported layer, a bad `io_dtype`, a
+        model input without a range, or `representative_data` with NaN/Inf.
       TypeError: not a tf_keras model.
 
     Example:

@@ -17,7 +17,7 @@ Edge TPU", coral.ai/docs/edgetpu/models-intro/):
 * `rank`: tensors are 1-, 2- or 3-dimensional; a tensor with more dimensions may be
   larger than 1 only in its 3 innermost dimensions.
 * `quantization`: per-axis (per-channel) quantization only on constant weights;
-  activations are quantized per tensor.
+  activations are quantized per tensor; every scale is finite and positive.
 * `supported_op` and per-op constraints: the op allow-list with the limitations the
   page lists (no fused activation on pooling and concatenation, equal x/y dilation
   for convolutions, Mean only over x/y (or z when a multiple of 4) and never over
@@ -135,6 +135,18 @@ def _check_tensor(t: TensorInfo, op: OpInfo, is_weight: bool) -> list[Problem]:
                 "static_shape",
                 f"tensor {t.name!r} has a dynamic shape {list(t.shape_signature)}; convert "
                 "from a concrete function with a fixed batch size.",
+                **where,
+            )
+        )
+    bad = [s for s in t.scales if not (np.isfinite(s) and s > 0)]
+    if bad:
+        # A NaN/Inf or non-positive scale (e.g. ranges calibrated on NaN data) makes
+        # every value of the tensor meaningless, whatever the op rules say.
+        problems.append(
+            Problem(
+                "quantization",
+                f"tensor {t.name!r} has invalid scale(s) {bad[:4]}; scales must be finite "
+                "and positive.",
                 **where,
             )
         )

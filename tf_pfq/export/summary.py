@@ -176,14 +176,39 @@ def _short(t: TensorInfo) -> str:
     return f"{t.name}[{t.dtype} {list(t.shape)}{q}]"
 
 
+# A TFLite flatbuffer carries this file identifier at bytes 4-8 (after the root offset).
+_TFLITE_IDENTIFIER = b"TFL3"
+
+
 def read_model(model: bytes | str | os.PathLike):
-    """The flatbuffer as a `schema_py_generated.ModelT` object, and its size in bytes."""
-    if isinstance(model, (bytes, bytearray)):
-        content = bytes(model)
-    else:
+    """The flatbuffer as a `schema_py_generated.ModelT` object, and its size in bytes.
+
+    Raises:
+      ValueError: `model` is not a TFLite flatbuffer (the path is named).
+      TypeError: `model` is neither bytes nor a path.
+    """
+    if isinstance(model, (bytes, bytearray, memoryview)):
+        content, source = bytes(model), f"{len(model)} bytes"
+    elif isinstance(model, (str, os.PathLike)):
         with open(model, "rb") as f:
             content = f.read()
-    return flatbuffer_utils.read_model_from_bytearray(bytearray(content)), len(content)
+        source = os.fspath(model)
+    else:
+        raise TypeError(
+            f"`model` must be .tflite bytes or a path; received {type(model).__name__}."
+        )
+    if len(content) < 8 or content[4:8] != _TFLITE_IDENTIFIER:
+        raise ValueError(
+            f"`model` is not a .tflite flatbuffer ({source}): it lacks the TFLite file "
+            f"identifier {_TFLITE_IDENTIFIER.decode()!r} at bytes 4-8."
+        )
+    try:
+        parsed = flatbuffer_utils.read_model_from_bytearray(bytearray(content))
+    except Exception as error:  # a truncated or corrupt buffer fails anywhere inside
+        raise ValueError(
+            f"`model` is not a readable .tflite flatbuffer ({source}): {error!r}"
+        ) from error
+    return parsed, len(content)
 
 
 def _levels(data: np.ndarray, axis: int, per_axis: bool) -> int:
@@ -261,6 +286,10 @@ def inspect(model: bytes | str | os.PathLike) -> ModelSummary:
     Returns:
       A `ModelSummary`; `print(summary)` shows one line per op.
 
+    Raises:
+      ValueError: `model` is not a .tflite flatbuffer (e.g. truncated or another
+        file), or has no subgraph.
+
     Example:
       >>> import tensorflow as tf
       >>> f = tf.function(lambda x: tf.nn.relu(x), input_signature=[tf.TensorSpec([1, 4])])
@@ -271,6 +300,8 @@ def inspect(model: bytes | str | os.PathLike) -> ModelSummary:
       ({'RELU': 1}, 'float32', 0)
     """
     model_t, size = read_model(model)
+    if not model_t.subgraphs:
+        raise ValueError("`model` is a .tflite flatbuffer without a subgraph.")
     subgraph = model_t.subgraphs[0]
     tensors = tuple(_tensor_info(model_t, subgraph, i) for i in range(len(subgraph.tensors)))
     ops = []
