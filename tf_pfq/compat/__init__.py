@@ -95,9 +95,11 @@ def prepare_model(model, argument="model"):
 
     Example:
       >>> inner = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3, name="fc")])
-      >>> outer = keras.Sequential([keras.Input((4,)), inner, keras.layers.ReLU(name="relu")])
+      >>> outer = keras.Sequential(
+      ...     [keras.Input((4,), name="x"), inner, keras.layers.ReLU(name="relu")]
+      ... )
       >>> [layer.name for layer in prepare_model(outer).layers]
-      ['input_1', 'fc', 'relu']
+      ['x', 'fc', 'relu']
     """
     if _keras3.is_keras3(model):
         _keras3.check_keras3_model(model, argument)

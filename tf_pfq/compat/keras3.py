@@ -10,9 +10,11 @@ tensors of the same inbound nodes, and copies the weights layer by layer.
 
 from __future__ import annotations
 
+import importlib
 import inspect
 import json
 import os
+import sys
 import zipfile
 from typing import Any
 
@@ -71,8 +73,21 @@ _LAMBDA_HELP = (
 )
 
 
+def _keras3_module():
+    # Imported on first use: a tf_keras-only user does not pay for Keras 3.
+    return importlib.import_module("keras")
+
+
 def is_keras3(obj) -> bool:
     """True for objects of Keras 3 (`import keras`, or `tf.keras` on TF >= 2.16)."""
+    if isinstance(obj, keras.layers.Layer):
+        return False
+    # A Keras 3 object exists only once Keras 3 was imported; user subclasses live
+    # in the user's modules, so the base class is checked, not the module name.
+    keras3 = sys.modules.get("keras")
+    operation = getattr(keras3, "Operation", None)
+    if isinstance(operation, type) and isinstance(obj, operation):
+        return True
     module = type(obj).__module__
     return module == "keras" or module.startswith("keras.")
 
@@ -83,7 +98,7 @@ def _qualname(obj) -> str:
 
 def check_keras3_model(model, argument: str = "model") -> None:
     """Raises a clear error unless `model` is a built Keras 3 Functional/Sequential model."""
-    import keras as keras3
+    keras3 = _keras3_module()
 
     if not isinstance(model, keras3.Model):
         raise TypeError(
@@ -186,7 +201,7 @@ class _Builder:
 
     def layer(self, layer):
         """A tf_keras layer for `layer`, or a function of tensors (activations)."""
-        import keras as keras3
+        keras3 = _keras3_module()
 
         class_name = type(layer).__name__
         if isinstance(layer, keras3.Model):
@@ -251,7 +266,7 @@ def _keras_input(tensor, name):
 
 
 def _sequential(model):
-    import keras as keras3
+    keras3 = _keras3_module()
 
     builder = _Builder()
     first = model._layers[0] if model._layers else None
@@ -369,7 +384,7 @@ def _file_keras_version(path: str) -> str | None:
                 return json.loads(archive.read("metadata.json")).get("keras_version")
             return None
     if path.endswith((".h5", ".hdf5")):
-        import h5py
+        import h5py  # type: ignore[import-untyped]
 
         with h5py.File(path, "r") as f:
             version = f.attrs.get("keras_version")
@@ -407,7 +422,7 @@ def load_model(path, custom_objects=None):
         raise FileNotFoundError(f"`path`: no model file or directory at {path!r}.")
     version = _file_keras_version(path)
     if version is not None and str(version).startswith("3"):
-        import keras as keras3
+        keras3 = _keras3_module()
 
         return to_tf_keras(
             keras3.saving.load_model(path, custom_objects=custom_objects, compile=False)
