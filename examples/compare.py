@@ -18,9 +18,8 @@ import os
 from absl import app, flags
 
 import tf_pfq
-from tf_pfq import comparison, data, plots, recipes
+from tf_pfq import comparison, compat, data, plots, recipes
 from tf_pfq.baselines import METHODS
-from tf_pfq.compat import keras
 from tf_pfq.training import TrainConfig
 
 FLAGS = flags.FLAGS
@@ -54,7 +53,7 @@ def main(argv):
     del argv
     os.makedirs(FLAGS.output_dir, exist_ok=True)
     if FLAGS.model:
-        model = keras.models.load_model(FLAGS.model, compile=False)
+        model = compat.load_model(FLAGS.model)
         splits = data.load_digits(image_size=model.input_shape[1], num_train=FLAGS.num_train)
     else:
         model, splits = recipes.pretrain_digits(

@@ -15,7 +15,7 @@ import os
 from absl import app, flags, logging
 
 import tf_pfq
-from tf_pfq import data, models
+from tf_pfq import compat, data, models
 from tf_pfq.compat import keras
 from tf_pfq.pretrain import train_float
 
@@ -71,7 +71,7 @@ def main(argv):
     os.makedirs(FLAGS.workdir, exist_ok=True)
     splits = data.load_digits(image_size=FLAGS.image_size, num_train=FLAGS.num_train)
     if FLAGS.model:
-        model = keras.models.load_model(FLAGS.model, compile=False)
+        model = compat.load_model(FLAGS.model)
     else:
         model = pretrain_demo(splits)
         path = os.path.join(FLAGS.workdir, "pretrained.keras")

@@ -17,7 +17,7 @@ import os
 
 from absl import app, flags
 
-from tf_pfq import data
+from tf_pfq import compat, data
 from tf_pfq.baselines import METHODS, run_method
 from tf_pfq.compat import keras
 from tf_pfq.training import TrainConfig
@@ -71,7 +71,7 @@ def _datasets(image_size: int):
 def main(argv):
     del argv
     keras.utils.set_random_seed(FLAGS.seed)
-    model = keras.models.load_model(FLAGS.model, compile=False)
+    model = compat.load_model(FLAGS.model)
     train, val, test = _datasets(model.input_shape[1])
     common = {
         "momentum": FLAGS.momentum,

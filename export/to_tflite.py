@@ -15,7 +15,7 @@ from __future__ import annotations
 from absl import app, flags, logging
 
 import tf_pfq
-from tf_pfq.compat import keras
+from tf_pfq import compat
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("model", None, "Saved QAT model (.h5, .keras or SavedModel folder).")
@@ -37,7 +37,7 @@ flags.mark_flags_as_required(["model", "output"])
 def main(argv):
     del argv
     with tf_pfq.quantize_scope():
-        qat = keras.models.load_model(FLAGS.model, compile=False)
+        qat = compat.load_model(FLAGS.model)
     representative = None
     if FLAGS.representative == "digits":
         height, _, channels = qat.input_shape[1:]

@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from tf_pfq.compat import check_model, keras
+from tf_pfq.compat import keras, prepare_model
 
 __all__ = ["LayerGraph", "Inbound", "to_functional", "rebuild"]
 
@@ -47,7 +47,7 @@ def to_functional(model, argument: str = "model"):
       >>> type(functional).__name__, functional.layers[-1] is seq.layers[-1]
       ('Functional', True)
     """
-    check_model(model, argument)
+    model = prepare_model(model, argument)  # Keras 3 and nested models are rebuilt
     if isinstance(model, keras.Sequential):
         return keras.Model(model.inputs, model.outputs, name=model.name)
     return model

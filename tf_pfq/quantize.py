@@ -52,7 +52,7 @@ import numpy as np
 import tensorflow_model_optimization as tfmot
 
 from tf_pfq import ranges
-from tf_pfq.compat import check_model, keras
+from tf_pfq.compat import check_model, keras, prepare_model
 from tf_pfq.graph import LayerGraph
 from tf_pfq.quantize_configs import PfqQuantizeConfig
 from tf_pfq.quantizers import (
@@ -318,7 +318,7 @@ def apply(
         check_bits(add_bits, "add_bits")
     if input_bits is not None:
         check_bits(input_bits, "input_bits")
-    check_model(model)
+    model = prepare_model(model)
     graph = LayerGraph(model)
     _validate_graph(graph, weight_bits)
     configs = _plan(graph, activation_bits, weight_bits, per_channel_weights, add_bits, input_bits)

@@ -27,7 +27,7 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
-from tf_pfq.compat import check_model, keras
+from tf_pfq.compat import keras, prepare_model
 from tf_pfq.training import TrainConfig, clear_regularizers, evaluate_accuracy, fit
 from tf_pfq.validation import check_data
 
@@ -485,7 +485,7 @@ def run_steps(
       ValueError: duplicate step names, a checkpoint from a different step list, or a
         tfmot training step that is not the last one.
     """
-    check_model(model)
+    model = prepare_model(model)
     names = [s.name for s in steps]
     if len(set(names)) != len(names):
         raise ValueError(f"Step names must be unique. Received: {names}")
