@@ -30,6 +30,7 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
+from tf_pfq import saving
 from tf_pfq.compat import check_model, keras
 from tf_pfq.training import TrainConfig, clear_regularizers, evaluate_accuracy, fit
 
@@ -878,26 +879,15 @@ def run_steps(
         ckpt.save_state(state)
     final = qat if qat is not None else float_model
     if ckpt.root and _is_chief(strategy):
-        _write_final(
-            ckpt.root, final, steps[-1] if qat is not None else None, calibration_data, export
-        )
+        _write_final(ckpt.root, final, calibration_data, export)
     return final, summary
 
 
-def _write_final(root: str, model, step: Step | None, calibration, export: bool) -> None:
+def _write_final(root: str, model, calibration, export: bool) -> None:
     """The run's result in forms other tools load: .h5 and, with `export`, .tflite."""
     final_dir = os.path.join(root, FINAL_DIR)
     os.makedirs(final_dir, exist_ok=True)
-    path = os.path.join(final_dir, FINAL_MODEL)
-    tmp = f"{path[:-3]}.tmp.h5"
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)
-        if step is None:
-            model.save(tmp, include_optimizer=False)
-        else:
-            with _scope(step):
-                model.save(tmp, include_optimizer=False)
-    os.replace(tmp, path)
+    path = saving.save(model, os.path.join(final_dir, FINAL_MODEL))
     logging.info("Final model: %s", path)
     if export:
         from tf_pfq.export import to_tflite
