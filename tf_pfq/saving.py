@@ -41,7 +41,8 @@ def save(model, path: str | os.PathLike, include_optimizer: bool = False) -> str
       model: a tf_keras model.
       path: `*.h5` for HDF5, `*.keras` (float models only), or a folder path for a
         SavedModel.
-      include_optimizer: also save the optimizer state.
+      include_optimizer: also save the optimizer state (.h5 and SavedModel; a
+        `.keras` file always holds it).
 
     Returns:
       `path`.
@@ -68,7 +69,10 @@ def save(model, path: str | os.PathLike, include_optimizer: bool = False) -> str
     tmp = f"{root}.tmp{ext}"
     with quantize_scope(), warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
-        model.save(tmp, include_optimizer=include_optimizer)
+        if ext == ".keras":  # the .keras format always holds the optimizer
+            model.save(tmp)
+        else:
+            model.save(tmp, include_optimizer=include_optimizer)
     if os.path.isdir(path):
         shutil.rmtree(path)
     os.replace(tmp, path)
