@@ -80,7 +80,8 @@ def main(argv):
             num_train=FLAGS.num_train,
             cache_path=os.path.join(pretrain_dir, "pretrained.keras"),
         )
-    bits = [tuple(int(b) for b in pair.split("/")) for pair in FLAGS.bits]
+    pairs = [pair.split("/") for pair in FLAGS.bits]
+    bits = [(int(a), int(w)) for a, w in pairs]
     stage = {"learning_rate": FLAGS.learning_rate}
     rows = comparison.compare(
         model,

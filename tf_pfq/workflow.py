@@ -327,7 +327,7 @@ def _jsonable(value):
 
 
 def _step_settings(step: Step) -> dict[str, Any]:
-    out = {"kind": step.kind}
+    out: dict[str, Any] = {"kind": step.kind}
     for field in dataclasses.fields(step):
         value = getattr(step, field.name)
         if field.name in ("name", "kind") or value is None:
