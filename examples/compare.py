@@ -21,13 +21,14 @@ import tf_pfq
 from tf_pfq import comparison, compat, data, plots, recipes
 from tf_pfq.baselines import METHODS
 from tf_pfq.training import TrainConfig
+from tf_pfq.workflow import check_settings
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string(
     "model",
     None,
     "Pretrained float model; default: pretrain on digits "
-    "(cached as <output_dir>/pretrained.keras).",
+    "(cached as <output_dir>/pretrained/pretrained.keras).",
 )
 flags.DEFINE_enum(
     "architecture",
@@ -47,6 +48,7 @@ flags.DEFINE_integer("epochs_w", 5, "e_W.")
 flags.DEFINE_float("learning_rate", 1e-3, "l0 of eq. 19 for the fine-tuning stages.")
 flags.DEFINE_integer("batch_size", 32, "Fine-tuning batch size.")
 flags.DEFINE_string("output_dir", "runs/compare", "Checkpoints, tables and figures.")
+flags.DEFINE_bool("overwrite", False, "Rerun runs whose directory holds other settings.")
 
 
 def main(argv):
@@ -56,15 +58,29 @@ def main(argv):
         model = compat.load_model(FLAGS.model)
         splits = data.load_digits(image_size=model.input_shape[1], num_train=FLAGS.num_train)
     else:
+        # The cached model is reused only for the settings that made it.
+        pretrain_dir = os.path.join(FLAGS.output_dir, "pretrained")
+        check_settings(
+            pretrain_dir,
+            {
+                "architecture": FLAGS.architecture,
+                "image_size": FLAGS.image_size,
+                "width": FLAGS.width,
+                "epochs": FLAGS.pretrain_epochs,
+                "num_train": FLAGS.num_train,
+            },
+            overwrite=FLAGS.overwrite,
+        )
         model, splits = recipes.pretrain_digits(
             FLAGS.architecture,
             image_size=FLAGS.image_size,
             width=FLAGS.width,
             epochs=FLAGS.pretrain_epochs,
             num_train=FLAGS.num_train,
-            cache_path=os.path.join(FLAGS.output_dir, "pretrained.keras"),
+            cache_path=os.path.join(pretrain_dir, "pretrained.keras"),
         )
-    bits = [tuple(int(b) for b in pair.split("/")) for pair in FLAGS.bits]
+    pairs = [pair.split("/") for pair in FLAGS.bits]
+    bits = [(int(a), int(w)) for a, w in pairs]
     stage = {"learning_rate": FLAGS.learning_rate}
     rows = comparison.compare(
         model,
@@ -77,6 +93,7 @@ def main(argv):
         stage_w=TrainConfig(FLAGS.epochs_w, **stage),
         batch_size=FLAGS.batch_size,
         tag=model.name,
+        overwrite=FLAGS.overwrite,
     )
     table = comparison.aggregate(rows)
     markdown = comparison.to_markdown(table)

@@ -17,6 +17,7 @@ from absl import app, flags
 
 from tf_pfq import comparison, recipes
 from tf_pfq.training import TrainConfig
+from tf_pfq.workflow import FINAL_DIR, FINAL_MODEL, check_settings
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", "runs/demo", "Cache of the pretrained model and the runs.")
@@ -26,18 +27,34 @@ flags.DEFINE_integer("pretrain_epochs", 40, "Pretraining epochs (DESIGN §6 reci
 flags.DEFINE_integer("epochs", 3, "e_A = e_W fine-tuning epochs per stage.")
 flags.DEFINE_integer("num_train", 1400, "Training images (the remaining 397 are the test set).")
 flags.DEFINE_list("methods", ["pfq", "original"], "Methods to run.")
+flags.DEFINE_bool(
+    "overwrite", False, "Discard cached results made with other settings instead of failing."
+)
 
 
 def main(argv):
     del argv
     start = time.time()
+    # The cached model is reused only for the settings that made it.
+    pretrain_dir = os.path.join(FLAGS.workdir, "pretrained")
+    check_settings(
+        pretrain_dir,
+        {
+            "architecture": "mobilenet_v1",
+            "image_size": FLAGS.image_size,
+            "width": FLAGS.width,
+            "epochs": FLAGS.pretrain_epochs,
+            "num_train": FLAGS.num_train,
+        },
+        overwrite=FLAGS.overwrite,
+    )
     model, splits = recipes.pretrain_digits(
         "mobilenet_v1",
         image_size=FLAGS.image_size,
         width=FLAGS.width,
         epochs=FLAGS.pretrain_epochs,
         num_train=FLAGS.num_train,
-        cache_path=os.path.join(FLAGS.workdir, "pretrained.keras"),
+        cache_path=os.path.join(pretrain_dir, "pretrained.keras"),
         verbose="auto",
     )
     stage = TrainConfig(epochs=FLAGS.epochs, learning_rate=1e-3)
@@ -51,8 +68,12 @@ def main(argv):
         stage_w=stage,
         tag="mobilenet_v1",
         verbose="auto",
+        overwrite=FLAGS.overwrite,
     )
     print(comparison.to_markdown(comparison.aggregate(rows)))
+    print()
+    for row in rows:
+        print(f"{row['method']} QAT model: {os.path.join(row['run_dir'], FINAL_DIR, FINAL_MODEL)}")
     print(f"\ndemo wall time: {time.time() - start:.0f} s")
 
 

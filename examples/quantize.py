@@ -6,8 +6,10 @@ r"""Quantizes a pretrained float model with the PfQ workflow (paper Algorithm 1)
 
 Methods: pfq (Algorithm 1), original (no PfQ), pfq_once (A and W together), dfq
 (Nagel et al. 2019 + fine-tuning), tfmot (tfmot's DefaultNBitQuantizeScheme). Killed
-and restarted with the same --output_dir, it resumes where it stopped. Writes
-summary.json and summary.md to the output directory.
+and restarted with the same --output_dir and flags, it resumes where it stopped;
+other flags on an existing --output_dir fail unless --overwrite. Writes summary.json,
+summary.md and the QAT model final/qat_model.h5 (with --export also
+final/model.tflite) to the output directory.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from tf_pfq import compat, data
 from tf_pfq.baselines import METHODS, run_method
 from tf_pfq.compat import keras
 from tf_pfq.training import TrainConfig
+from tf_pfq.workflow import FINAL_DIR, FINAL_MODEL, FINAL_TFLITE
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("model", "runs/pretrained.keras", "Pretrained float tf_keras model.")
@@ -47,6 +50,8 @@ flags.DEFINE_integer("num_val", 0, "digits: training images held out for validat
 flags.DEFINE_integer("seed", 0, "Random seed.")
 flags.DEFINE_string("output_dir", "runs/quantize", "Checkpoints and summary (resumable).")
 flags.DEFINE_bool("tensorboard", False, "Write TensorBoard logs to <output_dir>/tensorboard.")
+flags.DEFINE_bool("overwrite", False, "Discard a run of other settings in --output_dir.")
+flags.DEFINE_bool("export", False, "Also write <output_dir>/final/model.tflite.")
 
 
 def _datasets(image_size: int):
@@ -90,12 +95,18 @@ def main(argv):
         validation_data=val,
         output_dir=FLAGS.output_dir,
         tensorboard=FLAGS.tensorboard,
+        overwrite=FLAGS.overwrite,
+        export=FLAGS.export,
     )
     with open(os.path.join(FLAGS.output_dir, "summary.json"), "w") as f:
         json.dump(summary.to_dict(), f, indent=2)
     with open(os.path.join(FLAGS.output_dir, "summary.md"), "w") as f:
         f.write(summary.to_markdown() + "\n")
     print(summary.to_markdown())
+    final = os.path.join(FLAGS.output_dir, FINAL_DIR)
+    print(f"\nQAT model: {os.path.join(final, FINAL_MODEL)}")
+    if FLAGS.export:
+        print(f"TFLite model: {os.path.join(final, FINAL_TFLITE)}")
 
 
 if __name__ == "__main__":

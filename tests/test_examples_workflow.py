@@ -5,7 +5,6 @@ Each script runs in a subprocess (absl flags are process-global) for one tiny ep
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 import textwrap
@@ -58,8 +57,13 @@ def test_pretrain_then_quantize_and_resume(pretrained, tmp_path):
         "--activation_bits=3",
         "--weight_bits=3",
         f"--output_dir={run_dir}",
+        "--export",
     ]
     out = _run(args)
+    final = os.path.join(run_dir, "final")
+    assert f"QAT model: {os.path.join(final, 'qat_model.h5')}" in out
+    assert f"TFLite model: {os.path.join(final, 'model.tflite')}" in out
+    assert os.path.getsize(os.path.join(final, "model.tflite")) > 0
     summary = _json(os.path.join(run_dir, "summary.json"))
     assert [s["name"] for s in summary["steps"]] == ["pfq_1", "stage_a", "pfq_2", "fold", "stage_w"]
     assert (summary["activation_bits"], summary["weight_bits"]) == (3, 3)
@@ -68,6 +72,18 @@ def test_pretrain_then_quantize_and_resume(pretrained, tmp_path):
     again = _run(args)
     assert "Resuming from" in again and "Step 1/5" not in again
     assert _json(os.path.join(run_dir, "summary.json")) == summary
+    # Other flags on the same directory fail before any work, naming the difference.
+    other = [a if a != "--weight_bits=3" else "--weight_bits=4" for a in args]
+    proc = subprocess.run(
+        [sys.executable, *other],
+        cwd=ROOT,
+        env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONPATH": ROOT},
+        capture_output=True,
+        text=True,
+        timeout=400,
+    )
+    assert proc.returncode != 0
+    assert "steps.stage_w.weight_bits: 3 -> 4" in proc.stderr
 
 
 @pytest.mark.slow
@@ -112,21 +128,33 @@ def test_compare_writes_tables_and_figures(pretrained, tmp_path):
 
 
 @pytest.mark.slow
-def test_demo_reuses_cached_model(pretrained, tmp_path):
-    # The demo reuses a cached pretrained model when its workdir has one.
-    (tmp_path / "demo").mkdir()
-    shutil.copy(pretrained, tmp_path / "demo" / "pretrained.keras")
-    out = _run(
-        [
-            "examples/demo.py",
-            f"--workdir={tmp_path / 'demo'}",
-            "--width=0.125",
-            "--image_size=8",
-            "--num_train=100",
-            "--pretrain_epochs=1",
-            "--epochs=1",
-            "--methods=pfq",
-        ]
+def test_demo_reuses_its_cache_only_for_the_same_settings(tmp_path):
+    args = [
+        "examples/demo.py",
+        f"--workdir={tmp_path / 'demo'}",
+        "--width=0.125",
+        "--image_size=8",
+        "--num_train=100",
+        "--pretrain_epochs=1",
+        "--epochs=1",
+        "--methods=pfq",
+    ]
+    first = _run(args)
+    assert "| mobilenet_v1 | A4/W4 | pfq |" in first and "demo wall time" in first
+    final = tmp_path / "demo" / "runs" / "pfq_a4w4_s0" / "final" / "qat_model.h5"
+    assert f"pfq QAT model: {final}" in first and final.exists()
+    table = [line for line in first.splitlines() if line.startswith("| mobilenet_v1")]
+    again = _run(args)
+    assert "Loading the pretrained model" in again
+    assert [line for line in again.splitlines() if line.startswith("| mobilenet_v1")] == table
+    # Other settings are refused rather than answered from the cache.
+    proc = subprocess.run(
+        [sys.executable, *args, "--epochs=2"],
+        cwd=ROOT,
+        env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONPATH": ROOT},
+        capture_output=True,
+        text=True,
+        timeout=400,
     )
-    assert "| mobilenet_v1 | A4/W4 | pfq |" in out and "demo wall time" in out
-    assert "Loading the pretrained model" in out
+    assert proc.returncode != 0
+    assert "steps.stage_a.config.epochs: 1 -> 2" in proc.stderr

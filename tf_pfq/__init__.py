@@ -26,6 +26,7 @@ from tf_pfq.quantize import apply, quantization_params, quantize_scope, strip
 from tf_pfq.quantizers import PfqActivationQuantizer, PfqBiasQuantizer, PfqWeightQuantizer
 from tf_pfq.ranges import ActivationRange
 from tf_pfq.report import PruneReport
+from tf_pfq.saving import load, save
 from tf_pfq.training import TrainConfig
 from tf_pfq.version import __version__
 from tf_pfq.workflow import WorkflowSummary, run_workflow
@@ -51,6 +52,8 @@ __all__ = [
     "PruneReport",
     "__version__",
     "apply",
+    "load",
+    "save",
     "compat",
     "count_macs",
     "count_params",

@@ -9,7 +9,6 @@ and bit width; `to_markdown` prints the table.
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Sequence
 from typing import Any
@@ -21,7 +20,6 @@ from tf_pfq import data as data_lib
 from tf_pfq.baselines import METHODS, run_method
 from tf_pfq.compat import keras, prepare_model
 from tf_pfq.training import TrainConfig
-from tf_pfq.workflow import STATE_FILE, WorkflowSummary
 
 __all__ = ["compare", "aggregate", "to_markdown", "run_name"]
 
@@ -34,17 +32,6 @@ def run_name(method: str, activation_bits: int, weight_bits: int, seed: int) -> 
       'pfq_a4w4_s0'
     """
     return f"{method}_a{activation_bits}w{weight_bits}_s{seed}"
-
-
-def _finished_summary(path: str) -> WorkflowSummary | None:
-    state_path = os.path.join(path, STATE_FILE)
-    if not os.path.exists(state_path):
-        return None
-    with open(state_path) as f:
-        state = json.load(f)
-    if state["done"] != len(state["steps"]):
-        return None
-    return WorkflowSummary.from_dict(state["summary"])
 
 
 def compare(
@@ -60,6 +47,7 @@ def compare(
     batch_size: int = 32,
     verbose: int | str = 0,
     tag: str = "",
+    overwrite: bool = False,
 ) -> list[dict[str, Any]]:
     """Runs `methods` x `bits` x `seeds` on `model`; resumable via `output_dir`.
 
@@ -75,10 +63,17 @@ def compare(
       batch_size: fine-tuning batch size.
       verbose: Keras progress-bar setting.
       tag: a label stored in every row (e.g. the model name).
+      overwrite: a run directory holding results of other settings (another
+        model, epochs, ...) is discarded and rerun instead of raising.
 
     Returns:
       One dict per run: method, bits, seed, accuracy, float accuracy, params,
-      MACs, removed channels, params pruned fraction, per-step accuracies.
+      MACs, removed channels, params pruned fraction, per-step accuracies, and
+      `run_dir`, the run's directory (its final model is in `run_dir/final`).
+
+    Raises:
+      ValueError: an unknown method, or (without `overwrite`) a run directory
+        holding results of other settings; the message names what differs.
     """
     for method in methods:
         if method not in METHODS:
@@ -94,29 +89,27 @@ def compare(
             for method in methods:
                 name = run_name(method, a_bits, w_bits, seed)
                 path = os.path.join(output_dir, name)
-                summary = _finished_summary(path)
-                if summary is None:
-                    logging.info("Running %s %s", tag, name)
-                    keras.utils.set_random_seed(seed)
-                    train = data_lib.to_dataset(
-                        splits["train"], batch_size, shuffle=True, seed=seed
-                    )
-                    _, summary = run_method(
-                        method,
-                        model,
-                        train,
-                        activation_bits=a_bits,
-                        weight_bits=w_bits,
-                        stage_a=stage_a,
-                        stage_w=stage_w,
-                        test_data=test,
-                        validation_data=validation,
-                        output_dir=path,
-                        verbose=verbose,
-                    )
-                    keras.backend.clear_session()
-                else:
-                    logging.info("Skipping finished run %s %s", tag, name)
+                # Finished runs are not skipped here: run_method checks the run's
+                # recorded settings (model, epochs, data, ...) and then returns the
+                # finished summary without training again.
+                logging.info("Run %s %s", tag, name)
+                keras.utils.set_random_seed(seed)
+                train = data_lib.to_dataset(splits["train"], batch_size, shuffle=True, seed=seed)
+                _, summary = run_method(
+                    method,
+                    model,
+                    train,
+                    activation_bits=a_bits,
+                    weight_bits=w_bits,
+                    stage_a=stage_a,
+                    stage_w=stage_w,
+                    test_data=test,
+                    validation_data=validation,
+                    output_dir=path,
+                    verbose=verbose,
+                    overwrite=overwrite,
+                )
+                keras.backend.clear_session()
                 rows.append(
                     {
                         "model": tag,
@@ -134,6 +127,7 @@ def compare(
                         "params_pruned_fraction": summary.params_pruned_fraction,
                         "steps": {s.name: s.accuracy for s in summary.steps},
                         "seconds": sum(s.seconds for s in summary.steps),
+                        "run_dir": path,
                     }
                 )
     return rows

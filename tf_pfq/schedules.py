@@ -79,3 +79,9 @@ class WarmupCosine(keras.optimizers.schedules.LearningRateSchedule):
             "warmup_epochs": self.warmup_epochs,
             "period": self.period,
         }
+
+
+# HDF5 files store an optimizer's schedule under its bare class name, while
+# `register_keras_serializable` files it as "tf_pfq>WarmupCosine"; registering the
+# bare name too lets a compiled QAT model saved as .h5 load without extra scopes.
+keras.utils.get_custom_objects().setdefault("WarmupCosine", WarmupCosine)

@@ -16,8 +16,11 @@ runs under an optional `tf.distribute` strategy (Mirrored, MultiWorkerMirrored).
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
+import re
+import shutil
 import time
 import warnings
 from collections.abc import Callable, Sequence
@@ -27,6 +30,7 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
+from tf_pfq import saving
 from tf_pfq.compat import keras, prepare_model
 from tf_pfq.training import TrainConfig, clear_regularizers, evaluate_accuracy, fit
 from tf_pfq.validation import check_data
@@ -39,9 +43,15 @@ __all__ = [
     "run_steps",
     "run_workflow",
     "calibration_images",
+    "check_settings",
+    "run_settings",
 ]
 
 STATE_FILE = "workflow_state.json"
+SETTINGS_FILE = "run_settings.json"
+FINAL_DIR = "final"
+FINAL_MODEL = "qat_model.h5"
+FINAL_TFLITE = "model.tflite"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -300,6 +310,184 @@ def _scope(step: Step):
 
 
 # --------------------------------------------------------------------------------------
+# Run settings: what a run directory's results depend on
+
+
+def _sha256(arrays) -> str:
+    digest = hashlib.sha256()
+    for a in arrays:
+        a = np.ascontiguousarray(a)
+        digest.update(str((a.dtype, a.shape)).encode())
+        digest.update(a.tobytes())
+    return digest.hexdigest()
+
+
+def _jsonable(value):
+    """`value` as plain JSON (objects without a JSON form by their repr)."""
+    return json.loads(json.dumps(value, sort_keys=True, default=repr))
+
+
+def _step_settings(step: Step) -> dict[str, Any]:
+    out: dict[str, Any] = {"kind": step.kind}
+    for field in dataclasses.fields(step):
+        value = getattr(step, field.name)
+        if field.name in ("name", "kind") or value is None:
+            continue
+        out[field.name] = dataclasses.asdict(value) if field.name == "config" else value
+    return out
+
+
+def run_settings(
+    model,
+    train_data: tf.data.Dataset | None,
+    steps: Sequence[Step],
+    **options,
+) -> dict[str, Any]:
+    """Everything a run's results depend on, as JSON: its fingerprint.
+
+    The model by its architecture and a hash of its weights; every step with its bit
+    widths and `TrainConfig`; the training data by element spec and number of
+    batches; and `options` (method, prune and DFQ arguments, ...).
+
+    Example:
+      >>> m = keras.Sequential([keras.layers.Dense(2, input_shape=(3,))])
+      >>> s = run_settings(m, None, algorithm1_steps(TrainConfig(), TrainConfig()))
+      >>> s["steps"]["stage_w"]["weight_bits"], sorted(s["model"])
+      (4, ['architecture', 'weights'])
+    """
+    architecture = json.dumps(model.get_config(), sort_keys=True, default=repr)
+    settings: dict[str, Any] = {
+        "model": {
+            "architecture": hashlib.sha256(architecture.encode()).hexdigest(),
+            "weights": _sha256(model.get_weights()),
+        },
+        "steps": {step.name: _step_settings(step) for step in steps},
+    }
+    if train_data is not None:
+        settings["train_data"] = {
+            "element_spec": repr(train_data.element_spec),
+            "batches": int(train_data.cardinality()),
+        }
+    settings.update(options)
+    return _jsonable(settings)
+
+
+def _flatten(tree, prefix: str = "") -> dict[str, Any]:
+    if not isinstance(tree, dict):
+        return {prefix: tree}
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        out.update(_flatten(value, f"{prefix}.{key}" if prefix else str(key)))
+    return out
+
+
+def _differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    a, b = _flatten(old), _flatten(new)
+    return [
+        f"{key}: {a.get(key, '<absent>')!r} -> {b.get(key, '<absent>')!r}"
+        for key in sorted(set(a) | set(b))
+        if a.get(key, "<absent>") != b.get(key, "<absent>")
+    ]
+
+
+def _read_json(path: str) -> Any:
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(
+            f"{path} is corrupt ({e}); delete it or pass `overwrite=True` to start afresh."
+        ) from None
+
+
+def _write_json(path: str, value: Any) -> None:
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(value, f, indent=2)
+    os.replace(tmp, path)  # atomic: a reader sees the old file or the new one
+
+
+def check_settings(
+    directory: str,
+    settings: dict[str, Any],
+    overwrite: bool = False,
+    clear: Callable[[], None] | None = None,
+) -> bool:
+    """Ties `directory` to `settings`: records them, or checks them against the record.
+
+    Args:
+      directory: a run directory (created if missing).
+      settings: JSON settings (e.g. from `run_settings`).
+      overwrite: when the recorded settings differ, call `clear` and record the new
+        ones instead of raising.
+      clear: removes the directory's results (default: everything in it).
+
+    Returns:
+      True when `directory` already held results of these settings.
+
+    Raises:
+      ValueError: the directory holds results of other settings (the message lists
+        each differing field with its old and new value), or results without
+        recorded settings.
+
+    Example:
+      >>> import tempfile
+      >>> d = tempfile.mkdtemp()
+      >>> check_settings(d, {"bits": 4}), check_settings(d, {"bits": 4})
+      (False, True)
+      >>> check_settings(d, {"bits": 3})
+      Traceback (most recent call last):
+      ...
+      ValueError: ... holds results of other settings: bits: 4 -> 3. ...
+      >>> check_settings(d, {"bits": 3}, overwrite=True)
+      False
+    """
+    settings = _jsonable(settings)
+    os.makedirs(directory, exist_ok=True)
+    path = os.path.join(directory, SETTINGS_FILE)
+    if os.path.exists(path):
+        old = _read_json(path)
+        if old == settings:
+            return True
+        problem = f"holds results of other settings: {'; '.join(_differences(old, settings))}."
+    elif os.listdir(directory):
+        problem = f"holds files but no {SETTINGS_FILE} saying which settings made them."
+    else:
+        problem = ""
+    if problem:
+        if not overwrite:
+            raise ValueError(
+                f"{directory} {problem} Pass `overwrite=True` (--overwrite) to discard "
+                "them, or use another directory."
+            )
+        logging.warning("Discarding the results in %s: it %s", directory, problem)
+        if clear is not None:
+            clear()
+        else:
+            shutil.rmtree(directory)
+            os.makedirs(directory)
+    _write_json(path, settings)
+    return False
+
+
+def _clear_run(root: str) -> Callable[[], None]:
+    def clear():
+        for entry in os.listdir(root):
+            path = os.path.join(root, entry)
+            ours = entry in (STATE_FILE, SETTINGS_FILE, FINAL_DIR, "tensorboard") or re.match(
+                r"\d\d_", entry
+            )
+            if not ours:
+                continue
+            if os.path.isdir(path):
+                shutil.rmtree(path)
+            else:
+                os.remove(path)
+
+    return clear
+
+
+# --------------------------------------------------------------------------------------
 # Checkpoints
 
 
@@ -341,27 +529,80 @@ class _Checkpoints:
     def load_state(self) -> dict[str, Any] | None:
         if not self.root or not os.path.exists(os.path.join(self.root, STATE_FILE)):
             return None
-        with open(os.path.join(self.root, STATE_FILE)) as f:
-            return json.load(f)
+        return _read_json(os.path.join(self.root, STATE_FILE))
 
     def save_state(self, state: dict[str, Any]) -> None:
-        if not self.root:
-            return
-        tmp = os.path.join(self.root, STATE_FILE + ".tmp")
-        with open(tmp, "w") as f:
-            json.dump(state, f, indent=2)
-        os.replace(tmp, os.path.join(self.root, STATE_FILE))  # atomic: never half-written
+        if self.root:
+            _write_json(os.path.join(self.root, STATE_FILE), state)
 
     def save_model(self, model, path: str) -> None:
         # HDF5 stores weights by layer name and order, which survives the config
         # rewrites (pruned widths, folded biases) that the .keras format's
-        # variable-path matching trips over.
+        # variable-path matching trips over. Written under a temporary name and
+        # renamed, so a killed run never leaves a half-written checkpoint.
+        tmp = f"{path[:-3]}.tmp.h5"
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)
-            model.save(path, include_optimizer=False)
+            model.save(tmp, include_optimizer=False)
+        os.replace(tmp, path)
+
+    def save_weights(self, model, path: str) -> None:
+        tmp = f"{path[:-3]}.tmp.h5"
+        model.save_weights(tmp)
+        os.replace(tmp, path)
 
     def load_model(self, path: str):
-        return keras.models.load_model(path, custom_objects=self.custom_objects, compile=False)
+        return _load_checkpoint(
+            path,
+            lambda: keras.models.load_model(
+                path, custom_objects=self.custom_objects, compile=False
+            ),
+        )
+
+
+class CorruptCheckpointError(ValueError):
+    """A checkpoint file that is missing, truncated or otherwise unreadable."""
+
+
+def _load_checkpoint(path: str, load: Callable[[], Any]):
+    if not os.path.exists(path):
+        raise CorruptCheckpointError(f"Checkpoint {path} is missing.")
+    try:
+        return load()
+    except Exception as e:  # h5py, Keras and TF raise many types for damaged files
+        raise CorruptCheckpointError(
+            f"Checkpoint {path} is corrupt or truncated ({type(e).__name__}: {e})."
+        ) from e
+
+
+def _check_backup(backup_dir: str) -> None:
+    """Drops a damaged `BackupAndRestore` checkpoint so the stage restarts cleanly.
+
+    Every tensor is read once: a truncated data file is otherwise only noticed by
+    `fit`, as a low-level read error naming no file.
+    """
+    if not os.path.isdir(backup_dir):
+        return
+    for root, _, files in os.walk(backup_dir):
+        if "checkpoint" not in files:
+            continue
+        try:
+            prefix = tf.train.latest_checkpoint(root)
+            if prefix is None:
+                raise ValueError("its `checkpoint` index names no checkpoint")
+            reader = tf.train.load_checkpoint(prefix)
+            for key in reader.get_variable_to_shape_map():
+                reader.get_tensor(key)
+        except Exception as e:  # TF raises many types for damaged checkpoints
+            logging.warning(
+                "The epoch checkpoint in %s is corrupt or truncated (%s: %s); the "
+                "stage restarts from its first epoch.",
+                root,
+                type(e).__name__,
+                e,
+            )
+            shutil.rmtree(backup_dir)
+            return
 
 
 # --------------------------------------------------------------------------------------
@@ -449,6 +690,8 @@ def run_steps(
     method: str = "custom",
     keep_regularizers: bool = False,
     custom_objects: dict[str, Any] | None = None,
+    overwrite: bool = False,
+    export: bool = False,
 ):
     """Runs a list of workflow steps on a float model; resumable, distributable.
 
@@ -459,8 +702,10 @@ def run_steps(
       test_data: batched dataset for the accuracy reported after each step.
       validation_data: batched dataset for per-epoch validation and the appendix A.1
         early stopping (`TrainConfig.target_drop` / `patience`).
-      output_dir: checkpoint directory; a run restarted with the same directory skips
-        finished steps and resumes a training stage at its last finished epoch.
+      output_dir: run directory; a run restarted with the same directory and the
+        same settings (see `run_settings`) skips finished steps and resumes a
+        training stage at its last finished epoch. The final QAT model is written to
+        `output_dir/final/qat_model.h5`.
       strategy: a `tf.distribute.Strategy` for the training stages.
       tensorboard: write TensorBoard logs under `output_dir/tensorboard/<step>`.
       calibration_data: images for PfQ's output-change check and DFQ's statistics;
@@ -475,6 +720,11 @@ def run_steps(
       keep_regularizers: keep the model's own kernel regularizers while fine-tuning
         (default: remove them; the optimizer's weight decay replaces them, paper §4).
       custom_objects: for loading checkpoints of models with custom layers.
+      overwrite: when `output_dir` holds a run of other settings, discard it and
+        start afresh (default: raise).
+      export: also write `output_dir/final/model.tflite` (`tf_pfq.export.to_tflite`,
+        calibrated on `calibration_data`); needs a last step that trains weights
+        with the "pfq" quantizer.
 
     Returns:
       (quantized QAT model of the last training step, or the float model if there is
@@ -482,8 +732,9 @@ def run_steps(
 
     Raises:
       TypeError: `model` is not a tf_keras Functional/Sequential model.
-      ValueError: duplicate step names, a checkpoint from a different step list, or a
-        tfmot training step that is not the last one.
+      ValueError: duplicate step names, an `output_dir` holding a run of other
+        settings (the message names each difference) without `overwrite`, a
+        corrupt state file, or a tfmot training step that is not the last one.
     """
     model = prepare_model(model)
     names = [s.name for s in steps]
@@ -496,6 +747,22 @@ def run_steps(
     ckpt = _Checkpoints(output_dir, strategy, custom_objects)
     prune_kwargs = dict(prune_kwargs or {})
     dfq_kwargs = dict(dfq_kwargs or {})
+    if export and (not trains or trains[-1] != len(steps) - 1 or not steps[-1].weight_bits):
+        raise ValueError("`export=True` needs a last step that trains quantized weights.")
+    if export and steps[-1].quantizer != "pfq":
+        raise ValueError("`export=True` needs the 'pfq' quantizer in the last step.")
+    if ckpt.root:
+        settings = run_settings(
+            model,
+            train_data,
+            steps,
+            method=method,
+            prune_kwargs=prune_kwargs,
+            dfq_kwargs=dfq_kwargs,
+            keep_regularizers=keep_regularizers,
+            calibration=None if calibration_data is None else _sha256([calibration_data]),
+        )
+        check_settings(ckpt.root, settings, overwrite, clear=_clear_run(ckpt.root))
     if calibration_data is None:
         calibration_data = calibration_images(train_data)
 
@@ -522,9 +789,21 @@ def run_steps(
     reference = _evaluate(float_model, validation_data) if validation_data is not None else None
     qat = None
     done = state["done"]
-    if done:
+    while done:
+        try:
+            float_model, qat = _restore(ckpt, steps, done, strategy)
+        except CorruptCheckpointError as e:
+            # Step files are written before the state names the step done, so an
+            # unreadable one was damaged afterwards; the step before it is redone.
+            logging.warning("%s Redoing step %r.", e, names[done - 1])
+            done -= 1
+            qat = None
+            if not done:
+                float_model = model if keep_regularizers else clear_regularizers(model)
+            continue
         logging.info("Resuming from %s after step %r.", output_dir, names[done - 1])
-        float_model, qat = _restore(ckpt, steps, done, strategy)
+        break
+    del summary.steps[done:]
 
     for index in range(done, len(steps)):
         step = steps[index]
@@ -534,6 +813,7 @@ def run_steps(
         if step.kind == "train":
             if step_dir:
                 ckpt.save_model(float_model, os.path.join(step_dir, "input.h5"))
+                _check_backup(os.path.join(step_dir, "backup"))
             qat = _build_qat(float_model, step, strategy)
             step_callbacks = callbacks(step) if callable(callbacks) else callbacks
             assert step.config is not None  # Step.__post_init__ checks training steps
@@ -555,7 +835,7 @@ def run_steps(
                 strategy=strategy,
             )
             if step_dir:
-                qat.save_weights(os.path.join(step_dir, "qat_weights.h5"))
+                ckpt.save_weights(qat, os.path.join(step_dir, "qat_weights.h5"))
             params, macs = _costs(float_model)
             result = StepResult(
                 step.name,
@@ -598,7 +878,26 @@ def run_steps(
         )
         state.update(summary=summary.to_dict(), done=index + 1)
         ckpt.save_state(state)
-    return (qat if qat is not None else float_model), summary
+    final = qat if qat is not None else float_model
+    if ckpt.root and _is_chief(strategy):
+        _write_final(ckpt.root, final, calibration_data, export)
+    return final, summary
+
+
+def _write_final(root: str, model, calibration, export: bool) -> None:
+    """The run's result in forms other tools load: .h5 and, with `export`, .tflite."""
+    final_dir = os.path.join(root, FINAL_DIR)
+    os.makedirs(final_dir, exist_ok=True)
+    path = saving.save(model, os.path.join(final_dir, FINAL_MODEL))
+    logging.info("Final model: %s", path)
+    if export:
+        from tf_pfq.export import to_tflite
+
+        tflite = os.path.join(final_dir, FINAL_TFLITE)
+        with open(f"{tflite}.tmp", "wb") as f:
+            f.write(to_tflite(model, representative_data=calibration))
+        os.replace(f"{tflite}.tmp", tflite)
+        logging.info("Exported: %s", tflite)
 
 
 def _build_qat(float_model, step: Step, strategy):
@@ -619,7 +918,8 @@ def _restore(ckpt: _Checkpoints, steps: Sequence[Step], done: int, strategy):
     with _scope(step):
         input_model = ckpt.load_model(os.path.join(step_dir, "input.h5"))
     qat = _build_qat(input_model, step, strategy)
-    qat.load_weights(os.path.join(step_dir, "qat_weights.h5"))
+    weights = os.path.join(step_dir, "qat_weights.h5")
+    _load_checkpoint(weights, lambda: qat.load_weights(weights))
     float_model = _strip(qat, step) if done < len(steps) else input_model
     return float_model, qat
 
