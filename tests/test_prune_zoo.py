@@ -1,0 +1,120 @@
+"""tf_pfq.prune on models written with op layers (`x + 3.0`, `tf.nn.relu6`, slicing).
+
+MobileNetV3 builds hard-swish as `x * relu6(x + 3) / 6` from op layers and a
+Multiply; its squeeze-excite blocks multiply by a per-image scale. Small inputs,
+untrained weights, planted dead channels (see test_prune_helpers.plant_dead).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import tensorflow as tf
+from test_prune_helpers import ROUND_OFF, assert_same_outputs, max_change, plant_dead, randomize_bn
+
+import tf_pfq
+from tf_pfq.compat import keras
+from tf_pfq.graph import LayerGraph, rebuild
+
+L = keras.layers
+
+
+@pytest.fixture(autouse=True)
+def _keras_seed():
+    keras.utils.set_random_seed(0)
+
+
+def _images(seed: int, n: int = 4, size: int = 32) -> np.ndarray:
+    return np.random.default_rng(seed).uniform(-1, 1, (n, size, size, 3)).astype(np.float32)
+
+
+def _mobilenet_v3_small():
+    model = keras.applications.MobileNetV3Small(
+        input_shape=(32, 32, 3),
+        weights=None,
+        minimalistic=False,
+        classifier_activation=None,
+        include_preprocessing=False,
+    )
+    randomize_bn(model, _images(4))
+    return model
+
+
+def test_graph_reads_op_layer_calls():
+    x = keras.Input((4, 4, 3), name="x")
+    a = L.Conv2D(4, 1, name="a")(x)
+    b = L.Conv2D(4, 1, name="b")(x)
+    y = tf.math.multiply(a, b)  # the second tensor is stored in the call's kwargs
+    model = keras.Model(x, [tf.nn.relu6(a + 3.0) / 6.0, y[..., :2]])
+    graph = LayerGraph(model)
+    assert graph.inputs_of("tf.math.multiply") == ["a", "b"]
+    assert sorted(graph.consumers_of("b")) == ["tf.math.multiply"]
+    rebuilt = rebuild(model)
+    data = _images(0, 2, 4)
+    for before, after in zip(model(data), rebuilt(data)):
+        np.testing.assert_array_equal(before, after)
+
+
+def test_mobilenet_v3_small_exact_cases():
+    model = _mobilenet_v3_small()
+    # Residual Add with the same constant channel on both branches, then a 1x1 expand.
+    plant_dead(model, "expanded_conv_1/project/BatchNorm", 3, beta=0.4)
+    plant_dead(model, "expanded_conv_2/project/BatchNorm", 3, beta=-0.2)
+    # Hard-swish (op layers + Multiply of two constants), pooling, then Conv_2's bias.
+    plant_dead(model, "Conv_1/BatchNorm", 5, beta=0.7)
+    # Reaches a squeeze-excite Multiply whose other input is live: kept.
+    plant_dead(model, "expanded_conv_3/depthwise/BatchNorm", 1, beta=0.5)
+    pruned, report = tf_pfq.prune(model, exact_only=True)
+    assert report.num_dead == 4 and report.num_pruned == 3 and report.exact
+    assert report.layer("expanded_conv_3/expand").notes  # absorbed into the mean shift
+    assert report.layer("Conv_1").removed == [5]
+    kept = report.layer("expanded_conv_3/depthwise/BatchNorm").kept
+    assert list(kept) == [1] and "squeeze_excite" in kept[1]
+    assert_same_outputs(model, pruned, _images(1))
+
+
+def test_mobilenet_v3_small_negative_control():
+    # The same plant with a live producer filter is not a constant channel: pruning it
+    # (forced by a threshold) must change the outputs, or the test above proves nothing.
+    model = _mobilenet_v3_small()
+    bn = model.get_layer("Conv_1/BatchNorm")
+    threshold = float(bn.moving_variance.numpy()[5]) * 1.0001
+    variance = bn.moving_variance.numpy()
+    variance[variance < threshold] = threshold  # only channel 5 sits at the limit
+    variance[5] = threshold / 2
+    bn.moving_variance.assign(variance)
+    pruned, report = tf_pfq.prune(
+        model, threshold=lambda layer: threshold if layer.name == bn.name else 0.0
+    )
+    assert report.num_pruned == 1 and report.layer("Conv_1").removed == [5]
+    data = _images(1)
+    scale = float(np.max(np.abs(model(data))))
+    assert max_change(model, pruned, data) > 100 * ROUND_OFF * scale
+
+
+def test_unknown_op_keeps_channel_with_reason():
+    x = keras.Input((6, 6, 3))
+    h = L.Conv2D(4, 1, use_bias=False, name="conv")(x)
+    h = L.BatchNormalization(name="bn")(h)
+    h = tf.math.reduce_max(h, axis=-1, keepdims=True)  # mixes channels: not modelled
+    model = keras.Model(x, L.Conv2D(2, 1, name="head")(h))
+    randomize_bn(model)
+    plant_dead(model, "bn", 2, beta=0.3)
+    pruned, report = tf_pfq.prune(model)
+    assert report.num_pruned == 0 and report.num_kept == 1
+    assert "math.reduce_max" in report.layer("bn").kept[2]
+    assert_same_outputs(model, pruned, _images(0, 2, 6))
+
+
+def test_scalar_ops_pass_constants():
+    x = keras.Input((6, 6, 3))
+    h = L.Conv2D(4, 1, use_bias=False, name="conv")(x)
+    h = L.BatchNormalization(name="bn")(h)
+    h = tf.nn.relu6(h * 2.0 + 3.0) / 6.0 - 0.25
+    model = keras.Model(x, L.Conv2D(2, 1, use_bias=False, name="head")(h))
+    randomize_bn(model)
+    plant_dead(model, "bn", 1, beta=0.6)
+    pruned, report = tf_pfq.prune(model)
+    assert report.num_pruned == 1 and report.exact
+    assert pruned.get_layer("conv").filters == 3
+    assert_same_outputs(model, pruned, _images(0, 2, 6))
