@@ -118,3 +118,46 @@ def test_scalar_ops_pass_constants():
     assert report.num_pruned == 1 and report.exact
     assert pruned.get_layer("conv").filters == 3
     assert_same_outputs(model, pruned, _images(0, 2, 6))
+
+
+def _decoder(stride: int):
+    x = keras.Input((6, 6, 3))
+    h = L.Conv2D(6, 1, use_bias=False, name="enc")(x)
+    h = L.BatchNormalization(name="enc_bn")(h)
+    h = L.ReLU(name="enc_relu")(h)
+    h = L.Conv2DTranspose(5, 3, strides=stride, padding="same", use_bias=False, name="up")(h)
+    h = L.BatchNormalization(name="up_bn")(h)
+    h = L.ReLU(name="up_relu")(h)
+    model = keras.Model(x, L.Conv2D(2, 1, name="head")(h))
+    randomize_bn(model, _images(2, 4, 6))
+    return model
+
+
+def test_conv2d_transpose_producer_and_zero_constant_consumer():
+    model = _decoder(stride=2)
+    plant_dead(model, "up_bn", 3, beta=0.4)  # producer: filter 3 goes, head's bias absorbs
+    plant_dead(model, "enc_bn", 1, beta=-0.5)  # relu(-0.5) = 0 into a stride-2 transpose
+    pruned, report = tf_pfq.prune(model)
+    assert report.num_pruned == 2 and report.exact
+    assert pruned.get_layer("up").filters == 4 and pruned.get_layer("enc").filters == 5
+    assert_same_outputs(model, pruned, _images(3, 2, 6))
+
+
+def test_conv2d_transpose_constant_consumer():
+    # Stride 2 with a non-zero constant: each output phase sees other taps, kept.
+    model = _decoder(stride=2)
+    plant_dead(model, "enc_bn", 1, beta=0.5)
+    _, report = tf_pfq.prune(model)
+    assert report.num_kept == 1 and "stride > 1" in report.layer("enc_bn").kept[1]
+    # Stride 1: exact in the interior, so inexact overall; exact_only keeps it.
+    model = _decoder(stride=1)
+    plant_dead(model, "enc_bn", 1, beta=0.5)
+    data = _images(3, 2, 6)
+    pruned, report = tf_pfq.prune(model, calibration_data=data)
+    assert report.num_pruned == 1 and not report.exact
+    before, after = model(data).numpy(), pruned(data).numpy()
+    inner = np.abs(before - after)[:, 1:-1, 1:-1]
+    assert inner.max() <= ROUND_OFF * np.abs(before).max()  # interior exact
+    assert report.max_output_change > 100 * ROUND_OFF * np.abs(before).max()  # border not
+    _, report = tf_pfq.prune(model, exact_only=True)
+    assert report.num_pruned == 0 and report.num_kept == 1

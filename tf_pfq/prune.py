@@ -251,7 +251,9 @@ class _Pruner:
                 plan.fail(sources, f"{self.describe(name)} has depth_multiplier > 1")
             else:
                 self.request(plan, self.single_input(name), channel, name, sources)
-        elif isinstance(layer, L.Conv2D) and not isinstance(layer, L.Conv2DTranspose):
+        elif isinstance(layer, L.Conv2DTranspose):
+            pass  # its filters are kernel[:, :, o, :]: one can go
+        elif isinstance(layer, L.Conv2D):
             if layer.groups != 1:
                 plan.fail(sources, f"{self.describe(name)} is a grouped convolution")
         elif isinstance(layer, L.Dense):
@@ -341,7 +343,9 @@ class _Pruner:
         values = np.array([const[c].value for c in channels])
         if isinstance(layer, L.DepthwiseConv2D):
             self.depthwise(plan, name, const)
-        elif isinstance(layer, L.Conv2D) and not isinstance(layer, L.Conv2DTranspose):
+        elif isinstance(layer, L.Conv2DTranspose):
+            self.absorb_transpose(plan, name, const)
+        elif isinstance(layer, L.Conv2D):
             if layer.groups != 1:
                 plan.fail(_union(const), f"{self.describe(name)} is a grouped convolution")
                 return
@@ -406,6 +410,28 @@ class _Pruner:
             for c in channels:
                 if const[c].value != 0:
                     self.inexact(plan, name, const[c].sources)
+
+    def absorb_transpose(self, plan: _Plan, name: str, const: dict[int, _Entry]) -> None:
+        """Conv2DTranspose: output o gains `a_c * sum_{u,v} W[u, v, o, c]` where all taps land.
+
+        With stride 1 that is the interior (the border sees fewer taps, as with zero
+        padding). With a larger stride each output position sees its own subset of
+        taps, so a non-zero constant gives a periodic pattern, not one value per
+        channel: such a channel is kept.
+        """
+        layer = self.graph.layer(name)
+        live = {c: e for c, e in const.items() if e.value != 0}
+        if live and any(s > 1 for s in layer.strides):
+            plan.fail(_union(live), f"{self.describe(name)} has stride > 1 (periodic taps)")
+            return
+        kernel = np.swapaxes(self.weights(name)[0], -1, -2)  # (kh, kw, in, out)
+        channels = sorted(const)
+        values = np.array([const[c].value for c in channels])
+        delta = pfq_math.input_constant_delta(kernel, channels, values)
+        plan.deltas[name] = plan.deltas.get(name, 0.0) + delta
+        if any(k > 1 for k in layer.kernel_size):
+            for c in live:
+                self.inexact(plan, name, live[c].sources)
 
     def depthwise(self, plan: _Plan, name: str, const: dict[int, _Entry]) -> None:
         layer = self.graph.layer(name)
@@ -514,9 +540,14 @@ class _Pruner:
                         notes[name].append("bias enabled to hold removed constants (eq. 14)")
                 if name in plan.border:
                     notes[name].append("'same' padding: exact in the interior only")
-                keep_in = pfq_math.keep_indices(kernel.shape[-2], in_removed)
-                keep_out = pfq_math.keep_indices(kernel.shape[-1], out_removed)
-                w = [kernel[..., keep_in, :][..., keep_out]]
+                if isinstance(layer, L.Conv2DTranspose):  # (kh, kw, out, in)
+                    keep_in = pfq_math.keep_indices(kernel.shape[-1], in_removed)
+                    keep_out = pfq_math.keep_indices(kernel.shape[-2], out_removed)
+                    w = [kernel[..., keep_in][..., keep_out, :]]
+                else:
+                    keep_in = pfq_math.keep_indices(kernel.shape[-2], in_removed)
+                    keep_out = pfq_math.keep_indices(kernel.shape[-1], out_removed)
+                    w = [kernel[..., keep_in, :][..., keep_out]]
                 if bias is not None:
                     w.append(bias[keep_out].astype(np.float32))
                 config["filters" if isinstance(layer, L.Conv2D) else "units"] = len(keep_out)
