@@ -161,3 +161,20 @@ def test_conv2d_transpose_constant_consumer():
     assert report.max_output_change > 100 * ROUND_OFF * np.abs(before).max()  # border not
     _, report = tf_pfq.prune(model, exact_only=True)
     assert report.num_pruned == 0 and report.num_kept == 1
+
+
+def test_report_groups_kept_channels_by_reason():
+    # Eight dead channels meet an Add whose other branch is live: one line for all.
+    x = keras.Input((4, 4, 3))
+    h = L.Conv2D(12, 1, use_bias=False, name="conv")(x)
+    h = L.BatchNormalization(name="bn")(h)
+    h = L.Add(name="add")([h, L.Conv2D(12, 1, name="side")(x)])
+    model = keras.Model(x, L.Conv2D(2, 1, name="head")(h))
+    randomize_bn(model)
+    for channel in [0, 1, 2, 3, 5, 7, 8, 9]:
+        plant_dead(model, "bn", channel, beta=0.3)
+    _, report = tf_pfq.prune(model)
+    assert report.num_kept == 8
+    lines = [line for line in str(report).splitlines() if "kept 8 [" in line]
+    assert len(lines) == 1 and "[0-3, 5, 7-9]" in lines[0] and "'add'" in lines[0]
+    assert str(report).count("live channel") == 1
