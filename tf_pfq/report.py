@@ -60,7 +60,7 @@ def abbreviate(channels, limit: int = 6) -> str:
       '0, 2, 4, ... (+17 more)'
     """
     runs: list[list[int]] = []
-    for c in sorted(set(int(c) for c in channels)):
+    for c in sorted({int(c) for c in channels}):
         if runs and c == runs[-1][1] + 1:
             runs[-1][1] = c
         else:
