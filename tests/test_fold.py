@@ -187,3 +187,30 @@ def test_unfoldable_batchnorms_are_listed_and_kept():
 def test_fold_rejects_non_models():
     with pytest.raises(TypeError, match="tf_keras"):
         tf_pfq.fold_batchnorm("model")
+
+
+def _transpose_net():
+    x = keras.Input((6, 6, 4))
+    h = L.Conv2DTranspose(4, 3, strides=2, padding="same", use_bias=False, name="up")(x)
+    h = L.BatchNormalization(name="up_bn")(h)
+    h = L.ReLU()(h)
+    return _randomize_bn(keras.Model(x, L.Conv2D(3, 1, name="head")(h)), seed=5)
+
+
+def test_fold_conv2d_transpose_scales_output_axis():
+    model = _transpose_net()
+    x = np.random.default_rng(6).uniform(-1, 1, (2, 6, 6, 4)).astype(np.float32)
+    folded, report = tf_pfq.fold_batchnorm(model)
+    assert report.folded == {"up_bn": "up"}
+    assert _relative_error(model, folded, x) < RELATIVE_TOLERANCE
+    # Negative control: scaling the last kernel axis (the input channels of a
+    # Conv2DTranspose, square here so no shape error hides the mistake) is wrong.
+    bn, up = model.get_layer("up_bn"), model.get_layer("up")
+    kernel, bias = fold_weights(
+        up.get_weights()[0], None, *[w.numpy() for w in bn.weights], epsilon=bn.epsilon
+    )
+    config = folded.get_layer("up").get_config()
+    wrong = rebuild(
+        model, remove=["up_bn"], layer_configs={"up": config}, weights={"up": [kernel, bias]}
+    )
+    assert _relative_error(model, wrong, x) > 100 * RELATIVE_TOLERANCE

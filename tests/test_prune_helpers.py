@@ -60,6 +60,8 @@ def plant_dead(model, bn_name: str, channel: int, beta: float) -> None:
     weights = producer.get_weights()
     if isinstance(producer, L.DepthwiseConv2D):
         weights[0][:, :, channel, :] = 0.0  # (kh, kw, in, multiplier), multiplier 1
+    elif isinstance(producer, L.Conv2DTranspose):
+        weights[0][:, :, channel, :] = 0.0  # (kh, kw, out, in)
     else:
         weights[0][..., channel] = 0.0  # Conv2D / Dense: output channels last
     constant = 0.0

@@ -74,7 +74,7 @@ def _one_step(model, x, y=None):
 
 def test_stage_a_quantizes_activations_only():
     model = _v2()
-    qat = tf_pfq.apply(model, activation_bits=4)
+    qat = tf_pfq.apply(model, activation_bits=4, add_bits=None)  # the paper's float Add
     names = [layer.name for layer in model.layers]
     expected = {n for n in names if n.endswith(("_relu", "_project_bn"))} | {"pool"}
     assert _output_quantized(qat) == expected
@@ -91,6 +91,24 @@ def test_stage_a_quantizes_activations_only():
         quantizer = qat.get_layer(f"quant_{name}").quantize_config.output_quantizer
         assert quantizer.num_bits == 4
         assert quantizer.non_negative == name.endswith("_relu")  # BN outputs can be < 0
+
+
+def test_default_quantizes_add_outputs_at_8_bits():
+    # The deployable default: every Add output has a grid the integer file can hold.
+    model = _v2()
+    qat = tf_pfq.apply(model, activation_bits=4)
+    adds = {layer.name for layer in model.layers if isinstance(layer, L.Add)}
+    assert adds and adds <= _output_quantized(qat)
+    for name in adds:
+        assert _wrappers(qat)[name].quantize_config.output_quantizer.num_bits == 8
+
+
+def test_add_feeding_a_relu_is_fused():
+    x = keras.Input((4, 4, 2))
+    y = L.Add(name="add")([L.Conv2D(2, 1, name="c")(x), x])
+    y = L.ReLU(name="relu")(y)
+    model = keras.Model(x, L.Conv2D(2, 1, name="out")(y))
+    assert tf_pfq.quantize.quantized_tensors(model, activation_bits=4) == {"c": 4, "relu": 4}
 
 
 def test_stage_w_quantizes_every_kernel_and_bias():
@@ -123,7 +141,7 @@ def test_stage_w_quantizes_every_kernel_and_bias():
 
 def test_bias_stays_float_after_an_unquantized_add():
     folded, _ = tf_pfq.fold_batchnorm(_v2())
-    qat = tf_pfq.apply(folded, activation_bits=4, weight_bits=4)  # add_bits=None (paper)
+    qat = tf_pfq.apply(folded, activation_bits=4, weight_bits=4, add_bits=None)  # paper
     wrappers = _wrappers(qat)
     assert wrappers["block_2_expand"].quantize_config.bias_quantizer is None  # reads an Add
     assert wrappers["block_3_expand"].quantize_config.bias_quantizer is None

@@ -46,7 +46,7 @@ def test_str_lists_changed_layers_reasons_and_totals():
     assert "dead BN channels: 3, pruned 2, kept 1" in text
     assert "params: 1,000 -> 900 (10.0% less)" in text
     assert "MACs: 5,000 -> 4,000 (20.0% less)" in text
-    assert "kept 1: Add 'add' has a live channel 2 on another branch" in text
+    assert "kept 1 [2]: Add 'add' has a live channel 2 on another branch" in text
     assert "interior" in text and "0.0123" in text
     assert "idle" not in text
     assert "vary by at most std 0.25" in text

@@ -28,7 +28,9 @@ L = keras.layers
 _FOLDABLE = (L.Conv2D, L.DepthwiseConv2D, L.Dense)
 
 
-def fold_weights(kernel, bias, gamma, beta, mean, variance, epsilon: float, depthwise=False):
+def fold_weights(
+    kernel, bias, gamma, beta, mean, variance, epsilon: float, depthwise=False, transpose=False
+):
     """Folds BN statistics into a kernel and bias (paper eq. 5-6), in float64.
 
     Args:
@@ -41,6 +43,8 @@ def fold_weights(kernel, bias, gamma, beta, mean, variance, epsilon: float, dept
       variance: BN moving variance (cout,).
       epsilon: the BN layer's epsilon.
       depthwise: `kernel` has the depthwise layout.
+      transpose: `kernel` is a Conv2DTranspose kernel (kh, kw, cout, cin): the
+        output channels are axis 2, not the last axis.
 
     Returns:
       (kernel, bias) float32 arrays; the kernel keeps its shape.
@@ -61,6 +65,8 @@ def fold_weights(kernel, bias, gamma, beta, mean, variance, epsilon: float, dept
     if depthwise:
         # Output channel c * mult + m sits at kernel[..., c, m].
         folded = kernel * scale.reshape(kernel.shape[2], kernel.shape[3])
+    elif transpose:
+        folded = kernel * scale[:, None]
     else:
         folded = kernel * scale
     return folded.astype(np.float32), ((bias - mean) * scale + beta).astype(np.float32)
@@ -182,6 +188,7 @@ def fold_batchnorm(model):
             bn.moving_variance.numpy(),
             bn.epsilon,
             depthwise,
+            transpose=isinstance(producer, L.Conv2DTranspose),
         )
         config = producer.get_config()
         config["use_bias"] = True

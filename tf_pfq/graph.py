@@ -18,7 +18,7 @@ import numpy as np
 
 from tf_pfq.compat import keras, prepare_model
 
-__all__ = ["LayerGraph", "Inbound", "to_functional", "rebuild"]
+__all__ = ["LayerGraph", "Inbound", "to_functional", "rebuild", "call_kwargs"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,13 +53,71 @@ def to_functional(model, argument: str = "model"):
     return model
 
 
+def _is_ref(item) -> bool:
+    """True for a serialized tensor reference `[layer name, node index, tensor index, ...]`."""
+    return (
+        isinstance(item, (list, tuple))
+        and len(item) >= 3
+        and isinstance(item[0], str)
+        and isinstance(item[1], int)
+        and isinstance(item[2], int)
+    )
+
+
+def _records(node) -> list:
+    """The `[name, node, tensor, kwargs]` records of one serialized call.
+
+    A layer called on a list of tensors writes a list of records; an op layer
+    (`TFOpLambda`, `SlicingOpLambda`: `x + 3.0`, `x[..., :8]`) called on one tensor
+    writes the single record itself, its kwargs holding the other operands.
+    """
+    if _is_ref(node):
+        return [node]
+    return list(node)
+
+
+def _kwarg_refs(value) -> list[Inbound]:
+    # Tensors passed as keyword arguments (`tf.math.multiply(x, y=t)`) are written as
+    # references inside the kwargs; everything else there is a constant.
+    if _is_ref(value) and len(value) == 3:
+        return [Inbound(value[0], value[1], value[2])]
+    if isinstance(value, dict):
+        return [ref for v in value.values() for ref in _kwarg_refs(v)]
+    if isinstance(value, (list, tuple)):
+        return [ref for v in value for ref in _kwarg_refs(v)]
+    return []
+
+
 def _inbound_of(layer_config) -> list[list[Inbound]]:
     calls = []
     for node in layer_config["inbound_nodes"]:
-        # tf_keras writes [[name, node, tensor, kwargs], ...]; newer configs may
-        # use dicts with "args": support the documented list form only.
-        calls.append([Inbound(item[0], item[1], item[2]) for item in node])
+        if isinstance(node, dict):
+            raise ValueError(
+                f"Layer {layer_config['name']!r}: the Keras 3 'args' form of inbound nodes "
+                "is not supported; pass a tf_keras model."
+            )
+        inbounds = []
+        for item in _records(node):
+            inbounds.append(Inbound(item[0], item[1], item[2]))
+            if len(item) > 3:
+                inbounds += _kwarg_refs(item[3])
+        calls.append(inbounds)
     return calls
+
+
+def call_kwargs(layer_config) -> dict[str, Any]:
+    """The keyword arguments of a layer's first call (op layers keep operands here).
+
+    Example:
+      >>> call_kwargs({"inbound_nodes": [["bn", 0, 0, {"y": 3.0, "name": None}]]})
+      {'y': 3.0, 'name': None}
+    """
+    nodes = layer_config["inbound_nodes"]
+    if not nodes:
+        return {}
+    records = _records(nodes[0])
+    kwargs = records[0][3] if records and len(records[0]) > 3 else {}
+    return dict(kwargs) if isinstance(kwargs, dict) else {}
 
 
 class LayerGraph:
@@ -132,12 +190,19 @@ class LayerGraph:
         return isinstance(self.layer(name), keras.Model)
 
 
+def _rename_refs(value, old: str, new: list):
+    if _is_ref(value) and value[0] == old:
+        return [new[0], new[1], new[2], *[_rename_refs(v, old, new) for v in value[3:]]]
+    if isinstance(value, dict):
+        return {k: _rename_refs(v, old, new) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_rename_refs(v, old, new) for v in value]
+    return value
+
+
 def _replace_inbound(config, old: str, new: list) -> None:
     for layer_config in config["layers"]:
-        for node in layer_config["inbound_nodes"]:
-            for k, item in enumerate(node):
-                if item[0] == old:
-                    node[k] = [new[0], new[1], new[2], *item[3:]]
+        layer_config["inbound_nodes"] = _rename_refs(layer_config["inbound_nodes"], old, new)
     for key in ("output_layers",):
         for k, item in enumerate(config[key]):
             if item[0] == old:
@@ -196,7 +261,7 @@ def rebuild(
                 f"Layer {name!r} cannot be removed: it must have exactly one input and "
                 f"one call, it has {len(calls)} call(s)."
             )
-        source = graph.layer_config(name)["inbound_nodes"][0][0]
+        source = _records(graph.layer_config(name)["inbound_nodes"][0])[0]
         _replace_inbound(config, name, source[:3])
         config["layers"] = [c for c in config["layers"] if c["name"] != name]
     for layer_config in config["layers"]:

@@ -20,7 +20,8 @@ import tensorflow as tf
 
 from tf_pfq import cost, pfq_math
 from tf_pfq.compat import keras
-from tf_pfq.graph import LayerGraph, rebuild
+from tf_pfq.graph import LayerGraph, call_kwargs, rebuild
+from tf_pfq.layers import elementwise_op, op_name
 from tf_pfq.ranges import ACTIVATION_RANGES_ATTR, ActivationRange, activation_ranges_of
 from tf_pfq.report import LayerReport, PruneReport
 from tf_pfq.validation import check_data
@@ -251,7 +252,9 @@ class _Pruner:
                 plan.fail(sources, f"{self.describe(name)} has depth_multiplier > 1")
             else:
                 self.request(plan, self.single_input(name), channel, name, sources)
-        elif isinstance(layer, L.Conv2D) and not isinstance(layer, L.Conv2DTranspose):
+        elif isinstance(layer, L.Conv2DTranspose):
+            pass  # its filters are kernel[:, :, o, :]: one can go
+        elif isinstance(layer, L.Conv2D):
             if layer.groups != 1:
                 plan.fail(sources, f"{self.describe(name)} is a grouped convolution")
         elif isinstance(layer, L.Dense):
@@ -260,6 +263,15 @@ class _Pruner:
             layer, (L.BatchNormalization, L.ZeroPadding2D, *_IDENTITY, *_POOLING)
         ) or self.elementwise(name):
             self.request(plan, self.single_input(name), channel, name, sources)
+        elif isinstance(layer, (L.Add, L.Multiply)):
+            # Output channel c reads channel c of every input (hard-swish, residual):
+            # it goes when each input can drop c; a broadcast input cannot.
+            shapes = layer.input_shape
+            if any(shape[-1] != layer.output_shape[-1] for shape in shapes):
+                plan.fail(sources, f"{self.describe(name)} broadcasts an input")
+                return
+            for inbound in self.graph.inputs_of(name):
+                self.request(plan, inbound, channel, name, sources)
         elif isinstance(layer, L.Concatenate) and _is_last_axis(layer.axis, 4):
             offset = 0
             for inbound, shape in zip(self.graph.inputs_of(name), layer.input_shape):
@@ -268,15 +280,27 @@ class _Pruner:
                     return
                 offset += shape[-1]
         else:
-            plan.fail(sources, f"its producer {self.describe(name)} cannot drop channels")
+            plan.fail(sources, f"its producer {self.describe_op(name)} cannot drop channels")
 
     def elementwise(self, name: str) -> bool:
+        return self.elementwise_fn(name) is not None
+
+    def elementwise_fn(self, name: str) -> Callable | None:
+        """The per-channel function layer `name` computes, or None when it is not one."""
         layer = self.graph.layer(name)
         if isinstance(layer, _ELEMENTWISE):
-            return True
+            return layer
         if isinstance(layer, L.Activation):
-            return keras.activations.serialize(layer.activation) in _ELEMENTWISE_ACTIVATIONS
-        return False
+            if keras.activations.serialize(layer.activation) in _ELEMENTWISE_ACTIVATIONS:
+                return layer
+            return None
+        if op_name(layer) is not None and len(self.graph.inputs_of(name)) == 1:
+            return elementwise_op(layer, call_kwargs(self.graph.layer_config(name)))
+        return None
+
+    def describe_op(self, name: str) -> str:
+        op = op_name(self.graph.layer(name))
+        return f"op {op!r} in {name!r}" if op else self.describe(name)
 
     def forward(self, plan: _Plan, name: str) -> None:
         """Carries constant channels across layer `name`, or absorbs them into it."""
@@ -304,10 +328,12 @@ class _Pruner:
             self.concatenate(plan, name, const)
         elif isinstance(layer, L.Add):
             self.add(plan, name, const)
+        elif isinstance(layer, L.Multiply):
+            self.add(plan, name, const, product=True)
         elif len(const) != 1:
             plan.fail(
                 all_sources,
-                f"the constant reaches {self.describe(name)}, not supported",
+                f"the constant reaches {self.describe_op(name)}, not supported",
             )
         else:
             self.single(plan, name, const[0])
@@ -318,7 +344,9 @@ class _Pruner:
         values = np.array([const[c].value for c in channels])
         if isinstance(layer, L.DepthwiseConv2D):
             self.depthwise(plan, name, const)
-        elif isinstance(layer, L.Conv2D) and not isinstance(layer, L.Conv2DTranspose):
+        elif isinstance(layer, L.Conv2DTranspose):
+            self.absorb_transpose(plan, name, const)
+        elif isinstance(layer, L.Conv2D):
             if layer.groups != 1:
                 plan.fail(_union(const), f"{self.describe(name)} is a grouped convolution")
                 return
@@ -336,7 +364,7 @@ class _Pruner:
             )  # fmt: skip
             self.emit_all(plan, name, const, out)
         elif self.elementwise(name):
-            self.emit_all(plan, name, const, _apply(layer, values))
+            self.emit_all(plan, name, const, _apply(self.elementwise_fn(name), values))
         elif isinstance(layer, (*_IDENTITY, *_POOLING)):
             self.emit_all(plan, name, const, values)
         elif isinstance(layer, L.ZeroPadding2D):
@@ -358,7 +386,7 @@ class _Pruner:
         else:
             plan.fail(
                 _union(const),
-                f"the constant reaches {self.describe(name)}, not supported",
+                f"the constant reaches {self.describe_op(name)}, not supported",
             )
 
     def emit_all(self, plan, name, const, values, exact=None) -> None:
@@ -383,6 +411,28 @@ class _Pruner:
             for c in channels:
                 if const[c].value != 0:
                     self.inexact(plan, name, const[c].sources)
+
+    def absorb_transpose(self, plan: _Plan, name: str, const: dict[int, _Entry]) -> None:
+        """Conv2DTranspose: output o gains `a_c * sum_{u,v} W[u, v, o, c]` where all taps land.
+
+        With stride 1 that is the interior (the border sees fewer taps, as with zero
+        padding). With a larger stride each output position sees its own subset of
+        taps, so a non-zero constant gives a periodic pattern, not one value per
+        channel: such a channel is kept.
+        """
+        layer = self.graph.layer(name)
+        live = {c: e for c, e in const.items() if e.value != 0}
+        if live and any(s > 1 for s in layer.strides):
+            plan.fail(_union(live), f"{self.describe(name)} has stride > 1 (periodic taps)")
+            return
+        kernel = np.swapaxes(self.weights(name)[0], -1, -2)  # (kh, kw, in, out)
+        channels = sorted(const)
+        values = np.array([const[c].value for c in channels])
+        delta = pfq_math.input_constant_delta(kernel, channels, values)
+        plan.deltas[name] = plan.deltas.get(name, 0.0) + delta
+        if any(k > 1 for k in layer.kernel_size):
+            for c in live:
+                self.inexact(plan, name, live[c].sources)
 
     def depthwise(self, plan: _Plan, name: str, const: dict[int, _Entry]) -> None:
         layer = self.graph.layer(name)
@@ -413,17 +463,22 @@ class _Pruner:
                 self.emit(plan, name, offset + c, e.value, e.sources, e.exact)
             offset += shape[-1]
 
-    def add(self, plan: _Plan, name: str, const) -> None:
-        common = set.intersection(*(set(r) for r in const))
+    def add(self, plan: _Plan, name: str, const, product: bool = False) -> None:
+        """Add (or Multiply): a channel stays constant when it is constant on every input."""
+        if any(not r for r in const):
+            common: set = set()
+        else:
+            common = set.intersection(*(set(r) for r in const))
         for removed in const:
             for c, e in removed.items():
                 if c not in common:
                     plan.fail(
                         e.sources,
-                        f"{self.describe(name)} has a live channel {c} on another branch",
+                        f"{self.describe(name)} has a live channel on another branch",
                     )
         for c in sorted(common):
-            value = sum(r[c].value for r in const)
+            values = [r[c].value for r in const]
+            value = float(np.prod(values)) if product else sum(values)
             sources = frozenset().union(*(r[c].sources for r in const))
             self.emit(plan, name, c, value, sources, all(r[c].exact for r in const))
 
@@ -486,9 +541,14 @@ class _Pruner:
                         notes[name].append("bias enabled to hold removed constants (eq. 14)")
                 if name in plan.border:
                     notes[name].append("'same' padding: exact in the interior only")
-                keep_in = pfq_math.keep_indices(kernel.shape[-2], in_removed)
-                keep_out = pfq_math.keep_indices(kernel.shape[-1], out_removed)
-                w = [kernel[..., keep_in, :][..., keep_out]]
+                if isinstance(layer, L.Conv2DTranspose):  # (kh, kw, out, in)
+                    keep_in = pfq_math.keep_indices(kernel.shape[-1], in_removed)
+                    keep_out = pfq_math.keep_indices(kernel.shape[-2], out_removed)
+                    w = [kernel[..., keep_in][..., keep_out, :]]
+                else:
+                    keep_in = pfq_math.keep_indices(kernel.shape[-2], in_removed)
+                    keep_out = pfq_math.keep_indices(kernel.shape[-1], out_removed)
+                    w = [kernel[..., keep_in, :][..., keep_out]]
                 if bias is not None:
                     w.append(bias[keep_out].astype(np.float32))
                 config["filters" if isinstance(layer, L.Conv2D) else "units"] = len(keep_out)

@@ -73,6 +73,9 @@ __all__ = [
     "quantization_params",
     "LayerQuantParams",
     "quantized_tensors",
+    "concat_shared_ranges",
+    "activation_name",
+    "split_activations",
 ]
 
 _qkeras = tfmot.quantization.keras
@@ -151,6 +154,69 @@ def _validate_graph(graph: LayerGraph, weight_bits) -> None:
             )
 
 
+def split_activations(model):
+    """`model` with each non-fusable fused activation moved into an Activation layer.
+
+    Integer inference fuses ReLU and ReLU6 into a conv or dense op; softmax,
+    sigmoid, tanh, swish, ... are ops of their own whose input needs a grid, so
+    `Dense(10, activation="softmax", name="predictions")` (the head of the
+    `tf_keras.applications` models) becomes a linear `predictions` followed by an
+    `Activation("softmax", name="predictions_softmax")`. Other layers keep their
+    names; the model is returned unchanged when there is nothing to split.
+
+    Example:
+      >>> x = keras.Input((4,))
+      >>> m = keras.Model(x, keras.layers.Dense(3, activation="softmax", name="p")(x))
+      >>> [layer.name for layer in split_activations(m).layers]
+      ['input_1', 'p', 'p_softmax']
+    """
+    config = copy.deepcopy(model.get_config())
+    layers, renames = [], {}
+    for layer_config in config["layers"]:
+        layers.append(layer_config)
+        activation = layer_config["config"].get("activation")
+        if (
+            layer_config["class_name"] in ("Conv2D", "DepthwiseConv2D", "Dense")
+            and isinstance(activation, str)
+            and activation not in _FUSED_ACTIVATIONS
+        ):
+            layer_config["config"]["activation"] = "linear"
+            name = layer_config["name"]
+            new = f"{name}_{activation}"
+            renames[name] = new
+            layers.append(
+                {
+                    "class_name": "Activation",
+                    "config": {
+                        "name": new,
+                        "trainable": True,
+                        "dtype": layer_config["config"].get("dtype", "float32"),
+                        "activation": activation,
+                    },
+                    "name": new,
+                    "inbound_nodes": [[[name, 0, 0, {}]]],
+                }
+            )
+    if not renames:
+        return model
+    for layer_config in layers:
+        if layer_config["name"] in renames.values():
+            continue
+        layer_config["inbound_nodes"] = [
+            [[renames.get(item[0], item[0]), *item[1:]] for item in node]
+            for node in layer_config["inbound_nodes"]
+        ]
+    config["layers"] = layers
+    config["output_layers"] = [
+        [renames.get(item[0], item[0]), *item[1:]] for item in config["output_layers"]
+    ]
+    result = keras.Model.from_config(config)
+    for layer in model.layers:
+        if layer.weights:
+            result.get_layer(layer.name).set_weights(layer.get_weights())
+    return result
+
+
 def _is_terminal(graph: LayerGraph, name: str, memo: dict[str, bool]) -> bool:
     if name not in memo:
         consumers = graph.consumers_of(name)
@@ -164,9 +230,148 @@ def _is_terminal(graph: LayerGraph, name: str, memo: dict[str, bool]) -> bool:
     return memo[name]
 
 
-def quantized_tensors(
-    model, *, activation_bits: int, add_bits: int | None = None
-) -> dict[str, int]:
+# Outputs whose int8 grid TFLite fixes (LOGISTIC and SOFTMAX: scale 1/256 from 0,
+# TANH: scale 1/128 around 0); hard_sigmoid lands on [0, 1] like sigmoid. They are
+# quantized with that 8-bit grid whatever `activation_bits` is, so the file holds
+# exactly what QAT trained with.
+FIXED_RANGES = {
+    "softmax": (0.0, 255.0 / 256.0),
+    "sigmoid": (0.0, 255.0 / 256.0),
+    "hard_sigmoid": (0.0, 255.0 / 256.0),
+    "tanh": (-1.0, 127.0 / 128.0),
+}
+# Activation functions integer inference fuses into the op that produces their
+# input (the input tensor then never exists in int8, so it gets no quantizer).
+_FUSED_ACTIVATIONS = frozenset(["relu", "relu6", "linear", "elu"])
+_FUSED_LAYERS = (L.ReLU, L.LeakyReLU, L.PReLU, L.ELU, L.ThresholdedReLU)
+
+
+def activation_name(layer) -> str | None:
+    """The activation function an activation layer applies ("relu", "softmax", ...), or None.
+
+    Example:
+      >>> activation_name(keras.layers.Activation("sigmoid")), activation_name(keras.layers.Softmax())
+      ('sigmoid', 'softmax')
+    """
+    if isinstance(layer, L.Softmax):
+        return "softmax"
+    if isinstance(layer, L.ReLU):
+        return "relu"
+    if isinstance(layer, L.Activation):
+        name = getattr(layer.activation, "__name__", None) or str(layer.get_config()["activation"])
+        return "swish" if name == "silu" else name
+    return None
+
+
+def _fuses_into_producer(layer) -> bool:
+    return isinstance(layer, _FUSED_LAYERS) or (
+        isinstance(layer, L.Activation) and activation_name(layer) in _FUSED_ACTIVATIONS
+    )
+
+
+def _concat_sources(graph: LayerGraph, name: str) -> list[str]:
+    """Layers whose output reaches Concatenate `name` and nothing else.
+
+    Walks back from each input through grid-preserving layers with one consumer.
+    Giving those layers the concat's range (instead of a range of their own) makes
+    every input of the concat share one grid, as TFLite's int8 CONCATENATION and the
+    Edge TPU require; quantizing the concat output once then equals quantizing each
+    input with that grid, so the integer file needs no requantization.
+    """
+    sources = []
+    for producer in graph.inputs_of(name):
+        current = producer
+        while (
+            len(graph.consumers_of(current)) == 1
+            and isinstance(graph.layer(current), GRID_PRESERVING)
+            and len(graph.inputs_of(current)) == 1
+        ):
+            current = graph.inputs_of(current)[0]
+        if (
+            current not in graph.input_names
+            and len(graph.consumers_of(current)) == 1
+            and not graph.is_output(current)
+        ):
+            sources.append(current)
+    return sources
+
+
+def concat_shared_ranges(model, *, activation_bits: int, add_bits: int | None = 8) -> dict[str, str]:
+    """{layer name: Concatenate whose output range that layer's output uses} (see `apply`).
+
+    Example:
+      >>> x = keras.Input((4, 4, 1))
+      >>> a = keras.layers.ReLU(name="a")(x)
+      >>> b = keras.layers.Conv2D(2, 1, name="b")(x)
+      >>> c = keras.layers.Concatenate(name="c")([a, b])
+      >>> m = keras.Model(x, keras.layers.Conv2D(1, 1, name="out")(c))
+      >>> concat_shared_ranges(m, activation_bits=4)
+      {'a': 'c', 'b': 'c'}
+    """
+    return _select(LayerGraph(model), activation_bits, add_bits)[1]
+
+
+def _select(graph: LayerGraph, activation_bits: int, add_bits: int | None):
+    memo: dict[str, bool] = {}
+    selected: dict[str, int] = {}
+    for name in graph.order:
+        layer = graph.layer(name)
+        act = activation_name(layer)
+        if act in FIXED_RANGES:
+            if name not in graph.input_names:
+                selected[name] = 8
+            continue
+        if name in graph.input_names or _is_terminal(graph, name, memo):
+            continue
+        consumers = graph.consumers_of(name)
+        if isinstance(layer, L.Add):
+            fused = len(consumers) == 1 and _fuses_into_producer(graph.layer(consumers[0]))
+            if add_bits is not None and not fused:
+                selected[name] = add_bits
+            continue
+        if isinstance(layer, L.Concatenate):
+            selected[name] = activation_bits  # widened below to its inputs' bits
+            continue
+        if isinstance(layer, L.Activation) and _is_linear(layer):
+            continue
+        if isinstance(layer, (*ACTIVATIONS, *MEAN_POOLING)):
+            selected[name] = activation_bits
+        elif _is_weighted(layer) or isinstance(layer, L.BatchNormalization):
+            fused = (
+                _is_linear(layer)
+                and len(consumers) == 1
+                and (
+                    isinstance(graph.layer(consumers[0]), L.BatchNormalization)
+                    or _fuses_into_producer(graph.layer(consumers[0]))
+                )
+            )
+            if fused:
+                continue
+            # Logits feeding only an output softmax/sigmoid: the paper leaves the last
+            # layer's output in float; 8 bits is the closest an integer file holds.
+            last = bool(consumers) and all(
+                activation_name(graph.layer(c)) is not None and _is_terminal(graph, c, memo)
+                for c in consumers
+            )
+            selected[name] = 8 if last else activation_bits
+    shared: dict[str, str] = {}
+    for name in graph.order:  # inner concats first: an outer one takes their sources
+        if not isinstance(graph.layer(name), L.Concatenate) or name not in selected:
+            continue
+        for source in _concat_sources(graph, name):
+            if activation_name(graph.layer(source)) in FIXED_RANGES:
+                continue  # TFLite fixes that grid; the concat requantizes it
+            selected[name] = max(selected[name], selected.pop(source, 0))
+            shared[source] = name
+    # A nested concat's sources share the outer range: resolve chains.
+    for source, target in list(shared.items()):
+        while target in shared:
+            target = shared[target]
+        shared[source] = target
+    return selected, shared
+
+
+def quantized_tensors(model, *, activation_bits: int, add_bits: int | None = 8) -> dict[str, int]:
     """Which layer outputs `apply` quantizes, and with how many bits (see module doc).
 
     Args:
@@ -184,31 +389,7 @@ def quantized_tensors(
       >>> sorted(quantized_tensors(m, activation_bits=4))
       ['conv1_relu', 'conv_dw_1_relu', 'conv_pw_1_relu', 'pool']
     """
-    graph = LayerGraph(model)
-    memo: dict[str, bool] = {}
-    selected = {}
-    for name in graph.order:
-        layer = graph.layer(name)
-        if name in graph.input_names or _is_terminal(graph, name, memo):
-            continue
-        if isinstance(layer, L.Add):
-            if add_bits is not None:
-                selected[name] = add_bits
-            continue
-        if isinstance(layer, L.Activation) and _is_linear(layer):
-            continue
-        if isinstance(layer, (*ACTIVATIONS, *MEAN_POOLING)):
-            selected[name] = activation_bits
-        elif _is_weighted(layer) or isinstance(layer, L.BatchNormalization):
-            consumers = graph.consumers_of(name)
-            fused = (
-                _is_linear(layer)
-                and len(consumers) == 1
-                and isinstance(graph.layer(consumers[0]), (L.BatchNormalization, *ACTIVATIONS))
-            )
-            if not fused:
-                selected[name] = activation_bits
-    return selected
+    return _select(LayerGraph(model), activation_bits, add_bits)[0]
 
 
 _NON_NEGATIVE = frozenset(["relu", "relu6", "softmax", "sigmoid"])
@@ -242,14 +423,16 @@ def _input_is_quantized(graph, name, outputs, input_bits) -> bool:
 
 
 def _plan(graph, activation_bits, weight_bits, per_channel_weights, add_bits, input_bits):
-    outputs = quantized_tensors(graph.model, activation_bits=activation_bits, add_bits=add_bits)
+    outputs = _select(graph, activation_bits, add_bits)[0]
     configs = {}
     for name in graph.order:
         layer = graph.layer(name)
         output_quantizer = None
         if name in outputs:
             output_quantizer = PfqActivationQuantizer(
-                outputs[name], non_negative=_is_non_negative(layer)
+                outputs[name],
+                non_negative=_is_non_negative(layer),
+                fixed_range=FIXED_RANGES.get(activation_name(layer) or ""),
             )
         weight_quantizer = bias_quantizer = None
         attr = _kernel_attr(layer)
@@ -272,7 +455,7 @@ def apply(
     activation_bits: int,
     weight_bits: int | None = None,
     per_channel_weights: bool = False,
-    add_bits: int | None = None,
+    add_bits: int | None = 8,
     input_bits: int | None = 8,
 ):
     """Wraps `model` for quantization-aware fine-tuning (paper §3.3 stages A and W).
@@ -290,8 +473,13 @@ def apply(
       weight_bits: weight bit width, 2..8; None for stage A.
       per_channel_weights: per-output-channel weight ranges for Conv2D and
         DepthwiseConv2D (the paper uses per tensor; Dense always per tensor).
-      add_bits: quantize Add outputs with this many bits (None: float, paper
-        §4.1; 8 lets integer inference reproduce the model exactly).
+      add_bits: quantize Add outputs with this many bits (default 8, so that
+        the integer export reproduces the model). None keeps them in float as
+        in the paper (§4.1); the export must then round each Add output to an
+        int8 range of its own that QAT never saw, which flips some n-bit
+        roundings downstream (a few output steps, lower top-1 agreement). An
+        Add whose only consumer is a ReLU is never quantized itself: the ReLU's
+        quantizer covers it, as integer inference fuses the two.
       input_bits: bit width of the model-input quantizer; None for none.
 
     Returns:
@@ -319,7 +507,7 @@ def apply(
     if input_bits is not None:
         check_bits(input_bits, "input_bits")
     model = prepare_model(model)
-    graph = LayerGraph(model)
+    graph = LayerGraph(split_activations(LayerGraph(model).model))
     _validate_graph(graph, weight_bits)
     configs = _plan(graph, activation_bits, weight_bits, per_channel_weights, add_bits, input_bits)
     if not configs:

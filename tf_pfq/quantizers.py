@@ -311,7 +311,7 @@ class _Serializable(tfmot.quantization.keras.quantizers.Quantizer):
         return not self == other
 
     def __hash__(self):
-        return hash((type(self).__name__, tuple(sorted(self.get_config().items()))))
+        return hash((type(self).__name__, repr(sorted(self.get_config().items()))))
 
     def __repr__(self):
         args = ", ".join(f"{k}={v!r}" for k, v in self.get_config().items())
@@ -334,14 +334,31 @@ class PfqActivationQuantizer(_Serializable):
       non_negative: the tensor is known to be >= 0 (a ReLU output): the batch
         minimum is then 0, the value `min(x.min(), 0)` gives, without a reduction
         pass over the tensor (saves training time).
+      fixed_range: (min, max) that never moves, or None for the moving average.
+        Used for outputs whose integer range TFLite fixes (softmax and sigmoid:
+        8 bits on [0, 255/256], tanh: [-1, 127/128]).
 
     Example:
       >>> PfqActivationQuantizer(4).get_config()
       {'num_bits': 4, 'ema_decay': 0.99, 'non_negative': False}
     """
 
-    def __init__(self, num_bits: int, ema_decay: float = 0.99, non_negative: bool = False):
+    def __init__(
+        self,
+        num_bits: int,
+        ema_decay: float = 0.99,
+        non_negative: bool = False,
+        fixed_range: tuple[float, float] | list[float] | None = None,
+    ):
         self.num_bits = check_bits(num_bits)
+        self.fixed_range = None
+        if fixed_range is not None:
+            lo, hi = (float(v) for v in fixed_range)
+            if not lo <= 0.0 < hi:
+                raise ValueError(
+                    f"`fixed_range` must hold 0 and be non-empty. Received: {fixed_range!r}"
+                )
+            self.fixed_range = (lo, hi)
         if not 0.0 <= ema_decay < 1.0:
             raise ValueError(f"`ema_decay` must be in [0, 1). Received: ema_decay={ema_decay}")
         self.ema_decay = float(ema_decay)
@@ -358,13 +375,14 @@ class PfqActivationQuantizer(_Serializable):
                 trainable=False,
             )
 
-        self.min_var = variable("min", -6.0)
-        self.max_var = variable("max", 6.0)
+        lo, hi = self.fixed_range or (-6.0, 6.0)
+        self.min_var = variable("min", lo)
+        self.max_var = variable("max", hi)
         seen = variable("seen", 0.0)
         return {"min": self.min_var, "max": self.max_var, "seen": seen}
 
     def __call__(self, inputs, training, weights, **kwargs):
-        if training:
+        if training and self.fixed_range is None:
             if self.non_negative:
                 batch_min = tf.constant(0.0)
             else:
@@ -383,11 +401,14 @@ class PfqActivationQuantizer(_Serializable):
         return fake_quant(inputs, weights["min"], weights["max"], self.num_bits)
 
     def get_config(self):
-        return {
+        config: dict[str, Any] = {
             "num_bits": self.num_bits,
             "ema_decay": self.ema_decay,
             "non_negative": self.non_negative,
         }
+        if self.fixed_range is not None:
+            config["fixed_range"] = list(self.fixed_range)
+        return config
 
 
 class PfqWeightQuantizer(_Serializable):

@@ -50,6 +50,28 @@ class LayerReport:
         return bool(self.removed or self.kept or self.notes or self.dead)
 
 
+def abbreviate(channels, limit: int = 6) -> str:
+    """Channel indices as ranges, at most `limit` of them, then how many more.
+
+    Example:
+      >>> abbreviate([0, 1, 2, 5, 7, 8])
+      '0-2, 5, 7-8'
+      >>> abbreviate(range(0, 40, 2), limit=3)
+      '0, 2, 4, ... (+17 more)'
+    """
+    runs: list[list[int]] = []
+    for c in sorted({int(c) for c in channels}):
+        if runs and c == runs[-1][1] + 1:
+            runs[-1][1] = c
+        else:
+            runs.append([c, c])
+    text = [f"{a}" if a == b else f"{a}-{b}" for a, b in runs[:limit]]
+    rest = sum(b - a + 1 for a, b in runs[limit:])
+    if rest:
+        text.append(f"... (+{rest} more)")
+    return ", ".join(text)
+
+
 def _ratio(after: int | None, before: int | None) -> str:
     if not before or after is None:
         return ""
@@ -221,13 +243,15 @@ class PruneReport:
             width = max(len(r.name) for r in changed)
             lines.append(f"  {'layer':<{width}}  channels   removed  notes")
             for r in changed:
-                notes = list(r.notes)
-                reasons = sorted(set(r.kept.values()))
-                notes += [
-                    f"kept {sum(v == why for v in r.kept.values())}: {why}" for why in reasons
-                ]
                 lines.append(
                     f"  {r.name:<{width}}  {r.channels_before:>4} -> {r.channels_after:<4}"
-                    f" {len(r.removed):>5}  {'; '.join(notes)}"
+                    f" {len(r.removed):>5}  {'; '.join(r.notes)}".rstrip()
                 )
+                by_reason: dict[str, list[int]] = {}
+                for channel, why in sorted(r.kept.items()):
+                    by_reason.setdefault(why, []).append(channel)
+                for why, channels in by_reason.items():
+                    lines.append(
+                        f"  {'':<{width}}    kept {len(channels)} [{abbreviate(channels)}]: {why}"
+                    )
         return "\n".join(lines)

@@ -63,6 +63,7 @@ import tensorflow as tf
 
 from tf_pfq.compat import keras
 from tf_pfq.graph import LayerGraph
+from tf_pfq.quantize import activation_name, concat_shared_ranges
 from tf_pfq.quantizers import QuantParams, nudge
 from tf_pfq.validation import check_finite
 
@@ -83,6 +84,8 @@ IO_DTYPES = {"int8": tf.int8, "uint8": tf.uint8, "float32": tf.float32}
 OUTPUT_MARGIN = 0.1
 
 L = keras.layers
+# Activations lowered to TFLite's int8 lookup-style kernels (not fused into a conv).
+_LUT_ACTIVATIONS = frozenset(["softmax", "sigmoid", "tanh", "hard_sigmoid", "swish"])
 _PASS_THROUGH = (
     L.Dropout,
     L.SpatialDropout2D,
@@ -420,6 +423,74 @@ class _Builder:
         t = _Tensor(y, np.float32(lo), np.float32(hi), None, nonneg)
         return self._quantize_output(name, t, self._needs_range(name))
 
+    def _activation(self, name: str, layer, x: _Tensor) -> _Tensor:
+        act = activation_name(layer)
+        if act in _LUT_ACTIVATIONS:
+            return self._lut_activation(name, act, layer, x)
+        return self._relu(name, layer, x)
+
+    def _lut_activation(self, name: str, act: str, layer, x: _Tensor) -> _Tensor:
+        """softmax, sigmoid, tanh, hard_sigmoid and swish on int8 inputs.
+
+        SOFTMAX, LOGISTIC and TANH are TFLite's int8 kernels with their fixed output
+        grids (the QAT model quantizes these outputs with the same grids).
+        hard_sigmoid `clip(0.2 x + 0.5, 0, 1)` is one 1x1 depthwise conv with weight
+        0.2 (exact in int8: 127 steps of 0.2/127), bias 0.5 and a fused ReLU, whose
+        output grid [0, 255/256] does the upper clamp: one rounding, as in QAT.
+        swish `x * sigmoid(x)` is LOGISTIC then MUL; the sigmoid is rounded to its
+        1/256 grid in between, which QAT does not do (an error below 2^-9 |x|).
+        """
+        v = x.value
+        if x.grid is None:
+            raise ValueError(
+                f"Layer {name!r} ({act}): its input has no quantization grid; the "
+                "integer export needs the input of a softmax/sigmoid/tanh/swish quantized."
+            )
+        if act == "softmax":
+            axis = layer.get_config().get("axis", -1) if isinstance(layer, L.Softmax) else -1
+            if axis not in (-1, v.shape.rank - 1, [-1]):
+                raise ValueError(
+                    f"Layer {name!r}: softmax over axis {axis} is not supported by the "
+                    "integer export (TFLite's SOFTMAX works on the last axis)."
+                )
+            y, lo, hi = tf.nn.softmax(v), 0.0, 1.0
+        elif act == "sigmoid":
+            y, lo, hi = tf.math.sigmoid(v), 0.0, 1.0
+        elif act == "tanh":
+            y, lo, hi = tf.math.tanh(v), -1.0, 1.0
+        elif act == "hard_sigmoid":
+            y = self._hard_sigmoid(v, x.grid) if self.mode == "export" else None
+            if y is None:
+                y = tf.clip_by_value(0.2 * v + 0.5, 0.0, 1.0)
+            lo, hi = 0.0, 1.0
+        else:  # swish
+            gate = tf.math.sigmoid(v)
+            if self.mode == "export":
+                gate = tf.quantization.fake_quant_with_min_max_vars(
+                    gate, 0.0, 255.0 / 256.0, num_bits=8
+                )
+            y = v * gate
+            lo, hi = min(-0.2785, float(x.lo)), max(float(x.hi), 0.0)
+        t = _Tensor(y, np.float32(lo), np.float32(hi), None, act != "tanh" and act != "swish")
+        return self._quantize_output(name, t, needs_range=True)
+
+    def _hard_sigmoid(self, v, grid: QuantParams):
+        shape = v.shape
+        rank4 = tf.reshape(v, [-1, 1, 1, shape[-1]]) if shape.rank != 4 else v
+        channels = shape[-1]
+        s_w = np.float32(0.2 / 127.0)
+        kernel = tf.quantization.fake_quant_with_min_max_vars(
+            tf.constant(np.full((1, 1, channels, 1), 0.2, np.float32)),
+            -127.0 * s_w,
+            127.0 * s_w,
+            num_bits=8,
+            narrow_range=True,
+        )
+        step = np.float32(_scalar(grid.scale)) * s_w
+        bias = np.float32(np.round(0.5 / step) * step)
+        y = tf.nn.relu(tf.nn.depthwise_conv2d(rank4, kernel, [1, 1, 1, 1], "VALID") + bias)
+        return tf.reshape(y, [-1, *shape[1:]]) if shape.rank != 4 else y
+
     def _relu(self, name: str, layer, x: _Tensor) -> _Tensor:
         config = layer.get_config()
         if isinstance(layer, L.Activation):
@@ -460,7 +531,9 @@ class _Builder:
         lo = sum(float(t.lo) for t in inputs)
         hi = sum(float(t.hi) for t in inputs)
         t = _Tensor(y, np.float32(lo), np.float32(hi), None)
-        return self._quantize_output(name, t, needs_range=True)
+        # An Add feeding only a quantized ReLU has no grid of its own: the ReLU is
+        # fused into ADD and rounds once, as in the QAT model.
+        return self._quantize_output(name, t, needs_range=self._needs_range(name))
 
     def _pool(self, name: str, layer, x: _Tensor) -> _Tensor:
         config = layer.get_config()
@@ -535,8 +608,8 @@ class _Builder:
                 tensors[name] = self._input(name, x)
             elif isinstance(layer, (L.Conv2D, L.DepthwiseConv2D, L.Dense)):
                 tensors[name] = self._weighted(name, layer, inbound[0])
-            elif isinstance(layer, (L.ReLU, L.Activation)):
-                tensors[name] = self._relu(name, layer, inbound[0])
+            elif isinstance(layer, (L.ReLU, L.Activation, L.Softmax)):
+                tensors[name] = self._activation(name, layer, inbound[0])
             elif isinstance(layer, L.Add):
                 tensors[name] = self._add(name, inbound)
             elif isinstance(layer, (L.GlobalAveragePooling2D, L.AveragePooling2D)):
@@ -734,6 +807,14 @@ def plan_from_qat(qat_model) -> ExportPlan:
         for name, p in params.items()
         if name != input_name
     }
+    # The layers whose output only feeds a Concatenate use the concat's range: give
+    # them its grid, so every concat input is already on it (no requantization).
+    for source, concat in concat_shared_ranges(model, activation_bits=8).items():
+        grid = layers.get(concat, LayerQuantization()).output
+        if grid is not None and layers.get(source, LayerQuantization()).output is None:
+            layers[source] = dataclasses.replace(
+                layers.get(source, LayerQuantization()), output=grid
+            )
     return ExportPlan(
         model=model,
         layers=layers,

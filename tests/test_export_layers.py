@@ -1,0 +1,163 @@
+"""Integer export of the layers beyond plain chains: each exported file must reproduce
+the Keras QAT model on XNNPACK (99th percentile of |logit difference| <= 2 int8 output
+steps, maximum <= 4), with `tf_pfq.apply`'s default arguments.
+
+Models are small with random weights and BN statistics; one training-mode pass sets
+every moving-average range, which is all the export reads.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import tf_pfq
+from tf_pfq.compat import keras
+from tf_pfq.export import litert
+from tf_pfq.export.summary import inspect
+
+L = keras.layers
+SHAPE = (12, 12, 3)
+
+
+def _randomize_bn(model, seed=0):
+    rng = np.random.default_rng(seed)
+    for layer in model.layers:
+        if isinstance(layer, L.BatchNormalization):
+            gamma, beta, mean, var = layer.get_weights()
+            layer.set_weights(
+                [
+                    rng.uniform(0.5, 1.5, gamma.shape),
+                    rng.normal(0, 0.2, beta.shape),
+                    rng.normal(0, 0.1, mean.shape),
+                    rng.uniform(0.5, 1.5, var.shape),
+                ]
+            )
+    return model
+
+
+def _conv_bn(x, filters, kernel, name, scale=1.0, activation="relu"):
+    x = L.Conv2D(filters, kernel, padding="same", name=name)(x)
+    x = L.BatchNormalization(name=f"{name}_bn", gamma_initializer=keras.initializers.Constant(scale))(x)
+    return L.Activation(activation, name=f"{name}_act")(x) if activation else x
+
+
+def fidelity(model, *, seed=0, **apply_kwargs):
+    """(p99, max) |XNNPACK - Keras QAT| in output steps, top-1 agreement, the file."""
+    keras.utils.set_random_seed(seed)
+    folded, _ = tf_pfq.fold_batchnorm(_randomize_bn(model, seed))
+    bits = apply_kwargs.pop("bits", 4)
+    qat = tf_pfq.apply(folded, activation_bits=bits, weight_bits=bits, **apply_kwargs)
+    rng = np.random.default_rng(seed)
+    data = rng.uniform(0, 1, (64, *model.input_shape[1:])).astype(np.float32)
+    qat(data[:48], training=True)
+    test = data[48:]
+    keras_out = qat.predict(test, verbose=0)
+    tflite = tf_pfq.export.to_tflite(qat, representative_data=data[:48])
+    out = litert.predict(litert.make_interpreter(tflite), test)
+    step = inspect(tflite).outputs[0].scales[0]
+    err = np.abs(out - keras_out).reshape(-1) / step
+    agreement = float(np.mean(out.argmax(-1) == keras_out.argmax(-1)))
+    return float(np.percentile(err, 99)), float(err.max()), agreement, tflite
+
+
+def _check(model, **kwargs):
+    p99, worst, agreement, tflite = fidelity(model, **kwargs)
+    print(f"{model.name}: p99 {p99:.2f} steps, max {worst:.2f} steps, agreement {agreement:.3f}")
+    assert p99 <= 2.0, p99
+    assert worst <= 4.0, worst
+    return tflite
+
+
+def _head(x, classes=10, activation=None):
+    x = L.GlobalAveragePooling2D(name="pool")(x)
+    return L.Dense(classes, activation=activation, name="logits")(x)
+
+
+def concat_net():
+    # Two branches whose scales differ by ~8x feed one Concatenate.
+    inputs = keras.Input(SHAPE, name="image")
+    a = _conv_bn(inputs, 6, 3, "a")
+    b = _conv_bn(inputs, 4, 1, "b", scale=8.0)
+    b = L.MaxPooling2D(1, name="b_pool")(b)
+    x = L.Concatenate(name="concat")([a, b])
+    x = _conv_bn(x, 8, 3, "mix")
+    y = _conv_bn(inputs, 8, 1, "side", activation=None)  # signed branch
+    x = L.Concatenate(name="concat2")([x, y])
+    return keras.Model(inputs, _head(x), name="concat_net")
+
+
+def residual_net():
+    inputs = keras.Input(SHAPE, name="image")
+    x = _conv_bn(inputs, 8, 3, "stem")
+    for i in range(2):
+        y = _conv_bn(x, 8, 3, f"r{i}a")
+        y = _conv_bn(y, 8, 3, f"r{i}b", activation=None)
+        x = L.Add(name=f"r{i}_add")([x, y])
+        x = L.ReLU(name=f"r{i}_relu")(x)
+    y = _conv_bn(x, 8, 1, "proj", activation=None)
+    x = L.Add(name="linear_add")([x, y])  # an Add that feeds a conv directly
+    return keras.Model(inputs, _head(x), name="residual_net")
+
+
+def test_concatenate_inputs_share_one_range():
+    model = concat_net()
+    folded, _ = tf_pfq.fold_batchnorm(_randomize_bn(model))
+    qat = tf_pfq.apply(folded, activation_bits=4, weight_bits=4)
+    wrapped = {layer.layer.name for layer in qat.layers if hasattr(layer, "quantize_config")}
+    outputs = {
+        name
+        for name in wrapped
+        if qat.get_layer(f"quant_{name}").quantize_config.output_quantizer is not None
+    }
+    # The sources of a concat carry no range of their own; the concat does.
+    assert {"concat", "concat2"} <= outputs
+    assert not {"a_act", "b_act", "mix_act", "side"} & outputs
+    # b_act reaches its concat through a max pooling; concat feeds a conv, not concat2.
+    assert tf_pfq.quantize.concat_shared_ranges(folded, activation_bits=4) == {
+        "a_act": "concat",
+        "b_act": "concat",
+        "mix_act": "concat2",
+        "side": "concat2",
+    }
+    params = tf_pfq.export.plan_from_qat(qat).layers
+    assert params["a_act"].output == params["b_act"].output == params["concat"].output
+
+
+def test_concatenate_export_is_exact():
+    _check(concat_net())
+
+
+def test_residual_net_with_defaults_is_exact():
+    _check(residual_net())
+
+
+def test_output_softmax_exports_and_matches():
+    inputs = keras.Input(SHAPE, name="image")
+    x = _conv_bn(inputs, 8, 3, "stem")
+    x = L.GlobalAveragePooling2D(name="pool")(x)
+    x = L.Dense(10, name="logits")(x)
+    model = keras.Model(inputs, L.Softmax(name="probs")(x), name="softmax_net")
+    tflite = _check(model)
+    assert "SOFTMAX" in inspect(tflite).op_counts()
+
+
+def test_resnet50_style_fused_output_softmax():
+    # tf_keras.applications heads: Dense(classes, activation="softmax", name="predictions").
+    inputs = keras.Input(SHAPE, name="image")
+    x = _conv_bn(inputs, 8, 3, "stem")
+    x = L.GlobalAveragePooling2D(name="avg_pool")(x)
+    model = keras.Model(inputs, L.Dense(10, activation="softmax", name="predictions")(x))
+    tflite = _check(model)
+    assert "SOFTMAX" in inspect(tflite).op_counts()
+    step = inspect(tflite).outputs[0].scales[0]
+    np.testing.assert_allclose(step, 1.0 / 256.0)  # TFLite's fixed softmax grid
+
+
+@pytest.mark.parametrize("act", ["sigmoid", "hard_sigmoid", "tanh", "swish"])
+def test_inner_activations_export(act):
+    inputs = keras.Input(SHAPE, name="image")
+    x = _conv_bn(inputs, 8, 3, "stem", activation=act)
+    x = _conv_bn(x, 8, 3, "mid")
+    model = keras.Model(inputs, _head(x), name=f"{act}_net")
+    _check(model)
