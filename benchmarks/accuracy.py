@@ -1,14 +1,23 @@
-r"""Accuracy benchmark: every method at A4/W4 and A3/W3 on digits, 3 seeds (paper Tables 1-3).
+r"""Accuracy benchmark: every method at A4/W4 and A3/W3, 3 seeds (paper Tables 1-3).
 
-For a MobileNetV1-style and a MobileNetV2-style net pretrained on the embedded digits
-data with a recipe under which the paper's rule (eq. 17) finds dead BN channels, runs
-pfq (Algorithm 1), original, pfq_once, dfq and tfmot with equal fine-tuning epochs,
-and writes mean +- std top-1 accuracy, MACs and % weights pruned to
-benchmarks/results/accuracy.md and accuracy.json. Resumable: restarted with the same
---workdir, finished runs are skipped (and the unfinished one resumes).
+For a MobileNetV1-style and a MobileNetV2-style net pretrained with a recipe under
+which the paper's rule (eq. 17) finds dead BN channels, runs pfq (Algorithm 1),
+original, pfq_once, dfq, tfmot and pfq_no_bias_correction with equal fine-tuning
+epochs, and writes mean +- std top-1 accuracy, MACs and % weights pruned to
+benchmarks/results/accuracy[_fashion_mnist].md and .json. Resumable: restarted with
+the same --workdir, finished runs are skipped (and the unfinished one resumes).
 
-  python benchmarks/accuracy.py                 # the full benchmark (see the defaults)
-  python benchmarks/accuracy.py --quick         # a tiny smoke configuration
+--dataset=digits (default) uses the embedded digits. --dataset=fashion_mnist reads
+Fashion-MNIST's IDX files (`tf_pfq.data.load_fashion_mnist`; where they are missing
+and apt-get exists, the script first runs `apt-get install -y dataset-fashion-mnist`),
+pretrains on all 60,000 training images, fine-tunes on a fixed subset of them
+(--num_finetune) and tests on --num_test test images. It also writes the paper's
+Figures 2 and 3 for both models, and a threshold study (eq. 17's epsilon, 1e-5, and
+a bound on the removed channels' output std) on --threshold_model at both bit widths.
+
+  python benchmarks/accuracy.py                          # digits
+  python benchmarks/accuracy.py --dataset=fashion_mnist  # about 2 h on 2 cores
+  python benchmarks/accuracy.py --quick                  # a tiny smoke configuration
 """
 
 from __future__ import annotations
@@ -16,49 +25,103 @@ from __future__ import annotations
 import json
 import os
 import platform
+import shutil
+import subprocess
 import time
 
+import numpy as np
 from absl import app, flags, logging
 
 import tf_pfq
-from tf_pfq import comparison, data, recipes
-from tf_pfq.baselines import METHODS
+from tf_pfq import comparison, data, plots, recipes
+from tf_pfq.baselines import METHODS, run_method
+from tf_pfq.compat import keras
 from tf_pfq.training import TrainConfig, evaluate_accuracy
+from tf_pfq.workflow import STATE_FILE, WorkflowSummary
 
 FLAGS = flags.FLAGS
+flags.DEFINE_enum("dataset", "digits", ["digits", "fashion_mnist"], "Dataset.")
+flags.DEFINE_string("data_dir", None, "fashion_mnist: IDX files (default: Debian's path).")
 flags.DEFINE_list("models", ["mobilenet_v1", "mobilenet_v2"], "Architectures.")
-flags.DEFINE_float("width", 0.5, "Width multiplier (MobileNet alpha).")
-flags.DEFINE_integer("image_size", 16, "Digits are upsampled to this size.")
-flags.DEFINE_integer("pretrain_epochs", 40, "Pretraining epochs.")
-flags.DEFINE_float("l2", 8e-3, "Pretraining L2 on kernels (what makes BN channels die).")
+flags.DEFINE_float("width", None, "Width multiplier (digits 0.5, fashion_mnist 0.5).")
+flags.DEFINE_integer("image_size", None, "Input size (digits 16, fashion_mnist 28).")
+flags.DEFINE_integer("pretrain_epochs", None, "Pretraining epochs (digits 40, fashion 15).")
+flags.DEFINE_float("l2", None, "Pretraining L2 on kernels (digits 8e-3, fashion 2e-3).")
 flags.DEFINE_list("methods", list(METHODS), "Methods.")
 flags.DEFINE_list("bits", ["4/4", "3/3"], "activation/weight bit widths.")
 flags.DEFINE_list("seeds", ["0", "1", "2"], "Fine-tuning seeds.")
-flags.DEFINE_integer("epochs_a", 3, "e_A (one-stage methods get e_A + e_W).")
-flags.DEFINE_integer("epochs_w", 3, "e_W.")
+flags.DEFINE_integer(
+    "epochs_a", None, "e_A, one-stage methods get e_A + e_W (digits 3, fashion 1)."
+)
+flags.DEFINE_integer("epochs_w", None, "e_W (digits 3, fashion 1).")
 flags.DEFINE_float("learning_rate", 2e-3, "l0 of eq. 19 in every fine-tuning stage.")
-flags.DEFINE_integer("batch_size", 32, "Fine-tuning batch size.")
-flags.DEFINE_string("workdir", "runs/benchmark_accuracy", "Pretrained models and run checkpoints.")
-flags.DEFINE_string("results", "benchmarks/results/accuracy", "Output prefix (.md and .json).")
+flags.DEFINE_integer("batch_size", None, "Fine-tuning batch size (digits 32, fashion 64).")
+flags.DEFINE_integer("num_finetune", 10000, "fashion_mnist: training images for fine-tuning.")
+flags.DEFINE_integer("num_test", 5000, "fashion_mnist: test images (of 10,000).")
+flags.DEFINE_string("threshold_model", "mobilenet_v1", "fashion_mnist: threshold study model.")
+flags.DEFINE_float("std_bound", 0.05, "Threshold study: bound on a removed channel's output std.")
+flags.DEFINE_string("workdir", None, "Pretrained models and run checkpoints.")
+flags.DEFINE_string("results", None, "Output prefix (.md and .json).")
 flags.DEFINE_bool("quick", False, "Tiny smoke configuration (overrides the sizes above).")
+
+_DEFAULTS = {
+    "digits": {
+        "width": 0.5,
+        "image_size": 16,
+        "pretrain_epochs": 40,
+        "l2": 8e-3,
+        "epochs_a": 3,
+        "epochs_w": 3,
+        "batch_size": 32,
+    },
+    "fashion_mnist": {
+        "width": 0.5,
+        "image_size": 28,
+        "pretrain_epochs": 15,
+        "l2": 2e-3,
+        "epochs_a": 1,
+        "epochs_w": 1,
+        "batch_size": 64,
+    },
+}
+
+
+def _flag(name: str):
+    value = getattr(FLAGS, name)
+    return _DEFAULTS[FLAGS.dataset][name] if value is None else value
+
+
+def _paths() -> tuple[str, str]:
+    suffix = "" if FLAGS.dataset == "digits" else f"_{FLAGS.dataset}"
+    workdir = FLAGS.workdir or f"runs/benchmark_accuracy{suffix}"
+    results = FLAGS.results or f"benchmarks/results/accuracy{suffix}"
+    return workdir, results
 
 
 def _config() -> dict:
     config = {
+        "dataset": FLAGS.dataset,
         "models": FLAGS.models,
-        "width": FLAGS.width,
-        "image_size": FLAGS.image_size,
-        "pretrain_epochs": FLAGS.pretrain_epochs,
-        "l2": FLAGS.l2,
+        "width": _flag("width"),
+        "image_size": _flag("image_size"),
+        "pretrain_epochs": _flag("pretrain_epochs"),
+        "l2": _flag("l2"),
         "methods": FLAGS.methods,
         "bits": FLAGS.bits,
         "seeds": [int(s) for s in FLAGS.seeds],
-        "epochs_a": FLAGS.epochs_a,
-        "epochs_w": FLAGS.epochs_w,
+        "epochs_a": _flag("epochs_a"),
+        "epochs_w": _flag("epochs_w"),
         "learning_rate": FLAGS.learning_rate,
-        "batch_size": FLAGS.batch_size,
-        "num_train": 1400,
+        "batch_size": _flag("batch_size"),
+        "num_train": 1400 if FLAGS.dataset == "digits" else None,
     }
+    if FLAGS.dataset == "fashion_mnist":
+        config.update(
+            num_finetune=FLAGS.num_finetune,
+            num_test=FLAGS.num_test,
+            threshold_model=FLAGS.threshold_model,
+            std_bound=FLAGS.std_bound,
+        )
     if FLAGS.quick:
         config.update(
             width=0.125,
@@ -70,19 +133,52 @@ def _config() -> dict:
             num_train=200,
             bits=["4/4"],
         )
+        if FLAGS.dataset == "fashion_mnist":
+            config.update(num_train=2000, num_finetune=500, num_test=500)
     return config
 
 
-def _pretrained(name: str, config: dict) -> tuple:
-    model, splits = recipes.pretrain_digits(
-        name,
-        image_size=config["image_size"],
-        width=config["width"],
-        epochs=config["pretrain_epochs"],
-        l2=config["l2"],
-        num_train=config["num_train"],
-        cache_path=os.path.join(FLAGS.workdir, f"{name}_pretrained.h5"),
+def _install_fashion_mnist() -> None:
+    """Installs Debian's dataset-fashion-mnist when its files are missing and apt exists."""
+    present = FLAGS.data_dir or os.path.isdir(data.FASHION_MNIST_DIR)
+    if present or not shutil.which("apt-get"):
+        return
+    logging.info("Installing Fashion-MNIST: apt-get install -y dataset-fashion-mnist")
+    result = subprocess.run(
+        ["apt-get", "install", "-y", "dataset-fashion-mnist"], capture_output=True, text=True
     )
+    if result.returncode:
+        logging.warning("apt-get failed (%d): %s", result.returncode, result.stderr[-500:])
+
+
+def _pretrained(name: str, config: dict, workdir: str) -> tuple:
+    cache_path = os.path.join(workdir, f"{name}_pretrained.h5")
+    if config["dataset"] == "digits":
+        model, splits = recipes.pretrain_digits(
+            name,
+            image_size=config["image_size"],
+            width=config["width"],
+            epochs=config["pretrain_epochs"],
+            l2=config["l2"],
+            num_train=config["num_train"],
+            cache_path=cache_path,
+        )
+    else:
+        model, splits = recipes.pretrain_fashion_mnist(
+            name,
+            data_dir=FLAGS.data_dir,
+            image_size=config["image_size"],
+            width=config["width"],
+            epochs=config["pretrain_epochs"],
+            l2=config["l2"],
+            num_train=config["num_train"],
+            num_test=config["num_test"],
+            cache_path=cache_path,
+        )
+        # Fine-tuning sees a fixed subset of the (already shuffled) training images.
+        train = splits["train"]
+        n = config["num_finetune"]
+        splits = {"train": data.Split(train.images[:n], train.labels[:n]), "test": splits["test"]}
     _, report = tf_pfq.prune(model)
     info = {
         "float_accuracy": evaluate_accuracy(model, data.to_dataset(splits["test"], 256)),
@@ -95,11 +191,142 @@ def _pretrained(name: str, config: dict) -> tuple:
         "params": report.params_before,
         "params_removed_fraction": 1 - report.params_after / report.params_before,
         "macs": report.macs_before,
+        "max_residual_std": report.max_residual_std,
     }
     return model, splits, info
 
 
-def _write(config, pretrained, rows, started, complete):
+def _figures(name: str, model, results: str) -> list[str]:
+    """The paper's Figures 2 and 3 for one pretrained model, next to the results."""
+    folded, _ = tf_pfq.fold_batchnorm(model)
+    pruned_folded, _ = tf_pfq.fold_batchnorm(tf_pfq.prune(model)[0])
+    directory = os.path.dirname(results) or "."
+    os.makedirs(directory, exist_ok=True)
+    suffix = f"_{FLAGS.dataset}" if FLAGS.dataset != "digits" else ""
+    fig2 = os.path.join(directory, f"fig2_weight_ranges{suffix}_{name}.png")
+    fig3 = os.path.join(directory, f"fig3_bn_variance{suffix}_{name}.png")
+    plots.plot_weight_ranges(
+        {
+            "without PfQ": plots.weight_ranges(folded),
+            "with PfQ": plots.weight_ranges(pruned_folded),
+        },
+        fig2,
+        title=f"{name} ({FLAGS.dataset}): BN-folded weight ranges",
+    )
+    plots.plot_bn_variances(model, fig3, title=f"{name} ({FLAGS.dataset}): BN moving variance")
+    return [os.path.basename(fig2), os.path.basename(fig3)]
+
+
+def _std_bound_threshold(bound: float):
+    """Per BN layer, the largest variance threshold under which every removed channel's
+    output std `|gamma| sqrt(V / (V + eps))` stays below `bound`, capped at eps (eq. 17)."""
+
+    def threshold(layer) -> float:
+        eps = float(layer.epsilon)
+        gamma = float(abs(layer.gamma.numpy()).max()) if layer.scale else 1.0
+        ratio = (bound / gamma) ** 2 if gamma > 0 else 1.0
+        return eps if ratio >= 0.5 else eps * ratio / (1.0 - ratio)
+
+    return threshold
+
+
+def _thresholds(config) -> dict:
+    return {
+        "eps (eq. 17, Keras 1e-3)": None,
+        "1e-5 (paper, NNabla eps)": 1e-5,
+        f"std bound {config['std_bound']:g}": _std_bound_threshold(config["std_bound"]),
+    }
+
+
+def _summary_if_finished(path: str) -> WorkflowSummary | None:
+    state_path = os.path.join(path, STATE_FILE)
+    if not os.path.exists(state_path):
+        return None
+    with open(state_path) as f:
+        state = json.load(f)
+    if state["done"] != len(state["steps"]):
+        return None
+    return WorkflowSummary.from_dict(state["summary"])
+
+
+def _threshold_study(config, nets, workdir: str, seed: int, rows: list) -> None:
+    """pfq with each threshold on one model at every bit width (resumable per run)."""
+    name = config["threshold_model"]
+    model, splits, _ = nets[name]
+    test = data.to_dataset(splits["test"], 256)
+    stage = {"learning_rate": config["learning_rate"]}
+    for label, threshold in _thresholds(config).items():
+        pruned, report = tf_pfq.prune(model, threshold=threshold)
+        before = evaluate_accuracy(pruned, test)
+        for pair in config["bits"]:
+            a_bits, w_bits = (int(b) for b in pair.split("/"))
+            if any(
+                r["threshold"] == label and r["seed"] == seed and r["bits"] == pair for r in rows
+            ):
+                continue
+            path = os.path.join(
+                workdir, "threshold", f"{label.split()[0]}_a{a_bits}w{w_bits}_s{seed}"
+            )
+            summary = _summary_if_finished(path)
+            if summary is None:
+                keras.utils.set_random_seed(seed)
+                train = data.to_dataset(
+                    splits["train"], config["batch_size"], shuffle=True, seed=seed
+                )
+                _, summary = run_method(
+                    "pfq",
+                    model,
+                    train,
+                    activation_bits=a_bits,
+                    weight_bits=w_bits,
+                    stage_a=TrainConfig(config["epochs_a"], **stage),
+                    stage_w=TrainConfig(config["epochs_w"], **stage),
+                    test_data=test,
+                    output_dir=path,
+                    prune_kwargs={"threshold": threshold},
+                )
+                keras.backend.clear_session()
+            rows.append(
+                {
+                    "model": name,
+                    "threshold": label,
+                    "bits": pair,
+                    "seed": seed,
+                    "dead_bn_channels": report.num_dead,
+                    "channels_removed": report.num_removed,
+                    "max_residual_std": report.max_residual_std,
+                    "float_accuracy_after_prune": before,
+                    "accuracy": summary.accuracy,
+                }
+            )
+
+
+def _threshold_lines(rows) -> list[str]:
+    groups: dict = {}
+    for r in rows:
+        groups.setdefault((r["bits"], r["threshold"]), []).append(r)
+    lines = [
+        (
+            "| model | bits | threshold | dead BN channels | channels removed | max removed std "
+            "| float top-1 % after PfQ | final top-1 % (mean ± std) | runs |"
+        ),
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for (pair, label), group in groups.items():
+        acc = [100 * g["accuracy"] for g in group]
+        std = float(np.std(acc, ddof=1)) if len(acc) > 1 else 0.0
+        g = group[0]
+        lines.append(
+            f"| {g['model']} | A{pair.replace('/', '/W')} | {label} | {g['dead_bn_channels']} | "
+            f"{g['channels_removed']} | {g['max_residual_std']:.3g} | "
+            f"{100 * g['float_accuracy_after_prune']:.2f} | {np.mean(acc):.2f} ± {std:.2f} | "
+            f"{len(acc)} |"
+        )
+    return lines
+
+
+def _write(config, pretrained, rows, started, complete, results, extra=None):
+    extra = extra or {}
     order = [(m, b) for m in config["models"] for b in config["bits"]]
     rows = sorted(
         rows,
@@ -110,18 +337,44 @@ def _write(config, pretrained, rows, started, complete):
         ),
     )
     table = comparison.aggregate(rows)
+    total = len(order) * len(config["methods"]) * len(config["seeds"])
+    seconds = [r["seconds"] for r in rows]
+    status = (
+        "Complete."
+        if complete
+        else (
+            f"**PARTIAL RESULTS: {len(rows)} of {total} runs of this configuration have "
+            "finished.** Resume with `python benchmarks/accuracy.py "
+            f"--dataset={config['dataset']}` and the same --workdir (default "
+            "runs/benchmark_accuracy[_<dataset>]): finished runs are skipped and the "
+            "unfinished one resumes from its checkpoint."
+        )
+    )
+    title = "digits" if config["dataset"] == "digits" else "Fashion-MNIST"
     lines = [
-        "# Accuracy benchmark (digits, paper Tables 1-3)",
+        f"# Accuracy benchmark ({title}, paper Tables 1-3)",
         "",
-        "" if complete else "**PARTIAL RESULTS: the benchmark has not finished all runs.**",
+        status,
         "",
         f"Configuration: {json.dumps(config)}",
         "",
         (
             f"Machine: {platform.machine()}, {os.cpu_count()} CPU cores; wall time so far "
-            f"{(time.time() - started) / 60:.1f} min (this invocation)."
+            f"{(time.time() - started) / 60:.1f} min (this invocation); mean fine-tuning run "
+            f"{np.mean(seconds) if seconds else float('nan'):.0f} s."
         ),
         "",
+    ]
+    if config["dataset"] == "fashion_mnist":
+        lines += [
+            (
+                "Data: pretraining on all 60,000 Fashion-MNIST training images (28x28 gray); "
+                f"fine-tuning on a fixed subset of {config['num_finetune']} of them; top-1 on "
+                f"a fixed subset of {config['num_test']} of the 10,000 test images."
+            ),
+            "",
+        ]
+    lines += [
         "## Pretrained models",
         "",
         (
@@ -146,10 +399,30 @@ def _write(config, pretrained, rows, started, complete):
         comparison.to_markdown(table),
         "",
     ]
-    os.makedirs(os.path.dirname(FLAGS.results) or ".", exist_ok=True)
-    with open(FLAGS.results + ".md", "w") as f:
+    if extra.get("threshold_rows"):
+        lines += [
+            "## Threshold study (pfq, Algorithm 1)",
+            "",
+            (
+                "The std bound removes, per BN layer, only channels whose output std "
+                "|gamma| sqrt(V / (V + eps)) is below the bound for the layer's largest "
+                "|gamma| (threshold capped at eps)."
+            ),
+            "",
+            *_threshold_lines(extra["threshold_rows"]),
+            "",
+        ]
+    if extra.get("figures"):
+        lines += ["## Figures", ""]
+        lines += [
+            f"- {name}: " + ", ".join(f"[{f}]({f})" for f in figs)
+            for name, figs in extra["figures"].items()
+        ]
+        lines.append("")
+    os.makedirs(os.path.dirname(results) or ".", exist_ok=True)
+    with open(results + ".md", "w") as f:
         f.write("\n".join(lines) + "\n")
-    with open(FLAGS.results + ".json", "w") as f:
+    with open(results + ".json", "w") as f:
         json.dump(
             {
                 "config": config,
@@ -157,6 +430,7 @@ def _write(config, pretrained, rows, started, complete):
                 "pretrained": pretrained,
                 "aggregated": table,
                 "runs": rows,
+                "threshold_study": extra.get("threshold_rows", []),
             },
             f,
             indent=2,
@@ -167,23 +441,32 @@ def main(argv):
     del argv
     started = time.time()
     config = _config()
-    os.makedirs(FLAGS.workdir, exist_ok=True)
-    bits = [tuple(int(b) for b in pair.split("/")) for pair in config["bits"]]
+    workdir, results = _paths()
+    if config["dataset"] == "fashion_mnist":
+        _install_fashion_mnist()
+    os.makedirs(workdir, exist_ok=True)
+    bits = [(int(a), int(w)) for a, w in (pair.split("/") for pair in config["bits"])]
     stage = {"learning_rate": config["learning_rate"]}
-    rows, pretrained, nets = [], {}, {}
+    rows: list = []
+    pretrained: dict = {}
+    nets: dict = {}
+    extra: dict = {"threshold_rows": [], "figures": {}}
     for name in config["models"]:
-        nets[name] = _pretrained(name, config)
+        nets[name] = _pretrained(name, config, workdir)
         pretrained[name] = nets[name][2]
         logging.info("%s pretrained: %s", name, pretrained[name])
+        if config["dataset"] == "fashion_mnist":
+            extra["figures"][name] = _figures(name, nets[name][0], results)
+    study = config["dataset"] == "fashion_mnist" and config["threshold_model"] in nets
     # Seed-major order: if the benchmark is stopped early, every configuration has
-    # results for the first seeds.
+    # results for the first seeds (and the threshold study its first seed).
     for seed in config["seeds"]:
         for name, pair in [(n, p) for n in config["models"] for p in bits]:
             model, splits, _ = nets[name]
             rows += comparison.compare(
                 model,
                 splits,
-                os.path.join(FLAGS.workdir, name),
+                os.path.join(workdir, name),
                 methods=config["methods"],
                 bits=[pair],
                 seeds=[seed],
@@ -192,9 +475,12 @@ def main(argv):
                 batch_size=config["batch_size"],
                 tag=name,
             )
-            _write(config, pretrained, rows, started, complete=False)
-    _write(config, pretrained, rows, started, complete=True)
-    with open(FLAGS.results + ".md") as f:
+            _write(config, pretrained, rows, started, False, results, extra)
+        if study:
+            _threshold_study(config, nets, workdir, seed, extra["threshold_rows"])
+            _write(config, pretrained, rows, started, False, results, extra)
+    _write(config, pretrained, rows, started, True, results, extra)
+    with open(results + ".md") as f:
         print(f.read())
 
 

@@ -8,6 +8,8 @@ Resumable: restarted with the same --output_dir, finished runs are skipped.
 
   python examples/compare.py --output_dir=runs/compare
   python examples/compare.py --model=runs/pretrained.keras --bits=4/4,3/3 --seeds=0,1,2
+  python examples/compare.py --dataset=fashion_mnist --width=0.5 --image_size=28 \
+      --pretrain_epochs=15 --num_train=10000 --output_dir=runs/compare_fashion
 """
 
 from __future__ import annotations
@@ -24,6 +26,8 @@ from tf_pfq.training import TrainConfig
 from tf_pfq.workflow import check_settings
 
 FLAGS = flags.FLAGS
+flags.DEFINE_enum("dataset", "digits", ["digits", "fashion_mnist"], "Dataset.")
+flags.DEFINE_string("data_dir", None, "Fashion-MNIST IDX (or tfds) directory.")
 flags.DEFINE_string(
     "model",
     None,
@@ -39,7 +43,12 @@ flags.DEFINE_enum(
 flags.DEFINE_float("width", 1.0, "Width multiplier when pretraining.")
 flags.DEFINE_integer("image_size", 32, "Input size when pretraining.")
 flags.DEFINE_integer("pretrain_epochs", 40, "Pretraining epochs.")
-flags.DEFINE_integer("num_train", 1400, "Digits training images (the rest are the test set).")
+flags.DEFINE_integer(
+    "num_train",
+    1400,
+    "digits: training images (the rest are the test set); fashion_mnist: "
+    "fine-tuning images (pretraining uses all 60,000).",
+)
 flags.DEFINE_list("methods", list(METHODS), "Methods to compare.")
 flags.DEFINE_list("bits", ["4/4"], "activation/weight bit widths, e.g. 4/4,3/3.")
 flags.DEFINE_list("seeds", ["0"], "Fine-tuning seeds.")
@@ -51,10 +60,45 @@ flags.DEFINE_string("output_dir", "runs/compare", "Checkpoints, tables and figur
 flags.DEFINE_bool("overwrite", False, "Rerun runs whose directory holds other settings.")
 
 
+def _fashion_mnist():
+    if FLAGS.model:
+        model = compat.load_model(FLAGS.model)
+        splits = data.load_fashion_mnist(
+            FLAGS.data_dir, model.input_shape[1], model.input_shape[-1], FLAGS.num_train
+        )
+        return model, splits
+    # The cached model is reused only for the settings that made it.
+    pretrain_dir = os.path.join(FLAGS.output_dir, "pretrained_fashion_mnist")
+    check_settings(
+        pretrain_dir,
+        {
+            "architecture": FLAGS.architecture,
+            "image_size": FLAGS.image_size,
+            "width": FLAGS.width,
+            "epochs": FLAGS.pretrain_epochs,
+        },
+        overwrite=FLAGS.overwrite,
+    )
+    model, splits = recipes.pretrain_fashion_mnist(
+        FLAGS.architecture,
+        data_dir=FLAGS.data_dir,
+        image_size=FLAGS.image_size,
+        width=FLAGS.width,
+        epochs=FLAGS.pretrain_epochs,
+        cache_path=os.path.join(pretrain_dir, "pretrained.keras"),
+    )
+    # Fine-tune on a fixed subset of the (shuffled) training images.
+    train = splits["train"]
+    n = FLAGS.num_train
+    return model, {"train": data.Split(train.images[:n], train.labels[:n]), "test": splits["test"]}
+
+
 def main(argv):
     del argv
     os.makedirs(FLAGS.output_dir, exist_ok=True)
-    if FLAGS.model:
+    if FLAGS.dataset == "fashion_mnist":
+        model, splits = _fashion_mnist()
+    elif FLAGS.model:
         model = compat.load_model(FLAGS.model)
         splits = data.load_digits(image_size=model.input_shape[1], num_train=FLAGS.num_train)
     else:

@@ -7,6 +7,8 @@ BN channels for PfQ to remove).
 
   python examples/pretrain.py --output=runs/pretrained.keras
   python examples/pretrain.py --model=mobilenet_v2 --width=0.5 --image_size=16
+  python examples/pretrain.py --dataset=fashion_mnist --width=0.5 --image_size=28 \
+      --epochs=15 --batch_size=64 --learning_rate=0.1 --l2=2e-3
   python examples/pretrain.py --dataset=cifar100 --data_dir=~/tensorflow_datasets \
       --image_size=32 --epochs=600 --output=runs/cifar100_v1.keras
 """
@@ -24,8 +26,10 @@ from tf_pfq.pretrain import train_float
 from tf_pfq.training import evaluate_accuracy
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("dataset", "digits", "'digits' (embedded) or a tfds image classification name.")
-flags.DEFINE_string("data_dir", None, "tfds data directory (for --dataset other than digits).")
+flags.DEFINE_string(
+    "dataset", "digits", "'digits' (embedded), 'fashion_mnist' (IDX files) or a tfds name."
+)
+flags.DEFINE_string("data_dir", None, "Fashion-MNIST IDX or tfds data directory.")
 flags.DEFINE_enum("model", "mobilenet_v1", ["mobilenet_v1", "mobilenet_v2"], "Architecture.")
 flags.DEFINE_float("width", 1.0, "Width multiplier of all layers.")
 flags.DEFINE_integer("image_size", 32, "Input height and width.")
@@ -55,6 +59,21 @@ def main(argv):
             l2=FLAGS.l2,
             seed=FLAGS.seed,
             num_train=FLAGS.num_train,
+            verbose="auto",
+        )
+        test = data.to_dataset(splits["test"], 256)
+    elif FLAGS.dataset == "fashion_mnist":
+        model, splits = recipes.pretrain_fashion_mnist(
+            FLAGS.model,
+            data_dir=FLAGS.data_dir,
+            image_size=FLAGS.image_size,
+            width=FLAGS.width,
+            epochs=FLAGS.epochs,
+            batch_size=FLAGS.batch_size,
+            learning_rate=FLAGS.learning_rate,
+            warmup_epochs=FLAGS.warmup_epochs,
+            l2=FLAGS.l2,
+            seed=FLAGS.seed,
             verbose="auto",
         )
         test = data.to_dataset(splits["test"], 256)

@@ -74,6 +74,26 @@ def test_conv_consumer_with_bias_absorbs_constant_into_bias():
     assert_same_outputs(model, pruned, _x((8, 8, 3)))
 
 
+def test_absorb_false_removes_without_compensation():
+    # "PfQ w/o bias correction": the pruned model equals the input model with the
+    # dead channel's output set to 0 (gamma = beta = 0), not the input model.
+    model = _chain(consumer_bias=True, consumer_bn=False)
+    plant_dead(model, "conv1_bn", 2, beta=0.8)
+    pruned, report = tf_pfq.prune(model, absorb=False)
+    assert pruned.get_layer("conv1").filters == 5 and report.num_pruned == 1
+    np.testing.assert_array_equal(
+        pruned.get_layer("conv2").bias.numpy(), model.get_layer("conv2").bias.numpy()
+    )
+    zeroed = keras.models.clone_model(model)
+    zeroed.set_weights(model.get_weights())
+    gamma, beta, mean, var = zeroed.get_layer("conv1_bn").get_weights()
+    gamma[2], beta[2] = 0.0, 0.0
+    zeroed.get_layer("conv1_bn").set_weights([gamma, beta, mean, var])
+    x = _x((8, 8, 3))
+    assert_same_outputs(zeroed, pruned, x)
+    assert max_change(model, pruned, x) > 1e-3
+
+
 def test_conv_consumer_negative_control_live_channel_changes_outputs():
     model = _chain(consumer_bias=True, consumer_bn=False)
     threshold, _ = live_threshold(model, "conv1_bn")

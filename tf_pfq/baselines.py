@@ -6,6 +6,8 @@
   `e_A + e_W` epochs (Table 2's "fine-tune once (w/ PfQ)").
 * "dfq": fold BN, Nagel et al. 2019 DFQ (`tf_pfq.dfq`), then activations and weights
   quantized together for `e_A + e_W` epochs (Table 3's "DFQ (w/ fine-tune)").
+* "pfq_no_bias_correction": Algorithm 1 with PfQ removing the dead channels without
+  absorbing their constants (Table 1's "PfQ w/o bias correction").
 * "tfmot": tfmot's own n-bit QAT (`DefaultNBitQuantizeScheme`, BN handled by tfmot's
   transforms) for `e_A + e_W` epochs, the existing-library reference.
 
@@ -21,7 +23,7 @@ from tf_pfq.workflow import Step, algorithm1_steps, run_steps
 
 __all__ = ["METHODS", "method_steps", "run_method"]
 
-METHODS = ("pfq", "original", "pfq_once", "dfq", "tfmot")
+METHODS = ("pfq", "original", "pfq_once", "dfq", "tfmot", "pfq_no_bias_correction")
 
 
 def method_steps(
@@ -61,7 +63,7 @@ def method_steps(
     if combined is None:
         combined = dataclasses.replace(stage_w, epochs=stage_a.epochs + stage_w.epochs, period=None)
     aw = Step("stage_aw", "train", activation_bits, weight_bits, combined)
-    if method == "pfq":
+    if method in ("pfq", "pfq_no_bias_correction"):
         return algorithm1_steps(stage_a, stage_w, activation_bits, weight_bits)
     if method == "original":
         return [
@@ -91,7 +93,7 @@ def run_method(
     """Runs one of `METHODS` on a pretrained float model (see `method_steps`).
 
     Args:
-      method: "pfq", "original", "pfq_once", "dfq" or "tfmot".
+      method: one of `METHODS`.
       model: pretrained float tf_keras model (not modified).
       train_data: batched (image, label) training dataset.
       activation_bits: activation bit width.
@@ -122,5 +124,7 @@ def run_method(
         weight_bits,
         combined,
     )
+    if method == "pfq_no_bias_correction":
+        kwargs["prune_kwargs"] = {**(kwargs.get("prune_kwargs") or {}), "absorb": False}
     kwargs.setdefault("method", method)
     return run_steps(model, train_data, steps, **kwargs)

@@ -119,7 +119,15 @@ def _apply(fn, values: np.ndarray) -> np.ndarray:
 class _Pruner:
     """Plans which channels go and how their constants are absorbed, then rebuilds."""
 
-    def __init__(self, model, threshold, ranges: Mapping[str, ActivationRange], exact_only: bool):
+    def __init__(
+        self,
+        model,
+        threshold,
+        ranges: Mapping[str, ActivationRange],
+        exact_only: bool,
+        absorb: bool = True,
+    ):
+        self.absorb_constants = absorb
         self.graph = LayerGraph(model)
         self.ranges = dict(ranges)
         self.threshold = threshold
@@ -208,7 +216,9 @@ class _Pruner:
     def plan(self, accepted) -> _Plan:
         plan = _Plan()
         for bn, channel in sorted(accepted):
-            beta = self.bn_params(bn)["beta"][channel]
+            # absorb=False: the removed channel is taken as 0, so nothing is compensated
+            # (the paper's "PfQ w/o bias correction").
+            beta = self.bn_params(bn)["beta"][channel] if self.absorb_constants else 0.0
             self.emit(plan, bn, channel, beta, {(bn, channel)}, True)
         for bn, channel in sorted(accepted):
             reason = self.unsupported(bn)
@@ -628,6 +638,7 @@ def prune(
     calibration_data=None,
     activation_ranges: Mapping[str, ActivationRange] | None = None,
     exact_only: bool = False,
+    absorb: bool = True,
 ):
     """Removes dead BN channels and absorbs their constant output (PfQ, paper §3.2).
 
@@ -675,6 +686,9 @@ def prune(
         to the pruned model as well.
       exact_only: keep (with the reason in the report) the dead channels whose
         constant would meet zero padding, so the pruned model is exact everywhere.
+      absorb: False removes the dead channels without absorbing their constant into
+        the next layer (the paper's "PfQ w/o bias correction" ablation): the model
+        changes by what the channels contributed.
 
     Returns:
       (pruned_model, report): a new Functional model with the same layer names, and a
@@ -701,7 +715,7 @@ def prune(
     if calibration_data is not None:
         check_data(calibration_data, "calibration_data")
     ranges = activation_ranges or activation_ranges_of(model)
-    pruner = _Pruner(model, threshold, ranges, exact_only)
+    pruner = _Pruner(model, threshold, ranges, exact_only, absorb)
     candidates = pruner.dead_candidates()
     accepted = {(bn, int(c)) for bn, chans in candidates.items() for c in chans}
     kept: dict = {}
