@@ -106,19 +106,19 @@ def repack_int4(tflite_bytes: bytes) -> bytes:
     Example:
       >>> import tensorflow as tf
       >>> from tf_pfq.export import inspect
-      >>> w = tf.quantization.fake_quant_with_min_max_vars(  # integers -7..7
-      ...     tf.constant([[[[-0.7], [0.1], [0.3], [0.7]]]]), -12.7, 12.7, narrow_range=True)
+      >>> w = tf.constant([[[[-0.7], [0.1], [0.3], [0.7]]]])
       >>> @tf.function(input_signature=[tf.TensorSpec([1, 2, 2, 4])])
-      ... def f(x):
+      ... def f(x):  # an int8 weight grid of step 0.1: integers -7, 1, 3, 7
       ...     x = tf.quantization.fake_quant_with_min_max_vars(x, 0.0, 1.0)
-      ...     y = tf.nn.conv2d(x, w, 1, "VALID")
+      ...     k = tf.quantization.fake_quant_with_min_max_vars(w, -12.7, 12.7, narrow_range=True)
+      ...     y = tf.nn.conv2d(x, k, 1, "VALID")
       ...     return tf.quantization.fake_quant_with_min_max_vars(y, -2.0, 2.0)
       >>> converter = tf.lite.TFLiteConverter.from_concrete_functions(
       ...     [f.get_concrete_function()], f)
       >>> converter.optimizations = [tf.lite.Optimize.DEFAULT]
       >>> summary = inspect(repack_int4(converter.convert()))
-      >>> [(t.dtype, t.levels) for t in summary.ops[0].inputs[1:2]]
-      [('int4', 4)]
+      >>> list(summary.weight_storage().values()), list(summary.weight_levels().values())
+      (['int4'], [4])
     """
     model = flatbuffer_utils.convert_bytearray_to_object(bytearray(tflite_bytes))
     done: set[int] = set()
