@@ -3,6 +3,7 @@ r"""Exports a saved tf_pfq QAT model (stage W) to a full-integer `.tflite`.
   python export/to_tflite.py --model=runs/pfq_a4w4/qat.h5 --output=runs/pfq_a4w4.tflite
   python export/to_tflite.py --model=qat.h5 --output=m.tflite --io_dtype=uint8 \
       --representative=none --input_range=0,1
+  python export/to_tflite.py --model=qat_w3.h5 --output=m_int4.tflite --weight_storage=int4
 
 Loads the model under `tf_pfq.quantize_scope()`, converts it with
 `tf_pfq.export.to_tflite` (n-bit grid kept in int8 tensors), writes the file, and
@@ -31,6 +32,13 @@ flags.DEFINE_enum(
 flags.DEFINE_integer("num_representative", 256, "Representative images.")
 flags.DEFINE_list("input_range", None, "lo,hi of the input when it has no quantizer.")
 flags.DEFINE_bool("clamp_signed", True, "Exact lower clamp (MAXIMUM) of signed n-bit tensors.")
+flags.DEFINE_enum(
+    "weight_storage",
+    "int8",
+    ["int8", "int4"],
+    "Weight tensors: int8 (fastest on XNNPACK, Edge TPU) or int4 (packed, smallest file; "
+    "weight_bits <= 4).",
+)
 flags.mark_flags_as_required(["model", "output"])
 
 
@@ -50,6 +58,7 @@ def main(argv):
         io_dtype=FLAGS.io_dtype,
         input_range=input_range,
         clamp_signed=FLAGS.clamp_signed,
+        weight_storage=FLAGS.weight_storage,
     )
     path = tf_pfq.export.save(tflite, FLAGS.output)
     logging.info("wrote %s (%d bytes)", path, len(tflite))

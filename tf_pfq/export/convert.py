@@ -62,6 +62,7 @@ import numpy as np
 import tensorflow as tf
 
 from tf_pfq.compat import keras
+from tf_pfq.export import int4
 from tf_pfq.graph import LayerGraph
 from tf_pfq.quantize import activation_name, concat_shared_ranges
 from tf_pfq.quantizers import QuantParams, nudge
@@ -829,6 +830,7 @@ def to_tflite(
     io_dtype: str = "int8",
     input_range: tuple[float, float] | None = None,
     clamp_signed: bool = True,
+    weight_storage: str = "int8",
 ) -> bytes:
     """Exports a stage-W tf_pfq QAT model to a full-integer `.tflite` keeping its n-bit grid.
 
@@ -847,13 +849,17 @@ def to_tflite(
       input_range: (lo, hi) of the input when it has no quantizer and no data.
       clamp_signed: clamp the lower end of signed n-bit tensors with MAXIMUM ops
         (exact; False is faster on XNNPACK but lets values below the range through).
+      weight_storage: "int8" (the n-bit integers in int8 tensors; fastest on
+        XNNPACK, Edge TPU compatible) or "int4" (packed two per byte: smallest file,
+        same grid and builtin-kernel outputs; see `tf_pfq.export.int4`).
 
     Returns:
       The flatbuffer bytes (write them with `save`).
 
     Raises:
       ValueError: a stage-A model, an unsupported layer, a bad `io_dtype`, a
-        model input without a range, or `representative_data` with NaN/Inf.
+        model input without a range, `representative_data` with NaN/Inf, or a bad
+        `weight_storage` / weights INT4 cannot hold (the message names the layers).
       TypeError: not a tf_keras model.
 
     Example:
@@ -867,13 +873,15 @@ def to_tflite(
       (['int32', 'int8'], 16)
     """
     plan = plan_from_qat(qat_model)
-    return plan_to_tflite(
+    int4.check_plan(plan, weight_storage)  # before the (slow) conversion
+    tflite = plan_to_tflite(
         plan,
         representative_data=representative_data,
         io_dtype=io_dtype,
         input_range=input_range,
         clamp_signed=clamp_signed,
     )
+    return int4.apply_storage(tflite, weight_storage)
 
 
 def save(tflite_bytes: bytes, path: str | os.PathLike) -> str:

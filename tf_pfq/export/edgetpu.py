@@ -157,7 +157,8 @@ def _check_tensor(t: TensorInfo, op: OpInfo, is_weight: bool) -> list[Problem]:
                 Problem(
                     "integer",
                     f"weight tensor {t.name!r} is {t.dtype}; the Edge TPU needs 8-bit "
-                    "integer weights.",
+                    "integer weights"
+                    + (" (export with weight_storage='int8')." if t.dtype == "int4" else "."),
                     **where,
                 )
             )

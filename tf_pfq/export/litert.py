@@ -15,8 +15,14 @@ Backends (`backend` argument):
   no classic GPU delegate library and no Edge TPU runtime; the user passes the path
   of `libtensorflowlite_gpu_delegate.so` / `libedgetpu.so.1` they have. When the
   library cannot be loaded a `DelegateUnavailableError` is raised: there is never a
-  silent fallback to the CPU. (The wheel's newer `CompiledModel` API brings a WebGPU
-  accelerator, which needs a GPU adapter; tf_pfq does not use it.)
+  silent fallback to the CPU.
+
+GPU through LiteRT's own accelerator: `make_gpu_runner` compiles the model with the
+wheel's `CompiledModel` API and `HardwareAccelerator.GPU` (WebGPU, on Vulkan on
+Linux). It needs the Vulkan loader (`libvulkan.so.1`) and a GPU driver exposing a
+Vulkan adapter; without them, or when some op would run on the CPU instead, it
+raises `DelegateUnavailableError`. The runner works with `predict`, `accuracy` and
+`benchmark` like an interpreter.
 """
 
 from __future__ import annotations
@@ -36,6 +42,8 @@ __all__ = [
     "benchmark",
     "default_delegate_library",
     "dequantize_output",
+    "GpuRunner",
+    "make_gpu_runner",
     "make_interpreter",
     "predict",
     "quantize_input",
@@ -290,3 +298,116 @@ def benchmark(
         "min_ms": float(times_arr.min()),
         "p90_ms": float(np.percentile(times_arr, 90)),
     }
+
+
+def _vulkan_loader_missing() -> str | None:
+    """Why the Vulkan loader cannot be opened, or None when it can."""
+    import ctypes
+
+    name = {"Windows": "vulkan-1.dll", "Darwin": "libvulkan.1.dylib"}.get(
+        platform.system(), "libvulkan.so.1"
+    )
+    try:
+        ctypes.CDLL(name)
+    except OSError as err:
+        return f"{name} cannot be loaded ({err})"
+    return None
+
+
+class GpuRunner:
+    """A model compiled for LiteRT's GPU accelerator, with the interpreter calls
+    `predict`, `accuracy` and `benchmark` use (one signature, one input, one output).
+
+    Build it with `make_gpu_runner`.
+    """
+
+    def __init__(self, compiled, details: tuple[list[dict], list[dict]]):
+        self._model = compiled
+        self._inputs = compiled.create_input_buffers(0)
+        self._outputs = compiled.create_output_buffers(0)
+        # Buffers are indexed by position: the details carry positions as "index".
+        self._details = [[{**d, "index": k} for k, d in enumerate(ds)] for ds in details]
+
+    def get_input_details(self) -> list[dict]:
+        return self._details[0]
+
+    def get_output_details(self) -> list[dict]:
+        return self._details[1]
+
+    def set_tensor(self, index: int, value: np.ndarray) -> None:
+        self._inputs[index].write(np.ascontiguousarray(value).reshape(-1))
+
+    def invoke(self) -> None:
+        self._model.run_by_index(0, self._inputs, self._outputs)
+
+    def get_tensor(self, index: int) -> np.ndarray:
+        detail = self._details[1][index]
+        count = int(np.prod(detail["shape"]))
+        return self._outputs[index].read(count, detail["dtype"]).reshape(detail["shape"])
+
+
+def make_gpu_runner(model: bytes | str | os.PathLike) -> GpuRunner:
+    """Compiles a `.tflite` model for LiteRT's GPU accelerator (WebGPU on Vulkan).
+
+    Never falls back to the CPU: a missing GPU, or a model the accelerator runs only
+    in part, is an error.
+
+    Args:
+      model: flatbuffer bytes or a `.tflite` path (one signature, one input, one
+        output).
+
+    Returns:
+      A `GpuRunner` to pass to `predict`, `accuracy` or `benchmark`.
+
+    Raises:
+      DelegateUnavailableError: no Vulkan loader or GPU adapter, the accelerator
+        failed to compile the model, or some ops would run on the CPU.
+
+    Example:
+      >>> import tensorflow as tf
+      >>> f = tf.function(lambda x: x * 2.0, input_signature=[tf.TensorSpec([1, 2])])
+      >>> converter = tf.lite.TFLiteConverter.from_concrete_functions(
+      ...     [f.get_concrete_function()], f)
+      >>> try:
+      ...     runner = make_gpu_runner(converter.convert())
+      ... except DelegateUnavailableError as err:  # no Vulkan GPU on this machine
+      ...     runner = None
+      >>> runner is None or predict(runner, np.ones((1, 2), np.float32)).tolist() == [[2.0, 2.0]]
+      True
+    """
+    from ai_edge_litert import compiled_model
+    from ai_edge_litert.hardware_accelerator import HardwareAccelerator
+
+    if isinstance(model, (bytes, bytearray)):
+        content = bytes(model)
+    else:
+        with open(model, "rb") as f:
+            content = f.read()
+    # Shapes, dtypes and quantization of the inputs and outputs, read without running.
+    reader = litert.Interpreter(model_content=content)
+    details = (reader.get_input_details(), reader.get_output_details())
+    try:
+        compiled = compiled_model.CompiledModel.from_buffer(
+            content, hardware_accel=HardwareAccelerator.GPU
+        )
+    except RuntimeError as err:
+        loader = _vulkan_loader_missing()
+        cause = (
+            f"no Vulkan: {loader}. Install the Vulkan loader (Debian: libvulkan1) and a "
+            "driver with a Vulkan adapter for your GPU (NVIDIA's driver, or Mesa's "
+            "mesa-vulkan-drivers)"
+            if loader
+            else "the Vulkan loader is present, but the accelerator found no usable GPU "
+            "adapter or could not compile the model (check `vulkaninfo` and LiteRT's log)"
+        )
+        raise DelegateUnavailableError(
+            f"LiteRT's GPU accelerator (WebGPU on Vulkan) is unavailable: {cause}. "
+            f"LiteRT said: {str(err).strip()!r}. tf_pfq does not fall back to the CPU "
+            "silently; use backend='xnnpack' to run on the CPU."
+        ) from err
+    if not compiled.is_fully_accelerated():
+        raise DelegateUnavailableError(
+            "LiteRT's GPU accelerator runs only part of this model; the other ops would "
+            "fall back to the CPU, so tf_pfq refuses it (see LiteRT's log for the ops)."
+        )
+    return GpuRunner(compiled, details)

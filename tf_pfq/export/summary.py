@@ -136,13 +136,26 @@ class ModelSummary:
             if t.is_constant and t.levels is not None and t.dtype in ("int8", "uint8", "int4")
         }
 
+    def weight_storage(self) -> dict[str, str]:
+        """Storage type ("int8", "int4", ...) of each conv / fully-connected weight, by name."""
+        return {
+            op.inputs[1].name: op.inputs[1].dtype
+            for op in self.ops
+            if op.op in _WEIGHTED_OPS and len(op.inputs) > 1 and op.inputs[1] is not None
+        }
+
     def __str__(self) -> str:
+        storage: dict[str, int] = {}
+        for dtype in self.weight_storage().values():
+            storage[dtype] = storage.get(dtype, 0) + 1
         lines = [
             (
                 f"size: {self.size_bytes} bytes ({self.size_bytes / 1024:.1f} KiB), "
                 f"{len(self.ops)} ops, {self.macs / 1e6:.3f} M MACs, "
                 f"{self.num_subgraphs} subgraph(s)"
             ),
+            "weight storage: "
+            + (", ".join(f"{n} {d}" for d, n in sorted(storage.items())) or "none"),
             "inputs:  " + ", ".join(_short(t) for t in self.inputs),
             "outputs: " + ", ".join(_short(t) for t in self.outputs),
             (
@@ -244,9 +257,10 @@ def _tensor_info(model, subgraph, index: int) -> TensorInfo:
         if values.size == int(np.prod(shape)):
             levels = _levels(values.reshape(shape), axis, len(scales) > 1)
     elif is_constant and dtype == "int4":
-        packed = np.asarray(data, np.uint8)
-        nibbles = np.stack([packed & 0xF, packed >> 4], axis=-1).reshape(-1)
-        levels = int(np.unique(nibbles[: int(np.prod(shape))]).size)
+        from tf_pfq.export.int4 import unpack_int4
+
+        values = unpack_int4(np.asarray(data, np.uint8), int(np.prod(shape)))
+        levels = _levels(values.reshape(shape), axis, len(scales) > 1)
     name = tensor.name.decode() if isinstance(tensor.name, bytes) else str(tensor.name)
     return TensorInfo(
         index=index,

@@ -1,0 +1,150 @@
+"""Packed INT4 weight storage: flatbuffer types and levels, identical outputs, errors."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import tf_pfq
+from tf_pfq import models
+from tf_pfq.export import int4, litert
+from tf_pfq.export.summary import inspect, read_model
+
+INPUT_SHAPE = (8, 8, 3)
+
+
+def _qat(weight_bits: int, per_channel: bool = False, zero_point_8: bool = False):
+    model = models.mobilenet_v1(input_shape=INPUT_SHAPE, widths=(4, 8), strides=(1, 2))
+    folded, _ = tf_pfq.fold_batchnorm(model)
+    if zero_point_8:
+        # Per-tensor kernels with min = -8/7 max: the 4-bit grid's zero point is 8,
+        # so its integers are -8..7 and fit INT4.
+        for layer in folded.layers:
+            weights = layer.get_weights()
+            if not weights or weights[0].ndim < 2:
+                continue
+            kernel = weights[0].copy()
+            top = float(np.abs(kernel).max())
+            kernel = np.clip(kernel, -top, top)
+            kernel.reshape(-1)[0], kernel.reshape(-1)[1] = -8.0 / 7.0 * top, top
+            layer.set_weights([kernel, *weights[1:]])
+    qat = tf_pfq.apply(
+        folded, activation_bits=4, weight_bits=weight_bits, per_channel_weights=per_channel
+    )
+    images = np.random.RandomState(1).rand(16, *INPUT_SHAPE).astype(np.float32)
+    qat(images, training=True)  # activation ranges
+    return qat
+
+
+def _weights(tflite: bytes):
+    """(op name, tensor, raw bytes) of every conv / fully-connected weight, from the file."""
+    model, _ = read_model(tflite)
+    subgraph = model.subgraphs[0]
+    names = {v: k for k, v in vars(int4.schema.BuiltinOperator).items() if not k.startswith("_")}
+    out = []
+    for op in subgraph.operators:
+        code = model.operatorCodes[op.opcodeIndex]
+        name = names[max(int(code.builtinCode), int(code.deprecatedBuiltinCode))]
+        if name in int4.INT4_OPS:
+            tensor = subgraph.tensors[op.inputs[1]]
+            out.append((name, tensor, np.asarray(model.buffers[tensor.buffer].data, np.uint8)))
+    return out
+
+
+def _images(n: int = 24) -> np.ndarray:
+    return np.random.RandomState(0).rand(n, *INPUT_SHAPE).astype(np.float32)
+
+
+@pytest.mark.parametrize(
+    ("bits", "per_channel", "zero_point_8"),
+    [(3, False, False), (3, True, False), (2, True, False), (4, False, True)],
+)
+def test_int4_storage_same_grid_and_outputs(bits, per_channel, zero_point_8):
+    qat = _qat(bits, per_channel, zero_point_8)
+    packed = tf_pfq.export.to_tflite(qat, input_range=(0.0, 1.0), weight_storage="int4")
+    plain = tf_pfq.export.to_tflite(qat, input_range=(0.0, 1.0))
+    assert len(packed) < len(plain)
+
+    weights4, weights8 = _weights(packed), _weights(plain)
+    assert sorted({name for name, _, _ in weights4}) == sorted(int4.INT4_OPS)
+    for (name, t4, data4), (_, t8, data8) in zip(weights4, weights8):
+        assert t4.type == int4.schema.TensorType.INT4 and t8.type == int4.schema.TensorType.INT8
+        count = int(np.prod(t4.shape))
+        assert len(data4) == (count + 1) // 2  # two values per byte
+        values = int4.unpack_int4(data4, count)
+        np.testing.assert_array_equal(values, data8.view(np.int8))  # same integers
+        np.testing.assert_array_equal(t4.quantization.scale, t8.quantization.scale)
+        np.testing.assert_array_equal(t4.quantization.zeroPoint, 0)
+        # At most 2^n levels per quantization slice (per channel: the first axis).
+        rows = values.reshape(t4.shape[0], -1) if len(t4.quantization.scale) > 1 else [values]
+        assert max(np.unique(r).size for r in rows) <= 2**bits, name
+
+    summary = inspect(packed)
+    assert set(summary.weight_storage().values()) == {"int4"}
+    assert max(summary.weight_levels().values()) <= 2**bits
+    assert "weight storage:" in str(summary) and "int4" in str(summary)
+
+    images = _images()
+    for backend in ("builtin", "reference"):
+        y4 = litert.predict(litert.make_interpreter(packed, backend=backend), images)
+        y8 = litert.predict(litert.make_interpreter(plain, backend=backend), images)
+        np.testing.assert_array_equal(y4, y8)
+
+
+def test_pack_layout_matches_the_converters_int4():
+    # The stock converter writes INT4 for a 4-bit narrow-range symmetric fake-quant
+    # weight; unpack_int4 must read its bytes back to the integers.
+    w = np.random.RandomState(0).uniform(-1, 1, (3, 3, 5, 3)).astype(np.float32)  # odd count
+    step = np.float32(1.0 / 7.0)
+
+    @tf.function(input_signature=[tf.TensorSpec([1, 4, 4, 5])])
+    def f(x):
+        x = tf.quantization.fake_quant_with_min_max_vars(x, 0.0, 1.0)
+        k = tf.quantization.fake_quant_with_min_max_vars(
+            tf.constant(w), -7 * step, 7 * step, num_bits=4, narrow_range=True
+        )
+        y = tf.nn.conv2d(x, k, 1, "VALID")
+        return tf.quantization.fake_quant_with_min_max_vars(y, -8.0, 8.0)
+
+    converter = tf.lite.TFLiteConverter.from_concrete_functions([f.get_concrete_function()], f)
+    converter.optimizations = [tf.lite.Optimize.DEFAULT]
+    ((_, tensor, data),) = _weights(converter.convert())
+    assert tensor.type == int4.schema.TensorType.INT4
+    expected = np.round(np.transpose(w, (3, 0, 1, 2)) / step).astype(np.int8).reshape(-1)
+    np.testing.assert_array_equal(int4.unpack_int4(data, expected.size), expected)
+    np.testing.assert_array_equal(int4.pack_int4(expected), data)
+
+
+def test_pack_roundtrip_and_range_error():
+    values = np.arange(-8, 8, dtype=np.int8).repeat(3)[:-1]  # odd count
+    np.testing.assert_array_equal(int4.unpack_int4(int4.pack_int4(values), values.size), values)
+    with pytest.raises(ValueError, match=r"-8\.\.7"):
+        int4.pack_int4(np.array([8], np.int8))
+
+
+def test_int4_errors_name_the_layers():
+    qat = _qat(3)
+    with pytest.raises(ValueError, match=r"weight_storage.*'int5'"):
+        tf_pfq.export.to_tflite(qat, input_range=(0.0, 1.0), weight_storage="int5")
+    wide = _qat(5)
+    with pytest.raises(ValueError, match=r"weight_bits <= 4.*'conv1' \(5 bits\)"):
+        tf_pfq.export.to_tflite(wide, input_range=(0.0, 1.0), weight_storage="int4")
+    # tf_pfq's 4-bit grids are [min(w, 0), max(w, 0)]: with a zero point other than 8
+    # the integers leave -8..7 and INT4 would change the model.
+    four = _qat(4, per_channel=True)
+    with pytest.raises(ValueError, match=r"zero point.*'conv1' \(integers"):
+        tf_pfq.export.to_tflite(four, input_range=(0.0, 1.0), weight_storage="int4")
+    # The file-level pass refuses the same weights on its own too.
+    plain = tf_pfq.export.to_tflite(four, input_range=(0.0, 1.0))
+    with pytest.raises(ValueError, match="outside INT4's"):
+        int4.repack_int4(plain)
+
+
+def test_edgetpu_flags_int4():
+    packed = tf_pfq.export.to_tflite(_qat(3), input_range=(0.0, 1.0), weight_storage="int4")
+    problems = [p for p in tf_pfq.export.edgetpu_compatibility(packed) if p.rule == "integer"]
+    flagged = {
+        p.op for p in problems if "int4" in p.message and "weight_storage='int8'" in p.message
+    }
+    assert flagged == set(int4.INT4_OPS)
