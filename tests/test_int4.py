@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import pathlib
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -148,3 +153,31 @@ def test_edgetpu_flags_int4():
         p.op for p in problems if "int4" in p.message and "weight_storage='int8'" in p.message
     }
     assert flagged == set(int4.INT4_OPS)
+
+
+@pytest.mark.slow
+def test_to_tflite_script_weight_storage(tmp_path):
+    path = tmp_path / "qat.h5"
+    _qat(3).save(path)
+    out = tmp_path / "m.tflite"
+    root = pathlib.Path(__file__).resolve().parents[1]
+    result = subprocess.run(
+        [
+            sys.executable,
+            str(root / "export" / "to_tflite.py"),
+            f"--model={path}",
+            f"--output={out}",
+            "--representative=none",
+            "--input_range=0,1",
+            "--weight_storage=int4",
+        ],
+        capture_output=True,
+        text=True,
+        env=dict(os.environ, PYTHONPATH=str(root), TF_CPP_MIN_LOG_LEVEL="2"),
+        timeout=300,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert set(inspect(out).weight_storage().values()) == {"int4"}
+    assert "weight storage: 4 int4" in result.stdout
+    assert "weight_storage='int8'" in result.stdout  # the Edge TPU check flags INT4
