@@ -38,7 +38,9 @@ def _randomize_bn(model, seed=0):
 
 def _conv_bn(x, filters, kernel, name, scale=1.0, activation="relu"):
     x = L.Conv2D(filters, kernel, padding="same", name=name)(x)
-    x = L.BatchNormalization(name=f"{name}_bn", gamma_initializer=keras.initializers.Constant(scale))(x)
+    x = L.BatchNormalization(
+        name=f"{name}_bn", gamma_initializer=keras.initializers.Constant(scale)
+    )(x)
     return L.Activation(activation, name=f"{name}_act")(x) if activation else x
 
 
@@ -136,7 +138,10 @@ def test_output_softmax_exports_and_matches():
     inputs = keras.Input(SHAPE, name="image")
     x = _conv_bn(inputs, 8, 3, "stem")
     x = L.GlobalAveragePooling2D(name="pool")(x)
-    x = L.Dense(10, name="logits")(x)
+    # Large logits, so that the probabilities spread over many 1/256 steps.
+    x = L.Dense(10, kernel_initializer=keras.initializers.RandomNormal(stddev=4.0), name="logits")(
+        x
+    )
     model = keras.Model(inputs, L.Softmax(name="probs")(x), name="softmax_net")
     tflite = _check(model)
     assert "SOFTMAX" in inspect(tflite).op_counts()
@@ -147,7 +152,9 @@ def test_resnet50_style_fused_output_softmax():
     inputs = keras.Input(SHAPE, name="image")
     x = _conv_bn(inputs, 8, 3, "stem")
     x = L.GlobalAveragePooling2D(name="avg_pool")(x)
-    model = keras.Model(inputs, L.Dense(10, activation="softmax", name="predictions")(x))
+    init = keras.initializers.RandomNormal(stddev=4.0)
+    dense = L.Dense(10, activation="softmax", kernel_initializer=init, name="predictions")
+    model = keras.Model(inputs, dense(x))
     tflite = _check(model)
     assert "SOFTMAX" in inspect(tflite).op_counts()
     step = inspect(tflite).outputs[0].scales[0]
@@ -161,3 +168,70 @@ def test_inner_activations_export(act):
     x = _conv_bn(x, 8, 3, "mid")
     model = keras.Model(inputs, _head(x), name=f"{act}_net")
     _check(model)
+
+
+def se_net():
+    # Squeeze-excite: a sigmoid gate (TFLite's fixed 1/256 grid) scales the features.
+    inputs = keras.Input(SHAPE, name="image")
+    x = _conv_bn(inputs, 8, 3, "stem")
+    s = L.GlobalAveragePooling2D(keepdims=True, name="squeeze")(x)
+    s = L.Conv2D(4, 1, activation="relu", name="reduce")(s)
+    s = L.Conv2D(8, 1, activation="sigmoid", name="expand")(s)
+    x = L.Multiply(name="excite")([x, s])
+    x = _conv_bn(x, 8, 3, "after")
+    return keras.Model(inputs, _head(x), name="se_net")
+
+
+def decoder_net():
+    inputs = keras.Input(SHAPE, name="image")
+    x = _conv_bn(inputs, 8, 3, "enc")
+    x = L.Conv2D(8, 3, strides=2, padding="same", activation="relu", name="down")(x)
+    x = L.Conv2DTranspose(8, 3, strides=2, padding="same", activation="relu", name="up_t")(x)
+    x = L.UpSampling2D(2, name="up_nearest")(x)
+    x = _conv_bn(x, 8, 3, "dec1")
+    x = L.UpSampling2D(2, interpolation="bilinear", name="up_bilinear")(x)
+    x = L.ZeroPadding2D(1, name="pad")(x)
+    x = L.Cropping2D(2, name="crop")(x)
+    x = _conv_bn(x, 8, 3, "dec2")
+    x = L.GlobalMaxPooling2D(name="gmax")(x)
+    x = L.Reshape((1, 1, 8), name="reshape")(x)
+    x = L.Conv2D(8, 1, activation="relu", name="head_conv")(x)
+    x = L.Flatten(name="flat")(x)
+    return keras.Model(inputs, L.Dense(10, name="logits")(x), name="decoder_net")
+
+
+def test_squeeze_excite_exports_and_matches():
+    tflite = _check(se_net())
+    assert {"MUL", "LOGISTIC"} <= set(inspect(tflite).op_counts())
+
+
+def test_decoder_layers_export_and_match():
+    tflite = _check(decoder_net())
+    ops = set(inspect(tflite).op_counts())
+    assert {"TRANSPOSE_CONV", "RESIZE_NEAREST_NEIGHBOR", "RESIZE_BILINEAR"} <= ops, ops
+
+
+def _op_layer_model():
+    inputs = keras.Input(SHAPE, name="image")
+    x = L.Conv2D(4, 3, name="conv")(inputs)
+    x = x + 3.0  # a TFOpLambda
+    return keras.Model(inputs, _head(x))
+
+
+def test_op_layers_are_refused_by_name():
+    model = _op_layer_model()
+    op_layer = next(layer for layer in model.layers if type(layer).__name__ == "TFOpLambda")
+    with pytest.raises(ValueError, match=rf"{op_layer.name}.*TFOpLambda.*add"):
+        tf_pfq.apply(model, activation_bits=4)
+
+
+def test_stage_w_refuses_unfoldable_weights():
+    inputs = keras.Input(SHAPE, name="image")
+    x = L.BatchNormalization(name="input_bn")(inputs)  # follows no linear layer
+    model = keras.Model(inputs, _head(L.Conv2D(4, 3, name="conv")(x)))
+    with pytest.raises(ValueError, match=r"input_bn.*follows no"):
+        tf_pfq.apply(model, activation_bits=4, weight_bits=4)
+    inputs = keras.Input(SHAPE, name="image")
+    x = L.PReLU(name="prelu")(L.Conv2D(4, 3, name="conv")(inputs))
+    with pytest.raises(ValueError, match=r"prelu.*PReLU.*float"):
+        tf_pfq.apply(keras.Model(inputs, _head(x)), activation_bits=4, weight_bits=4)
