@@ -21,6 +21,7 @@ import numpy as np
 
 from tf_pfq.compat import keras
 from tf_pfq.graph import LayerGraph, rebuild
+from tf_pfq.layers import split_separable
 
 __all__ = ["fold_batchnorm", "fold_weights", "FoldReport", "WeightRange"]
 
@@ -162,7 +163,7 @@ def fold_batchnorm(model):
       >>> sorted(report.folded.items())[:2], report.unfolded
       ([('conv1_bn', 'conv1'), ('conv_dw_1_bn', 'conv_dw_1')], {})
     """
-    graph = LayerGraph(model)
+    graph = LayerGraph(split_separable(model))  # its halves fold like any conv
     folded: dict[str, str] = {}
     unfolded: dict[str, str] = {}
     layer_configs = {}
