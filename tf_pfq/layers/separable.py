@@ -121,7 +121,7 @@ def split_separable(model):
                 f"Cannot split SeparableConv2D {entry['name']!r}: a layer named "
                 f"{entry['name'] + DEPTHWISE_SUFFIX!r} exists already."
             )
-    layers = []
+    layers: list[dict] = []
     for entry in config["layers"]:
         if entry["name"] in separable:
             layers.extend(_halves(entry))
