@@ -199,10 +199,10 @@ def split_activations(model):
     names; the model is returned unchanged when there is nothing to split.
 
     Example:
-      >>> x = keras.Input((4,))
+      >>> x = keras.Input((4,), name="x")
       >>> m = keras.Model(x, keras.layers.Dense(3, activation="softmax", name="p")(x))
       >>> [layer.name for layer in split_activations(m).layers]
-      ['input_1', 'p', 'p_softmax']
+      ['x', 'p', 'p_softmax']
     """
     config = copy.deepcopy(model.get_config())
     layers, renames = [], {}
