@@ -6,11 +6,14 @@ default CPU path (XNNPACK) must agree with the Keras QAT model's top-1 on >= 99.
 of the test images, with accuracy within 0.3 points, and every logit within one int8
 step of the output (`s_out`): half a step is the rounding of the logits themselves;
 the rest is XNNPACK's fixed-point rescaling of the Add inputs (an int8 step of an Add
-output, scaled down by the layers after it). Add outputs are quantized at 8 bits
-(`add_bits=8`) so that every tensor of the QAT model has a grid the file can hold;
-with float Add outputs (the paper's setting) the export rounds them to int8 and the
-agreement drops (benchmarks/results/export_fidelity.md). TFLite's builtin reference
-kernels round twice in their requantization and are reported, not asserted.
+output, scaled down by the layers after it). `tf_pfq.apply`'s defaults are used: Add
+outputs are quantized at 8 bits, so that every tensor of the QAT model has a grid the
+file can hold; with float Add outputs (the paper's setting, `add_bits=None`) the
+export rounds them to int8 and the agreement drops
+(benchmarks/results/export_fidelity.md). A second net with Add and Concatenate
+(branches of different scales, which QAT puts on one shared range) must agree too.
+TFLite's builtin reference kernels round twice in their requantization and are
+reported, not asserted.
 """
 
 from __future__ import annotations
@@ -52,9 +55,7 @@ def folded(digits):
 
 def _stage_w(folded, digits, bits):
     keras.utils.set_random_seed(1)
-    qat = tf_pfq.apply(
-        folded, activation_bits=bits, weight_bits=bits, per_channel_weights=True, add_bits=8
-    )
+    qat = tf_pfq.apply(folded, activation_bits=bits, weight_bits=bits, per_channel_weights=True)
     qat.compile(
         keras.optimizers.Adam(5e-4),
         keras.losses.SparseCategoricalCrossentropy(from_logits=True),
@@ -99,3 +100,54 @@ def test_xnnpack_reproduces_keras_qat(folded, digits, bits, record_property):
     assert agreement >= 0.995
     assert abs(tflite_acc - keras_acc) <= 0.003
     assert max_diff <= 1.0 * step
+
+
+def _add_concat_net():
+    L = keras.layers
+
+    def conv_bn(x, filters, kernel, name, strides=1, relu=True):
+        x = L.Conv2D(filters, kernel, strides, padding="same", use_bias=False, name=name)(x)
+        x = L.BatchNormalization(name=f"{name}_bn")(x)
+        return L.ReLU(name=f"{name}_relu")(x) if relu else x
+
+    inputs = keras.Input((16, 16, 3), name="image")
+    stem = conv_bn(inputs, 16, 3, "stem", strides=2)
+    a = conv_bn(stem, 8, 3, "branch_a")
+    b = conv_bn(stem, 8, 1, "branch_b")
+    x = L.Concatenate(name="concat")([a, b])
+    x = conv_bn(x, 16, 1, "mix", relu=False)
+    x = L.ReLU(name="add_relu")(L.Add(name="add")([stem, x]))
+    x = conv_bn(x, 24, 3, "down", strides=2)
+    x = L.GlobalAveragePooling2D(name="pool")(x)
+    return keras.Model(inputs, L.Dense(10, name="logits")(x), name="add_concat_net")
+
+
+def test_add_concat_net_reproduced(digits):
+    keras.utils.set_random_seed(2)
+    model = _add_concat_net()
+    train = tf_pfq.data.to_dataset(digits["train"], 32, shuffle=True)
+    train_float(model, train, epochs=8, learning_rate=0.1, warmup_epochs=1, verbose=0)
+    folded, _ = tf_pfq.fold_batchnorm(model)
+    qat = _stage_w(folded, digits, 4)
+    test = digits["test"]
+    keras_logits = qat.predict(test.images, verbose=0)
+    tflite = tf_pfq.export.to_tflite(qat, representative_data=digits["train"].images)
+    logits = litert.predict(litert.make_interpreter(tflite), test.images)
+    step = tf_pfq.export.inspect(tflite).outputs[0].scales[0]
+    err = np.abs(logits - keras_logits) / step
+    agreement = np.mean(logits.argmax(1) == keras_logits.argmax(1))
+    # The file's logits are int8: two Keras logits within one output step can tie
+    # there. A top-1 that is such a tie is not a disagreement of the arithmetic.
+    chosen = keras_logits[np.arange(len(logits)), logits.argmax(1)]
+    tie_aware = np.mean(keras_logits.max(1) - chosen <= step)
+    print(
+        f"add+concat A4/W4: tie-aware agreement {tie_aware:.4f}, "
+        f"keras acc {np.mean(keras_logits.argmax(1) == test.labels):.4f}, "
+        f"agreement {agreement:.4f}, p99 {np.percentile(err, 99):.2f} steps, "
+        f"max {err.max():.2f} steps"
+    )
+    assert np.mean(keras_logits.argmax(1) == test.labels) > 0.85
+    assert tie_aware >= 0.995
+    assert agreement >= 0.98
+    assert np.percentile(err, 99) <= 2.0
+    assert err.max() <= 4.0

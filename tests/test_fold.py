@@ -159,6 +159,7 @@ def test_wrong_fold_is_detected():
 
 
 def test_unfoldable_batchnorms_are_listed_and_kept():
+    keras.utils.set_random_seed(1)  # unseeded initializers also draw from `random`
     inputs = keras.Input((8, 8, 3), name="image")
     a = L.Conv2D(4, 3, padding="same", activation="relu", name="conv_relu")(inputs)
     a = L.BatchNormalization(name="bn_after_activation")(a)
@@ -173,11 +174,18 @@ def test_unfoldable_batchnorms_are_listed_and_kept():
     f = L.BatchNormalization(name="bn_fc")(f)
     model = keras.Model(inputs, f)
     _randomize_bn(model, calibrate=np.random.default_rng(6).normal(size=(8, 8, 8, 3)))
-    folded, report = tf_pfq.fold_batchnorm(model)
-    assert report.folded == {"bn_dw": "dw", "bn_fc": "fc"}
+    folded, report = tf_pfq.fold_batchnorm(model, per_channel_affine=False)
+    assert report.folded == {"bn_dw": "dw", "bn_fc": "fc"} and not report.affine
     assert set(report.unfolded) == {"bn_after_activation", "bn_after_shared_output", "bn_after_add"}
     assert "fused activation" in report.unfolded["bn_after_activation"]
     assert "Add" in report.unfolded["bn_after_add"]
+    x = np.random.default_rng(4).normal(size=(3, 8, 8, 3)).astype(np.float32)
+    assert _relative_error(model, folded, x) < RELATIVE_TOLERANCE
+    # By default the three become per-channel affines (1x1 depthwise), same names.
+    folded, report = tf_pfq.fold_batchnorm(model)
+    assert set(report.affine) == {"bn_after_activation", "bn_after_shared_output", "bn_after_add"}
+    assert not report.unfolded and "fused activation" in report.affine["bn_after_activation"]
+    assert all(isinstance(folded.get_layer(n), L.DepthwiseConv2D) for n in report.affine)
     assert folded.get_layer("dw").use_bias and folded.get_layer("fc").use_bias
     x = np.random.default_rng(4).normal(size=(3, 8, 8, 3)).astype(np.float32)
     assert _relative_error(model, folded, x) < RELATIVE_TOLERANCE
@@ -214,3 +222,26 @@ def test_fold_conv2d_transpose_scales_output_axis():
         model, remove=["up_bn"], layer_configs={"up": config}, weights={"up": [kernel, bias]}
     )
     assert _relative_error(model, wrong, x) > 100 * RELATIVE_TOLERANCE
+
+
+def test_batchnorm_on_input_and_after_concat_becomes_affine():
+    keras.utils.set_random_seed(1)
+    # Pre-activation / DenseNet-style: BN on the input and after a concat.
+    inputs = keras.Input((8, 8, 3))
+    h = L.BatchNormalization(name="bn_input")(inputs)
+    a = L.Conv2D(4, 3, padding="same", name="conv_a")(h)
+    h = L.Concatenate(name="concat")([h, a])
+    h = L.BatchNormalization(name="bn_concat")(h)
+    h = L.ReLU()(h)
+    model = keras.Model(inputs, L.Conv2D(2, 1, name="head")(h))
+    _randomize_bn(model, seed=2)
+    x = np.random.default_rng(5).normal(size=(3, 8, 8, 3)).astype(np.float32)
+    folded, report = tf_pfq.fold_batchnorm(model)
+    assert set(report.affine) == {"bn_input", "bn_concat"} and not report.unfolded
+    assert not any(isinstance(layer, L.BatchNormalization) for layer in folded.layers)
+    assert _relative_error(model, folded, x) < RELATIVE_TOLERANCE
+    assert "per-channel affine" in str(report)
+    # Negative control: the affine without epsilon is detectably wrong.
+    bn = model.get_layer("bn_concat")
+    bn.epsilon = 0.5
+    assert _relative_error(model, folded, x) > 100 * RELATIVE_TOLERANCE

@@ -60,13 +60,15 @@ def plant_dead(model, bn_name: str, channel: int, beta: float) -> None:
     weights = producer.get_weights()
     if isinstance(producer, L.DepthwiseConv2D):
         weights[0][:, :, channel, :] = 0.0  # (kh, kw, in, multiplier), multiplier 1
+    elif isinstance(producer, L.SeparableConv2D):
+        weights[1][..., channel] = 0.0  # [depthwise, pointwise (1, 1, in, out), bias]
     elif isinstance(producer, L.Conv2DTranspose):
         weights[0][:, :, channel, :] = 0.0  # (kh, kw, out, in)
     else:
         weights[0][..., channel] = 0.0  # Conv2D / Dense: output channels last
     constant = 0.0
-    if len(weights) > 1:
-        constant = float(weights[1][channel])
+    if getattr(producer, "use_bias", False):
+        constant = float(weights[-1][channel])
     producer.set_weights(weights)
     bn = model.get_layer(bn_name)
     gamma, b, mean, var = bn.get_weights()

@@ -13,6 +13,7 @@ import tensorflow as tf
 from test_prune_helpers import ROUND_OFF, assert_same_outputs, max_change, plant_dead, randomize_bn
 
 import tf_pfq
+import tf_pfq.layers
 from tf_pfq.compat import keras
 from tf_pfq.graph import LayerGraph, rebuild
 
@@ -178,3 +179,41 @@ def test_report_groups_kept_channels_by_reason():
     lines = [line for line in str(report).splitlines() if "kept 8 [" in line]
     assert len(lines) == 1 and "[0-3, 5, 7-9]" in lines[0] and "'add'" in lines[0]
     assert str(report).count("live channel") == 1
+
+
+def _separable_net():
+    x = keras.Input((8, 8, 3))
+    h = L.SeparableConv2D(
+        6, 3, strides=2, padding="same", depth_multiplier=2, activation="relu", name="sep1"
+    )(x)
+    h = L.SeparableConv2D(5, 3, padding="valid", use_bias=False, name="sep2")(h)
+    h = L.BatchNormalization(name="sep2_bn")(h)
+    h = L.ReLU()(h)
+    h = L.GlobalAveragePooling2D()(h)
+    model = keras.Model(x, L.Dense(3, name="fc")(h))
+    randomize_bn(model, _images(2, 4, 8))
+    return model
+
+
+def test_split_separable_is_exact_and_leaves_input_alone():
+    model = _separable_net()
+    split = tf_pfq.layers.split_separable(model)
+    classes = {layer.name: type(layer).__name__ for layer in split.layers}
+    assert classes["sep1_depthwise"] == "DepthwiseConv2D" and classes["sep1"] == "Conv2D"
+    assert split.get_layer("sep1").activation.__name__ == "relu"
+    assert isinstance(model.get_layer("sep1"), L.SeparableConv2D)  # not modified
+    data = _images(5, 2, 8)
+    assert_same_outputs(model, split, data)
+    assert np.ptp(model(data).numpy(), axis=0).max() > 0.01  # the output depends on x
+
+
+def test_prune_and_fold_split_separable_first():
+    model = _separable_net()
+    plant_dead(model, "sep2_bn", 2, beta=0.4)
+    pruned, report = tf_pfq.prune(model)
+    assert report.num_pruned == 1 and pruned.get_layer("sep2").filters == 4
+    data = _images(5, 2, 8)
+    assert_same_outputs(model, pruned, data)
+    folded, fold_report = tf_pfq.fold_batchnorm(model)
+    assert fold_report.folded == {"sep2_bn": "sep2"}
+    assert_same_outputs(model, folded, data)

@@ -15,12 +15,14 @@ returned as data.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 
 import numpy as np
 
 from tf_pfq.compat import keras
 from tf_pfq.graph import LayerGraph, rebuild
+from tf_pfq.layers import split_separable
 
 __all__ = ["fold_batchnorm", "fold_weights", "FoldReport", "WeightRange"]
 
@@ -92,6 +94,9 @@ class FoldReport:
     Attributes:
       folded: {BN name: name of the layer it was folded into}.
       unfolded: {BN name: why it stays in the model}.
+      affine: {BN name: why it could not be folded} for the BNs rewritten as a
+        per-channel affine (a 1x1 DepthwiseConv2D with bias, same name), which is
+        exact and quantizes like any depthwise conv.
       weight_ranges: {layer name: WeightRange} for every Conv2D, DepthwiseConv2D and
         Dense of the folded model, in layer order (the data of paper Figure 2).
 
@@ -104,9 +109,14 @@ class FoldReport:
     folded: dict[str, str]
     unfolded: dict[str, str]
     weight_ranges: dict[str, WeightRange]
+    affine: dict[str, str] = dataclasses.field(default_factory=dict)
 
     def __str__(self) -> str:
         lines = [f"Folded {len(self.folded)} BatchNormalization layer(s)."]
+        lines += [
+            f"  {bn}: 1x1 DepthwiseConv2D (per-channel affine), not folded: {reason}"
+            for bn, reason in self.affine.items()
+        ]
         lines += [f"  kept {bn}: {reason}" for bn, reason in self.unfolded.items()]
         lines += [
             f"  {name}: range {r.dynamic_range:.4g}{' (folded)' if r.folded else ''}"
@@ -138,16 +148,63 @@ def _why_not(graph: LayerGraph, bn: str) -> str | None:
     return None
 
 
-def fold_batchnorm(model):
+def _as_affine(model, names: list[str]):
+    """`model` with the BNs `names` written as 1x1 DepthwiseConv2D layers of the same name.
+
+    In inference mode BN channel c is `x * s_c + (beta_c - mu_c * s_c)` with
+    `s_c = gamma_c / sqrt(V_c + eps)`: a depthwise 1x1 kernel `s` and bias.
+    """
+    graph = LayerGraph(model)
+    config = copy.deepcopy(graph.config)
+    weights = {}
+    for entry in config["layers"]:
+        if entry["name"] not in names:
+            continue
+        bn = graph.layer(entry["name"])
+        channels = bn.moving_mean.shape[0]
+        gamma = np.ones(channels) if bn.gamma is None else bn.gamma.numpy()
+        beta = np.zeros(channels) if bn.beta is None else bn.beta.numpy()
+        kernel, bias = fold_weights(
+            np.ones((1, 1, channels, 1)), None, gamma, beta,
+            bn.moving_mean.numpy(), bn.moving_variance.numpy(), bn.epsilon, depthwise=True,
+        )  # fmt: skip
+        entry["class_name"] = "DepthwiseConv2D"
+        entry["config"] = {
+            "name": entry["name"],
+            "trainable": bn.trainable,
+            "dtype": bn.dtype,
+            "kernel_size": (1, 1),
+            "use_bias": True,
+        }
+        entry.pop("build_config", None)
+        weights[entry["name"]] = [kernel, bias]
+    new_model = keras.Model.from_config(config)
+    for layer in new_model.layers:
+        values = weights.get(layer.name) or graph.layer(layer.name).get_weights()
+        layer.set_weights([np.array(v) for v in values])
+    return new_model
+
+
+def _is_channel_axis(axis, rank: int) -> bool:
+    axes = axis if isinstance(axis, (list, tuple)) else [axis]
+    return [a % rank for a in axes] == [rank - 1]
+
+
+def fold_batchnorm(model, *, per_channel_affine: bool = True):
     """Folds every BN that directly follows a Conv2D, DepthwiseConv2D or Dense (eq. 5-6).
 
     The producing layer gets a bias (`use_bias=True`) holding the folded offset;
-    the BN is removed. BNs elsewhere (after an Add, a pooling, a fused activation,
-    a layer with several consumers) stay and are listed in the report. In
-    inference mode the result computes the same function up to float round-off.
+    the BN is removed. A BN elsewhere (after an Add, a pooling, a concat, a fused
+    activation, the input, a layer with several consumers) is rewritten, on 4-D
+    inputs, as a per-channel affine: a 1x1 DepthwiseConv2D with bias and the BN's
+    name, so that it can be quantized (`report.affine` says why it was not folded).
+    Other BNs stay and are listed in `report.unfolded`. In inference mode the result
+    computes the same function up to float round-off.
 
     Args:
       model: a Functional or Sequential tf_keras model; not modified.
+      per_channel_affine: rewrite the BNs that cannot be folded as described; False
+        keeps them as BatchNormalization layers.
 
     Returns:
       (folded model, FoldReport). The folded model keeps all other layer names.
@@ -162,7 +219,7 @@ def fold_batchnorm(model):
       >>> sorted(report.folded.items())[:2], report.unfolded
       ([('conv1_bn', 'conv1'), ('conv_dw_1_bn', 'conv_dw_1')], {})
     """
-    graph = LayerGraph(model)
+    graph = LayerGraph(split_separable(model))  # its halves fold like any conv
     folded: dict[str, str] = {}
     unfolded: dict[str, str] = {}
     layer_configs = {}
@@ -196,6 +253,15 @@ def fold_batchnorm(model):
         weights[producer_name] = [kernel, bias]
         folded[name] = producer_name
     result = rebuild(graph.model, remove=list(folded), layer_configs=layer_configs, weights=weights)
+    affine = {}
+    if per_channel_affine:
+        for name in list(unfolded):
+            layer = graph.layer(name)
+            rank = len(layer.input_shape)
+            if rank == 4 and _is_channel_axis(layer.axis, rank) and not graph.is_shared(name):
+                affine[name] = unfolded.pop(name)
+        if affine:
+            result = _as_affine(result, list(affine))
     producers = set(folded.values())
     ranges = {}
     for layer in result.layers:
@@ -206,4 +272,4 @@ def fold_batchnorm(model):
             ranges[layer.name] = WeightRange(
                 float(kernel.min()), float(kernel.max()), layer.name in producers
             )
-    return result, FoldReport(folded, unfolded, ranges)
+    return result, FoldReport(folded, unfolded, ranges, affine)

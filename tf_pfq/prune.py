@@ -21,7 +21,7 @@ import tensorflow as tf
 from tf_pfq import cost, pfq_math
 from tf_pfq.compat import keras
 from tf_pfq.graph import LayerGraph, call_kwargs, rebuild
-from tf_pfq.layers import elementwise_op, op_name
+from tf_pfq.layers import elementwise_op, op_name, split_separable
 from tf_pfq.ranges import ACTIVATION_RANGES_ATTR, ActivationRange, activation_ranges_of
 from tf_pfq.report import LayerReport, PruneReport
 from tf_pfq.validation import check_data
@@ -715,6 +715,7 @@ def prune(
     if calibration_data is not None:
         check_data(calibration_data, "calibration_data")
     ranges = activation_ranges or activation_ranges_of(model)
+    model = split_separable(model)  # the passes know its two halves
     pruner = _Pruner(model, threshold, ranges, exact_only, absorb)
     candidates = pruner.dead_candidates()
     accepted = {(bn, int(c)) for bn, chans in candidates.items() for c in chans}

@@ -12,24 +12,38 @@ Which tensors carry which quantizer (the contract the TFLite exporter relies on)
   activation, but integer inference needs it on a grid).
 * Activations (`PfqActivationQuantizer(activation_bits)`, moving-average range
   holding 0), attached as the OUTPUT quantizer of the layer producing them:
-  - activation layers (ReLU, ReLU(6), Activation, LeakyReLU, PReLU, ELU, Softmax);
-  - Conv2D / DepthwiseConv2D / Dense / BatchNormalization outputs, unless the
-    layer's only consumer is a BatchNormalization or an activation layer (then the
-    tensor is fused away in integer inference and only the later one is
-    quantized); a layer with a fused activation (`Conv2D(activation="relu")`) has
-    its activated output quantized;
-  - AveragePooling2D / GlobalAveragePooling2D outputs (a mean leaves the grid;
-    the next layer's bias grid needs an input scale).
+  - activation layers (ReLU, ReLU(6), Activation, LeakyReLU, PReLU, ELU, swish);
+    softmax, sigmoid, hard_sigmoid and tanh outputs get TFLite's fixed 8-bit grid
+    instead (`FIXED_RANGES`: [0, 255/256] or [-1, 127/128]), on the model output too;
+  - Conv2D / DepthwiseConv2D / Conv2DTranspose / Dense / BatchNormalization
+    outputs, unless the layer's only consumer is a BatchNormalization or a ReLU-type
+    activation (then the tensor is fused away in integer inference and only the
+    later one is quantized); a layer with a fused ReLU (`Conv2D(activation="relu")`)
+    has its activated output quantized. Other fused activations (softmax, sigmoid,
+    ...) are first split into an Activation layer (`split_activations`); logits that
+    feed only an output softmax/sigmoid are quantized at 8 bits;
+  - AveragePooling2D / GlobalAveragePooling2D, bilinear UpSampling2D and Multiply
+    outputs (a mean, an interpolation or a product leaves the grid; the next
+    layer's bias grid needs an input scale);
+  - Add outputs at `add_bits` (8 by default; None leaves them float, paper §4.1),
+    except an Add whose only consumer is a ReLU (fused, as for a conv);
+  - Concatenate outputs: the layers whose output reaches only the concat
+    (through grid-preserving layers) carry no quantizer of their own, so every
+    input of the concat is on the concat's one range, as TFLite's int8
+    CONCATENATION and the Edge TPU require (`concat_shared_ranges` lists them;
+    the exporter gives them the concat's grid). Other inputs are requantized.
   Not quantized (paper §4.1): the model's last layer output (any layer producing
-  a model output, directly or through grid-preserving layers) and Add outputs
-  (unless `add_bits` is given). Grid-preserving layers (Dropout, Flatten, Reshape,
-  max pooling, zero padding, cropping) carry no quantizer: their output is on
-  their input's grid. Concatenate, Multiply and unknown layers carry none either.
-* Weights (stage W only, `weight_bits` given): every Conv2D, DepthwiseConv2D and
-  Dense kernel, first and last included: `PfqWeightQuantizer(weight_bits)` on the
-  kernel's current min/max; per output channel with `per_channel_weights` for
-  Conv2D and DepthwiseConv2D (Dense stays per tensor: TFLite rejects per-axis
-  FullyConnected weights with "mismatched quantized axes"); 8-bit weights are
+  a model output, directly or through grid-preserving layers). Grid-preserving
+  layers (Dropout, Flatten, Reshape, max pooling, zero padding, cropping, nearest
+  upsampling) carry no quantizer: their output is on their input's grid. Op
+  layers (TFOpLambda, SlicingOpLambda, Lambda) are refused with the op's name.
+* Weights (stage W only, `weight_bits` given): every Conv2D, DepthwiseConv2D,
+  Conv2DTranspose and Dense kernel, first and last included (any other layer
+  with weights, or a BatchNormalization left unfolded, is refused by name):
+  `PfqWeightQuantizer(weight_bits)` on the kernel's current min/max; per output
+  channel with `per_channel_weights` for Conv2D and DepthwiseConv2D (Dense and
+  Conv2DTranspose stay per tensor: TFLite rejects per-axis FullyConnected weights
+  with "mismatched quantized axes"); 8-bit weights are
   symmetric narrow-range. Every weight grid is int8 with zero point 0.
 * Biases (stage W): `PfqBiasQuantizer` rounds the bias onto the int32 grid
   `s_in * s_w`, `s_in` being the step of the activation quantizer that produces
@@ -56,13 +70,13 @@ from tf_pfq.compat import check_model, keras, prepare_model
 from tf_pfq.graph import LayerGraph
 from tf_pfq.quantize_configs import PfqQuantizeConfig
 from tf_pfq.quantizers import (
-    GRID_PRESERVING,
     PfqActivationQuantizer,
     PfqBiasQuantizer,
     PfqWeightQuantizer,
     QuantParams,
     check_bits,
     nudge,
+    preserves_grid,
 )
 from tf_pfq.scheme import PfqQuantizeScheme, quantize_layer_class
 
@@ -80,9 +94,14 @@ __all__ = [
 
 _qkeras = tfmot.quantization.keras
 L = keras.layers
-WEIGHTED = (L.Conv2D, L.DepthwiseConv2D, L.Dense)
+WEIGHTED = (L.Conv2D, L.DepthwiseConv2D, L.Dense, L.Conv2DTranspose)
 ACTIVATIONS = (L.ReLU, L.Activation, L.LeakyReLU, L.PReLU, L.ELU, L.Softmax, L.ThresholdedReLU)
-MEAN_POOLING = (L.AveragePooling2D, L.GlobalAveragePooling2D)
+# Outputs off their input's grid that get an activation quantizer of their own (a
+# mean, an interpolation, a product): the next layer's bias grid needs an input scale.
+MEAN_POOLING = (L.AveragePooling2D, L.GlobalAveragePooling2D, L.UpSampling2D, L.Multiply)
+# Op layers written by functional code (`x + 3.0`, `tf.nn.relu6(x)`): tf_pfq cannot
+# tell what they compute from their class, so apply and export refuse them by name.
+OP_LAYERS = ("TFOpLambda", "SlicingOpLambda", "Lambda")
 _WRAPPERS = (_qkeras.QuantizeWrapper,)
 
 
@@ -132,6 +151,15 @@ def _validate_graph(graph: LayerGraph, weight_bits) -> None:
                 f"Layer {name!r} is called {graph.num_calls(name)} times (shared weights); "
                 "tf_pfq.apply needs each layer called once."
             )
+        if type(layer).__name__ in OP_LAYERS:
+            op = getattr(layer, "symbol", None) or getattr(
+                getattr(layer, "function", None), "__name__", "?"
+            )
+            raise ValueError(
+                f"Layer {name!r} ({type(layer).__name__}) applies the op {op!r}, which "
+                "tf_pfq.apply cannot quantize: write it with Keras layers (Add, "
+                "Multiply, ReLU, Activation, ...)."
+            )
         if weight_bits is None:
             continue
         if isinstance(layer, L.BatchNormalization):
@@ -147,10 +175,16 @@ def _validate_graph(graph: LayerGraph, weight_bits) -> None:
                     f"BatchNormalization {name!r} follows {graph.inputs_of(name)[0]!r}: {hint} "
                     "(paper §3.3: stage W quantizes folded weights)."
                 )
-        elif layer.weights and not isinstance(layer, (*WEIGHTED, L.PReLU)):
             raise ValueError(
-                f"Layer {name!r} ({type(layer).__name__}) has weights tf_pfq cannot quantize; "
-                "stage W quantizes Conv2D, DepthwiseConv2D and Dense kernels only."
+                f"BatchNormalization {name!r} follows no Conv2D/DepthwiseConv2D/Dense, so "
+                "it cannot be folded, and stage W would leave its gamma and beta in "
+                "float; fold or remove it before tf_pfq.apply(..., weight_bits=n)."
+            )
+        elif layer.weights and not isinstance(layer, WEIGHTED):
+            raise ValueError(
+                f"Layer {name!r} ({type(layer).__name__}) has weights tf_pfq cannot "
+                "quantize; stage W quantizes Conv2D, DepthwiseConv2D, Conv2DTranspose "
+                "and Dense kernels only, and leaves no weight in float."
             )
 
 
@@ -165,10 +199,10 @@ def split_activations(model):
     names; the model is returned unchanged when there is nothing to split.
 
     Example:
-      >>> x = keras.Input((4,))
+      >>> x = keras.Input((4,), name="x")
       >>> m = keras.Model(x, keras.layers.Dense(3, activation="softmax", name="p")(x))
       >>> [layer.name for layer in split_activations(m).layers]
-      ['input_1', 'p', 'p_softmax']
+      ['x', 'p', 'p_softmax']
     """
     config = copy.deepcopy(model.get_config())
     layers, renames = [], {}
@@ -223,8 +257,7 @@ def _is_terminal(graph: LayerGraph, name: str, memo: dict[str, bool]) -> bool:
         memo[name] = graph.is_output(name) or bool(
             consumers
             and all(
-                isinstance(graph.layer(c), GRID_PRESERVING) and _is_terminal(graph, c, memo)
-                for c in consumers
+                preserves_grid(graph.layer(c)) and _is_terminal(graph, c, memo) for c in consumers
             )
         )
     return memo[name]
@@ -250,8 +283,11 @@ def activation_name(layer) -> str | None:
     """The activation function an activation layer applies ("relu", "softmax", ...), or None.
 
     Example:
-      >>> activation_name(keras.layers.Activation("sigmoid")), activation_name(keras.layers.Softmax())
-      ('sigmoid', 'softmax')
+      >>> activation_name(keras.layers.Activation("sigmoid"))
+      'sigmoid'
+      >>> activation_name(keras.layers.Softmax())
+      'softmax'
+
     """
     if isinstance(layer, L.Softmax):
         return "softmax"
@@ -283,7 +319,7 @@ def _concat_sources(graph: LayerGraph, name: str) -> list[str]:
         current = producer
         while (
             len(graph.consumers_of(current)) == 1
-            and isinstance(graph.layer(current), GRID_PRESERVING)
+            and preserves_grid(graph.layer(current))
             and len(graph.inputs_of(current)) == 1
         ):
             current = graph.inputs_of(current)[0]
@@ -296,8 +332,19 @@ def _concat_sources(graph: LayerGraph, name: str) -> list[str]:
     return sources
 
 
-def concat_shared_ranges(model, *, activation_bits: int, add_bits: int | None = 8) -> dict[str, str]:
+def concat_shared_ranges(
+    model, *, activation_bits: int, add_bits: int | None = 8
+) -> dict[str, str]:
     """{layer name: Concatenate whose output range that layer's output uses} (see `apply`).
+
+    Args:
+      model: a Functional or Sequential tf_keras model.
+      activation_bits: bit width of activations.
+      add_bits: bit width of Add outputs, or None.
+
+    Returns:
+      The layers that carry no quantizer of their own because their output reaches
+      only a Concatenate, mapped to the (outermost) Concatenate whose range they use.
 
     Example:
       >>> x = keras.Input((4, 4, 1))
@@ -334,7 +381,7 @@ def _select(graph: LayerGraph, activation_bits: int, add_bits: int | None):
             continue
         if isinstance(layer, L.Activation) and _is_linear(layer):
             continue
-        if isinstance(layer, (*ACTIVATIONS, *MEAN_POOLING)):
+        if isinstance(layer, (*ACTIVATIONS, *MEAN_POOLING)) and not preserves_grid(layer):
             selected[name] = activation_bits
         elif _is_weighted(layer) or isinstance(layer, L.BatchNormalization):
             fused = (
@@ -417,7 +464,7 @@ def _input_is_quantized(graph, name, outputs, input_bits) -> bool:
             return input_bits is not None
         if producer in outputs:
             return True
-        if not isinstance(graph.layer(producer), GRID_PRESERVING):
+        if not preserves_grid(graph.layer(producer)):
             return False
         current = producer
 
@@ -437,7 +484,11 @@ def _plan(graph, activation_bits, weight_bits, per_channel_weights, add_bits, in
         weight_quantizer = bias_quantizer = None
         attr = _kernel_attr(layer)
         if weight_bits is not None and _is_weighted(layer):
-            per_channel = per_channel_weights and not isinstance(layer, L.Dense)
+            # Dense and Conv2DTranspose stay per tensor: TFLite's FULLY_CONNECTED rejects
+            # per-axis weights and a transposed kernel's output axis is not last.
+            per_channel = per_channel_weights and not isinstance(
+                layer, (L.Dense, L.Conv2DTranspose)
+            )
             depthwise = isinstance(layer, L.DepthwiseConv2D)
             weight_quantizer = PfqWeightQuantizer(weight_bits, per_channel, depthwise)
             if layer.use_bias and _input_is_quantized(graph, name, outputs, input_bits):

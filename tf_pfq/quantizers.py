@@ -48,6 +48,7 @@ __all__ = [
     "PfqActivationQuantizer",
     "PfqWeightQuantizer",
     "PfqBiasQuantizer",
+    "preserves_grid",
 ]
 
 MIN_BITS = 2
@@ -539,6 +540,19 @@ GRID_PRESERVING = (
 )
 
 
+def preserves_grid(layer) -> bool:
+    """True when `layer`'s output is on its input's grid (GRID_PRESERVING, nearest upsampling).
+
+    Example:
+      >>> preserves_grid(keras.layers.UpSampling2D()), preserves_grid(
+      ...     keras.layers.UpSampling2D(interpolation="bilinear"))
+      (True, False)
+    """
+    if isinstance(layer, keras.layers.UpSampling2D):
+        return layer.interpolation == "nearest"
+    return isinstance(layer, GRID_PRESERVING)
+
+
 def _output_quantizer_of(layer):
     quantizer = None
     if isinstance(layer, tfmot.quantization.keras.QuantizeWrapper):
@@ -576,7 +590,7 @@ def input_activation_quantizer(layer):
         quantizer = _output_quantizer_of(producers)
         if quantizer is not None:
             return quantizer
-        if not isinstance(producers, GRID_PRESERVING) or not producers.inbound_nodes:
+        if not preserves_grid(producers) or not producers.inbound_nodes:
             break
         current = producers
     raise RuntimeError(

@@ -25,11 +25,20 @@ eq. 20-21 becomes an **8-bit** fake-quant op whose int8 scale equals the n-bit s
   benchmarks/results/tflite_latency.md).
 * biases: snapped to the int32 grid `s_in * s_w` (tf_pfq's stage W already trains
   them on it), so the converter's bias rounding is exact.
-* tensors without a QAT quantizer (Add outputs, logits, the model input if it has
-  no quantizer) get an ordinary 8-bit range: the min/max over `representative_data`
-  when given (widened by `OUTPUT_MARGIN` for model outputs, whose saturation would
-  tie logits), otherwise a guaranteed interval bound propagated from the input
-  range through the layers (no saturation, coarser step).
+* the inputs of a Concatenate carry the concat's grid (QAT gives them one shared
+  range), so CONCATENATION needs no requantization and is exact.
+* softmax, sigmoid and tanh lower to TFLite's int8 SOFTMAX, LOGISTIC and TANH with
+  their fixed output grids (QAT trains with the same grids); hard_sigmoid is a 1x1
+  depthwise conv with a fused ReLU, swish is LOGISTIC then MUL (its sigmoid rounded
+  to 1/256 in between, a fraction of an output step). Conv2DTranspose lowers to
+  TRANSPOSE_CONV (per-tensor weights), UpSampling2D to RESIZE_NEAREST_NEIGHBOR or
+  RESIZE_BILINEAR, Multiply to MUL. Op layers (TFOpLambda, ...) are refused by name.
+* tensors without a QAT quantizer (Add outputs with `add_bits=None`, logits, the
+  model input if it has no quantizer) get an ordinary 8-bit range: the min/max
+  over `representative_data` when given (widened by `OUTPUT_MARGIN` for model
+  outputs, whose saturation would tie logits), otherwise a guaranteed interval
+  bound propagated from the input range through the layers (no saturation,
+  coarser step).
 * average pooling ('valid') becomes a depthwise conv with constant `1/(kh*kw)`
   weights: TFLite's int8 AVERAGE_POOL_2D needs equal input and output scales, so the
   converter would requantize before averaging (two roundings); 'same' padding is
@@ -42,7 +51,7 @@ run stage W first; exporting float weights to int8 would silently change the mod
 
 Numerically, XNNPACK's int8 kernels compute `round(acc * s_in * s_w / s_out)` with a
 single rounding, like the QAT model's fake-quant, so when every tensor of the QAT
-model has a grid (train with `tf_pfq.apply(..., add_bits=8)`) the XNNPACK logits are
+model has a grid (`tf_pfq.apply`'s default `add_bits=8`) the XNNPACK logits are
 within half an int8 output step of the Keras QAT logits (measured at 4 and 3 bits;
 benchmarks/results/export_fidelity.md). With the paper's float Add outputs the export
 has to round each Add output to int8, and that noise flips some n-bit roundings
@@ -399,6 +408,19 @@ class _Builder:
             strides = [1, *config["strides"], 1]
             y = tf.nn.depthwise_conv2d(v, k, strides, config["padding"].upper())
             k2d = kernel_n.reshape(kh * kw, cin * mult)
+        elif isinstance(layer, L.Conv2DTranspose):
+            # Lowers to TRANSPOSE_CONV; the kernel is (kh, kw, out, in).
+            if config["dilation_rate"] not in ((1, 1), [1, 1]) or config.get("output_padding"):
+                raise ValueError(
+                    f"Layer {name!r}: Conv2DTranspose with dilation or output_padding is "
+                    "not supported by the integer export."
+                )
+            out_shape = layer.compute_output_shape(v.shape)
+            y = tf.nn.conv2d_transpose(
+                v, k, [v.shape[0], *out_shape[1:]], config["strides"], config["padding"].upper()
+            )
+            # Each output sums at most every (tap, input channel) pair once.
+            k2d = kernel_n.transpose(0, 1, 3, 2).reshape(-1, kernel_n.shape[2])
         elif isinstance(layer, L.Conv2D) and type(layer) is L.Conv2D:
             if config.get("groups", 1) != 1:
                 raise ValueError(f"Layer {name!r}: grouped convolution is not supported.")
@@ -590,6 +612,26 @@ class _Builder:
         t = _Tensor(y, x.lo, x.hi, x.grid, x.nonneg)
         return self._quantize_output(name, t, needs_range=self.graph.is_output(name))
 
+    def _upsample(self, name: str, layer, x: _Tensor) -> _Tensor:
+        # RESIZE_NEAREST_NEIGHBOR keeps the grid; RESIZE_BILINEAR interpolates in
+        # int8 and its output carries the QAT model's own grid.
+        y = layer.call(x.value)
+        grid = x.grid if layer.interpolation == "nearest" else None
+        t = _Tensor(y, x.lo, x.hi, grid, x.nonneg)
+        return self._quantize_output(
+            name, t, needs_range=grid is None or self.graph.is_output(name)
+        )
+
+    def _multiply(self, name: str, inputs: list[_Tensor]) -> _Tensor:
+        # MUL rescales the int32 product once onto the output grid, as QAT rounds.
+        y, lo, hi = inputs[0].value, float(inputs[0].lo), float(inputs[0].hi)
+        for t in inputs[1:]:
+            y = y * t.value
+            corners = [lo * float(t.lo), lo * float(t.hi), hi * float(t.lo), hi * float(t.hi)]
+            lo, hi = min(corners), max(corners)
+        t = _Tensor(y, np.float32(lo), np.float32(hi), None)
+        return self._quantize_output(name, t, needs_range=True)
+
     def _concat(self, name: str, layer, inputs: list[_Tensor]) -> _Tensor:
         y = tf.concat([t.value for t in inputs], axis=layer.get_config()["axis"])
         lo = min(float(t.lo) for t in inputs)
@@ -607,7 +649,7 @@ class _Builder:
             inbound = [tensors[n] for n in graph.inputs_of(name)]
             if isinstance(layer, L.InputLayer):
                 tensors[name] = self._input(name, x)
-            elif isinstance(layer, (L.Conv2D, L.DepthwiseConv2D, L.Dense)):
+            elif isinstance(layer, (L.Conv2D, L.DepthwiseConv2D, L.Dense, L.Conv2DTranspose)):
                 tensors[name] = self._weighted(name, layer, inbound[0])
             elif isinstance(layer, (L.ReLU, L.Activation, L.Softmax)):
                 tensors[name] = self._activation(name, layer, inbound[0])
@@ -617,6 +659,10 @@ class _Builder:
                 tensors[name] = self._pool(name, layer, inbound[0])
             elif isinstance(layer, L.Concatenate):
                 tensors[name] = self._concat(name, layer, inbound)
+            elif isinstance(layer, L.UpSampling2D):
+                tensors[name] = self._upsample(name, layer, inbound[0])
+            elif isinstance(layer, L.Multiply):
+                tensors[name] = self._multiply(name, inbound)
             elif isinstance(layer, _PASS_THROUGH):
                 tensors[name] = self._pass_through(name, layer, inbound[0])
             elif isinstance(layer, L.BatchNormalization):
@@ -624,6 +670,14 @@ class _Builder:
                     f"Layer {name!r} is a BatchNormalization: the integer export needs a "
                     "stage-W model. Fold it with tf_pfq.fold_batchnorm and fine-tune "
                     "with tf_pfq.apply(..., weight_bits=n) first."
+                )
+            elif type(layer).__name__ in ("TFOpLambda", "SlicingOpLambda", "Lambda"):
+                op = getattr(layer, "symbol", None) or getattr(
+                    getattr(layer, "function", None), "__name__", "?"
+                )
+                raise ValueError(
+                    f"Layer {name!r} ({type(layer).__name__}) applies the op {op!r}, which "
+                    "the integer export cannot lower: write it with Keras layers."
                 )
             else:
                 raise ValueError(
