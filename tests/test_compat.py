@@ -23,14 +23,17 @@ def _random_bn(model, seed: int = 0) -> None:
         if hasattr(layer, "layers"):
             _random_bn(layer, seed + 1)
         elif type(layer).__name__ == "BatchNormalization":
-            n = layer.get_weights()[0].shape[0]
-            stats = [
-                rng.uniform(0.5, 1.5, n),
-                rng.normal(0.0, 0.2, n),
-                rng.normal(0.0, 0.1, n),
-                rng.uniform(0.5, 1.5, n),
-            ]
-            layer.set_weights([s.astype(np.float32) for s in stats])
+            # gamma (when scale=True), beta (when center=True), mean, variance.
+            low = {"gamma": 0.5, "moving_variance": 0.5}
+            values = []
+            for weight in layer.weights:
+                kind = weight.name.split("/")[-1].split(":")[0]
+                n = weight.shape[0]
+                if kind in low:
+                    values.append(rng.uniform(low[kind], 1.5, n))
+                else:
+                    values.append(rng.normal(0.0, 0.2 if kind == "beta" else 0.1, n))
+            layer.set_weights([v.astype(np.float32) for v in values])
 
 
 def _relative_diff(a, b) -> float:

@@ -193,6 +193,23 @@ def _hard_activation(name: str, x, layer_name: str):
     return keras.layers.Multiply(name=layer_name)([x, sigmoid])
 
 
+def _tf_keras_class(k3_class):
+    module, name = k3_class.__module__, k3_class.__name__
+    if not module.startswith("keras."):
+        return None
+    if module.startswith("keras.src.applications."):
+        # Layers an application defines for itself (e.g. ConvNeXt's LayerScale)
+        # exist in the same tf_keras application module.
+        try:
+            app = importlib.import_module("tf_keras" + module[len("keras") :])
+        except ImportError:
+            return None
+        cls = getattr(app, name, None)
+        return cls if inspect.isclass(cls) else None
+    cls = getattr(keras.layers, name, None)
+    return cls if inspect.isclass(cls) else None
+
+
 class _Builder:
     """Builds tf_keras layers for the Keras 3 layers of one model."""
 
@@ -210,8 +227,8 @@ class _Builder:
             raise TypeError(f"Layer {layer.name!r} is a Keras 3 Lambda layer. {_LAMBDA_HELP}")
         if type(layer).__module__.startswith("keras.src.ops"):
             return self._op(layer, class_name)
-        cls = getattr(keras.layers, class_name, None)
-        if cls is None or not type(layer).__module__.startswith("keras."):
+        cls = _tf_keras_class(type(layer))
+        if cls is None:
             raise TypeError(
                 f"Layer {layer.name!r} of class {_qualname(layer)} has no tf_keras "
                 "equivalent that tf_pfq can translate. Rebuild the model with standard "
