@@ -321,6 +321,7 @@ def _functional(model):
             return {k: resolve(v) for k, v in value.items()}
         return value
 
+    calls = []
     for layer_config in config["layers"]:
         name = layer_config["name"]
         layer = by_name[name]
@@ -329,11 +330,33 @@ def _functional(model):
             continue
         new = builder.layer(layer)
         for node_index, node in enumerate(layer_config["inbound_nodes"]):
-            args = resolve(_translate_args(node["args"]))
-            kwargs = resolve(_translate_args(node.get("kwargs", {})))
-            outputs = new(*args, **kwargs)
+            calls.append((name, new, node_index, _translate_args(node)))
+
+    def ready(value) -> bool:
+        if isinstance(value, dict) and value.get("class_name") == "__keras_tensor__":
+            return tuple(value["config"]["keras_history"]) in tensors
+        if isinstance(value, (list, tuple)):
+            return all(ready(v) for v in value)
+        if isinstance(value, dict):
+            return all(ready(v) for v in value.values())
+        return True
+
+    # A shared layer lists all its calls together, and a later one may read a
+    # layer listed after it: run each call once its inputs exist.
+    while calls:
+        waiting = []
+        for name, new, node_index, node in calls:
+            if not ready(node):
+                waiting.append((name, new, node_index, node))
+                continue
+            outputs = new(*resolve(node["args"]), **resolve(node.get("kwargs", {})))
             for i, out in enumerate(tf.nest.flatten(outputs)):
                 tensors[(name, node_index, i)] = out
+        if len(waiting) == len(calls):
+            raise ValueError(
+                f"Model {model.name!r}: the calls of {waiting[0][0]!r} never get inputs."
+            )
+        calls = waiting
     builder.copy_weights()
 
     def endpoints(spec):
