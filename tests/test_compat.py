@@ -23,14 +23,17 @@ def _random_bn(model, seed: int = 0) -> None:
         if hasattr(layer, "layers"):
             _random_bn(layer, seed + 1)
         elif type(layer).__name__ == "BatchNormalization":
-            n = layer.get_weights()[0].shape[0]
-            stats = [
-                rng.uniform(0.5, 1.5, n),
-                rng.normal(0.0, 0.2, n),
-                rng.normal(0.0, 0.1, n),
-                rng.uniform(0.5, 1.5, n),
-            ]
-            layer.set_weights([s.astype(np.float32) for s in stats])
+            # gamma (when scale=True), beta (when center=True), mean, variance.
+            low = {"gamma": 0.5, "moving_variance": 0.5}
+            values = []
+            for weight in layer.weights:
+                kind = weight.name.split("/")[-1].split(":")[0]
+                n = weight.shape[0]
+                if kind in low:
+                    values.append(rng.uniform(low[kind], 1.5, n))
+                else:
+                    values.append(rng.normal(0.0, 0.2 if kind == "beta" else 0.1, n))
+            layer.set_weights([v.astype(np.float32) for v in values])
 
 
 def _relative_diff(a, b) -> float:
@@ -75,7 +78,10 @@ APPLICATIONS = {
 def test_keras3_applications_convert_exactly(name):
     model = APPLICATIONS[name]()
     _random_bn(model)
-    x = _images((32, 32, 3)) * 255.0  # the preprocessing layers expect 0..255
+    # MobileNetV3 and EfficientNet rescale 0..255 inputs themselves; the others
+    # take preprocessed inputs.
+    scale = 255.0 if name in ("MobileNetV3Small", "EfficientNetB0") else 1.0
+    x = _images((32, 32, 3)) * scale
     converted = compat.to_tf_keras(model)
     assert isinstance(converted, keras.Model)
     assert all(type(layer).__module__.startswith("tf_keras") for layer in converted.layers)
@@ -289,3 +295,20 @@ def test_keras3_backbone_through_the_whole_chain(name):
     qat(x, training=True)
     tflite = tf_pfq.export.to_tflite(qat, representative_data=x)
     assert isinstance(tflite, bytes) and len(tflite) > 1000
+
+
+def test_keras3_deep_shared_and_multi_output_nesting():
+    a = keras3.Input((8,), name="a")
+    inner = keras3.Model(a, keras3.layers.Dense(8, name="d")(a), name="inner")
+    mid = keras3.Sequential([keras3.Input((8,)), inner, keras3.layers.ReLU(name="r")], name="mid")
+    p, q = keras3.Input((8,), name="p"), keras3.Input((8,), name="q")
+    add = keras3.layers.Add(name="d")([p, q])
+    two = keras3.Model([p, q], [add, keras3.layers.Multiply(name="m")([p, q])], name="two")
+    x = keras3.Input((8,), name="x")
+    y1, y2 = two([mid(x), x])
+    # `mid` is called again on an output of `two`, listed after it in the config.
+    model = keras3.Model(x, keras3.layers.Concatenate(name="cat")([y1, y2, mid(y2)]))
+    flat = compat.prepare_model(model)
+    assert [layer.name for layer in flat.layers] == ["x", "d", "r", "m", "two_d", "cat"]
+    data = _images((8,), n=3)
+    np.testing.assert_allclose(model(data), flat(data), rtol=1e-6)

@@ -193,6 +193,23 @@ def _hard_activation(name: str, x, layer_name: str):
     return keras.layers.Multiply(name=layer_name)([x, sigmoid])
 
 
+def _tf_keras_class(k3_class):
+    module, name = k3_class.__module__, k3_class.__name__
+    if not module.startswith("keras."):
+        return None
+    if module.startswith("keras.src.applications."):
+        # Layers an application defines for itself (e.g. ConvNeXt's LayerScale)
+        # exist in the same tf_keras application module.
+        try:
+            app = importlib.import_module("tf_keras" + module[len("keras") :])
+        except ImportError:
+            return None
+        cls = getattr(app, name, None)
+        return cls if inspect.isclass(cls) else None
+    cls = getattr(keras.layers, name, None)
+    return cls if inspect.isclass(cls) else None
+
+
 class _Builder:
     """Builds tf_keras layers for the Keras 3 layers of one model."""
 
@@ -210,8 +227,8 @@ class _Builder:
             raise TypeError(f"Layer {layer.name!r} is a Keras 3 Lambda layer. {_LAMBDA_HELP}")
         if type(layer).__module__.startswith("keras.src.ops"):
             return self._op(layer, class_name)
-        cls = getattr(keras.layers, class_name, None)
-        if cls is None or not type(layer).__module__.startswith("keras."):
+        cls = _tf_keras_class(type(layer))
+        if cls is None:
             raise TypeError(
                 f"Layer {layer.name!r} of class {_qualname(layer)} has no tf_keras "
                 "equivalent that tf_pfq can translate. Rebuild the model with standard "
@@ -304,6 +321,7 @@ def _functional(model):
             return {k: resolve(v) for k, v in value.items()}
         return value
 
+    calls = []
     for layer_config in config["layers"]:
         name = layer_config["name"]
         layer = by_name[name]
@@ -312,11 +330,33 @@ def _functional(model):
             continue
         new = builder.layer(layer)
         for node_index, node in enumerate(layer_config["inbound_nodes"]):
-            args = resolve(_translate_args(node["args"]))
-            kwargs = resolve(_translate_args(node.get("kwargs", {})))
-            outputs = new(*args, **kwargs)
+            calls.append((name, new, node_index, _translate_args(node)))
+
+    def ready(value) -> bool:
+        if isinstance(value, dict) and value.get("class_name") == "__keras_tensor__":
+            return tuple(value["config"]["keras_history"]) in tensors
+        if isinstance(value, (list, tuple)):
+            return all(ready(v) for v in value)
+        if isinstance(value, dict):
+            return all(ready(v) for v in value.values())
+        return True
+
+    # A shared layer lists all its calls together, and a later one may read a
+    # layer listed after it: run each call once its inputs exist.
+    while calls:
+        waiting = []
+        for name, new, node_index, node in calls:
+            if not ready(node):
+                waiting.append((name, new, node_index, node))
+                continue
+            outputs = new(*resolve(node["args"]), **resolve(node.get("kwargs", {})))
             for i, out in enumerate(tf.nest.flatten(outputs)):
                 tensors[(name, node_index, i)] = out
+        if len(waiting) == len(calls):
+            raise ValueError(
+                f"Model {model.name!r}: the calls of {waiting[0][0]!r} never get inputs."
+            )
+        calls = waiting
     builder.copy_weights()
 
     def endpoints(spec):
