@@ -93,6 +93,14 @@ def test_compare_is_resumable_and_aggregates(digits, tmp_path):
     again = comparison.compare(model, splits, str(tmp_path), **kwargs)
     assert [p.stat().st_mtime_ns for p in states] == mtimes  # nothing re-ran
     assert [r["accuracy"] for r in again] == [r["accuracy"] for r in rows]
+    # Another model in the same directory is refused, naming what differs.
+    other = tiny_dead_model()
+    other.layers[1].kernel.assign(other.layers[1].kernel * 2)
+    with pytest.raises(
+        ValueError, match=r"tfmot_a4w4_s0 holds results of other settings: model\.weights"
+    ):
+        comparison.compare(other, splits, str(tmp_path), **kwargs)
+    assert [p.stat().st_mtime_ns for p in states] == mtimes
     table = comparison.aggregate(rows)
     assert len(table) == 1 and table[0]["runs"] == 2
     expected_std = float(np.std([r["accuracy"] for r in rows], ddof=1))

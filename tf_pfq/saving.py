@@ -94,6 +94,17 @@ def load(path: str | os.PathLike, compile: bool = False, custom_objects=None):
       FileNotFoundError: nothing at `path`.
       ValueError: a `.keras` file holding a QAT model, or a file that is not a
         readable model; the message names the path.
+
+    Example:
+      >>> import tempfile
+      >>> import numpy as np
+      >>> from tf_pfq.quantize import apply
+      >>> m = keras.Sequential([keras.layers.Dense(2, input_shape=(3,))])
+      >>> qat = apply(m, activation_bits=4, weight_bits=4)
+      >>> loaded = load(save(qat, os.path.join(tempfile.mkdtemp(), "qat.h5")))
+      >>> x = np.ones((1, 3), np.float32)
+      >>> bool(np.array_equal(loaded(x), qat(x)))
+      True
     """
     from tf_pfq.quantize import quantize_scope
 
