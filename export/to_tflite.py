@@ -12,9 +12,12 @@ TPU compiler itself is not run: it cannot be installed here).
 
 from __future__ import annotations
 
+import os
+
 from absl import app, flags, logging
 
 import tf_pfq
+from tf_pfq import cli
 from tf_pfq.compat import keras
 
 FLAGS = flags.FLAGS
@@ -36,6 +39,9 @@ flags.mark_flags_as_required(["model", "output"])
 
 def main(argv):
     del argv
+    if not os.path.exists(FLAGS.model):
+        raise app.UsageError(f"--model={FLAGS.model} does not exist.")
+    cli.ensure_output_path(FLAGS.output)  # before loading and converting
     with tf_pfq.quantize_scope():
         qat = keras.models.load_model(FLAGS.model, compile=False)
     representative = None
