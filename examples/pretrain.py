@@ -15,12 +15,10 @@ BN channels for PfQ to remove).
 
 from __future__ import annotations
 
-import os
-
 from absl import app, flags, logging
 
 import tf_pfq
-from tf_pfq import data, recipes
+from tf_pfq import cli, data, recipes
 from tf_pfq.compat import keras
 from tf_pfq.pretrain import train_float
 from tf_pfq.training import evaluate_accuracy
@@ -47,6 +45,7 @@ flags.DEFINE_string("output", "runs/pretrained.keras", "Where to save the float 
 
 def main(argv):
     del argv
+    cli.ensure_output_path(FLAGS.output)  # before the training, not after it
     if FLAGS.dataset == "digits":
         model, splits = recipes.pretrain_digits(
             FLAGS.model,
@@ -59,7 +58,7 @@ def main(argv):
             l2=FLAGS.l2,
             seed=FLAGS.seed,
             num_train=FLAGS.num_train,
-            verbose="auto",
+            verbose=cli.fit_verbosity(),
         )
         test = data.to_dataset(splits["test"], 256)
     elif FLAGS.dataset == "fashion_mnist":
@@ -101,9 +100,8 @@ def main(argv):
             epochs=FLAGS.epochs,
             learning_rate=FLAGS.learning_rate,
             warmup_epochs=min(FLAGS.warmup_epochs, FLAGS.epochs / 2),
+            verbose=cli.fit_verbosity(),
         )
-    if os.path.dirname(FLAGS.output):
-        os.makedirs(os.path.dirname(FLAGS.output), exist_ok=True)
     model.save(FLAGS.output)
     accuracy = evaluate_accuracy(model, test)
     _, report = tf_pfq.prune(model)

@@ -15,7 +15,7 @@ import os
 from absl import app, flags, logging
 
 import tf_pfq
-from tf_pfq import compat, data, models
+from tf_pfq import cli, compat, data, models
 from tf_pfq.compat import keras
 from tf_pfq.pretrain import train_float
 
@@ -57,6 +57,7 @@ def pretrain_demo(splits) -> keras.Model:
         epochs=FLAGS.epochs,
         learning_rate=FLAGS.learning_rate,
         warmup_epochs=min(2.0, FLAGS.epochs / 2),
+        verbose=cli.fit_verbosity(),
     )
     return model
 
@@ -68,7 +69,13 @@ def _accuracy(model, split) -> float:
 
 def main(argv):
     del argv
-    os.makedirs(FLAGS.workdir, exist_ok=True)
+    # Every output path is created (or refused) before minutes of work, not after.
+    cli.ensure_output_path(FLAGS.workdir, directory=True)
+    output = cli.ensure_output_path(FLAGS.output or os.path.join(FLAGS.workdir, "pruned.keras"))
+    if FLAGS.report_json:
+        cli.ensure_output_path(FLAGS.report_json)
+    if FLAGS.model and not os.path.exists(FLAGS.model):
+        raise app.UsageError(f"--model={FLAGS.model} does not exist.")
     splits = data.load_digits(image_size=FLAGS.image_size, num_train=FLAGS.num_train)
     if FLAGS.model:
         model = compat.load_model(FLAGS.model)
@@ -91,7 +98,6 @@ def main(argv):
             f"digits test accuracy: {_accuracy(model, splits['test']):.4f} before, "
             f"{_accuracy(pruned, splits['test']):.4f} after PfQ"
         )
-    output = FLAGS.output or os.path.join(FLAGS.workdir, "pruned.keras")
     pruned.save(output)
     logging.info("Saved the pruned model to %s", output)
     if FLAGS.report_json:

@@ -24,6 +24,7 @@ import numpy as np
 from absl import app, flags
 
 import tf_pfq
+from tf_pfq import cli
 from tf_pfq.export import litert
 
 FLAGS = flags.FLAGS
@@ -61,6 +62,9 @@ def _data(shape):
 
 def main(argv):
     del argv
+    if FLAGS.output_json:
+        cli.ensure_output_path(FLAGS.output_json)
+    tf_pfq.export.inspect(FLAGS.tflite)  # ValueError naming the file if it is no .tflite
     if FLAGS.accelerator == "gpu" and FLAGS.delegate:
         raise app.UsageError("--accelerator=gpu and --delegate are exclusive.")
     if FLAGS.accelerator == "gpu":

@@ -13,10 +13,12 @@ TPU compiler itself is not run: it cannot be installed here).
 
 from __future__ import annotations
 
+import os
+
 from absl import app, flags, logging
 
 import tf_pfq
-from tf_pfq import compat
+from tf_pfq import cli, compat
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("model", None, "Saved QAT model (.h5, .keras or SavedModel folder).")
@@ -44,6 +46,9 @@ flags.mark_flags_as_required(["model", "output"])
 
 def main(argv):
     del argv
+    if not os.path.exists(FLAGS.model):
+        raise app.UsageError(f"--model={FLAGS.model} does not exist.")
+    cli.ensure_output_path(FLAGS.output)  # before loading and converting
     with tf_pfq.quantize_scope():
         qat = compat.load_model(FLAGS.model)
     representative = None

@@ -157,6 +157,33 @@ def test_high_bias_absorption_exact_when_preactivation_stays_above_c():
     assert np.abs(broken.predict(x, verbose=0) - model.predict(x, verbose=0)).max() > 1e-2
 
 
+@pytest.mark.parametrize("consumer", ["conv3x3", "depthwise3x3"])
+def test_high_bias_absorption_through_a_3x3_consumer(consumer):
+    # Every tap of a k x k consumer sees the shift c, so its bias must grow by the sum
+    # over all k x k taps; 'valid' padding keeps the result exact everywhere.
+    rng = np.random.default_rng(3)
+    x_in = keras.Input((6, 6, 2))
+    y = L.Conv2D(3, 1, name="a")(x_in)
+    y = L.ReLU(name="r")(y)
+    if consumer == "conv3x3":
+        y = L.Conv2D(4, 3, padding="valid", name="b")(y)
+    else:
+        y = L.DepthwiseConv2D(3, padding="valid", name="b")(y)
+    model = keras.Model(x_in, y)
+    model.get_layer("a").set_weights(
+        [np.full((1, 1, 2, 3), 0.1, np.float32), np.array([5.0, 4.0, -1.0], np.float32)]
+    )
+    b = model.get_layer("b")
+    # Random taps of both signs: the centre tap alone (or any subset) sums differently.
+    b.set_weights([rng.normal(size=w.shape).astype(np.float32) for w in b.get_weights()])
+    x = rng.uniform(0, 1, size=(8, 6, 6, 2)).astype(np.float32)
+    new_model, absorbed = dfq_lib.absorb_high_biases(model, x)
+    assert absorbed == {"a": 2}
+    np.testing.assert_allclose(
+        new_model.predict(x, verbose=0), model.predict(x, verbose=0), rtol=1e-5, atol=1e-4
+    )
+
+
 def test_bias_correction_matches_float_means_of_the_quantized_model():
     model = _folded_model("relu")
     x = _data(32)

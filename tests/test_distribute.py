@@ -127,6 +127,9 @@ def test_multi_worker_mirrored_completes_a_stage(tmp_path):
     script = tmp_path / "stage.py"
     script.write_text(_STAGE)
     workers = [f"127.0.0.1:{p}" for p in _free_ports(2)]
+    (tmp_path / "plain").mkdir()
+    # The same stage without a strategy, alongside the workers.
+    plain = _run(str(script), ["plain", str(tmp_path / "plain")])
     procs = []
     for index in range(2):
         out = tmp_path / f"worker{index}"
@@ -137,6 +140,7 @@ def test_multi_worker_mirrored_completes_a_stage(tmp_path):
         )
     for proc in procs:
         _wait(proc)
+    _wait(plain)
     summaries = [
         json.loads((tmp_path / f"worker{i}" / "summary.json").read_text()) for i in range(2)
     ]
@@ -148,6 +152,14 @@ def test_multi_worker_mirrored_completes_a_stage(tmp_path):
         rtol=1e-5,
         atol=1e-5,
     )
+    # Each worker's replica sees exactly x (the global batch [x; x] is split between
+    # them), so the synchronized model equals the undistributed one up to the
+    # all-reduce's float round-off, as in the mirrored test; training moved it far more.
+    plain_pred = np.load(tmp_path / "plain" / "pred.npy")
+    np.testing.assert_allclose(
+        np.load(tmp_path / "worker0" / "pred.npy"), plain_pred, rtol=1e-3, atol=1e-3
+    )
+    assert np.abs(plain_pred - np.load(tmp_path / "plain" / "pred0.npy")).max() > 1e-1
     # Only the chief (worker 0) writes the checkpoints to the output directory.
     assert (tmp_path / "worker0" / "run" / "workflow_state.json").exists()
     assert not (tmp_path / "worker1" / "run" / "workflow_state.json").exists()

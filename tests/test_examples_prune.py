@@ -61,3 +61,28 @@ def test_prune_example_pretrains_prunes_and_reloads(tmp_path):
     again = keras.models.load_model(output, compile=False)
     x = np.zeros((1, 16, 16, 3), np.float32)
     assert again(x).shape == (1, 10)
+
+
+def test_unwritable_output_fails_before_any_work(tmp_path):
+    # Before the early check, this failed only after the whole pretraining and PfQ.
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    workdir = tmp_path / "work"
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    result = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "examples" / "prune.py"),
+            f"--workdir={workdir}",
+            f"--output={blocker / 'pruned.keras'}",
+            *TINY,
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+        check=False,
+    )
+    assert result.returncode != 0
+    assert "cannot create the folder of output" in result.stderr
+    assert not (workdir / "pretrained.keras").exists()  # no pretraining ran

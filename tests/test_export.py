@@ -140,9 +140,12 @@ def test_matches_plan_arithmetic(exported4):
     output_scale = inspect(tflite).outputs[0].scales[0]
     err = np.abs(out - keras_out)
     # Float Add outputs are rounded to int8 in the file; that noise occasionally flips
-    # an n-bit rounding downstream. Most logits stay within one output step.
-    assert np.median(err) <= 1.0 * output_scale
-    assert err.max() <= 0.1 * (keras_out.max() - keras_out.min())
+    # an n-bit rounding downstream, which moves a few logits by several output steps.
+    # Measured for this model and seed: median 0.25 output steps, maximum 2.8 % of the
+    # logit range; the bounds leave about a factor 2 for other CPUs' kernels. (A
+    # different seed at 3 bits reached median 2.9 steps, so this is not a general bound.)
+    assert np.median(err) <= 0.5 * output_scale
+    assert err.max() <= 0.05 * (keras_out.max() - keras_out.min())
 
 
 def test_add_bits_8_is_nearly_exact():
@@ -171,8 +174,19 @@ def test_io_dtypes(io_dtype):
     for t in summary.tensors:
         if t.name not in boundary:
             assert t.dtype in ("int8", "int32"), (t.name, t.dtype)
-    out = litert.predict(litert.make_interpreter(tflite), data[:4])
-    assert out.shape == (4, 10) and np.all(np.isfinite(out))
+    out = litert.predict(litert.make_interpreter(tflite), data)
+    assert out.shape == (len(data), 10)
+    # The I/O type only changes the boundary: uint8 is int8 shifted by 128 with the same
+    # scale, float32 adds QUANTIZE/DEQUANTIZE with the int8 parameters. So every I/O
+    # type gives the int8 file's outputs exactly, and those match Keras as closely as
+    # the int8 export does (measured for this model: median 0.33 output steps, every
+    # argmax equal).
+    int8 = tf_pfq.export.to_tflite(qat, representative_data=data, io_dtype="int8")
+    np.testing.assert_allclose(out, litert.predict(litert.make_interpreter(int8), data), atol=1e-6)
+    keras_out = qat.predict(data, verbose=0)
+    step = inspect(int8).outputs[0].scales[0]
+    assert np.median(np.abs(out - keras_out)) <= 0.5 * step
+    np.testing.assert_array_equal(out.argmax(1), keras_out.argmax(1))
 
 
 def test_interval_ranges_without_data():

@@ -87,3 +87,23 @@ def test_to_tflite_then_evaluate(saved_qat, tmp_path):
     )
     assert failed.returncode != 0
     assert "does not fall back" in failed.stderr
+
+
+def test_evaluate_refuses_a_file_that_is_not_tflite(tmp_path):
+    bad = tmp_path / "model.tflite"
+    bad.write_bytes(b"garbage")
+    result = _run("evaluate.py", f"--tflite={bad}", "--num_runs=1", expect_ok=False)
+    assert result.returncode != 0
+    assert "ValueError: `model` is not a .tflite flatbuffer" in result.stderr
+    assert str(bad) in result.stderr
+
+
+def test_to_tflite_checks_its_output_path_first(saved_qat, tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    result = _run(
+        "to_tflite.py", f"--model={saved_qat}", f"--output={blocker / 'm.tflite'}", expect_ok=False
+    )
+    assert result.returncode != 0
+    assert "cannot create the folder of output" in result.stderr
+    assert "Edge TPU static check" not in result.stdout  # nothing was converted

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+import tf_pfq
 from tf_pfq import quantizers
 from tf_pfq.compat import keras
 from tf_pfq.quantize_configs import PfqQuantizeConfig
@@ -242,3 +243,27 @@ def test_non_negative_shortcut_matches_the_general_range():
         results.append((y.numpy(), weights["min"].numpy(), weights["max"].numpy()))
     np.testing.assert_array_equal(results[0][0], results[1][0])
     assert results[0][1:] == results[1][1:] == (0.0, pytest.approx(float(tf.reduce_max(x))))
+
+
+def test_bias_grid_is_hand_computed_s_in_times_s_w():
+    # Checked against numbers worked out by hand, not against PfqBiasQuantizer.scale():
+    # a wrong s_in (or s_w) in the code under test cannot also be in the expectation.
+    layers = keras.layers
+    x = keras.Input((2, 2, 2))
+    y = layers.Conv2D(3, 1, name="a")(x)
+    y = layers.ReLU(name="a_relu")(y)
+    y = layers.Conv2D(2, 1, name="b")(y)
+    model = keras.Model(x, y)
+    # b's kernel spans [-0.6, 0.9]: 4-bit s_w = (0.9 - (-0.6)) / (2^4 - 1) = 0.1.
+    kernel = np.array([[-0.6, 0.9], [0.3, 0.2], [0.0, -0.1]], np.float32).reshape(1, 1, 3, 2)
+    model.get_layer("b").set_weights([kernel, np.array([0.033, -0.047], np.float32)])
+    qat = tf_pfq.apply(model, activation_bits=4, weight_bits=4)
+    relu_quantizer = qat.get_layer("quant_a_relu").quantize_config.output_quantizer
+    # The input of b is on [0, 3]: 4-bit s_in = 3 / 15 = 0.2, so the bias step is 0.02.
+    relu_quantizer.min_var.assign(0.0)
+    relu_quantizer.max_var.assign(3.0)
+    qat(np.ones((1, 2, 2, 2), np.float32), training=False)
+    wrapper = qat.get_layer("quant_b")
+    np.testing.assert_allclose(float(wrapper.quantize_config.bias_quantizer.scale()), 0.02, 1e-6)
+    # 0.033 / 0.02 = 1.65 -> 2 steps; -0.047 / 0.02 = -2.35 -> -2 steps.
+    np.testing.assert_allclose(wrapper.layer.bias.numpy(), [0.04, -0.04], atol=1e-6)

@@ -4,6 +4,8 @@ Implements Nishikawa et al., "Filter Pre-Pruning for Improved Fine-tuning of
 Quantized Deep Neural Networks", arXiv:2011.06751.
 """
 
+# First, before TensorFlow loads: the project's scripts start quietly (see tf_pfq.cli).
+from tf_pfq import cli  # noqa: F401  # isort: skip
 from tf_pfq import (
     baselines,
     comparison,
