@@ -238,6 +238,28 @@ def _thresholds(config) -> dict:
     }
 
 
+def _threshold_prune_rows(config, nets) -> list[dict]:
+    """Before any fine-tuning: what each threshold removes and what it costs the float model."""
+    name = config["threshold_model"]
+    model, splits, _ = nets[name]
+    test = data.to_dataset(splits["test"], 256)
+    rows = []
+    for label, threshold in _thresholds(config).items():
+        pruned, report = tf_pfq.prune(model, threshold=threshold)
+        rows.append(
+            {
+                "model": name,
+                "threshold": label,
+                "dead_bn_channels": report.num_dead,
+                "channels_removed": report.num_removed,
+                "params_removed_fraction": 1 - report.params_after / report.params_before,
+                "max_residual_std": report.max_residual_std,
+                "float_accuracy_after_prune": evaluate_accuracy(pruned, test),
+            }
+        )
+    return rows
+
+
 def _summary_if_finished(path: str) -> WorkflowSummary | None:
     state_path = os.path.join(path, STATE_FILE)
     if not os.path.exists(state_path):
@@ -264,8 +286,13 @@ def _threshold_study(config, nets, workdir: str, seed: int, rows: list) -> None:
                 r["threshold"] == label and r["seed"] == seed and r["bits"] == pair for r in rows
             ):
                 continue
-            path = os.path.join(
-                workdir, "threshold", f"{label.split()[0]}_a{a_bits}w{w_bits}_s{seed}"
+            # eq. 17's threshold is the pfq method's own run: shared, not repeated.
+            path = (
+                os.path.join(workdir, name, comparison.run_name("pfq", a_bits, w_bits, seed))
+                if threshold is None
+                else os.path.join(
+                    workdir, "threshold", f"{label.split()[0]}_a{a_bits}w{w_bits}_s{seed}"
+                )
             )
             summary = _summary_if_finished(path)
             if summary is None:
@@ -368,7 +395,8 @@ def _write(config, pretrained, rows, started, complete, results, extra=None):
     if config["dataset"] == "fashion_mnist":
         lines += [
             (
-                "Data: pretraining on all 60,000 Fashion-MNIST training images (28x28 gray); "
+                f"Data: pretraining on {config['num_train'] or 'all 60,000'} Fashion-MNIST "
+                "training images (28x28 gray); "
                 f"fine-tuning on a fixed subset of {config['num_finetune']} of them; top-1 on "
                 f"a fixed subset of {config['num_test']} of the 10,000 test images."
             ),
@@ -399,6 +427,23 @@ def _write(config, pretrained, rows, started, complete, results, extra=None):
         comparison.to_markdown(table),
         "",
     ]
+    if extra.get("threshold_prune"):
+        lines += [
+            "## Threshold study: the float model after PfQ, before fine-tuning",
+            "",
+            (
+                "| model | threshold | dead BN channels | channels removed | weights removed "
+                "| max removed std | float top-1 % after PfQ |"
+            ),
+            "|---|---|---|---|---|---|---|",
+        ]
+        lines += [
+            f"| {r['model']} | {r['threshold']} | {r['dead_bn_channels']} | "
+            f"{r['channels_removed']} | {100 * r['params_removed_fraction']:.1f} % | "
+            f"{r['max_residual_std']:.3g} | {100 * r['float_accuracy_after_prune']:.2f} |"
+            for r in extra["threshold_prune"]
+        ]
+        lines.append("")
     if extra.get("threshold_rows"):
         lines += [
             "## Threshold study (pfq, Algorithm 1)",
@@ -430,6 +475,7 @@ def _write(config, pretrained, rows, started, complete, results, extra=None):
                 "pretrained": pretrained,
                 "aggregated": table,
                 "runs": rows,
+                "threshold_study_before_fine_tuning": extra.get("threshold_prune", []),
                 "threshold_study": extra.get("threshold_rows", []),
             },
             f,
@@ -458,6 +504,9 @@ def main(argv):
         if config["dataset"] == "fashion_mnist":
             extra["figures"][name] = _figures(name, nets[name][0], results)
     study = config["dataset"] == "fashion_mnist" and config["threshold_model"] in nets
+    if study:
+        extra["threshold_prune"] = _threshold_prune_rows(config, nets)
+        _write(config, pretrained, rows, started, False, results, extra)
     # Seed-major order: if the benchmark is stopped early, every configuration has
     # results for the first seeds (and the threshold study its first seed).
     for seed in config["seeds"]:
