@@ -17,6 +17,7 @@ a bound on the removed channels' output std) on --threshold_model at both bit wi
 
   python benchmarks/accuracy.py                          # digits
   python benchmarks/accuracy.py --dataset=fashion_mnist  # about 2 h on 2 cores
+  python benchmarks/accuracy.py --dataset=fashion_mnist --report_only  # tables so far
   python benchmarks/accuracy.py --quick                  # a tiny smoke configuration
 """
 
@@ -62,6 +63,11 @@ flags.DEFINE_string("threshold_model", "mobilenet_v1", "fashion_mnist: threshold
 flags.DEFINE_float("std_bound", 0.05, "Threshold study: bound on a removed channel's output std.")
 flags.DEFINE_string("workdir", None, "Pretrained models and run checkpoints.")
 flags.DEFINE_string("results", None, "Output prefix (.md and .json).")
+flags.DEFINE_bool(
+    "report_only",
+    False,
+    "Write the tables from the finished runs (and cached pretrained models) and stop.",
+)
 flags.DEFINE_bool("quick", False, "Tiny smoke configuration (overrides the sizes above).")
 
 _DEFAULTS = {
@@ -295,6 +301,8 @@ def _threshold_study(config, nets, workdir: str, seed: int, rows: list) -> None:
                 )
             )
             summary = _summary_if_finished(path)
+            if summary is None and FLAGS.report_only:
+                continue
             if summary is None:
                 keras.utils.set_random_seed(seed)
                 train = data.to_dataset(
@@ -388,7 +396,8 @@ def _write(config, pretrained, rows, started, complete, results, extra=None):
         (
             f"Machine: {platform.machine()}, {os.cpu_count()} CPU cores; wall time so far "
             f"{(time.time() - started) / 60:.1f} min (this invocation); mean fine-tuning run "
-            f"{np.mean(seconds) if seconds else float('nan'):.0f} s."
+            f"{np.mean(seconds) if seconds else float('nan'):.0f} s; {total - len(rows)} runs "
+            "left (the threshold study adds 2 pfq runs per bit width and seed)."
         ),
         "",
     ]
@@ -498,6 +507,9 @@ def main(argv):
     nets: dict = {}
     extra: dict = {"threshold_rows": [], "figures": {}}
     for name in config["models"]:
+        cached = os.path.exists(os.path.join(workdir, f"{name}_pretrained.h5"))
+        if FLAGS.report_only and not cached:
+            continue
         nets[name] = _pretrained(name, config, workdir)
         pretrained[name] = nets[name][2]
         logging.info("%s pretrained: %s", name, pretrained[name])
@@ -510,13 +522,22 @@ def main(argv):
     # Seed-major order: if the benchmark is stopped early, every configuration has
     # results for the first seeds (and the threshold study its first seed).
     for seed in config["seeds"]:
-        for name, pair in [(n, p) for n in config["models"] for p in bits]:
+        for name, pair in [(n, p) for n in nets for p in bits]:
             model, splits, _ = nets[name]
+            methods = config["methods"]
+            if FLAGS.report_only:
+                methods = [
+                    m
+                    for m in methods
+                    if _summary_if_finished(
+                        os.path.join(workdir, name, comparison.run_name(m, *pair, seed))
+                    )
+                ]
             rows += comparison.compare(
                 model,
                 splits,
                 os.path.join(workdir, name),
-                methods=config["methods"],
+                methods=methods,
                 bits=[pair],
                 seeds=[seed],
                 stage_a=TrainConfig(config["epochs_a"], **stage),
@@ -528,7 +549,8 @@ def main(argv):
         if study:
             _threshold_study(config, nets, workdir, seed, extra["threshold_rows"])
             _write(config, pretrained, rows, started, False, results, extra)
-    _write(config, pretrained, rows, started, True, results, extra)
+    total = len(config["models"]) * len(bits) * len(config["methods"]) * len(config["seeds"])
+    _write(config, pretrained, rows, started, len(rows) == total, results, extra)
     with open(results + ".md") as f:
         print(f.read())
 
