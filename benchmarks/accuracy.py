@@ -17,6 +17,7 @@ a bound on the removed channels' output std) on --threshold_model at both bit wi
 
   python benchmarks/accuracy.py                          # digits
   python benchmarks/accuracy.py --dataset=fashion_mnist  # about 2 h on 2 cores
+  python benchmarks/accuracy.py --dataset=fashion_mnist --report_only  # tables so far
   python benchmarks/accuracy.py --quick                  # a tiny smoke configuration
 """
 
@@ -62,6 +63,11 @@ flags.DEFINE_string("threshold_model", "mobilenet_v1", "fashion_mnist: threshold
 flags.DEFINE_float("std_bound", 0.05, "Threshold study: bound on a removed channel's output std.")
 flags.DEFINE_string("workdir", None, "Pretrained models and run checkpoints.")
 flags.DEFINE_string("results", None, "Output prefix (.md and .json).")
+flags.DEFINE_bool(
+    "report_only",
+    False,
+    "Write the tables from the finished runs (and cached pretrained models) and stop.",
+)
 flags.DEFINE_bool("quick", False, "Tiny smoke configuration (overrides the sizes above).")
 
 _DEFAULTS = {
@@ -219,7 +225,11 @@ def _figures(name: str, model, results: str) -> list[str]:
 
 def _std_bound_threshold(bound: float):
     """Per BN layer, the largest variance threshold under which every removed channel's
-    output std `|gamma| sqrt(V / (V + eps))` stays below `bound`, capped at eps (eq. 17)."""
+    output std `|gamma| sqrt(V / (V + eps))` stays below `bound`, capped at eps (eq. 17).
+
+    The default bound, 0.05, is an eighth of one 4-bit step of a ReLU6 output
+    (6 / 15 = 0.4): a channel that varies less than that is constant to the quantizer.
+    """
 
     def threshold(layer) -> float:
         eps = float(layer.epsilon)
@@ -236,6 +246,28 @@ def _thresholds(config) -> dict:
         "1e-5 (paper, NNabla eps)": 1e-5,
         f"std bound {config['std_bound']:g}": _std_bound_threshold(config["std_bound"]),
     }
+
+
+def _threshold_prune_rows(config, nets) -> list[dict]:
+    """Before any fine-tuning: what each threshold removes and what it costs the float model."""
+    name = config["threshold_model"]
+    model, splits, _ = nets[name]
+    test = data.to_dataset(splits["test"], 256)
+    rows = []
+    for label, threshold in _thresholds(config).items():
+        pruned, report = tf_pfq.prune(model, threshold=threshold)
+        rows.append(
+            {
+                "model": name,
+                "threshold": label,
+                "dead_bn_channels": report.num_dead,
+                "channels_removed": report.num_removed,
+                "params_removed_fraction": 1 - report.params_after / report.params_before,
+                "max_residual_std": report.max_residual_std,
+                "float_accuracy_after_prune": evaluate_accuracy(pruned, test),
+            }
+        )
+    return rows
 
 
 def _summary_if_finished(path: str) -> WorkflowSummary | None:
@@ -264,10 +296,17 @@ def _threshold_study(config, nets, workdir: str, seed: int, rows: list) -> None:
                 r["threshold"] == label and r["seed"] == seed and r["bits"] == pair for r in rows
             ):
                 continue
-            path = os.path.join(
-                workdir, "threshold", f"{label.split()[0]}_a{a_bits}w{w_bits}_s{seed}"
+            # eq. 17's threshold is the pfq method's own run: shared, not repeated.
+            path = (
+                os.path.join(workdir, name, comparison.run_name("pfq", a_bits, w_bits, seed))
+                if threshold is None
+                else os.path.join(
+                    workdir, "threshold", f"{label.split()[0]}_a{a_bits}w{w_bits}_s{seed}"
+                )
             )
             summary = _summary_if_finished(path)
+            if summary is None and FLAGS.report_only:
+                continue
             if summary is None:
                 keras.utils.set_random_seed(seed)
                 train = data.to_dataset(
@@ -361,14 +400,16 @@ def _write(config, pretrained, rows, started, complete, results, extra=None):
         (
             f"Machine: {platform.machine()}, {os.cpu_count()} CPU cores; wall time so far "
             f"{(time.time() - started) / 60:.1f} min (this invocation); mean fine-tuning run "
-            f"{np.mean(seconds) if seconds else float('nan'):.0f} s."
+            f"{np.mean(seconds) if seconds else float('nan'):.0f} s; {total - len(rows)} runs "
+            "left (the threshold study adds 2 pfq runs per bit width and seed)."
         ),
         "",
     ]
     if config["dataset"] == "fashion_mnist":
         lines += [
             (
-                "Data: pretraining on all 60,000 Fashion-MNIST training images (28x28 gray); "
+                f"Data: pretraining on {config['num_train'] or 'all 60,000'} Fashion-MNIST "
+                "training images (28x28 gray); "
                 f"fine-tuning on a fixed subset of {config['num_finetune']} of them; top-1 on "
                 f"a fixed subset of {config['num_test']} of the 10,000 test images."
             ),
@@ -399,6 +440,23 @@ def _write(config, pretrained, rows, started, complete, results, extra=None):
         comparison.to_markdown(table),
         "",
     ]
+    if extra.get("threshold_prune"):
+        lines += [
+            "## Threshold study: the float model after PfQ, before fine-tuning",
+            "",
+            (
+                "| model | threshold | dead BN channels | channels removed | weights removed "
+                "| max removed std | float top-1 % after PfQ |"
+            ),
+            "|---|---|---|---|---|---|---|",
+        ]
+        lines += [
+            f"| {r['model']} | {r['threshold']} | {r['dead_bn_channels']} | "
+            f"{r['channels_removed']} | {100 * r['params_removed_fraction']:.1f} % | "
+            f"{r['max_residual_std']:.3g} | {100 * r['float_accuracy_after_prune']:.2f} |"
+            for r in extra["threshold_prune"]
+        ]
+        lines.append("")
     if extra.get("threshold_rows"):
         lines += [
             "## Threshold study (pfq, Algorithm 1)",
@@ -430,6 +488,7 @@ def _write(config, pretrained, rows, started, complete, results, extra=None):
                 "pretrained": pretrained,
                 "aggregated": table,
                 "runs": rows,
+                "threshold_study_before_fine_tuning": extra.get("threshold_prune", []),
                 "threshold_study": extra.get("threshold_rows", []),
             },
             f,
@@ -452,22 +511,37 @@ def main(argv):
     nets: dict = {}
     extra: dict = {"threshold_rows": [], "figures": {}}
     for name in config["models"]:
+        cached = os.path.exists(os.path.join(workdir, f"{name}_pretrained.h5"))
+        if FLAGS.report_only and not cached:
+            continue
         nets[name] = _pretrained(name, config, workdir)
         pretrained[name] = nets[name][2]
         logging.info("%s pretrained: %s", name, pretrained[name])
         if config["dataset"] == "fashion_mnist":
             extra["figures"][name] = _figures(name, nets[name][0], results)
     study = config["dataset"] == "fashion_mnist" and config["threshold_model"] in nets
+    if study:
+        extra["threshold_prune"] = _threshold_prune_rows(config, nets)
+        _write(config, pretrained, rows, started, False, results, extra)
     # Seed-major order: if the benchmark is stopped early, every configuration has
     # results for the first seeds (and the threshold study its first seed).
     for seed in config["seeds"]:
-        for name, pair in [(n, p) for n in config["models"] for p in bits]:
+        for name, pair in [(n, p) for n in nets for p in bits]:
             model, splits, _ = nets[name]
+            methods = config["methods"]
+            if FLAGS.report_only:
+                methods = [
+                    m
+                    for m in methods
+                    if _summary_if_finished(
+                        os.path.join(workdir, name, comparison.run_name(m, *pair, seed))
+                    )
+                ]
             rows += comparison.compare(
                 model,
                 splits,
                 os.path.join(workdir, name),
-                methods=config["methods"],
+                methods=methods,
                 bits=[pair],
                 seeds=[seed],
                 stage_a=TrainConfig(config["epochs_a"], **stage),
@@ -479,7 +553,8 @@ def main(argv):
         if study:
             _threshold_study(config, nets, workdir, seed, extra["threshold_rows"])
             _write(config, pretrained, rows, started, False, results, extra)
-    _write(config, pretrained, rows, started, True, results, extra)
+    total = len(config["models"]) * len(bits) * len(config["methods"]) * len(config["seeds"])
+    _write(config, pretrained, rows, started, len(rows) == total, results, extra)
     with open(results + ".md") as f:
         print(f.read())
 
