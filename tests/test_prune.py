@@ -378,7 +378,6 @@ def _with_after_bn(make_tail):
         (lambda x: x, "model output 'conv_relu'"),
         (lambda x: L.Softmax(name="softmax")(x), "Softmax 'softmax'"),
         (lambda x: L.LayerNormalization(name="ln")(x), "LayerNormalization 'ln'"),
-        (lambda x: keras.Sequential([L.Dense(2)], name="inner")(x), "nested model 'inner'"),
     ],
 )
 def test_unabsorbable_constant_keeps_the_channel(tail, reason):
@@ -388,6 +387,15 @@ def test_unabsorbable_constant_keeps_the_channel(tail, reason):
     assert reason in report.layer("conv_bn").kept[1]
     assert reason in str(report)
     assert_weights_equal(all_weights(pruned), all_weights(model))
+
+
+def test_nested_consumer_is_flattened_and_absorbs():
+    # A nested sub-model is inlined before the pass, so its Dense absorbs the constant.
+    model = _with_after_bn(lambda x: keras.Sequential([L.Dense(2, name="fc")], name="inner")(x))
+    pruned, report = tf_pfq.prune(model)
+    assert report.num_pruned == 1 and report.num_kept == 0
+    assert pruned.get_layer("fc").kernel.shape[0] == 3
+    assert_same_outputs(model, pruned, _x((6, 6, 3)))
 
 
 def test_shared_consumer_keeps_the_channel():
