@@ -15,7 +15,7 @@ import time
 
 from absl import app, flags
 
-from tf_pfq import comparison, recipes
+from tf_pfq import cli, comparison, recipes
 from tf_pfq.training import TrainConfig
 from tf_pfq.workflow import FINAL_DIR, FINAL_MODEL, check_settings
 
@@ -55,7 +55,7 @@ def main(argv):
         epochs=FLAGS.pretrain_epochs,
         num_train=FLAGS.num_train,
         cache_path=os.path.join(pretrain_dir, "pretrained.keras"),
-        verbose="auto",
+        verbose=cli.fit_verbosity(),
     )
     stage = TrainConfig(epochs=FLAGS.epochs, learning_rate=1e-3)
     rows = comparison.compare(
@@ -67,7 +67,7 @@ def main(argv):
         stage_a=stage,
         stage_w=stage,
         tag="mobilenet_v1",
-        verbose="auto",
+        verbose=cli.fit_verbosity(),
         overwrite=FLAGS.overwrite,
     )
     print(comparison.to_markdown(comparison.aggregate(rows)))

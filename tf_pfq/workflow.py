@@ -879,8 +879,10 @@ def run_steps(
         state.update(summary=summary.to_dict(), done=index + 1)
         ckpt.save_state(state)
     final = qat if qat is not None else float_model
-    if ckpt.root and _is_chief(strategy):
-        _write_final(ckpt.root, final, calibration_data, export)
+    if ckpt.root:
+        # Under MultiWorkerMirroredStrategy saving is collective: every worker saves
+        # (non-chief workers into their workertemp_* folder), or the chief's save aborts.
+        _write_final(ckpt.root, final, calibration_data, export and _is_chief(strategy))
     return final, summary
 
 
