@@ -60,6 +60,20 @@ flags.DEFINE_string("output_dir", "runs/compare", "Checkpoints, tables and figur
 flags.DEFINE_bool("overwrite", False, "Rerun runs whose directory holds other settings.")
 
 
+def _pretrain_dir(name: str, **extra) -> str:
+    """The folder of a cached pretrained model, checked against the flags that made it."""
+    path = os.path.join(FLAGS.output_dir, name)
+    settings = {
+        "architecture": FLAGS.architecture,
+        "image_size": FLAGS.image_size,
+        "width": FLAGS.width,
+        "epochs": FLAGS.pretrain_epochs,
+        **extra,
+    }
+    check_settings(path, settings, overwrite=FLAGS.overwrite)
+    return path
+
+
 def _fashion_mnist():
     if FLAGS.model:
         model = compat.load_model(FLAGS.model)
@@ -67,18 +81,7 @@ def _fashion_mnist():
             FLAGS.data_dir, model.input_shape[1], model.input_shape[-1], FLAGS.num_train
         )
         return model, splits
-    # The cached model is reused only for the settings that made it.
-    pretrain_dir = os.path.join(FLAGS.output_dir, "pretrained_fashion_mnist")
-    check_settings(
-        pretrain_dir,
-        {
-            "architecture": FLAGS.architecture,
-            "image_size": FLAGS.image_size,
-            "width": FLAGS.width,
-            "epochs": FLAGS.pretrain_epochs,
-        },
-        overwrite=FLAGS.overwrite,
-    )
+    pretrain_dir = _pretrain_dir("pretrained_fashion_mnist")
     model, splits = recipes.pretrain_fashion_mnist(
         FLAGS.architecture,
         data_dir=FLAGS.data_dir,
@@ -102,19 +105,7 @@ def main(argv):
         model = compat.load_model(FLAGS.model)
         splits = data.load_digits(image_size=model.input_shape[1], num_train=FLAGS.num_train)
     else:
-        # The cached model is reused only for the settings that made it.
-        pretrain_dir = os.path.join(FLAGS.output_dir, "pretrained")
-        check_settings(
-            pretrain_dir,
-            {
-                "architecture": FLAGS.architecture,
-                "image_size": FLAGS.image_size,
-                "width": FLAGS.width,
-                "epochs": FLAGS.pretrain_epochs,
-                "num_train": FLAGS.num_train,
-            },
-            overwrite=FLAGS.overwrite,
-        )
+        pretrain_dir = _pretrain_dir("pretrained", num_train=FLAGS.num_train)
         model, splits = recipes.pretrain_digits(
             FLAGS.architecture,
             image_size=FLAGS.image_size,

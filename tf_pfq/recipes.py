@@ -124,10 +124,7 @@ def pretrain_digits(
         warmup_epochs=min(warmup_epochs, epochs / 2),
         verbose=verbose,
     )
-    if cache_path:
-        os.makedirs(os.path.dirname(os.path.abspath(cache_path)), exist_ok=True)
-        model.save(cache_path)
-        logging.info("Saved the pretrained model to %s", cache_path)
+    _save_cache(model, cache_path)
     return model, splits
 
 
@@ -207,8 +204,12 @@ def pretrain_fashion_mnist(
         warmup_epochs=min(warmup_epochs, epochs / 2),
         verbose=verbose,
     )
+    _save_cache(model, cache_path)
+    return model, splits
+
+
+def _save_cache(model, cache_path: str | None) -> None:
     if cache_path:
         os.makedirs(os.path.dirname(os.path.abspath(cache_path)), exist_ok=True)
         model.save(cache_path)
         logging.info("Saved the pretrained model to %s", cache_path)
-    return model, splits
