@@ -6,6 +6,10 @@ original, pfq_once, dfq, tfmot and pfq_no_bias_correction with equal fine-tuning
 epochs, and writes mean +- std top-1 accuracy, MACs and % weights pruned to
 benchmarks/results/accuracy[_fashion_mnist].md and .json. Resumable: restarted with
 the same --workdir, finished runs are skipped (and the unfinished one resumes).
+The pretrained models are also kept next to the results (benchmarks/results/pretrained/,
+a few hundred KB each) and the results .json holds every finished run, so a run can be
+finished on another machine: runs recorded in the .json for the same configuration and
+the same pretrained weights (SHA-256) are not repeated.
 
 --dataset=digits (default) uses the embedded digits. --dataset=fashion_mnist reads
 Fashion-MNIST's IDX files (`tf_pfq.data.load_fashion_mnist`; where they are missing
@@ -23,6 +27,7 @@ a bound on the removed channels' output std) on --threshold_model at both bit wi
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import platform
@@ -41,6 +46,7 @@ from tf_pfq.training import TrainConfig, evaluate_accuracy
 from tf_pfq.workflow import STATE_FILE, WorkflowSummary
 
 FLAGS = flags.FLAGS
+_RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 flags.DEFINE_enum("dataset", "digits", ["digits", "fashion_mnist"], "Dataset.")
 flags.DEFINE_string("data_dir", None, "fashion_mnist: IDX files (default: Debian's path).")
 flags.DEFINE_list("models", ["mobilenet_v1", "mobilenet_v2"], "Architectures.")
@@ -57,7 +63,7 @@ flags.DEFINE_integer(
 flags.DEFINE_integer("epochs_w", None, "e_W (digits 3, fashion 1).")
 flags.DEFINE_float("learning_rate", 2e-3, "l0 of eq. 19 in every fine-tuning stage.")
 flags.DEFINE_integer("batch_size", None, "Fine-tuning batch size (digits 32, fashion 64).")
-flags.DEFINE_integer("num_finetune", 10000, "fashion_mnist: training images for fine-tuning.")
+flags.DEFINE_integer("num_finetune", 5000, "fashion_mnist: training images for fine-tuning.")
 flags.DEFINE_integer("num_test", 5000, "fashion_mnist: test images (of 10,000).")
 flags.DEFINE_string("threshold_model", "mobilenet_v1", "fashion_mnist: threshold study model.")
 flags.DEFINE_float("std_bound", 0.05, "Threshold study: bound on a removed channel's output std.")
@@ -157,8 +163,24 @@ def _install_fashion_mnist() -> None:
         logging.warning("apt-get failed (%d): %s", result.returncode, result.stderr[-500:])
 
 
+def _kept_pretrained(name: str) -> str:
+    """Where a pretrained model is kept with the results, so other machines reuse it."""
+    return os.path.join(_RESULTS_DIR, "pretrained", f"{FLAGS.dataset}_{name}.h5")
+
+
+def _weights_sha256(model) -> str:
+    digest = hashlib.sha256()
+    for w in model.get_weights():
+        digest.update(np.ascontiguousarray(w).tobytes())
+    return digest.hexdigest()
+
+
 def _pretrained(name: str, config: dict, workdir: str) -> tuple:
     cache_path = os.path.join(workdir, f"{name}_pretrained.h5")
+    kept = _kept_pretrained(name)
+    if not FLAGS.quick and not os.path.exists(cache_path) and os.path.exists(kept):
+        logging.info("Using the pretrained %s kept in %s.", name, kept)
+        shutil.copyfile(kept, cache_path)
     if config["dataset"] == "digits":
         model, splits = recipes.pretrain_digits(
             name,
@@ -185,8 +207,12 @@ def _pretrained(name: str, config: dict, workdir: str) -> tuple:
         train = splits["train"]
         n = config["num_finetune"]
         splits = {"train": data.Split(train.images[:n], train.labels[:n]), "test": splits["test"]}
+    if not FLAGS.quick and not os.path.exists(kept):
+        os.makedirs(os.path.dirname(kept), exist_ok=True)
+        shutil.copyfile(cache_path, kept)
     _, report = tf_pfq.prune(model)
     info = {
+        "weights_sha256": _weights_sha256(model),
         "float_accuracy": evaluate_accuracy(model, data.to_dataset(splits["test"], 256)),
         "bn_channels": report.bn_channels_before,
         "dead_bn_channels": report.num_dead,
@@ -270,6 +296,36 @@ def _threshold_prune_rows(config, nets) -> list[dict]:
     return rows
 
 
+def _recorded_runs(config: dict, pretrained: dict, results: str) -> dict:
+    """Finished runs of the results .json that this invocation can keep.
+
+    A run is kept when the .json was written for the same configuration and its model's
+    pretrained weights have the same SHA-256 as now; anything else is run again.
+    """
+    kept: dict = {"runs": [], "threshold_study": []}
+    if not os.path.exists(results + ".json"):
+        return kept
+    with open(results + ".json") as f:
+        previous = json.load(f)
+    if previous.get("config") != config:
+        logging.info("%s.json has another configuration; its runs are not reused.", results)
+        return kept
+    same = {
+        name
+        for name, info in previous.get("pretrained", {}).items()
+        if name in pretrained and info.get("weights_sha256") == pretrained[name]["weights_sha256"]
+    }
+    for key in kept:
+        kept[key] = [r for r in previous.get(key, []) if r["model"] in same]
+    logging.info(
+        "Reusing %d finished runs and %d threshold-study runs from %s.json.",
+        len(kept["runs"]),
+        len(kept["threshold_study"]),
+        results,
+    )
+    return kept
+
+
 def _summary_if_finished(path: str) -> WorkflowSummary | None:
     state_path = os.path.join(path, STATE_FILE)
     if not os.path.exists(state_path):
@@ -282,49 +338,73 @@ def _summary_if_finished(path: str) -> WorkflowSummary | None:
 
 
 def _threshold_study(config, nets, workdir: str, seed: int, rows: list) -> None:
-    """pfq with each threshold on one model at every bit width (resumable per run)."""
+    """pfq with each threshold on one model at every bit width (resumable per run).
+
+    A threshold that removes exactly the same channels as an earlier one gives the same
+    pruned model, so it shares that run (its row names it) instead of repeating it.
+    """
     name = config["threshold_model"]
     model, splits, _ = nets[name]
     test = data.to_dataset(splits["test"], 256)
     stage = {"learning_rate": config["learning_rate"]}
-    for label, threshold in _thresholds(config).items():
+    thresholds = _thresholds(config)
+    first_label: dict = {}  # removed channels -> the first threshold that removes them
+    for label, threshold in thresholds.items():
         pruned, report = tf_pfq.prune(model, threshold=threshold)
+        removed = tuple((r.name, tuple(r.removed)) for r in report.layers)
+        shared = first_label.setdefault(removed, label)
         before = evaluate_accuracy(pruned, test)
         for pair in config["bits"]:
             a_bits, w_bits = (int(b) for b in pair.split("/"))
-            if any(
-                r["threshold"] == label and r["seed"] == seed and r["bits"] == pair for r in rows
-            ):
+
+            def row_of(lbl, pair=pair):
+                return next(
+                    (
+                        r
+                        for r in rows
+                        if r["threshold"] == lbl and r["seed"] == seed and r["bits"] == pair
+                    ),
+                    None,
+                )
+
+            if row_of(label) is not None:
                 continue
-            # eq. 17's threshold is the pfq method's own run: shared, not repeated.
-            path = (
-                os.path.join(workdir, name, comparison.run_name("pfq", a_bits, w_bits, seed))
-                if threshold is None
-                else os.path.join(
-                    workdir, "threshold", f"{label.split()[0]}_a{a_bits}w{w_bits}_s{seed}"
+            if shared != label:
+                base = row_of(shared)
+                if base is None:  # only with --report_only
+                    continue
+                accuracy = base["accuracy"]
+            else:
+                # eq. 17's threshold is the pfq method's own run: shared, not repeated.
+                path = (
+                    os.path.join(workdir, name, comparison.run_name("pfq", a_bits, w_bits, seed))
+                    if threshold is None
+                    else os.path.join(
+                        workdir, "threshold", f"{label.split()[0]}_a{a_bits}w{w_bits}_s{seed}"
+                    )
                 )
-            )
-            summary = _summary_if_finished(path)
-            if summary is None and FLAGS.report_only:
-                continue
-            if summary is None:
-                keras.utils.set_random_seed(seed)
-                train = data.to_dataset(
-                    splits["train"], config["batch_size"], shuffle=True, seed=seed
-                )
-                _, summary = run_method(
-                    "pfq",
-                    model,
-                    train,
-                    activation_bits=a_bits,
-                    weight_bits=w_bits,
-                    stage_a=TrainConfig(config["epochs_a"], **stage),
-                    stage_w=TrainConfig(config["epochs_w"], **stage),
-                    test_data=test,
-                    output_dir=path,
-                    prune_kwargs={"threshold": threshold},
-                )
-                keras.backend.clear_session()
+                summary = _summary_if_finished(path)
+                if summary is None and FLAGS.report_only:
+                    continue
+                if summary is None:
+                    keras.utils.set_random_seed(seed)
+                    train = data.to_dataset(
+                        splits["train"], config["batch_size"], shuffle=True, seed=seed
+                    )
+                    _, summary = run_method(
+                        "pfq",
+                        model,
+                        train,
+                        activation_bits=a_bits,
+                        weight_bits=w_bits,
+                        stage_a=TrainConfig(config["epochs_a"], **stage),
+                        stage_w=TrainConfig(config["epochs_w"], **stage),
+                        test_data=test,
+                        output_dir=path,
+                        prune_kwargs={"threshold": threshold},
+                    )
+                    keras.backend.clear_session()
+                accuracy = summary.accuracy
             rows.append(
                 {
                     "model": name,
@@ -335,7 +415,8 @@ def _threshold_study(config, nets, workdir: str, seed: int, rows: list) -> None:
                     "channels_removed": report.num_removed,
                     "max_residual_std": report.max_residual_std,
                     "float_accuracy_after_prune": before,
-                    "accuracy": summary.accuracy,
+                    "accuracy": accuracy,
+                    "same_channels_as": None if shared == label else shared,
                 }
             )
 
@@ -355,6 +436,8 @@ def _threshold_lines(rows) -> list[str]:
         acc = [100 * g["accuracy"] for g in group]
         std = float(np.std(acc, ddof=1)) if len(acc) > 1 else 0.0
         g = group[0]
+        if g.get("same_channels_as"):
+            label = f"{label} (removes the same channels as {g['same_channels_as']}: same run)"
         lines.append(
             f"| {g['model']} | A{pair.replace('/', '/W')} | {label} | {g['dead_bn_channels']} | "
             f"{g['channels_removed']} | {g['max_residual_std']:.3g} | "
@@ -386,7 +469,8 @@ def _write(config, pretrained, rows, started, complete, results, extra=None):
             "finished.** Resume with `python benchmarks/accuracy.py "
             f"--dataset={config['dataset']}` and the same --workdir (default "
             "runs/benchmark_accuracy[_<dataset>]): finished runs are skipped and the "
-            "unfinished one resumes from its checkpoint."
+            "unfinished one resumes from its checkpoint; on another machine, the runs "
+            "recorded in the .json are kept (same configuration and pretrained weights)."
         )
     )
     title = "digits" if config["dataset"] == "digits" else "Fashion-MNIST"
@@ -399,7 +483,8 @@ def _write(config, pretrained, rows, started, complete, results, extra=None):
         "",
         (
             f"Machine: {platform.machine()}, {os.cpu_count()} CPU cores; wall time so far "
-            f"{(time.time() - started) / 60:.1f} min (this invocation); mean fine-tuning run "
+            f"{(time.time() - started) / 60:.1f} min (this invocation); all fine-tuning runs "
+            f"so far {sum(seconds) / 60:.0f} min, mean run "
             f"{np.mean(seconds) if seconds else float('nan'):.0f} s; {total - len(rows)} runs "
             "left (the threshold study adds 2 pfq runs per bit width and seed)."
         ),
@@ -511,7 +596,9 @@ def main(argv):
     nets: dict = {}
     extra: dict = {"threshold_rows": [], "figures": {}}
     for name in config["models"]:
-        cached = os.path.exists(os.path.join(workdir, f"{name}_pretrained.h5"))
+        cached = os.path.exists(os.path.join(workdir, f"{name}_pretrained.h5")) or (
+            not FLAGS.quick and os.path.exists(_kept_pretrained(name))
+        )
         if FLAGS.report_only and not cached:
             continue
         nets[name] = _pretrained(name, config, workdir)
@@ -519,6 +606,9 @@ def main(argv):
         logging.info("%s pretrained: %s", name, pretrained[name])
         if config["dataset"] == "fashion_mnist":
             extra["figures"][name] = _figures(name, nets[name][0], results)
+    done = _recorded_runs(config, pretrained, results)
+    rows += done["runs"]
+    extra["threshold_rows"] += done["threshold_study"]
     study = config["dataset"] == "fashion_mnist" and config["threshold_model"] in nets
     if study:
         extra["threshold_prune"] = _threshold_prune_rows(config, nets)
@@ -528,7 +618,15 @@ def main(argv):
     for seed in config["seeds"]:
         for name, pair in [(n, p) for n in nets for p in bits]:
             model, splits, _ = nets[name]
-            methods = config["methods"]
+            methods = [
+                m
+                for m in config["methods"]
+                if not any(
+                    (r["model"], r["method"], r["seed"], r["activation_bits"], r["weight_bits"])
+                    == (name, m, seed, *pair)
+                    for r in done["runs"]
+                )
+            ]
             if FLAGS.report_only:
                 methods = [
                     m
@@ -537,6 +635,8 @@ def main(argv):
                         os.path.join(workdir, name, comparison.run_name(m, *pair, seed))
                     )
                 ]
+            if not methods:
+                continue
             rows += comparison.compare(
                 model,
                 splits,
