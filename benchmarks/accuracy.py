@@ -228,10 +228,20 @@ def _pretrained(name: str, config: dict, workdir: str) -> tuple:
     return model, splits, info
 
 
-def _figures(name: str, model, results: str) -> list[str]:
-    """The paper's Figures 2 and 3 for one pretrained model, next to the results."""
+def _figures(name: str, model, results: str) -> tuple[list[str], dict]:
+    """The paper's Figures 2 and 3 for one pretrained model, next to the results, and
+    Figure 2's numbers: the BN-folded kernels' dynamic ranges without and with PfQ."""
     folded, _ = tf_pfq.fold_batchnorm(model)
     pruned_folded, _ = tf_pfq.fold_batchnorm(tf_pfq.prune(model)[0])
+    without, with_pfq = plots.weight_ranges(folded), plots.weight_ranges(pruned_folded)
+    common = [k for k in without if k in with_pfq]
+    ranges = {
+        "layers": len(common),
+        "layers_narrower": sum(with_pfq[k] < without[k] - 1e-6 for k in common),
+        "max_range_without": max(without.values()),
+        "max_range_with": max(with_pfq.values()),
+        "median_ratio": float(np.median([with_pfq[k] / without[k] for k in common])),
+    }
     directory = os.path.dirname(results) or "."
     os.makedirs(directory, exist_ok=True)
     suffix = f"_{FLAGS.dataset}" if FLAGS.dataset != "digits" else ""
@@ -246,7 +256,7 @@ def _figures(name: str, model, results: str) -> list[str]:
         title=f"{name} ({FLAGS.dataset}): BN-folded weight ranges",
     )
     plots.plot_bn_variances(model, fig3, title=f"{name} ({FLAGS.dataset}): BN moving variance")
-    return [os.path.basename(fig2), os.path.basename(fig3)]
+    return [os.path.basename(fig2), os.path.basename(fig3)], ranges
 
 
 def _std_bound_threshold(bound: float):
@@ -447,6 +457,106 @@ def _threshold_lines(rows) -> list[str]:
     return lines
 
 
+# The paper's claims that the methods' accuracies can confirm or refute: (claim, where
+# the paper makes it, the method that should win, the one it should beat).
+_CLAIMS = [
+    ("PfQ beats the original workflow", "Table 1", "pfq", "original"),
+    (
+        "PfQ without bias correction beats the original",
+        "Table 1",
+        "pfq_no_bias_correction",
+        "original",
+    ),
+    ("Bias correction helps PfQ", "Table 1", "pfq", "pfq_no_bias_correction"),
+    ("Algorithm 1 beats fine-tuning once (w/ PfQ)", "Table 2", "pfq", "pfq_once"),
+    ("PfQ beats DFQ (w/ fine-tuning)", "Table 3", "pfq", "dfq"),
+    ("PfQ beats tfmot's n-bit QAT (not a paper claim)", "-", "pfq", "tfmot"),
+]
+
+
+def _paired(rows, model: str, pair: tuple[int, int], winner: str, loser: str) -> np.ndarray:
+    """Per-seed accuracy differences winner - loser (percentage points), same seeds only."""
+    acc: dict = {}
+    for r in rows:
+        if r["model"] == model and (r["activation_bits"], r["weight_bits"]) == pair:
+            acc.setdefault(r["method"], {})[r["seed"]] = 100 * r["accuracy"]
+    if winner not in acc or loser not in acc:
+        return np.zeros(0)
+    seeds = sorted(set(acc[winner]) & set(acc[loser]))
+    return np.array([acc[winner][s] - acc[loser][s] for s in seeds])
+
+
+def _verdict(diffs: np.ndarray) -> str:
+    if not len(diffs):
+        return "no runs yet"
+    if (diffs == 0).all():
+        return "tie"
+    if (diffs > 0).all():
+        return "holds" + (" (1 seed)" if len(diffs) == 1 else "")
+    if (diffs < 0).all():
+        return "does not hold" + (" (1 seed)" if len(diffs) == 1 else "")
+    return "mixed: the winner changes between seeds"
+
+
+def _claims_lines(config, rows, pretrained, extra) -> list[str]:
+    """Each claim of the paper next to the numbers that confirm or refute it here."""
+    bits = [tuple(int(b) for b in p.split("/")) for p in config["bits"]]
+    lines = [
+        "## The paper's claims, checked",
+        "",
+        (
+            "Differences are paired by seed (same pretrained model, same data order): mean "
+            "± sample std of winner - loser in top-1 points over the seeds both have. "
+            "'holds' means the winner is ahead on every seed."
+        ),
+        "",
+        "| claim | paper | model | bits | difference (points) | seeds | verdict |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    gaps: dict = {}
+    for claim, where, winner, loser in _CLAIMS:
+        if winner not in config["methods"] or loser not in config["methods"]:
+            continue
+        for model in config["models"]:
+            for pair in bits:
+                d = _paired(rows, model, pair, winner, loser)
+                if winner == "pfq" and loser == "original" and len(d):
+                    gaps[(model, pair)] = d
+                std = float(np.std(d, ddof=1)) if len(d) > 1 else 0.0
+                mean = f"{d.mean():+.2f} ± {std:.2f}" if len(d) else "-"
+                lines.append(
+                    f"| {claim} | {where} | {model} | A{pair[0]}/W{pair[1]} | {mean} | "
+                    f"{len(d)} | {_verdict(d)} |"
+                )
+    for model in config["models"]:
+        if len(bits) > 1 and all((model, p) in gaps for p in bits):
+            low, high = min(bits), max(bits)
+            g_low, g_high = gaps[(model, low)].mean(), gaps[(model, high)].mean()
+            verdict = "holds" if g_low > g_high else "does not hold"
+            lines.append(
+                f"| PfQ's gain over original is larger at {low[0]} bits than at {high[0]} "
+                f"| Table 1 | {model} | both | {g_low:+.2f} vs {g_high:+.2f} | "
+                f"{len(gaps[(model, low)])} | {verdict} |"
+            )
+    for model, info in pretrained.items():
+        lines.append(
+            f"| PfQ removes weights and MACs (paper: 32-36 % of weights) | Table 1 | {model} "
+            f"| - | {100 * info['params_removed_fraction']:.1f} % of weights | - | "
+            + ("holds" if info["params_removed_fraction"] > 0 else "does not hold")
+            + " |"
+        )
+    for model, r in extra.get("weight_ranges", {}).items():
+        lines.append(
+            f"| PfQ narrows the BN-folded weight ranges | Figure 2 | {model} | - | "
+            f"max range {r['max_range_without']:.3g} -> {r['max_range_with']:.3g}; "
+            f"{r['layers_narrower']}/{r['layers']} layers narrower; median ratio "
+            f"{r['median_ratio']:.2f} | - | "
+            + ("holds" if r["max_range_with"] < r["max_range_without"] else "does not hold")
+            + " |"
+        )
+    return [*lines, ""]
+
+
 def _write(config, pretrained, rows, started, complete, results, extra=None):
     extra = extra or {}
     order = [(m, b) for m in config["models"] for b in config["bits"]]
@@ -525,6 +635,7 @@ def _write(config, pretrained, rows, started, complete, results, extra=None):
         comparison.to_markdown(table),
         "",
     ]
+    lines += _claims_lines(config, rows, pretrained, extra)
     if extra.get("threshold_prune"):
         lines += [
             "## Threshold study: the float model after PfQ, before fine-tuning",
@@ -575,6 +686,7 @@ def _write(config, pretrained, rows, started, complete, results, extra=None):
                 "runs": rows,
                 "threshold_study_before_fine_tuning": extra.get("threshold_prune", []),
                 "threshold_study": extra.get("threshold_rows", []),
+                "weight_ranges": extra.get("weight_ranges", {}),
             },
             f,
             indent=2,
@@ -594,7 +706,7 @@ def main(argv):
     rows: list = []
     pretrained: dict = {}
     nets: dict = {}
-    extra: dict = {"threshold_rows": [], "figures": {}}
+    extra: dict = {"threshold_rows": [], "figures": {}, "weight_ranges": {}}
     for name in config["models"]:
         cached = os.path.exists(os.path.join(workdir, f"{name}_pretrained.h5")) or (
             not FLAGS.quick and os.path.exists(_kept_pretrained(name))
@@ -605,7 +717,9 @@ def main(argv):
         pretrained[name] = nets[name][2]
         logging.info("%s pretrained: %s", name, pretrained[name])
         if config["dataset"] == "fashion_mnist":
-            extra["figures"][name] = _figures(name, nets[name][0], results)
+            extra["figures"][name], extra["weight_ranges"][name] = _figures(
+                name, nets[name][0], results
+            )
     done = _recorded_runs(config, pretrained, results)
     rows += done["runs"]
     extra["threshold_rows"] += done["threshold_study"]

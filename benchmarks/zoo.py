@@ -1,0 +1,307 @@
+r"""The whole tf_pfq chain on standard architectures: which stage works, and how well.
+
+For each `tf_keras.applications` model (weights=None: nothing can be downloaded; small
+inputs; random BN statistics measured on random images; dead channels planted in a
+few BN layers the way long training with weight decay leaves them) this runs
+
+  prune -> apply (stage A) -> strip -> fold_batchnorm -> apply (stage W) -> to_tflite
+
+with default arguments, and records per model: each stage's status (or the first
+line of its error), the channels PfQ removed and whether the pruned model matches the
+input model, the export fidelity on XNNPACK (99th percentile and maximum of
+|logit difference| in int8 output steps, top-1 agreement with the Keras QAT model),
+the file size, XNNPACK latency, and the Edge TPU static check. No training happens:
+one training-mode pass sets the QAT ranges, which is all the export reads, so the
+numbers measure the conversion, not accuracy.
+
+Resumable: each model's row is written to --workdir as soon as it is done, and a
+rerun skips finished models. Writes benchmarks/results/zoo.{md,json}.
+
+  python benchmarks/zoo.py                        # the 8 default architectures
+  python benchmarks/zoo.py --models=ResNet50V2,Xception --image_size=71
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import time
+import traceback
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import numpy as np
+from absl import app, flags, logging
+
+import tf_pfq
+from tf_pfq.compat import keras
+from tf_pfq.export import litert
+from tf_pfq.export.summary import inspect
+
+FLAGS = flags.FLAGS
+flags.DEFINE_list(
+    "models",
+    [
+        "MobileNet",
+        "MobileNetV2",
+        "MobileNetV3Small",
+        "MobileNetV3Large",
+        "EfficientNetB0",
+        "ResNet50",
+        "DenseNet121",
+        "NASNetMobile",
+    ],
+    "tf_keras.applications class names.",
+)
+flags.DEFINE_integer("image_size", 32, "Input height and width.")
+flags.DEFINE_integer("bits", 4, "Activation and weight bit width.")
+flags.DEFINE_integer("classes", 10, "Classifier outputs.")
+flags.DEFINE_integer("dead_per_layer", 2, "Channels planted dead in each chosen BN layer.")
+flags.DEFINE_integer("planted_layers", 4, "BN layers that get planted dead channels.")
+flags.DEFINE_string("workdir", "runs/zoo", "Per-model results (resume).")
+flags.DEFINE_string(
+    "results", os.path.join(os.path.dirname(__file__), "results", "zoo"), "Output prefix."
+)
+flags.DEFINE_bool("overwrite", False, "Redo models already finished in --workdir.")
+
+L = keras.layers
+STAGES = ("prune", "stage_a", "strip", "fold", "stage_w", "tflite")
+
+
+def build(name: str, image_size: int, classes: int):
+    """A tf_keras.applications model with logits out (no softmax: fidelity is in logits)."""
+    cls = getattr(keras.applications, name)
+    kwargs = {
+        "input_shape": (image_size, image_size, 3),
+        "weights": None,
+        "classes": classes,
+        "classifier_activation": None,
+    }
+    if name.startswith(("MobileNetV3", "EfficientNet")):
+        kwargs["include_preprocessing"] = False
+    return cls(**kwargs)
+
+
+def randomize_bn(model, images: np.ndarray, seed: int = 0) -> None:
+    """Random BN scales and shifts; statistics measured on `images` (floored at 10 eps)
+    so that signals stay alive through a deep untrained net."""
+    rng = np.random.default_rng(seed)
+    bns = [layer for layer in model.layers if isinstance(layer, L.BatchNormalization)]
+    momenta = [layer.momentum for layer in bns]
+    for layer in bns:
+        c = layer.moving_variance.shape[0]
+        gamma = rng.uniform(0.5, 1.5, c) if layer.scale else None
+        beta = rng.normal(0.0, 0.5, c) if layer.center else None
+        weights = [w for w in (gamma, beta) if w is not None]
+        layer.set_weights([*weights, layer.moving_mean.numpy(), layer.moving_variance.numpy()])
+        layer.momentum = 0.0  # the moving statistics become this batch's
+    model(images, training=True)
+    for layer, momentum in zip(bns, momenta):
+        layer.momentum = momentum
+        floor = np.maximum(layer.moving_variance.numpy(), 10 * layer.epsilon)
+        layer.moving_variance.assign(floor)
+
+
+def plant_dead(model, layers: int, per_layer: int, seed: int = 0) -> list[str]:
+    """Dead channels as weight decay leaves them: zero filter into the BN, variance far
+    below epsilon, the output constant at beta. Only BNs right after a Conv2D or
+    DepthwiseConv2D of a single consumer are chosen, spread over the depth."""
+    rng = np.random.default_rng(seed)
+    candidates = []
+    for layer in model.layers:
+        if not isinstance(layer, L.BatchNormalization):
+            continue
+        producer = layer.inbound_nodes[0].inbound_layers  # one layer: BN has one input
+        if isinstance(producer, L.DepthwiseConv2D | L.Conv2D) and not isinstance(
+            producer, L.Conv2DTranspose | L.SeparableConv2D
+        ):
+            candidates.append((layer, producer))
+    chosen = [candidates[i] for i in np.linspace(0, len(candidates) - 1, layers).astype(int)]
+    planted = []
+    for bn, producer in chosen:
+        weights = producer.get_weights()
+        channels = rng.choice(bn.moving_variance.shape[0], per_layer, replace=False)
+        for c in channels:
+            if isinstance(producer, L.DepthwiseConv2D):
+                weights[0][:, :, c, :] = 0.0
+            else:
+                weights[0][..., c] = 0.0
+        producer.set_weights(weights)
+        values = {w.name.split("/")[-1].split(":")[0]: w.numpy() for w in bn.weights}
+        for c in channels:
+            bias = weights[-1][c] if getattr(producer, "use_bias", False) else 0.0
+            values["moving_mean"][c] = bias
+            values["moving_variance"][c] = bn.epsilon / 1000
+        bn.set_weights([values[w.name.split("/")[-1].split(":")[0]] for w in bn.weights])
+        planted.append(bn.name)
+    return planted
+
+
+def _error(e: BaseException) -> str:
+    return f"{type(e).__name__}: {str(e).splitlines()[0][:160]}" if str(e) else type(e).__name__
+
+
+def run_chain(name: str) -> dict:
+    """One architecture through the chain; never raises (failures are recorded)."""
+    keras.utils.set_random_seed(0)
+    rng = np.random.default_rng(0)
+    size = FLAGS.image_size
+    images = rng.uniform(0, 1, (48, size, size, 3)).astype(np.float32)
+    row: dict = {"model": name, "image_size": size, "bits": FLAGS.bits}
+    row.update(dict.fromkeys(STAGES, "not run"))
+    started = time.time()
+    try:
+        model = build(name, size, FLAGS.classes)
+        randomize_bn(model, images[:16])
+        row["planted_bn_layers"] = plant_dead(model, FLAGS.planted_layers, FLAGS.dead_per_layer)
+        row["params"] = tf_pfq.count_params(model)
+        row["macs"] = tf_pfq.count_macs(model)
+    except Exception as e:  # a benchmark row records every failure
+        row["build"] = _error(e)
+        return row
+    bits = FLAGS.bits
+    current = model
+    try:
+        current, report = tf_pfq.prune(model, calibration_data=images[:16])
+        row.update(
+            prune="ok",
+            channels_removed=report.num_removed,
+            dead_found=report.num_dead,
+            prune_exact=report.exact,
+            prune_max_change=report.max_output_change,
+            macs_after_prune=report.macs_after,
+        )
+        qat = tf_pfq.apply(current, activation_bits=bits)
+        qat(images, training=True)
+        row["stage_a"] = "ok"
+        current = tf_pfq.strip(qat)
+        row["strip"] = "ok"
+        current, fold_report = tf_pfq.fold_batchnorm(current)
+        row.update(fold="ok", unfolded=dict(fold_report.unfolded))
+        qat = tf_pfq.apply(current, activation_bits=bits, weight_bits=bits)
+        qat(images[:32], training=True)
+        row["stage_w"] = "ok"
+        tflite = tf_pfq.export.to_tflite(qat, representative_data=images[:32])
+        row["tflite"] = "ok"
+    except Exception as e:
+        stage = next(s for s in STAGES if row[s] == "not run")
+        row[stage] = _error(e)
+        logging.warning("%s: %s failed:\n%s", name, stage, traceback.format_exc(limit=3))
+        row["seconds"] = round(time.time() - started, 1)
+        return row
+    test = images[32:]
+    keras_out = qat.predict(test, verbose=0)
+    interpreter = litert.make_interpreter(tflite)
+    out = litert.predict(interpreter, test)
+    summary = inspect(tflite)
+    err = np.abs(out - keras_out).reshape(-1) / summary.outputs[0].scales[0]
+    levels = tf_pfq.export.weight_levels(tflite).values()
+    row.update(
+        p99_steps=float(np.percentile(err, 99)),
+        max_steps=float(err.max()),
+        agreement=float(np.mean(out.argmax(-1) == keras_out.argmax(-1))),
+        max_weight_levels=max(levels, default=0),
+        size_bytes=len(tflite),
+        xnnpack_ms=litert.benchmark(interpreter, test[:1], num_runs=20)["median_ms"],
+        edgetpu_problems=[str(p) for p in tf_pfq.export.edgetpu_compatibility(tflite)],
+        seconds=round(time.time() - started, 1),
+    )
+    return row
+
+
+def _cell(value: str) -> str:
+    return "ok" if value == "ok" else value.replace("|", "\\|")
+
+
+def write(rows: list[dict]) -> None:
+    lines = [
+        "# The tf_pfq chain on tf_keras.applications models",
+        "",
+        (
+            f"Each model: weights=None, {FLAGS.image_size}x{FLAGS.image_size} input, "
+            f"{FLAGS.classes} classes, random BN statistics, {FLAGS.dead_per_layer} dead "
+            f"channels planted in each of {FLAGS.planted_layers} BN layers; A{FLAGS.bits}/"
+            f"W{FLAGS.bits} with `tf_pfq.apply`'s defaults; no training (one training-mode "
+            "pass sets the ranges). Fidelity: |XNNPACK - Keras QAT| logits in int8 output "
+            "steps over 16 random images. Generated by `python benchmarks/zoo.py` on "
+            f"{platform.machine()}, {os.cpu_count()} CPU cores."
+        ),
+        "",
+        "| model | " + " | ".join(STAGES) + " | removed / planted | prune max change "
+        "| p99 steps | max steps | agreement | max weight levels | size KB | XNNPACK ms "
+        "| Edge TPU check |",
+        "|---" * (len(STAGES) + 10) + "|",
+    ]
+    for r in rows:
+        planted = FLAGS.dead_per_layer * len(r.get("planted_bn_layers", []))
+        stages = [_cell(r.get("build") or r[s]) if s == "prune" else _cell(r[s]) for s in STAGES]
+        done = "p99_steps" in r
+        change = r.get("prune_max_change")
+        lines.append(
+            f"| {r['model']} | "
+            + " | ".join(stages)
+            + f" | {r.get('channels_removed', '-')} / {planted} | "
+            + (f"{change:.2g}" if change is not None else "-")
+            + " | "
+            + (
+                f"{r['p99_steps']:.2f} | {r['max_steps']:.2f} | {100 * r['agreement']:.0f} % | "
+                f"{r['max_weight_levels']} | {r['size_bytes'] / 1024:.0f} | "
+                f"{r['xnnpack_ms']:.2f} | "
+                + (
+                    "passes"
+                    if not r["edgetpu_problems"]
+                    else f"{len(r['edgetpu_problems'])} problems: "
+                    + _cell(r["edgetpu_problems"][0][:80])
+                )
+                if done
+                else "- | - | - | - | - | - | -"
+            )
+            + " |"
+        )
+    lines += [
+        "",
+        (
+            "removed / planted: PfQ also removes channels that only fed a dead channel "
+            "(dead code), and keeps a dead channel whose constant cannot be absorbed "
+            "exactly (the prune report says why), so the counts can differ."
+        ),
+    ]
+    os.makedirs(os.path.dirname(FLAGS.results) or ".", exist_ok=True)
+    with open(FLAGS.results + ".md", "w") as f:
+        f.write("\n".join(lines) + "\n")
+    with open(FLAGS.results + ".json", "w") as f:
+        json.dump(
+            {"flags": {k: FLAGS[k].value for k in ("image_size", "bits")}, "rows": rows},
+            f,
+            indent=2,
+        )
+
+
+def main(argv):
+    del argv
+    os.makedirs(FLAGS.workdir, exist_ok=True)
+    rows = []
+    for i, name in enumerate(FLAGS.models):
+        path = os.path.join(FLAGS.workdir, f"{name}_{FLAGS.image_size}_a{FLAGS.bits}.json")
+        if os.path.exists(path) and not FLAGS.overwrite:
+            with open(path) as f:
+                rows.append(json.load(f))
+            logging.info("[%d/%d] %s: finished before, skipped.", i + 1, len(FLAGS.models), name)
+            continue
+        logging.info("[%d/%d] %s ...", i + 1, len(FLAGS.models), name)
+        row = run_chain(name)
+        keras.backend.clear_session()
+        with open(f"{path}.tmp", "w") as f:
+            json.dump(row, f, indent=2)
+        os.replace(f"{path}.tmp", path)
+        rows.append(row)
+        logging.info("%s: %s", name, {k: row[k] for k in STAGES})
+        write(rows)
+    write(rows)
+    with open(FLAGS.results + ".md") as f:
+        print(f.read())
+
+
+if __name__ == "__main__":
+    app.run(main)
