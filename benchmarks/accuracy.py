@@ -41,6 +41,7 @@ from absl import app, flags, logging
 import tf_pfq
 from tf_pfq import comparison, data, plots, recipes
 from tf_pfq.baselines import METHODS, run_method
+from tf_pfq.cli import fit_verbosity
 from tf_pfq.compat import keras
 from tf_pfq.training import TrainConfig, evaluate_accuracy
 from tf_pfq.workflow import STATE_FILE, WorkflowSummary
@@ -190,6 +191,7 @@ def _pretrained(name: str, config: dict, workdir: str) -> tuple:
             l2=config["l2"],
             num_train=config["num_train"],
             cache_path=cache_path,
+            verbose=fit_verbosity(),
         )
     else:
         model, splits = recipes.pretrain_fashion_mnist(
@@ -202,6 +204,7 @@ def _pretrained(name: str, config: dict, workdir: str) -> tuple:
             num_train=config["num_train"],
             num_test=config["num_test"],
             cache_path=cache_path,
+            verbose=fit_verbosity(),
         )
         # Fine-tuning sees a fixed subset of the (already shuffled) training images.
         train = splits["train"]
@@ -412,6 +415,7 @@ def _threshold_study(config, nets, workdir: str, seed: int, rows: list) -> None:
                         test_data=test,
                         output_dir=path,
                         prune_kwargs={"threshold": threshold},
+                        verbose=fit_verbosity(),
                     )
                     keras.backend.clear_session()
                 accuracy = summary.accuracy
@@ -762,6 +766,7 @@ def main(argv):
                 stage_w=TrainConfig(config["epochs_w"], **stage),
                 batch_size=config["batch_size"],
                 tag=name,
+                verbose=fit_verbosity(),
             )
             _write(config, pretrained, rows, started, False, results, extra)
         if study:

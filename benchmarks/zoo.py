@@ -78,7 +78,7 @@ def build(name: str, image_size: int, classes: int):
         "classes": classes,
         "classifier_activation": None,
     }
-    if name.startswith(("MobileNetV3", "EfficientNet")):
+    if name.startswith("MobileNetV3"):  # tf_keras EfficientNet always has its own
         kwargs["include_preprocessing"] = False
     return cls(**kwargs)
 

@@ -22,6 +22,7 @@ from absl import app, flags
 import tf_pfq
 from tf_pfq import comparison, compat, data, plots, recipes
 from tf_pfq.baselines import METHODS
+from tf_pfq.cli import fit_verbosity
 from tf_pfq.training import TrainConfig
 from tf_pfq.workflow import check_settings
 
@@ -129,6 +130,7 @@ def main(argv):
         batch_size=FLAGS.batch_size,
         tag=model.name,
         overwrite=FLAGS.overwrite,
+        verbose=fit_verbosity(),
     )
     table = comparison.aggregate(rows)
     markdown = comparison.to_markdown(table)
