@@ -39,7 +39,7 @@ flags.DEFINE_enum(
     "int8",
     ["int8", "int4"],
     "Weight tensors: int8 (fastest on XNNPACK, Edge TPU) or int4 (packed, smallest file; "
-    "weight_bits <= 4).",
+    "weight_bits <= 3, or 4 trained with tf_pfq.apply(..., weight_scheme='symmetric')).",
 )
 flags.mark_flags_as_required(["model", "output"])
 

@@ -19,7 +19,12 @@ from tf_pfq.export.summary import inspect, read_model
 INPUT_SHAPE = (8, 8, 3)
 
 
-def _qat(weight_bits: int, per_channel: bool = False, zero_point_8: bool = False):
+def _qat(
+    weight_bits: int,
+    per_channel: bool = False,
+    zero_point_8: bool = False,
+    weight_scheme: str = "min_max",
+):
     tf_pfq.compat.keras.utils.set_random_seed(0)
     model = models.mobilenet_v1(input_shape=INPUT_SHAPE, widths=(4, 8), strides=(1, 2))
     folded, _ = tf_pfq.fold_batchnorm(model)
@@ -36,7 +41,11 @@ def _qat(weight_bits: int, per_channel: bool = False, zero_point_8: bool = False
             kernel.reshape(-1)[0], kernel.reshape(-1)[1] = -8.0 / 7.0 * top, top
             layer.set_weights([kernel, *weights[1:]])
     qat = tf_pfq.apply(
-        folded, activation_bits=4, weight_bits=weight_bits, per_channel_weights=per_channel
+        folded,
+        activation_bits=4,
+        weight_bits=weight_bits,
+        per_channel_weights=per_channel,
+        weight_scheme=weight_scheme,
     )
     images = np.random.RandomState(1).rand(16, *INPUT_SHAPE).astype(np.float32)
     qat(images, training=True)  # activation ranges
@@ -63,11 +72,22 @@ def _images(n: int = 24) -> np.ndarray:
 
 
 @pytest.mark.parametrize(
-    ("bits", "per_channel", "zero_point_8"),
-    [(3, False, False), (3, True, False), (2, True, False), (4, False, True)],
+    ("bits", "per_channel", "zero_point_8", "scheme"),
+    [
+        (3, False, False, "min_max"),
+        (3, True, False, "min_max"),
+        (2, True, False, "min_max"),
+        (4, False, True, "min_max"),
+        # Symmetric narrow-range grids fit INT4 at every width up to 4 bits, with no
+        # condition on the weights: 2^n - 1 levels, integers -(2^(n-1) - 1)..2^(n-1) - 1.
+        (4, False, False, "symmetric"),
+        (4, True, False, "symmetric"),
+        (3, True, False, "symmetric"),
+    ],
 )
-def test_int4_storage_same_grid_and_outputs(bits, per_channel, zero_point_8):
-    qat = _qat(bits, per_channel, zero_point_8)
+def test_int4_storage_same_grid_and_outputs(bits, per_channel, zero_point_8, scheme):
+    qat = _qat(bits, per_channel, zero_point_8, scheme)
+    levels = 2**bits - (1 if scheme == "symmetric" else 0)
     packed = tf_pfq.export.to_tflite(qat, input_range=(0.0, 1.0), weight_storage="int4")
     plain = tf_pfq.export.to_tflite(qat, input_range=(0.0, 1.0))
     assert len(packed) < len(plain)
@@ -89,11 +109,14 @@ def test_int4_storage_same_grid_and_outputs(bits, per_channel, zero_point_8):
             rows = np.moveaxis(values.reshape(t4.shape), axis, 0).reshape(t4.shape[axis], -1)
         else:
             rows = [values]
-        assert max(np.unique(r).size for r in rows) <= 2**bits, name
+        assert max(np.unique(r).size for r in rows) <= levels, name
+        if scheme == "symmetric":
+            top = 2 ** (bits - 1) - 1
+            assert values.min() >= -top and values.max() <= top, name
 
     summary = inspect(packed)
     assert set(summary.weight_storage().values()) == {"int4"}
-    assert max(summary.weight_levels().values()) <= 2**bits
+    assert max(summary.weight_levels().values()) <= levels
     assert "weight storage:" in str(summary) and "int4" in str(summary)
 
     images = _images()
@@ -146,10 +169,18 @@ def test_int4_errors_name_the_layers():
     four = _qat(4, per_channel=True)
     with pytest.raises(ValueError, match=r"zero point.*'\w+' \(integers"):
         tf_pfq.export.to_tflite(four, input_range=(0.0, 1.0), weight_storage="int4")
+    with pytest.raises(ValueError, match=r"weight_scheme='symmetric'"):  # the way out
+        tf_pfq.export.to_tflite(four, input_range=(0.0, 1.0), weight_storage="int4")
     # The file-level pass refuses the same weights on its own too.
     plain = tf_pfq.export.to_tflite(four, input_range=(0.0, 1.0))
     with pytest.raises(ValueError, match="outside INT4's"):
         int4.repack_int4(plain)
+    # The symmetric scheme does not make wider weights fit 4 bits.
+    wide_symmetric = _qat(5, weight_scheme="symmetric")
+    with pytest.raises(ValueError, match=r"weight_storage='int4' needs weight_bits <= 4"):
+        tf_pfq.export.to_tflite(wide_symmetric, input_range=(0.0, 1.0), weight_storage="int4")
+    with pytest.raises(ValueError, match=r"`weight_scheme`.*'signed'"):
+        _qat(4, weight_scheme="signed")
 
 
 def test_edgetpu_flags_int4():

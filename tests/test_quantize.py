@@ -190,6 +190,7 @@ def test_stage_w_rejects_unfolded_batchnorm():
         ({"activation_bits": 4, "weight_bits": 9}, "weight_bits"),
         ({"activation_bits": 4, "add_bits": 16}, "add_bits"),
         ({"activation_bits": 4.5}, "activation_bits"),
+        ({"activation_bits": 4, "weight_bits": 4, "weight_scheme": "sym"}, "weight_scheme"),
     ],
 )
 def test_bits_validation(kwargs, argument):
@@ -343,6 +344,43 @@ def test_save_and_load_round_trip(tmp_path, fmt):
     assert ranges.activation_ranges_of(tf_pfq.strip(loaded)) == ranges.activation_ranges_of(
         tf_pfq.strip(qat)
     )
+
+
+def test_symmetric_weight_scheme_reaches_every_kernel_bias_and_saved_model(tmp_path):
+    folded, _ = tf_pfq.fold_batchnorm(_randomize_bn(_v2()))
+    qat = tf_pfq.apply(
+        folded,
+        activation_bits=4,
+        weight_bits=4,
+        per_channel_weights=True,
+        weight_scheme="symmetric",
+    )
+    _one_step(qat, _images(16))
+    params = quantize.quantization_params(qat)
+    wrappers = _weight_quantized(qat)
+    assert len(wrappers) == 11
+    for name in wrappers:
+        config = _wrappers(qat)[name].quantize_config
+        assert config.weight_quantizer.scheme == "symmetric", name
+        assert config.bias_quantizer.weight_scheme == "symmetric", name
+        grid = params[name].kernel
+        assert grid.narrow_range and grid.num_levels == 15, name
+        np.testing.assert_array_equal(grid.zero_point, 8)  # integers -7..7 in the file
+        # The bias grid uses the symmetric s_w (a 15-level step, not a 16-level one).
+        s_in = params[params[name].input_layer].output.scale
+        np.testing.assert_allclose(params[name].bias_scale, s_in * grid.scale, rtol=1e-5)
+    path = str(tmp_path / "model.h5")
+    qat.save(path)
+    with tf_pfq.quantize_scope():
+        loaded = keras.models.load_model(path)
+    x = _images(8, seed=3)
+    np.testing.assert_array_equal(loaded.predict(x, verbose=0), qat.predict(x, verbose=0))
+    for name in ("conv1", "block_1_dw", "logits"):
+        assert _wrappers(loaded)[name].quantize_config == _wrappers(qat)[name].quantize_config
+    # strip gives back the trained float kernels whatever the grid.
+    stripped = tf_pfq.strip(qat)
+    variable = next(w for w in _wrappers(qat)["conv1"].weights if w.name.endswith("/kernel:0"))
+    np.testing.assert_array_equal(stripped.get_layer("conv1").get_weights()[0], variable.numpy())
 
 
 def _compile(model, learning_rate):

@@ -267,3 +267,109 @@ def test_bias_grid_is_hand_computed_s_in_times_s_w():
     np.testing.assert_allclose(float(wrapper.quantize_config.bias_quantizer.scale()), 0.02, 1e-6)
     # 0.033 / 0.02 = 1.65 -> 2 steps; -0.047 / 0.02 = -2.35 -> -2 steps.
     np.testing.assert_allclose(wrapper.layer.bias.numpy(), [0.04, -0.04], atol=1e-6)
+
+
+@pytest.mark.parametrize("num_bits", BITS)
+@pytest.mark.parametrize("per_channel", [False, True])
+def test_symmetric_scheme_is_narrow_range_centred_on_zero(num_bits, per_channel):
+    kernel = np.random.default_rng(4).normal(size=(3, 3, 4, 5)).astype(np.float32)
+    kernel[..., 2] = np.abs(kernel[..., 2])  # all positive: the range still mirrors
+    kernel[..., 3] = 0.0  # dead channel: a tiny symmetric range, zero point centred
+    quantizer = PfqWeightQuantizer(num_bits, per_channel, scheme="symmetric")
+    quantized = quantizer(tf.constant(kernel), True, {}).numpy()
+    grid = quantizer.params(kernel)
+    assert grid.narrow_range and grid.num_levels == 2**num_bits - 1
+    np.testing.assert_array_equal(grid.zero_point, 2 ** (num_bits - 1))
+    np.testing.assert_allclose(grid.min, -grid.max, rtol=1e-6)
+    scale = weight_scale(kernel, num_bits, per_channel, scheme="symmetric").numpy()
+    np.testing.assert_allclose(scale, grid.scale, rtol=1e-5)
+    ints = quantized / scale
+    np.testing.assert_allclose(ints, np.round(ints), atol=1e-3)
+    top = 2 ** (num_bits - 1) - 1  # 4 bits: -7..7, TFLite's INT4 narrow range
+    assert np.abs(np.round(ints)).max() == top
+    columns = [quantized[..., c] for c in range(5)] if per_channel else [quantized]
+    for values in columns:
+        assert len(np.unique(values)) <= 2**num_bits - 1
+    if per_channel:  # the all-positive channel's largest weight is on +top
+        np.testing.assert_allclose(np.round(ints[..., 2]).max(), top)
+        np.testing.assert_array_equal(quantized[..., 3], 0.0)
+    if num_bits == 8:  # 8-bit weights are symmetric under both schemes
+        np.testing.assert_array_equal(quantized, quantize_weight(kernel, 8, per_channel))
+    else:  # negative control: the default grid differs (one more level, offset)
+        assert np.abs(quantize_weight(kernel, num_bits, per_channel).numpy() - quantized).max() > 0
+
+
+def test_symmetric_depthwise_per_channel_uses_each_output_channel_range():
+    kernel = np.random.default_rng(5).normal(size=(3, 3, 2, 3)).astype(np.float32)
+    kernel *= np.arange(1, 7, dtype=np.float32).reshape(2, 3)
+    quantized = quantize_weight(kernel, 4, True, True, scheme="symmetric").numpy()
+    for c in range(2):
+        for m in range(3):
+            top = np.abs(kernel[..., c, m]).max()
+            expected = fake_quant(kernel[..., c, m], -top, top, 4, narrow_range=True).numpy()
+            np.testing.assert_allclose(quantized[..., c, m], expected, atol=1e-6)
+
+
+def test_symmetric_weight_gradient_flows_straight_through():
+    kernel = tf.Variable(np.random.default_rng(6).normal(size=(3, 3, 4, 6)).astype(np.float32))
+    quantizer = PfqWeightQuantizer(4, per_channel=True, scheme="symmetric")
+    with tf.GradientTape() as tape:
+        y = tf.reduce_sum(quantizer(kernel, True, {}) * 2.0)
+    gradient = tape.gradient(y, kernel).numpy()
+    # STE: 2 inside the nudged range [-7 s, 7 s] with s = |w|max / 7 (float rounding
+    # may put a channel's extreme weight a hair outside), 0 outside; nothing flows
+    # through the range itself.
+    grid = quantizer.params(kernel)
+    w = kernel.numpy()
+    inside = (w >= grid.min) & (w <= grid.max)
+    np.testing.assert_allclose(gradient, 2.0 * inside)
+    assert inside.sum() >= w.size - w.shape[-1]
+
+
+def test_symmetric_bias_grid_is_hand_computed():
+    layers = keras.layers
+    x = keras.Input((2, 2, 2))
+    y = layers.Conv2D(3, 1, name="a")(x)
+    y = layers.ReLU(name="a_relu")(y)
+    y = layers.Conv2D(2, 1, name="b")(y)
+    model = keras.Model(x, y)
+    # |w|max = 0.9: 4-bit symmetric s_w = 2 * 0.9 / (2^4 - 2) = 0.9 / 7 (15 levels).
+    kernel = np.array([[-0.6, 0.9], [0.3, 0.2], [0.0, -0.1]], np.float32).reshape(1, 1, 3, 2)
+    model.get_layer("b").set_weights([kernel, np.array([0.033, -0.047], np.float32)])
+    qat = tf_pfq.apply(model, activation_bits=4, weight_bits=4, weight_scheme="symmetric")
+    relu_quantizer = qat.get_layer("quant_a_relu").quantize_config.output_quantizer
+    relu_quantizer.min_var.assign(0.0)
+    relu_quantizer.max_var.assign(3.0)  # s_in = 0.2: bias step 0.18 / 7
+    qat(np.ones((1, 2, 2, 2), np.float32), training=False)
+    wrapper = qat.get_layer("quant_b")
+    step = 0.18 / 7
+    np.testing.assert_allclose(float(wrapper.quantize_config.bias_quantizer.scale()), step, 1e-6)
+    # 0.033 / step = 1.28 -> 1 step; -0.047 / step = -1.83 -> -2 steps.
+    np.testing.assert_allclose(wrapper.layer.bias.numpy(), [step, -2 * step], atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "quantizer",
+    [
+        PfqWeightQuantizer(4, per_channel=True, scheme="symmetric"),
+        PfqBiasQuantizer(4, per_channel=True, weight_scheme="symmetric"),
+    ],
+    ids=["weight", "bias"],
+)
+def test_weight_scheme_serialization(quantizer):
+    clone = type(quantizer).from_config(quantizer.get_config())
+    assert clone == quantizer
+    key = "scheme" if isinstance(quantizer, PfqWeightQuantizer) else "weight_scheme"
+    assert getattr(clone, key) == "symmetric"
+    default = {k: v for k, v in quantizer.get_config().items() if k != key}
+    assert getattr(type(quantizer).from_config(default), key) == "min_max"  # older configs
+    assert type(quantizer).from_config(default) != quantizer  # negative control
+
+
+def test_unknown_weight_scheme_names_the_argument():
+    with pytest.raises(ValueError, match=r"`scheme`.*'asymmetric'"):
+        PfqWeightQuantizer(4, scheme="asymmetric")
+    with pytest.raises(ValueError, match=r"`weight_scheme`.*'sym'"):
+        PfqBiasQuantizer(4, weight_scheme="sym")
+    with pytest.raises(ValueError, match=r"`scheme`"):
+        quantize_weight([[1.0]], 4, scheme="Symmetric")

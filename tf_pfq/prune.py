@@ -622,6 +622,65 @@ def _check_threshold(threshold) -> None:
         )
 
 
+def _check_channel_multiple(channel_multiple) -> None:
+    if channel_multiple is None:
+        return
+    if isinstance(channel_multiple, bool) or not isinstance(channel_multiple, (int, np.integer)):
+        raise TypeError(
+            "`channel_multiple` must be None or an integer >= 1. Received: "
+            f"channel_multiple={channel_multiple!r} of type {type(channel_multiple).__name__}"
+        )
+    if channel_multiple < 1:
+        raise ValueError(
+            f"`channel_multiple` must be >= 1. Received: channel_multiple={channel_multiple}"
+        )
+
+
+def _alignment_keeps(pruner: _Pruner, plan: _Plan, accepted, multiple: int) -> dict:
+    """{source: reason} of dead channels to keep so that channel counts are multiples.
+
+    For each Conv2D, Conv2DTranspose, Dense and DepthwiseConv2D that loses channels in
+    `plan` and whose remaining count `n` is not a multiple of `multiple`, the
+    highest-indexed removed channels are put back until `ceil(n / multiple) *
+    multiple` remain (when the layer had that many). A channel is put back by keeping
+    every source that removes it, which puts it back wherever those sources reach:
+    layers whose channels are tied (a pointwise conv and the depthwise conv it feeds,
+    the producers of one Add) lose the same channels and are aligned together, and
+    the inputs of a Concatenate are aligned one by one, so their sum is aligned too.
+    Keeping a source can make others fail (an Add then meets a live channel), and an
+    entry may list only some of the sources that remove its channel (a backward
+    request stops at a channel already removed), so `prune` plans again and calls
+    this until nothing is left to put back; the next round sees the channel's other
+    sources and picks it again. Counts land on the multiple, or past it when channels
+    come back in larger steps (a depth multiplier above 1, an Add cascade), in which
+    case the next multiple is aimed at.
+    """
+    keeps: dict = {}
+    for name in pruner.graph.order:
+        layer = pruner.graph.layer(name)
+        removed = plan.removed.get(name, {})
+        if not removed or not isinstance(layer, (*_KERNEL, L.DepthwiseConv2D)):
+            continue
+        before = pruner.channels(name)
+        after = before - len(removed)
+        target = -(-after // multiple) * multiple
+        if after % multiple == 0 or target > before:
+            continue
+        # No layer name: tied layers give the same text, so the report groups them.
+        reason = (
+            f"channel alignment: {target} of {before} channels stay, a multiple of "
+            f"channel_multiple={multiple}"
+        )
+        # A channel comes back once every source that removes it is kept; a tied
+        # layer aligned before may already have brought some back.
+        back = {c for c, e in removed.items() if e.sources & accepted <= keeps.keys()}
+        missing = max(0, target - after - len(back))
+        for channel in sorted(set(removed) - back, reverse=True)[:missing]:
+            for source in removed[channel].sources & accepted:
+                keeps.setdefault(source, reason)
+    return keeps
+
+
 def _costs(model):
     costs = cost.layer_costs(model)
     try:
@@ -639,6 +698,7 @@ def prune(
     activation_ranges: Mapping[str, ActivationRange] | None = None,
     exact_only: bool = False,
     absorb: bool = True,
+    channel_multiple: int | None = None,
 ):
     """Removes dead BN channels and absorbs their constant output (PfQ, paper §3.2).
 
@@ -689,6 +749,14 @@ def prune(
       absorb: False removes the dead channels without absorbing their constant into
         the next layer (the paper's "PfQ w/o bias correction" ablation): the model
         changes by what the channels contributed.
+      channel_multiple: keep a few dead channels (reason "channel alignment" in the
+        report) so that every Conv2D, Dense and DepthwiseConv2D that loses channels
+        is left with a multiple of this many, when it has enough: CPU kernels
+        (XNNPACK) work on blocks of 8 or 16 channels, so 15 channels cost as much as
+        16, and 17 almost as much as 24. Kept channels are simply not removed, so
+        the result stays exact. Layers whose channels are tied (a pointwise conv and
+        the depthwise conv it feeds, the branches of an Add) are aligned together.
+        None (default) removes every dead channel it can.
 
     Returns:
       (pruned_model, report): a new Functional model with the same layer names, and a
@@ -696,9 +764,11 @@ def prune(
 
     Raises:
       TypeError: `model` is not a tf_keras Sequential or Functional model (a
-        subclassed model's class is named), or `threshold` has the wrong type.
-      ValueError: `threshold` (or what the callable returns) is negative, or
-        `calibration_data` is empty or holds NaN/Inf (the first bad example is named).
+        subclassed model's class is named), or `threshold` or `channel_multiple`
+        has the wrong type.
+      ValueError: `threshold` (or what the callable returns) is negative,
+        `channel_multiple` is below 1, or `calibration_data` is empty or holds
+        NaN/Inf (the first bad example is named).
 
     Example:
       >>> inputs = keras.Input((4, 4, 2))
@@ -712,6 +782,7 @@ def prune(
       (2, 1)
     """
     _check_threshold(threshold)
+    _check_channel_multiple(channel_multiple)
     if calibration_data is not None:
         check_data(calibration_data, "calibration_data")
     ranges = activation_ranges or activation_ranges_of(model)
@@ -723,7 +794,14 @@ def prune(
     while True:
         plan = pruner.plan(accepted)
         if not plan.failures:
-            break
+            if channel_multiple is None:
+                break
+            aligned = _alignment_keeps(pruner, plan, accepted, channel_multiple)
+            if not aligned:
+                break
+            kept.update(aligned)
+            accepted -= set(aligned)
+            continue
         for sources, reason in plan.failures:
             for source in sources & accepted:
                 kept[source] = reason

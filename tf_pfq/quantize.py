@@ -44,7 +44,10 @@ Which tensors carry which quantizer (the contract the TFLite exporter relies on)
   channel with `per_channel_weights` for Conv2D and DepthwiseConv2D (Dense and
   Conv2DTranspose stay per tensor: TFLite rejects per-axis FullyConnected weights
   with "mismatched quantized axes"); 8-bit weights are
-  symmetric narrow-range. Every weight grid is int8 with zero point 0.
+  symmetric narrow-range. Every weight grid is int8 with zero point 0. With
+  `weight_scheme="symmetric"` every bit width is symmetric narrow-range
+  (2^n - 1 levels, integers -(2^(n-1) - 1) .. 2^(n-1) - 1), so a 4-bit model can
+  be exported with packed INT4 weights (`weight_storage="int4"`).
 * Biases (stage W): `PfqBiasQuantizer` rounds the bias onto the int32 grid
   `s_in * s_w`, `s_in` being the step of the activation quantizer that produces
   the layer's input (found through grid-preserving layers). A layer whose input is
@@ -75,6 +78,7 @@ from tf_pfq.quantizers import (
     PfqWeightQuantizer,
     QuantParams,
     check_bits,
+    check_weight_scheme,
     nudge,
     preserves_grid,
 )
@@ -469,7 +473,9 @@ def _input_is_quantized(graph, name, outputs, input_bits) -> bool:
         current = producer
 
 
-def _plan(graph, activation_bits, weight_bits, per_channel_weights, add_bits, input_bits):
+def _plan(
+    graph, activation_bits, weight_bits, per_channel_weights, add_bits, input_bits, weight_scheme
+):
     outputs = _select(graph, activation_bits, add_bits)[0]
     configs = {}
     for name in graph.order:
@@ -490,9 +496,13 @@ def _plan(graph, activation_bits, weight_bits, per_channel_weights, add_bits, in
                 layer, (L.Dense, L.Conv2DTranspose)
             )
             depthwise = isinstance(layer, L.DepthwiseConv2D)
-            weight_quantizer = PfqWeightQuantizer(weight_bits, per_channel, depthwise)
+            weight_quantizer = PfqWeightQuantizer(
+                weight_bits, per_channel, depthwise, weight_scheme
+            )
             if layer.use_bias and _input_is_quantized(graph, name, outputs, input_bits):
-                bias_quantizer = PfqBiasQuantizer(weight_bits, per_channel, depthwise, attr)
+                bias_quantizer = PfqBiasQuantizer(
+                    weight_bits, per_channel, depthwise, attr, weight_scheme
+                )
         if output_quantizer or weight_quantizer:
             configs[name] = PfqQuantizeConfig(
                 weight_quantizer, bias_quantizer, output_quantizer, kernel_attr=attr
@@ -508,6 +518,7 @@ def apply(
     per_channel_weights: bool = False,
     add_bits: int | None = 8,
     input_bits: int | None = 8,
+    weight_scheme: str = "min_max",
 ):
     """Wraps `model` for quantization-aware fine-tuning (paper §3.3 stages A and W).
 
@@ -532,13 +543,21 @@ def apply(
         Add whose only consumer is a ReLU is never quantized itself: the ReLU's
         quantizer covers it, as integer inference fuses the two.
       input_bits: bit width of the model-input quantizer; None for none.
+      weight_scheme: the weight grid (`tf_pfq.quantizers.WEIGHT_SCHEMES`).
+        "min_max" (default): the paper's `[min(w, 0), max(w, 0)]` with 2^n levels
+        below 8 bits, symmetric narrow-range at 8 bits. "symmetric":
+        `[-|w|max, |w|max]` with narrow range at every bit width, 2^n - 1 levels
+        centred on 0 (one level fewer, e.g. 15 at 4 bits), so the integers fit a
+        signed n-bit container: needed to export `weight_bits=4` with
+        `weight_storage="int4"`, as TFLite's converter does for INT4 weights.
 
     Returns:
       A new tfmot QAT model (layers named `quant_<name>`), trainable with `fit`.
 
     Raises:
       TypeError: `model` is not a tf_keras Functional or Sequential model.
-      ValueError: a bit width is outside 2..8 (the message names the argument);
+      ValueError: a bit width is outside 2..8 or `weight_scheme` is unknown (the
+        message names the argument);
         a layer is shared or nested; in stage W, a BatchNormalization still
         follows a Conv2D/DepthwiseConv2D/Dense, or a layer with weights other than
         those can't be quantized.
@@ -557,10 +576,19 @@ def apply(
         check_bits(add_bits, "add_bits")
     if input_bits is not None:
         check_bits(input_bits, "input_bits")
+    check_weight_scheme(weight_scheme, "weight_scheme")
     model = prepare_model(model)
     graph = LayerGraph(split_activations(LayerGraph(model).model))
     _validate_graph(graph, weight_bits)
-    configs = _plan(graph, activation_bits, weight_bits, per_channel_weights, add_bits, input_bits)
+    configs = _plan(
+        graph,
+        activation_bits,
+        weight_bits,
+        per_channel_weights,
+        add_bits,
+        input_bits,
+        weight_scheme,
+    )
     if not configs:
         raise ValueError(f"Model {model.name!r} has no tensor for tf_pfq.apply to quantize.")
     with quantize_scope():

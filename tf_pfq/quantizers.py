@@ -19,6 +19,10 @@ Ranges:
     per output channel; 8-bit weights are symmetric with `narrow_range` (integer
     values -127..127, TFLite's int8 weight spec), so every weight grid is an int8
     tensor with zero point 0 (for n < 8 the integers lie in [-(2^n - 1), 2^n - 1]);
+    with the "symmetric" weight scheme every bit width uses the 8-bit rule,
+    `[-|w|max, |w|max]` with `narrow_range`: 2^n - 1 levels whose integers are
+    -(2^(n-1) - 1) .. 2^(n-1) - 1, so 4-bit weights fit TFLite's INT4 (-8..7) with
+    zero point 0 (see `WEIGHT_SCHEMES`);
   * biases: int32 on the grid `s_in * s_w` of the layer's input scale times its
     weight scale, as integer inference stores them.
 """
@@ -37,6 +41,8 @@ from tf_pfq.compat import keras
 __all__ = [
     "MIN_BITS",
     "MAX_BITS",
+    "WEIGHT_SCHEMES",
+    "check_weight_scheme",
     "QuantParams",
     "check_bits",
     "nudge",
@@ -55,6 +61,12 @@ MIN_BITS = 2
 MAX_BITS = 8
 _INT32_MIN = -(2.0**31)
 _INT32_MAX = 2.0**31 - 1
+# Weight grids: "min_max" is the paper's `[min(w, 0), max(w, 0)]` with 2^n levels
+# below 8 bits (the finest grid n bits hold; its zero point moves with the range)
+# and symmetric narrow-range at 8 bits; "symmetric" is `[-|w|max, |w|max]` with
+# narrow range at every bit width: one level fewer, but the integers are centred
+# on 0, so an n-bit grid fits a signed n-bit container (4-bit weights: INT4).
+WEIGHT_SCHEMES = ("min_max", "symmetric")
 
 
 def check_bits(num_bits, argument: str = "num_bits") -> int:
@@ -74,6 +86,20 @@ def check_bits(num_bits, argument: str = "num_bits") -> int:
             f"`{argument}` must be in [{MIN_BITS}, {MAX_BITS}]. Received: {argument}={num_bits}"
         )
     return int(num_bits)
+
+
+def check_weight_scheme(scheme, argument: str = "weight_scheme") -> str:
+    """Returns `scheme` if it is one of `WEIGHT_SCHEMES`, or raises ValueError naming `argument`.
+
+    Example:
+      >>> check_weight_scheme("symmetric")
+      'symmetric'
+    """
+    if scheme not in WEIGHT_SCHEMES:
+        raise ValueError(
+            f"`{argument}` must be one of {WEIGHT_SCHEMES}. Received: {argument}={scheme!r}"
+        )
+    return str(scheme)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -193,16 +219,24 @@ def _channels_last(kernel, depthwise: bool):
     return kernel
 
 
-def _weight_narrow_range(num_bits: int) -> bool:
-    return num_bits == 8
+def _weight_narrow_range(num_bits: int, scheme: str = "min_max") -> bool:
+    return num_bits == 8 or scheme == "symmetric"
 
 
-def weight_min_max(kernel, num_bits: int, per_channel: bool = False, depthwise: bool = False):
+def weight_min_max(
+    kernel,
+    num_bits: int,
+    per_channel: bool = False,
+    depthwise: bool = False,
+    scheme: str = "min_max",
+):
     """The range tf_pfq quantizes a kernel with: its current min/max, always holding 0.
 
-    n < 8: `[min(w, 0), max(w, 0)]` (paper); n = 8: symmetric `[-|w|max, |w|max]`
-    with `narrow_range`, so the integer weights fit int8 with zero point 0.
-    A degenerate (all-zero) range is widened to 1e-8 so the scale stays finite.
+    n < 8 with the "min_max" scheme: `[min(w, 0), max(w, 0)]` (paper); n = 8 or
+    the "symmetric" scheme: `[-|w|max, |w|max]` with `narrow_range`, so the
+    integer weights are symmetric around zero point 0. A degenerate (all-zero)
+    range is widened by 1e-8 so the scale stays finite (on both sides for a
+    symmetric range, which keeps its zero point in the middle).
 
     Args:
       kernel: Conv2D (kh, kw, cin, cout), DepthwiseConv2D (kh, kw, cin, mult) or
@@ -210,6 +244,7 @@ def weight_min_max(kernel, num_bits: int, per_channel: bool = False, depthwise: 
       num_bits: weight bit width.
       per_channel: one range per output channel instead of one per tensor.
       depthwise: `kernel` is a depthwise kernel (output channel = cin * mult + m).
+      scheme: one of `WEIGHT_SCHEMES`.
 
     Returns:
       (min, max) float32 tensors, scalars or vectors over output channels.
@@ -221,31 +256,45 @@ def weight_min_max(kernel, num_bits: int, per_channel: bool = False, depthwise: 
     """
     w = _channels_last(tf.convert_to_tensor(kernel, tf.float32), depthwise)
     axes = list(range(len(w.shape) - 1)) if per_channel else None
-    if _weight_narrow_range(num_bits):
-        hi = tf.reduce_max(tf.abs(w), axis=axes)
+    if _weight_narrow_range(num_bits, check_weight_scheme(scheme, "scheme")):
+        hi = tf.maximum(tf.reduce_max(tf.abs(w), axis=axes), 5e-9)
         lo = -hi
     else:
         lo = tf.minimum(tf.reduce_min(w, axis=axes), 0.0)
         hi = tf.maximum(tf.reduce_max(w, axis=axes), 0.0)
-    hi = tf.maximum(hi, lo + 1e-8)
+        hi = tf.maximum(hi, lo + 1e-8)
     # The range is a statistic, not a trained quantity (as in tfmot's quantizers):
     # no gradient flows back through the reductions.
     return tf.stop_gradient(lo), tf.stop_gradient(hi)
 
 
-def weight_scale(kernel, num_bits: int, per_channel: bool = False, depthwise: bool = False):
+def weight_scale(
+    kernel,
+    num_bits: int,
+    per_channel: bool = False,
+    depthwise: bool = False,
+    scheme: str = "min_max",
+):
     """The weight step `s_w` (paper eq. 21) of `quantize_weight`, per tensor or channel.
 
     Example:
       >>> float(weight_scale([[-1.0, 2.0]], num_bits=2))
       1.0
+      >>> float(weight_scale([[-1.0, 2.0]], num_bits=2, scheme="symmetric"))
+      2.0
     """
-    lo, hi = weight_min_max(kernel, num_bits, per_channel, depthwise)
-    levels = 2**num_bits - (2 if _weight_narrow_range(num_bits) else 1)
+    lo, hi = weight_min_max(kernel, num_bits, per_channel, depthwise, scheme)
+    levels = 2**num_bits - (2 if _weight_narrow_range(num_bits, scheme) else 1)
     return (hi - lo) / float(levels)
 
 
-def quantize_weight(kernel, num_bits: int, per_channel: bool = False, depthwise: bool = False):
+def quantize_weight(
+    kernel,
+    num_bits: int,
+    per_channel: bool = False,
+    depthwise: bool = False,
+    scheme: str = "min_max",
+):
     """Fake-quantizes a kernel on its current range (paper eq. 20-21), STE gradient.
 
     Args:
@@ -254,6 +303,7 @@ def quantize_weight(kernel, num_bits: int, per_channel: bool = False, depthwise:
       per_channel: one range per output channel (Conv2D/DepthwiseConv2D only: keep
         Dense per tensor, TFLite rejects per-axis FullyConnected weights).
       depthwise: `kernel` has the depthwise layout (kh, kw, cin, mult).
+      scheme: one of `WEIGHT_SCHEMES` ("symmetric": 2^n - 1 levels centred on 0).
 
     Returns:
       The fake-quantized kernel, same shape.
@@ -261,11 +311,13 @@ def quantize_weight(kernel, num_bits: int, per_channel: bool = False, depthwise:
     Example:
       >>> quantize_weight([[-1.0, 0.2, 0.6, 2.0]], num_bits=2).numpy().tolist()
       [[-1.0, 0.0, 1.0, 2.0]]
+      >>> quantize_weight([[-1.5, 0.2, 0.6, 2.0]], num_bits=2, scheme="symmetric").numpy().tolist()
+      [[-2.0, 0.0, 0.0, 2.0]]
     """
     kernel = tf.convert_to_tensor(kernel, tf.float32)
-    lo, hi = weight_min_max(kernel, num_bits, per_channel, depthwise)
+    lo, hi = weight_min_max(kernel, num_bits, per_channel, depthwise, scheme)
     flat = _channels_last(kernel, depthwise)
-    quantized = fake_quant(flat, lo, hi, num_bits, _weight_narrow_range(num_bits))
+    quantized = fake_quant(flat, lo, hi, num_bits, _weight_narrow_range(num_bits, scheme))
     return tf.reshape(quantized, tf.shape(kernel)) if depthwise else quantized
 
 
@@ -419,35 +471,52 @@ class PfqWeightQuantizer(_Serializable):
       num_bits: bit width n, 2..8.
       per_channel: one range per output channel.
       depthwise: the kernel has the DepthwiseConv2D layout (kh, kw, cin, mult).
+      scheme: one of `WEIGHT_SCHEMES`; serialized only when not the default
+        "min_max", so configs saved before the option load unchanged.
 
     Example:
       >>> q = PfqWeightQuantizer(3, per_channel=True)
       >>> PfqWeightQuantizer.from_config(q.get_config()) == q
       True
+      >>> int(PfqWeightQuantizer(4, scheme="symmetric").params([[-0.7, 0.35]]).zero_point)
+      8
     """
 
-    def __init__(self, num_bits: int, per_channel: bool = False, depthwise: bool = False):
+    def __init__(
+        self,
+        num_bits: int,
+        per_channel: bool = False,
+        depthwise: bool = False,
+        scheme: str = "min_max",
+    ):
         self.num_bits = check_bits(num_bits)
         self.per_channel = bool(per_channel)
         self.depthwise = bool(depthwise)
+        self.scheme = check_weight_scheme(scheme, "scheme")
 
     def build(self, tensor_shape, name: str, layer):
         return {}
 
     def __call__(self, inputs, training, weights, **kwargs):
-        return quantize_weight(inputs, self.num_bits, self.per_channel, self.depthwise)
+        return quantize_weight(inputs, self.num_bits, self.per_channel, self.depthwise, self.scheme)
 
     def params(self, kernel) -> QuantParams:
         """The nudged grid of `kernel` (for export)."""
-        lo, hi = weight_min_max(kernel, self.num_bits, self.per_channel, self.depthwise)
-        return nudge(lo.numpy(), hi.numpy(), self.num_bits, _weight_narrow_range(self.num_bits))
+        lo, hi = weight_min_max(
+            kernel, self.num_bits, self.per_channel, self.depthwise, self.scheme
+        )
+        narrow = _weight_narrow_range(self.num_bits, self.scheme)
+        return nudge(lo.numpy(), hi.numpy(), self.num_bits, narrow)
 
     def get_config(self):
-        return {
+        config: dict[str, Any] = {
             "num_bits": self.num_bits,
             "per_channel": self.per_channel,
             "depthwise": self.depthwise,
         }
+        if self.scheme != "min_max":
+            config["scheme"] = self.scheme
+        return config
 
 
 class PfqBiasQuantizer(_Serializable):
@@ -469,6 +538,8 @@ class PfqBiasQuantizer(_Serializable):
       per_channel: the kernel is quantized per output channel.
       depthwise: the kernel has the DepthwiseConv2D layout.
       kernel_attr: the wrapped layer's kernel attribute.
+      weight_scheme: the kernel quantizer's scheme (`WEIGHT_SCHEMES`), which sets
+        `s_w`; serialized only when not the default.
 
     Example:
       >>> PfqBiasQuantizer(4, kernel_attr="depthwise_kernel", depthwise=True).weight_bits
@@ -481,11 +552,13 @@ class PfqBiasQuantizer(_Serializable):
         per_channel: bool = False,
         depthwise: bool = False,
         kernel_attr: str = "kernel",
+        weight_scheme: str = "min_max",
     ):
         self.weight_bits = check_bits(weight_bits, "weight_bits")
         self.per_channel = bool(per_channel)
         self.depthwise = bool(depthwise)
         self.kernel_attr = str(kernel_attr)
+        self.weight_scheme = check_weight_scheme(weight_scheme)
         self._wrapper = None
         self._kernel = None
 
@@ -506,7 +579,9 @@ class PfqBiasQuantizer(_Serializable):
         if quantizer is None:
             return None
         s_in = (quantizer.max_var - quantizer.min_var) / float(2**quantizer.num_bits - 1)
-        s_w = weight_scale(self._kernel, self.weight_bits, self.per_channel, self.depthwise)
+        s_w = weight_scale(
+            self._kernel, self.weight_bits, self.per_channel, self.depthwise, self.weight_scheme
+        )
         return s_in * s_w
 
     def __call__(self, inputs, training, weights, **kwargs):
@@ -518,12 +593,15 @@ class PfqBiasQuantizer(_Serializable):
         return quantize_bias(inputs, scale)
 
     def get_config(self):
-        return {
+        config: dict[str, Any] = {
             "weight_bits": self.weight_bits,
             "per_channel": self.per_channel,
             "depthwise": self.depthwise,
             "kernel_attr": self.kernel_attr,
         }
+        if self.weight_scheme != "min_max":
+            config["weight_scheme"] = self.weight_scheme
+        return config
 
 
 # Layers whose output is on the same grid as their input (0 is on every grid, so

@@ -10,9 +10,10 @@ outputs do not change and the weight bytes halve.
 
 Why a post-pass over the flatbuffer and not the converter's own INT4 output: the
 converter emits INT4 only for symmetric narrow-range fake-quant weights, while
-tf_pfq's n-bit weight grids below 8 bits are the paper's `[min(w, 0), max(w, 0)]`
-ranges (asymmetric). Repacking the file the export already wrote keeps exactly the
-trained grid.
+tf_pfq's default n-bit weight grids below 8 bits are the paper's
+`[min(w, 0), max(w, 0)]` ranges (asymmetric), and it would not write the other
+tensors the way `convert` does (n-bit activations on 8-bit grids). Repacking the
+file the export already wrote keeps exactly the trained grid, whichever scheme.
 
 The averaging kernel that the export writes for AveragePooling2D (a depthwise conv
 whose weights are all int8 127) is not a trained weight and stays int8.
@@ -20,8 +21,11 @@ whose weights are all int8 127) is not a trained weight and stays int8.
 Which grids fit: INT4 holds -8..7 with zero point 0. A `2^n`-level grid with zero
 point `z` holds the integers `-z .. 2^n - 1 - z`, so every 2- and 3-bit grid fits,
 and a 4-bit grid only when its zero point is 8 (e.g. a roughly symmetric range
-whose negative end is the larger one). Weights that do not fit raise an error that
-names the op and tensor: writing them would change the model.
+whose negative end is the larger one). `tf_pfq.apply(..., weight_scheme="symmetric")`
+trains every grid symmetric narrow-range (integers -(2^(n-1) - 1) .. 2^(n-1) - 1,
+zero point 0 in the file), so every 2-, 3- and 4-bit model fits. Weights that do
+not fit raise an error that names the op and tensor: writing them would change the
+model.
 
 Where it runs: LiteRT's default CPU path (XNNPACK) takes INT4 filters only for
 FULLY_CONNECTED; INT4 convolutions then run on TFLite's builtin kernels, which are
@@ -163,7 +167,8 @@ def repack_int4(tflite_bytes: bytes) -> bytes:
     if problems:
         raise ValueError(
             "Cannot store these weights as INT4 without changing the model; export "
-            "with weight_storage='int8' or use weight_bits <= 3:\n  " + "\n  ".join(problems)
+            "with weight_storage='int8', or train with weight_bits <= 3 or "
+            "tf_pfq.apply(..., weight_scheme='symmetric'):\n  " + "\n  ".join(problems)
         )
     return bytes(flatbuffer_utils.convert_object_to_bytearray(model))
 
@@ -220,7 +225,8 @@ def check_plan(plan, weight_storage: str) -> None:
             "weight_storage='int4' cannot hold these layers' weight grids with zero point "
             "0 (INT4 holds -8..7; a 2^n-level grid with zero point z holds -z..2^n-1-z, so "
             f"a 4-bit grid fits only with z = 8): {', '.join(outside)}. Use "
-            "weight_storage='int8' or weight_bits <= 3."
+            "weight_storage='int8', or train with weight_bits <= 3 or "
+            "tf_pfq.apply(..., weight_scheme='symmetric') (15 levels centred on 0)."
         )
 
 
