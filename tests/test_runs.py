@@ -171,8 +171,7 @@ _KILL_SCRIPT = textwrap.dedent(
     from test_prune_helpers import tiny_dead_model
     from tf_pfq import data
     from tf_pfq.compat import keras
-    from tf_pfq.steps import _load_checkpoint
-from tf_pfq.training import TrainConfig
+    from tf_pfq.training import TrainConfig
     from tf_pfq.workflow import run_workflow
 
     out, kill_step = sys.argv[1], sys.argv[2]

@@ -277,9 +277,10 @@ def run_settings(
 ) -> dict[str, Any]:
     """Everything a run's results depend on, as JSON: its fingerprint.
 
-    The model by its architecture and a hash of its weights; every step with its bit
-    widths and `TrainConfig`; the training data by element spec and number of
-    batches; and `options` (method, prune and DFQ arguments, ...).
+    The model by its architecture and a hash of its weights; every step by its
+    `Step.run_settings()` (kind, bit widths, `TrainConfig`, its own options); the
+    training data by element spec and number of batches; and `options` (method,
+    run-wide prune and DFQ arguments, ...).
 
     Example:
       >>> m = keras.Sequential([keras.layers.Dense(2, input_shape=(3,))])
