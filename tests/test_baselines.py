@@ -40,6 +40,10 @@ def test_method_steps_structure():
     # Stage A quantizes activations only; the tfmot step uses tfmot's scheme.
     assert method_steps("original", A, W)[0].weight_bits is None
     assert method_steps("tfmot", A, W)[0].quantizer == "tfmot"
+    # The ablation's steps say what differs: PfQ without absorbing act(beta).
+    ablation = method_steps("pfq_no_bias_correction", A, W)
+    assert [s.options for s in ablation if s.kind == "prune"] == [{"absorb": False}] * 2
+    assert [s.options for s in method_steps("pfq", A, W) if s.kind == "prune"] == [{}, {}]
     with pytest.raises(ValueError, match="method"):
         method_steps("dsq", A, W)
 

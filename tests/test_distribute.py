@@ -40,7 +40,7 @@ _STAGE = textwrap.dedent(
     from tf_pfq import models
     from tf_pfq.compat import keras
     from tf_pfq.training import TrainConfig
-    from tf_pfq.workflow import Step, run_steps
+    from tf_pfq.workflow import Train, run_steps
 
     keras.utils.set_random_seed(0)
     rng = np.random.default_rng(0)
@@ -56,7 +56,7 @@ _STAGE = textwrap.dedent(
     ).apply(tf.data.experimental.assert_cardinality(len(batches)))
     model = models.mobilenet_v1(input_shape=(8, 8, 3), widths=(4, 8), strides=(1, 2))
     np.save(os.path.join(out, "pred0.npy"), model.predict(x, verbose=0))
-    steps = [Step("stage_a", "train", 8, None, TrainConfig(epochs=2, learning_rate=0.05))]
+    steps = [Train("stage_a", 8, None, TrainConfig(epochs=2, learning_rate=0.05))]
     output_dir = os.path.join(out, "run") if mode == "multiworker" else None
     qat, summary = run_steps(model, train, steps, strategy=strategy, verbose=0,
                              output_dir=output_dir, calibration_data=x)

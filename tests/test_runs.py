@@ -14,12 +14,13 @@ from test_prune_helpers import tiny_dead_model
 
 from tf_pfq import data
 from tf_pfq.compat import keras
+from tf_pfq.steps import _load_checkpoint
 from tf_pfq.training import TrainConfig
 from tf_pfq.workflow import (
     SETTINGS_FILE,
     STATE_FILE,
-    Step,
-    _load_checkpoint,
+    FoldBatchNorm,
+    Train,
     check_settings,
     run_steps,
     run_workflow,
@@ -95,7 +96,7 @@ def test_check_settings_refuses_unrecorded_results(tmp_path):
 
 def test_truncated_state_file_names_the_file(digits, tmp_path):
     train, _ = digits
-    steps = [Step("fold", "fold")]
+    steps = [FoldBatchNorm("fold")]
     run_steps(tiny_dead_model(), train, steps, output_dir=str(tmp_path))
     state = tmp_path / STATE_FILE
     state.write_bytes(state.read_bytes()[:20])
@@ -143,7 +144,7 @@ class _Crash(keras.callbacks.Callback):
 
 def test_truncated_epoch_checkpoint_restarts_the_stage(digits, tmp_path):
     train, _ = digits
-    steps = [Step("fold", "fold"), Step("stage_w", "train", 4, 4, TrainConfig(epochs=2))]
+    steps = [FoldBatchNorm("fold"), Train("stage_w", 4, 4, TrainConfig(epochs=2))]
     with pytest.raises(RuntimeError, match="simulated"):
         run_steps(
             tiny_dead_model(),

@@ -1,7 +1,9 @@
 """Tests for tf_pfq.workflow (paper Algorithm 1) and tf_pfq.training."""
 
+import dataclasses
 import json
 import os
+from typing import ClassVar
 
 import numpy as np
 import pytest
@@ -17,8 +19,12 @@ from tf_pfq.training import (
     make_optimizer,
 )
 from tf_pfq.workflow import (
+    DFQ,
     STATE_FILE,
-    Step,
+    FoldBatchNorm,
+    Prune,
+    Train,
+    Transform,
     WorkflowSummary,
     algorithm1_steps,
     calibration_images,
@@ -130,7 +136,7 @@ def test_tensorboard_logs_or_clear_error(digits, tmp_path):
     import importlib.util
 
     train, _ = digits
-    steps = [Step("stage_a", "train", 4, None, TrainConfig(epochs=1))]
+    steps = [Train("stage_a", 4, None, TrainConfig(epochs=1))]
     kwargs = {"output_dir": str(tmp_path), "tensorboard": True, "verbose": 0}
     if importlib.util.find_spec("tensorboard") is None:
         with pytest.raises(ImportError, match="pip install tensorboard"):
@@ -200,15 +206,101 @@ def test_killed_run_resumes_from_last_stage_and_epoch(reference_run, digits, tmp
 @pytest.mark.slow
 def test_appendix_a1_stops_a_stage_early(digits):
     train, test = digits
-    steps = [Step("stage_a", "train", 4, None, TrainConfig(epochs=3, target_drop=1.0))]
+    steps = [Train("stage_a", 4, None, TrainConfig(epochs=3, target_drop=1.0))]
     _, summary = run_steps(tiny_dead_model(l2=1e-3), train, steps, validation_data=test, verbose=0)
     # A budget of 100 % is met after the first epoch.
     assert summary.steps[0].epochs == 1
     assert "within" in summary.steps[0].stopped_early
     # Negative control: no budget, all epochs run.
-    steps = [Step("stage_a", "train", 4, None, TrainConfig(epochs=3))]
+    steps = [Train("stage_a", 4, None, TrainConfig(epochs=3))]
     _, summary = run_steps(tiny_dead_model(l2=1e-3), train, steps, validation_data=test, verbose=0)
     assert summary.steps[0].epochs == 3 and summary.steps[0].stopped_early == ""
+
+
+class _ScaleLogits(Transform):
+    """A user-defined transform: scales the last layer's kernel and bias by `factor`."""
+
+    kind = "scale_logits"
+    calls: ClassVar[list[str]] = []  # every apply, across runs
+
+    def __init__(self, name, factor):
+        super().__init__(name)
+        self.factor = factor
+
+    def arguments(self):
+        return {"factor": self.factor}
+
+    def apply(self, model, context):
+        type(self).calls.append(self.name)
+        out = keras.models.clone_model(model)
+        out.set_weights(model.get_weights())
+        last = out.layers[-1]
+        last.set_weights([w * self.factor for w in last.get_weights()])
+        return out, {"details": {"factor": self.factor}}
+
+
+@pytest.mark.slow
+def test_user_defined_step_runs_resumes_and_reports(digits, tmp_path):
+    train, test = digits
+    steps = [_ScaleLogits("scale", 0.5), Train("stage_a", 8, None, TrainConfig(epochs=2))]
+    _ScaleLogits.calls.clear()
+    log = []
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        run_steps(
+            tiny_dead_model(),
+            train,
+            steps,
+            test_data=test,
+            output_dir=str(tmp_path),
+            verbose=0,
+            callbacks=_callbacks(log, "stage_a", 1),
+        )
+    assert _ScaleLogits.calls == ["scale"]
+    # Its checkpoint holds what its own apply made.
+    saved = keras.models.load_model(tmp_path / "00_scale" / "model.h5", compile=False)
+    original = tiny_dead_model().layers[-1].get_weights()
+    for a, b in zip(saved.layers[-1].get_weights(), original):
+        np.testing.assert_allclose(a, 0.5 * b)
+    log.clear()
+    _, summary = run_steps(
+        tiny_dead_model(),
+        train,
+        steps,
+        test_data=test,
+        output_dir=str(tmp_path),
+        verbose=0,
+        callbacks=_callbacks(log),
+    )
+    # Resumed from its checkpoint: not applied again; the stage went on at epoch 1.
+    assert _ScaleLogits.calls == ["scale"]
+    assert log == [("stage_a", 1)]
+    first = summary.steps[0]
+    assert (first.name, first.kind, first.details) == ("scale", "scale_logits", {"factor": 0.5})
+    assert first.params == summary.float_params
+    # Scaling logits keeps every argmax: the float accuracy is unchanged.
+    assert first.accuracy == pytest.approx(summary.float_accuracy, abs=1e-6)
+    assert [s.name for s in summary.steps] == ["scale", "stage_a"]
+    # Its arguments are part of the run's fingerprint.
+    with pytest.raises(ValueError, match=r"steps\.scale\.factor: 0\.5 -> 0\.25"):
+        run_steps(
+            tiny_dead_model(),
+            train,
+            [_ScaleLogits("scale", 0.25), steps[1]],
+            output_dir=str(tmp_path),
+            verbose=0,
+        )
+    assert _ScaleLogits.calls == ["scale"]
+
+
+def test_user_defined_step_reporting_unknown_fields_is_refused(digits):
+    class Renamed(Transform):
+        def apply(self, model, context):
+            return model, {"channels": 3}
+
+    with pytest.raises(
+        ValueError, match=r"'renamed' reported unknown StepResult fields \['channels'\]"
+    ):
+        run_steps(tiny_dead_model(), digits[0], [Renamed("renamed")])
 
 
 class _FakeModel:
@@ -265,34 +357,90 @@ def test_clear_regularizers_keeps_weights():
     np.testing.assert_array_equal(cleared.predict(x, verbose=0), model.predict(x, verbose=0))
 
 
-def test_step_validation():
-    with pytest.raises(ValueError, match="kind"):
-        Step("x", "distill")
+def test_step_validation_names_the_argument():
     with pytest.raises(ValueError, match="config"):
-        Step("x", "train", 4)
-    with pytest.raises(ValueError, match="quantizer"):
-        Step("x", "train", 4, None, TrainConfig(), quantizer="qkeras")
+        Train("x", 4)
+    with pytest.raises(ValueError, match="quantizer='qkeras'"):
+        Train("x", 4, None, TrainConfig(), quantizer="qkeras")
+    with pytest.raises(ValueError, match="activation_bits=0"):
+        Train("x", 0, None, TrainConfig())
+    with pytest.raises(ValueError, match="weight_bits='4'"):
+        Train("x", 4, "4", TrainConfig())
+    with pytest.raises(ValueError, match=r"\['per_channel'\].*tf_pfq\.quantize\.apply"):
+        Train("x", 4, 4, TrainConfig(), per_channel=True)
+    with pytest.raises(ValueError, match="'pfq' quantizer only"):
+        Train("x", 4, 4, TrainConfig(), quantizer="tfmot", per_channel_weights=True)
+    with pytest.raises(ValueError, match=r"\['treshold'\].*tf_pfq\.prune\.prune"):
+        Prune("p", treshold=0.1)
+    with pytest.raises(ValueError, match=r"\['calibration_data'\]"):
+        Prune("p", calibration_data=np.zeros(1))  # the run's, not the step's
+    with pytest.raises(ValueError, match=r"\['per_channel'\]"):
+        FoldBatchNorm("f", per_channel=False)
+    with pytest.raises(ValueError, match=r"\['bias_correction'\]"):
+        DFQ("d", bias_correction=False)
+    for bad in ("", "a/b", ".."):
+        with pytest.raises(ValueError, match="`name`"):
+            FoldBatchNorm(bad)
+    # Valid options are kept, and are values: repr, equality and fingerprint.
+    step = Prune("p", threshold=0.01, absorb=False)
+    assert repr(step) == "Prune('p', threshold=0.01, absorb=False)"
+    assert step == Prune("p", absorb=False, threshold=0.01) != Prune("p")
+    assert step.run_settings() == {
+        "kind": "prune",
+        "quantizer": "pfq",
+        "threshold": 0.01,
+        "absorb": False,
+    }
     names = [s.name for s in algorithm1_steps(TrainConfig(), TrainConfig(), 3, 3)]
     assert names == ["pfq_1", "stage_a", "pfq_2", "fold", "stage_w"]
+
+
+def test_step_settings_keep_the_earlier_fingerprint():
+    # Run directories made before steps were objects still resume: same JSON per step.
+    steps = algorithm1_steps(TrainConfig(epochs=2), TrainConfig(epochs=3), 4, 3)
+    settings = {s.name: s.run_settings() for s in steps}
+    config = dataclasses.asdict(TrainConfig(epochs=3))
+    assert settings["pfq_1"] == settings["pfq_2"] == {"kind": "prune", "quantizer": "pfq"}
+    assert settings["fold"] == {"kind": "fold", "quantizer": "pfq"}
+    assert settings["stage_a"]["activation_bits"] == 4 and "weight_bits" not in settings["stage_a"]
+    assert settings["stage_w"] == {
+        "kind": "train",
+        "activation_bits": 4,
+        "weight_bits": 3,
+        "config": config,
+        "quantizer": "pfq",
+    }
+    assert DFQ("dfq", weight_bits=4).run_settings() == {
+        "kind": "dfq",
+        "weight_bits": 4,
+        "quantizer": "pfq",
+    }
 
 
 def test_run_steps_rejects_bad_step_lists(digits, tmp_path):
     train, _ = digits
     model = tiny_dead_model(l2=1e-3)
     with pytest.raises(ValueError, match="unique"):
-        run_steps(model, train, [Step("a", "fold"), Step("a", "fold")])
-    tfmot_first = [
-        Step("t", "train", 4, 4, TrainConfig(), quantizer="tfmot"),
-        Step("f", "fold"),
-    ]
-    with pytest.raises(ValueError, match="last step"):
+        run_steps(model, train, [FoldBatchNorm("a"), FoldBatchNorm("a")])
+    tfmot_first = [Train("t", 4, 4, TrainConfig(), quantizer="tfmot"), FoldBatchNorm("f")]
+    with pytest.raises(ValueError, match="'t' must be the last step"):
         run_steps(model, train, tfmot_first)
+    with pytest.raises(TypeError, match=r"`steps\[1\]` must be a tf_pfq\.workflow\.Step"):
+        run_steps(model, train, [FoldBatchNorm(), "fold"])
+    with pytest.raises(ValueError, match=r"`prune_kwargs` .*\['threshhold'\]"):
+        run_steps(model, train, [Prune("p")], prune_kwargs={"threshhold": 0.1})
+    with pytest.raises(ValueError, match=r"`dfq_kwargs` .*\['iters'\]"):
+        run_steps(model, train, [DFQ()], dfq_kwargs={"iters": 2})
+    with pytest.raises(
+        ValueError, match=r"export=True.*Train\('t', activation_bits=4, weight_bits=None"
+    ):
+        run_steps(model, train, [Train("t", 4, None, TrainConfig())], export=True)
     # A checkpoint directory without recorded settings is refused, not silently mixed.
     (tmp_path / STATE_FILE).write_text(json.dumps({"steps": ["other"], "done": 0}))
     with pytest.raises(ValueError, match=r"no run_settings\.json"):
-        run_steps(model, train, [Step("fold", "fold")], output_dir=str(tmp_path))
+        run_steps(model, train, [FoldBatchNorm("fold")], output_dir=str(tmp_path))
     with pytest.raises(TypeError, match="tf_keras"):
-        run_steps(object(), train, [Step("fold", "fold")])
+        run_steps(object(), train, [FoldBatchNorm("fold")])
 
 
 def test_calibration_images_and_unknown_length():

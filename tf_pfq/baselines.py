@@ -19,7 +19,7 @@ from __future__ import annotations
 import dataclasses
 
 from tf_pfq.training import TrainConfig
-from tf_pfq.workflow import Step, algorithm1_steps, run_steps
+from tf_pfq.workflow import DFQ, FoldBatchNorm, Prune, Step, Train, algorithm1_steps, run_steps
 
 __all__ = ["METHODS", "method_steps", "run_method"]
 
@@ -47,7 +47,7 @@ def method_steps(
         (the paper's equal-epoch comparison, eq. 19's lambda over all of them).
 
     Returns:
-      A list of `tf_pfq.workflow.Step`.
+      A list of `tf_pfq.workflow.Step` objects.
 
     Raises:
       ValueError: unknown method.
@@ -62,20 +62,30 @@ def method_steps(
         raise ValueError(f"`method` must be one of {METHODS}. Received: method={method!r}")
     if combined is None:
         combined = dataclasses.replace(stage_w, epochs=stage_a.epochs + stage_w.epochs, period=None)
-    aw = Step("stage_aw", "train", activation_bits, weight_bits, combined)
-    if method in ("pfq", "pfq_no_bias_correction"):
+    aw = Train("stage_aw", activation_bits, weight_bits, combined)
+    if method == "pfq":
         return algorithm1_steps(stage_a, stage_w, activation_bits, weight_bits)
+    if method == "pfq_no_bias_correction":
+        # PfQ removes the dead channels but leaves their constant act(beta) out of the
+        # next layer's bias: the ablation that shows what the absorption is worth.
+        return [
+            Prune("pfq_1", absorb=False),
+            Train("stage_a", activation_bits, None, stage_a),
+            Prune("pfq_2", absorb=False),
+            FoldBatchNorm("fold"),
+            Train("stage_w", activation_bits, weight_bits, stage_w),
+        ]
     if method == "original":
         return [
-            Step("stage_a", "train", activation_bits, None, stage_a),
-            Step("fold", "fold"),
-            Step("stage_w", "train", activation_bits, weight_bits, stage_w),
+            Train("stage_a", activation_bits, None, stage_a),
+            FoldBatchNorm("fold"),
+            Train("stage_w", activation_bits, weight_bits, stage_w),
         ]
     if method == "pfq_once":
-        return [Step("pfq_1", "prune"), Step("fold", "fold"), aw]
+        return [Prune("pfq_1"), FoldBatchNorm("fold"), aw]
     if method == "dfq":
-        return [Step("fold", "fold"), Step("dfq", "dfq", weight_bits=weight_bits), aw]
-    return [dataclasses.replace(aw, quantizer="tfmot")]
+        return [FoldBatchNorm("fold"), DFQ("dfq", weight_bits=weight_bits), aw]
+    return [Train("stage_aw", activation_bits, weight_bits, combined, quantizer="tfmot")]
 
 
 def run_method(
@@ -124,7 +134,5 @@ def run_method(
         weight_bits,
         combined,
     )
-    if method == "pfq_no_bias_correction":
-        kwargs["prune_kwargs"] = {**(kwargs.get("prune_kwargs") or {}), "absorb": False}
     kwargs.setdefault("method", method)
     return run_steps(model, train_data, steps, **kwargs)

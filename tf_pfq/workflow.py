@@ -5,9 +5,10 @@ activations (BN unfolded and training) -> PfQ again (BN training can create new
 dead channels) -> fold BN into kernels and biases (eqs. 5-6) -> fine-tune `e_W`
 epochs with quantized activations and weights.
 
-A run is a list of `Step`s (transforms of the float model, and training stages of a
-QAT model); `run_steps` executes any such list, which is how the paper's baselines
-(`tf_pfq.baselines`) share the machinery. With `output_dir` every finished step is
+A run is a list of step objects (`tf_pfq.steps`): transforms of the float model
+(`Prune`, `FoldBatchNorm`, `DFQ`, or one's own `Transform`) and training stages of
+a QAT model (`Train`). `run_steps` executes any such list, which is how the paper's
+baselines (`tf_pfq.baselines`) share the machinery. With `output_dir` every finished step is
 written to disk and a restarted run resumes after the last finished step, and inside
 a training stage from the last finished epoch (Keras `BackupAndRestore`). Training
 runs under an optional `tf.distribute` strategy (Mirrored, MultiWorkerMirrored).
@@ -22,7 +23,6 @@ import os
 import re
 import shutil
 import time
-import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -32,12 +32,31 @@ from absl import logging
 
 from tf_pfq import saving
 from tf_pfq.compat import keras, prepare_model
-from tf_pfq.training import TrainConfig, clear_regularizers, evaluate_accuracy, fit
+from tf_pfq.steps import (
+    DFQ,
+    CorruptCheckpointError,
+    FoldBatchNorm,
+    Prune,
+    Step,
+    StepContext,
+    StepOutput,
+    Train,
+    Transform,
+    _costs,
+)
+from tf_pfq.training import TrainConfig, clear_regularizers, evaluate_accuracy
 from tf_pfq.validation import check_data
 
 __all__ = [
+    "DFQ",
+    "FoldBatchNorm",
+    "Prune",
     "Step",
+    "StepContext",
+    "StepOutput",
     "StepResult",
+    "Train",
+    "Transform",
     "WorkflowSummary",
     "algorithm1_steps",
     "run_steps",
@@ -52,42 +71,6 @@ SETTINGS_FILE = "run_settings.json"
 FINAL_DIR = "final"
 FINAL_MODEL = "qat_model.h5"
 FINAL_TFLITE = "model.tflite"
-
-
-@dataclasses.dataclass(frozen=True)
-class Step:
-    """One step of a quantization workflow.
-
-    Attributes:
-      name: unique name; also the checkpoint sub-directory.
-      kind: "prune" (PfQ), "fold" (BN folding), "dfq" (Nagel et al.), or "train"
-        (wrap for QAT and fine-tune).
-      activation_bits: for "train": activation bit width.
-      weight_bits: for "train": weight bit width, None for activations only (stage A);
-        for "dfq": the bit width bias correction targets.
-      config: for "train": the stage's hyperparameters.
-      quantizer: for "train": "pfq" (`tf_pfq.apply`, paper eqs. 20-21) or "tfmot"
-        (tfmot's `DefaultNBitQuantizeScheme`, the library reference).
-    """
-
-    name: str
-    kind: str
-    activation_bits: int | None = None
-    weight_bits: int | None = None
-    config: TrainConfig | None = None
-    quantizer: str = "pfq"
-
-    def __post_init__(self):
-        if self.kind not in ("prune", "fold", "dfq", "train"):
-            raise ValueError(
-                f"`kind` must be 'prune', 'fold', 'dfq' or 'train'. Received: kind={self.kind!r}"
-            )
-        if self.kind == "train" and (self.config is None or self.activation_bits is None):
-            raise ValueError(f"Training step {self.name!r} needs `config` and `activation_bits`.")
-        if self.quantizer not in ("pfq", "tfmot"):
-            raise ValueError(
-                f"`quantizer` must be 'pfq' or 'tfmot'. Received: quantizer={self.quantizer!r}"
-            )
 
 
 @dataclasses.dataclass
@@ -240,11 +223,11 @@ def algorithm1_steps(
       ['pfq_1', 'stage_a', 'pfq_2', 'fold', 'stage_w']
     """
     return [
-        Step("pfq_1", "prune"),
-        Step("stage_a", "train", activation_bits, None, stage_a),
-        Step("pfq_2", "prune"),
-        Step("fold", "fold"),
-        Step("stage_w", "train", activation_bits, weight_bits, stage_w),
+        Prune("pfq_1"),
+        Train("stage_a", activation_bits, None, stage_a),
+        Prune("pfq_2"),
+        FoldBatchNorm("fold"),
+        Train("stage_w", activation_bits, weight_bits, stage_w),
     ]
 
 
@@ -269,47 +252,6 @@ def calibration_images(dataset: tf.data.Dataset, max_images: int = 256) -> np.nd
 
 
 # --------------------------------------------------------------------------------------
-# Quantization back-ends
-
-
-def _quantize(model, step: Step):
-    if step.quantizer == "tfmot":
-        import tensorflow_model_optimization as tfmot
-        from tensorflow_model_optimization.quantization.keras.experimental import default_n_bit
-
-        scheme = default_n_bit.DefaultNBitQuantizeScheme(
-            num_bits_weight=step.weight_bits or 8, num_bits_activation=step.activation_bits
-        )
-        annotated = tfmot.quantization.keras.quantize_annotate_model(model)
-        return tfmot.quantization.keras.quantize_apply(annotated, scheme=scheme)
-    from tf_pfq.quantize import apply
-
-    assert step.activation_bits is not None  # Step.__post_init__ checks training steps
-    return apply(model, activation_bits=step.activation_bits, weight_bits=step.weight_bits)
-
-
-def _strip(qat, step: Step):
-    if step.quantizer == "tfmot":
-        raise ValueError(
-            f"Step {step.name!r} uses tfmot's scheme, which has no strip: it must be the "
-            "last training step."
-        )
-    from tf_pfq.quantize import strip
-
-    return strip(qat)
-
-
-def _scope(step: Step):
-    if step.quantizer == "tfmot":
-        import tensorflow_model_optimization as tfmot
-
-        return tfmot.quantization.keras.quantize_scope()
-    from tf_pfq.quantize import quantize_scope
-
-    return quantize_scope()
-
-
-# --------------------------------------------------------------------------------------
 # Run settings: what a run directory's results depend on
 
 
@@ -327,16 +269,6 @@ def _jsonable(value):
     return json.loads(json.dumps(value, sort_keys=True, default=repr))
 
 
-def _step_settings(step: Step) -> dict[str, Any]:
-    out: dict[str, Any] = {"kind": step.kind}
-    for field in dataclasses.fields(step):
-        value = getattr(step, field.name)
-        if field.name in ("name", "kind") or value is None:
-            continue
-        out[field.name] = dataclasses.asdict(value) if field.name == "config" else value
-    return out
-
-
 def run_settings(
     model,
     train_data: tf.data.Dataset | None,
@@ -345,9 +277,10 @@ def run_settings(
 ) -> dict[str, Any]:
     """Everything a run's results depend on, as JSON: its fingerprint.
 
-    The model by its architecture and a hash of its weights; every step with its bit
-    widths and `TrainConfig`; the training data by element spec and number of
-    batches; and `options` (method, prune and DFQ arguments, ...).
+    The model by its architecture and a hash of its weights; every step by its
+    `Step.run_settings()` (kind, bit widths, `TrainConfig`, its own options); the
+    training data by element spec and number of batches; and `options` (method,
+    run-wide prune and DFQ arguments, ...).
 
     Example:
       >>> m = keras.Sequential([keras.layers.Dense(2, input_shape=(3,))])
@@ -361,7 +294,7 @@ def run_settings(
             "architecture": hashlib.sha256(architecture.encode()).hexdigest(),
             "weights": _sha256(model.get_weights()),
         },
-        "steps": {step.name: _step_settings(step) for step in steps},
+        "steps": {step.name: step.run_settings() for step in steps},
     }
     if train_data is not None:
         settings["train_data"] = {
@@ -502,11 +435,9 @@ def _is_chief(strategy) -> bool:
 
 
 class _Checkpoints:
-    """Per-step files under `output_dir` (only the chief writes; others use a temp dir)."""
+    """The run's folder under `output_dir` (only the chief writes; others use a temp dir)."""
 
-    def __init__(self, output_dir: str | None, strategy, custom_objects):
-        self.enabled = output_dir is not None
-        self.custom_objects = dict(custom_objects or {})
+    def __init__(self, output_dir: str | None, strategy):
         if output_dir is not None and not _is_chief(strategy):
             # Keras' own multi-worker convention (ModelCheckpoint, BackupAndRestore): a
             # non-chief writes to a private folder inside the chief's directory, so it
@@ -535,140 +466,58 @@ class _Checkpoints:
         if self.root:
             _write_json(os.path.join(self.root, STATE_FILE), state)
 
-    def save_model(self, model, path: str) -> None:
-        # HDF5 stores weights by layer name and order, which survives the config
-        # rewrites (pruned widths, folded biases) that the .keras format's
-        # variable-path matching trips over. Written under a temporary name and
-        # renamed, so a killed run never leaves a half-written checkpoint.
-        tmp = f"{path[:-3]}.tmp.h5"
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", UserWarning)
-            model.save(tmp, include_optimizer=False)
-        os.replace(tmp, path)
-
-    def save_weights(self, model, path: str) -> None:
-        tmp = f"{path[:-3]}.tmp.h5"
-        model.save_weights(tmp)
-        os.replace(tmp, path)
-
-    def load_model(self, path: str):
-        return _load_checkpoint(
-            path,
-            lambda: keras.models.load_model(
-                path, custom_objects=self.custom_objects, compile=False
-            ),
-        )
-
-
-class CorruptCheckpointError(ValueError):
-    """A checkpoint file that is missing, truncated or otherwise unreadable."""
-
-
-def _load_checkpoint(path: str, load: Callable[[], Any]):
-    if not os.path.exists(path):
-        raise CorruptCheckpointError(f"Checkpoint {path} is missing.")
-    try:
-        return load()
-    except Exception as e:  # h5py, Keras and TF raise many types for damaged files
-        raise CorruptCheckpointError(
-            f"Checkpoint {path} is corrupt or truncated ({type(e).__name__}: {e})."
-        ) from e
-
-
-def _check_backup(backup_dir: str) -> None:
-    """Drops a damaged `BackupAndRestore` checkpoint so the stage restarts cleanly.
-
-    Every tensor is read once: a truncated data file is otherwise only noticed by
-    `fit`, as a low-level read error naming no file.
-    """
-    if not os.path.isdir(backup_dir):
-        return
-    for root, _, files in os.walk(backup_dir):
-        if "checkpoint" not in files:
-            continue
-        try:
-            prefix = tf.train.latest_checkpoint(root)
-            if prefix is None:
-                raise ValueError("its `checkpoint` index names no checkpoint")
-            reader = tf.train.load_checkpoint(prefix)
-            for key in reader.get_variable_to_shape_map():
-                reader.get_tensor(key)
-        except Exception as e:  # TF raises many types for damaged checkpoints
-            logging.warning(
-                "The epoch checkpoint in %s is corrupt or truncated (%s: %s); the "
-                "stage restarts from its first epoch.",
-                root,
-                type(e).__name__,
-                e,
-            )
-            shutil.rmtree(backup_dir)
-            return
-
 
 # --------------------------------------------------------------------------------------
 # The engine
-
-
-def _costs(model) -> tuple[int, int | None]:
-    from tf_pfq.cost import count_macs, count_params
-
-    try:
-        macs = count_macs(model)
-    except ValueError:
-        macs = None
-    return count_params(model), macs
 
 
 def _evaluate(model, data) -> float | None:
     return None if data is None else evaluate_accuracy(model, data)
 
 
-def _transform(step: Step, model, calibration: np.ndarray, prune_kwargs, dfq_kwargs):
-    """Runs a float-model transform; returns (new model, StepResult fields)."""
-    if step.kind == "prune":
-        from tf_pfq.prune import prune
+# The StepResult fields a step fills itself; the engine measures the others.
+_STEP_FIELDS = {f.name for f in dataclasses.fields(StepResult)} - {
+    "name",
+    "kind",
+    "accuracy",
+    "val_accuracy",
+    "seconds",
+}
 
-        pruned, report = prune(model, calibration_data=calibration, **prune_kwargs)
-        fields = {
-            "channels_removed": report.num_removed,
-            "dead_pruned": report.num_pruned,
-            "dead_kept": report.num_kept,
-            "details": {
-                "exact": report.exact,
-                "max_output_change": report.max_output_change,
-                "bn_channels_before": report.bn_channels_before,
-                "bn_channels_after": report.bn_channels_after,
-                "params_removed": report.params_before - report.params_after,
-            },
-        }
-        logging.info(
-            "%s: PfQ removed %d output channels (%d dead BN channels pruned, %d kept).",
-            step.name,
-            report.num_removed,
-            report.num_pruned,
-            report.num_kept,
+
+def _result(step: Step, output: StepOutput, test_data, validation_data) -> StepResult:
+    unknown = sorted(set(output.fields) - _STEP_FIELDS)
+    if unknown:
+        raise ValueError(
+            f"Step {step.name!r} reported unknown StepResult fields {unknown}; it may fill "
+            f"{sorted(_STEP_FIELDS)} (free-form values go into `details`)."
         )
-        return pruned, fields
-    if step.kind == "fold":
-        from tf_pfq.fold import fold_batchnorm
+    return StepResult(
+        step.name,
+        step.kind,
+        _evaluate(output.result, test_data),
+        _evaluate(output.result, validation_data),
+        **output.fields,
+    )
 
-        folded, report = fold_batchnorm(model)
-        if report.unfolded:
-            logging.warning("%s: BN layers left unfolded: %s", step.name, report.unfolded)
-        return folded, {
-            "details": {"folded": len(report.folded), "unfolded": dict(report.unfolded)}
-        }
-    if step.kind == "dfq":
-        from tf_pfq.dfq import dfq
 
-        out, report = dfq(model, calibration, step.weight_bits or 8, **dfq_kwargs)
-        return out, {
-            "details": {
-                "equalized_pairs": len(report.equalized_pairs),
-                "absorbed_channels": sum(report.absorbed_channels.values()),
-            }
-        }
-    raise AssertionError(step.kind)
+def _check_steps(steps: Sequence[Step], context: StepContext, export: bool) -> None:
+    for index, step in enumerate(steps):
+        if not isinstance(step, Step):
+            raise TypeError(
+                f"`steps[{index}]` must be a tf_pfq.workflow.Step (e.g. Prune, FoldBatchNorm, "
+                f"DFQ, Train). Received: {step!r}"
+            )
+    names = [s.name for s in steps]
+    if len(set(names)) != len(names):
+        raise ValueError(f"Step names must be unique. Received: {names}")
+    for index, step in enumerate(steps):
+        step.validate(dataclasses.replace(context, last=index == len(steps) - 1))
+    if export and not (steps and steps[-1].exportable):
+        raise ValueError(
+            "`export=True` needs a last step that trains quantized weights with the 'pfq' "
+            f"quantizer. Received: last step {steps[-1] if steps else None!r}"
+        )
 
 
 def run_steps(
@@ -695,10 +544,16 @@ def run_steps(
 ):
     """Runs a list of workflow steps on a float model; resumable, distributable.
 
+    Each step does its own work (`Step.apply`) and writes and reads its own
+    checkpoint files; this function checks the list, resumes after the last
+    finished step, runs the rest in order, records each step's `StepResult` and
+    writes the final model.
+
     Args:
       model: the pretrained float tf_keras model (not modified).
       train_data: batched (image, label) training dataset of known length.
-      steps: what to do, e.g. `algorithm1_steps(...)`.
+      steps: what to do: `Step` objects, e.g. `algorithm1_steps(...)` or
+        `[FoldBatchNorm(), Train("stage_w", 4, 4, TrainConfig())]`.
       test_data: batched dataset for the accuracy reported after each step.
       validation_data: batched dataset for per-epoch validation and the appendix A.1
         early stopping (`TrainConfig.target_drop` / `patience`).
@@ -710,8 +565,9 @@ def run_steps(
       tensorboard: write TensorBoard logs under `output_dir/tensorboard/<step>`.
       calibration_data: images for PfQ's output-change check and DFQ's statistics;
         default: 256 training images.
-      prune_kwargs: extra arguments to `tf_pfq.prune` (e.g. `threshold`).
-      dfq_kwargs: extra arguments to `tf_pfq.dfq.dfq`.
+      prune_kwargs: `tf_pfq.prune` arguments (e.g. `threshold`) for every `Prune`
+        step; a step's own options win.
+      dfq_kwargs: `tf_pfq.dfq.dfq` arguments for every `DFQ` step; a step's own win.
       callbacks: Keras callbacks for every training stage, or a function of the `Step`
         returning them.
       loss: Keras loss (default: sparse categorical cross-entropy from logits).
@@ -731,26 +587,31 @@ def run_steps(
       none; `WorkflowSummary`).
 
     Raises:
-      TypeError: `model` is not a tf_keras Functional/Sequential model.
-      ValueError: duplicate step names, an `output_dir` holding a run of other
-        settings (the message names each difference) without `overwrite`, a
-        corrupt state file, or a tfmot training step that is not the last one.
+      TypeError: `model` is not a tf_keras Functional/Sequential model, or an entry
+        of `steps` is not a `Step`.
+      ValueError: duplicate step names, a step that cannot run where it is (e.g. a
+        tfmot training step that is not the last one), unknown `prune_kwargs` or
+        `dfq_kwargs`, an `output_dir` holding a run of other settings (the message
+        names each difference) without `overwrite`, or a corrupt state file.
     """
     model = prepare_model(model)
-    names = [s.name for s in steps]
-    if len(set(names)) != len(names):
-        raise ValueError(f"Step names must be unique. Received: {names}")
-    trains = [i for i, s in enumerate(steps) if s.kind == "train"]
-    for i in trains:
-        if steps[i].quantizer == "tfmot" and i != len(steps) - 1:
-            raise ValueError(f"tfmot training step {steps[i].name!r} must be the last step.")
-    ckpt = _Checkpoints(output_dir, strategy, custom_objects)
     prune_kwargs = dict(prune_kwargs or {})
     dfq_kwargs = dict(dfq_kwargs or {})
-    if export and (not trains or trains[-1] != len(steps) - 1 or not steps[-1].weight_bits):
-        raise ValueError("`export=True` needs a last step that trains quantized weights.")
-    if export and steps[-1].quantizer != "pfq":
-        raise ValueError("`export=True` needs the 'pfq' quantizer in the last step.")
+    context = StepContext(
+        train_data=train_data,
+        validation_data=validation_data,
+        calibration_data=calibration_data,
+        strategy=strategy,
+        callbacks=callbacks,
+        loss=loss,
+        verbose=verbose,
+        prune_kwargs=prune_kwargs,
+        dfq_kwargs=dfq_kwargs,
+        custom_objects=dict(custom_objects or {}),
+    )
+    _check_steps(steps, context, export)
+    names = [s.name for s in steps]
+    ckpt = _Checkpoints(output_dir, strategy)
     if ckpt.root:
         settings = run_settings(
             model,
@@ -766,7 +627,20 @@ def run_steps(
     if calibration_data is None:
         calibration_data = calibration_images(train_data)
 
-    float_model = model if keep_regularizers else clear_regularizers(model)
+    def step_context(index: int) -> StepContext:
+        step = steps[index]
+        return dataclasses.replace(
+            context,
+            step_dir=ckpt.step_dir(index, step),
+            tensorboard_dir=(
+                os.path.join(ckpt.root, "tensorboard", step.name)
+                if tensorboard and ckpt.root
+                else None
+            ),
+            last=index == len(steps) - 1,
+        )
+
+    input_model = model if keep_regularizers else clear_regularizers(model)
     state = ckpt.load_state()
     if state is not None and state.get("steps") != names:
         raise ValueError(
@@ -774,32 +648,35 @@ def run_steps(
             "another output directory."
         )
     if state is None:
-        params, macs = _costs(float_model)
+        trained = [s for s in steps if s.trains]
+        costs = _costs(input_model)
         summary = WorkflowSummary(
             method,
-            steps[trains[-1]].activation_bits if trains else None,
-            steps[trains[-1]].weight_bits if trains else None,
-            _evaluate(float_model, test_data),
-            params,
-            macs,
+            getattr(trained[-1], "activation_bits", None) if trained else None,
+            getattr(trained[-1], "weight_bits", None) if trained else None,
+            _evaluate(input_model, test_data),
+            costs["params"],
+            costs["macs"],
         )
         state = {"steps": names, "summary": summary.to_dict(), "done": 0}
         ckpt.save_state(state)
     summary = WorkflowSummary.from_dict(state["summary"])
-    reference = _evaluate(float_model, validation_data) if validation_data is not None else None
-    qat = None
+    context = dataclasses.replace(
+        context,
+        calibration_data=calibration_data,
+        reference_accuracy=_evaluate(input_model, validation_data),
+    )
+    output = StepOutput(input_model)
     done = state["done"]
     while done:
         try:
-            float_model, qat = _restore(ckpt, steps, done, strategy)
+            output = steps[done - 1].restore(step_context(done - 1))
         except CorruptCheckpointError as e:
             # Step files are written before the state names the step done, so an
             # unreadable one was damaged afterwards; the step before it is redone.
             logging.warning("%s Redoing step %r.", e, names[done - 1])
             done -= 1
-            qat = None
-            if not done:
-                float_model = model if keep_regularizers else clear_regularizers(model)
+            output = StepOutput(input_model)
             continue
         logging.info("Resuming from %s after step %r.", output_dir, names[done - 1])
         break
@@ -808,68 +685,13 @@ def run_steps(
     for index in range(done, len(steps)):
         step = steps[index]
         start = time.time()
-        step_dir = ckpt.step_dir(index, step)
         logging.info("Step %d/%d: %s (%s).", index + 1, len(steps), step.name, step.kind)
-        if step.kind == "train":
-            if step_dir:
-                ckpt.save_model(float_model, os.path.join(step_dir, "input.h5"))
-                _check_backup(os.path.join(step_dir, "backup"))
-            qat = _build_qat(float_model, step, strategy)
-            step_callbacks = callbacks(step) if callable(callbacks) else callbacks
-            assert step.config is not None  # Step.__post_init__ checks training steps
-            _, epochs, reason = fit(
-                qat,
-                train_data,
-                step.config,
-                validation_data=validation_data,
-                reference_accuracy=reference,
-                backup_dir=os.path.join(step_dir, "backup") if step_dir else None,
-                tensorboard_dir=(
-                    os.path.join(ckpt.root, "tensorboard", step.name)
-                    if tensorboard and ckpt.root
-                    else None
-                ),
-                callbacks=step_callbacks,
-                loss=loss,
-                verbose=verbose,
-                strategy=strategy,
-            )
-            if step_dir:
-                ckpt.save_weights(qat, os.path.join(step_dir, "qat_weights.h5"))
-            params, macs = _costs(float_model)
-            result = StepResult(
-                step.name,
-                step.kind,
-                _evaluate(qat, test_data),
-                _evaluate(qat, validation_data),
-                params,
-                macs,
-                epochs=epochs,
-                stopped_early=reason,
-            )
-            if index != len(steps) - 1:
-                float_model = _strip(qat, step)
-        else:
-            float_model, fields = _transform(
-                step, float_model, calibration_data, prune_kwargs, dfq_kwargs
-            )
-            qat = None
-            if step_dir:
-                ckpt.save_model(float_model, os.path.join(step_dir, "model.h5"))
-            params, macs = _costs(float_model)
-            result = StepResult(
-                step.name,
-                step.kind,
-                _evaluate(float_model, test_data),
-                _evaluate(float_model, validation_data),
-                params,
-                macs,
-                **fields,
-            )
+        output = step.run(output.model, step_context(index))
+        result = _result(step, output, test_data, validation_data)
         result.seconds = round(time.time() - start, 2)
         summary.steps.append(result)
         logging.info(
-            "Step %s done in %.1f s: test accuracy %s, params %d, MACs %s.",
+            "Step %s done in %.1f s: test accuracy %s, params %s, MACs %s.",
             step.name,
             result.seconds,
             _pct(result.accuracy),
@@ -878,7 +700,7 @@ def run_steps(
         )
         state.update(summary=summary.to_dict(), done=index + 1)
         ckpt.save_state(state)
-    final = qat if qat is not None else float_model
+    final = output.result
     if ckpt.root:
         # Under MultiWorkerMirroredStrategy saving is collective: every worker saves
         # (non-chief workers into their workertemp_* folder), or the chief's save aborts.
@@ -900,30 +722,6 @@ def _write_final(root: str, model, calibration, export: bool) -> None:
             f.write(to_tflite(model, representative_data=calibration))
         os.replace(f"{tflite}.tmp", tflite)
         logging.info("Exported: %s", tflite)
-
-
-def _build_qat(float_model, step: Step, strategy):
-    if strategy is None:
-        return _quantize(float_model, step)
-    with strategy.scope():
-        return _quantize(float_model, step)
-
-
-def _restore(ckpt: _Checkpoints, steps: Sequence[Step], done: int, strategy):
-    """The float model (and QAT model) as they were after step `done - 1`."""
-    index = done - 1
-    step = steps[index]
-    step_dir = ckpt.step_dir(index, step)
-    assert step_dir is not None  # only called when checkpoints are enabled
-    if step.kind != "train":
-        return ckpt.load_model(os.path.join(step_dir, "model.h5")), None
-    with _scope(step):
-        input_model = ckpt.load_model(os.path.join(step_dir, "input.h5"))
-    qat = _build_qat(input_model, step, strategy)
-    weights = os.path.join(step_dir, "qat_weights.h5")
-    _load_checkpoint(weights, lambda: qat.load_weights(weights))
-    float_model = _strip(qat, step) if done < len(steps) else input_model
-    return float_model, qat
 
 
 def run_workflow(

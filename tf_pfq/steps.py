@@ -1,0 +1,727 @@
+"""The steps of a quantization workflow: small objects that `run_steps` executes in order.
+
+A workflow (paper Algorithm 1, or one of the baselines it is compared with) is a list
+of steps. Each one is either a *transform* of the float model (PfQ, BN folding, DFQ:
+float model in, float model out, checkpointed as `model.h5`) or a *training stage*
+(wrap the float model for QAT and fine-tune it, checkpointed as the float input
+`input.h5` plus the trained `qat_weights.h5`, from which the QAT model is rebuilt).
+The engine (`tf_pfq.workflow.run_steps`) only validates, resumes, loops,
+checkpoints and writes the final artifacts; what a step does, how it is
+fingerprinted (`run_settings`), checkpointed and restored is the step's own business,
+so a new kind of step is a subclass, not a change to the engine:
+
+    >>> class Halve(Transform):
+    ...     '''Scales every weight by 1/2 (a float transform of one's own).'''
+    ...     kind = "halve"
+    ...     def apply(self, model, context):
+    ...         out = keras.models.clone_model(model)
+    ...         out.set_weights([w / 2 for w in model.get_weights()])
+    ...         return out, {"details": {"factor": 0.5}}
+    >>> Halve("halve").run_settings()
+    {'kind': 'halve'}
+
+Steps are plain values: equal when their class, name and arguments are, and printed
+as they are built.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import os
+import shutil
+import warnings
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, ClassVar
+
+import numpy as np
+import tensorflow as tf
+from absl import logging
+
+from tf_pfq.compat import keras
+from tf_pfq.training import TrainConfig, fit
+
+__all__ = [
+    "DFQ",
+    "CorruptCheckpointError",
+    "FoldBatchNorm",
+    "Prune",
+    "Step",
+    "StepContext",
+    "StepOutput",
+    "Train",
+    "Transform",
+]
+
+QUANTIZERS = ("pfq", "tfmot")
+
+
+# --------------------------------------------------------------------------------------
+# Checkpoint files
+
+
+class CorruptCheckpointError(ValueError):
+    """A checkpoint file that is missing, truncated or otherwise unreadable."""
+
+
+def _load_checkpoint(path: str, load: Callable[[], Any]):
+    if not os.path.exists(path):
+        raise CorruptCheckpointError(f"Checkpoint {path} is missing.")
+    try:
+        return load()
+    except Exception as e:  # h5py, Keras and TF raise many types for damaged files
+        raise CorruptCheckpointError(
+            f"Checkpoint {path} is corrupt or truncated ({type(e).__name__}: {e})."
+        ) from e
+
+
+def _check_backup(backup_dir: str) -> None:
+    """Drops a damaged `BackupAndRestore` checkpoint so the stage restarts cleanly.
+
+    Every tensor is read once: a truncated data file is otherwise only noticed by
+    `fit`, as a low-level read error naming no file.
+    """
+    if not os.path.isdir(backup_dir):
+        return
+    for root, _, files in os.walk(backup_dir):
+        if "checkpoint" not in files:
+            continue
+        try:
+            prefix = tf.train.latest_checkpoint(root)
+            if prefix is None:
+                raise ValueError("its `checkpoint` index names no checkpoint")
+            reader = tf.train.load_checkpoint(prefix)
+            for key in reader.get_variable_to_shape_map():
+                reader.get_tensor(key)
+        except Exception as e:  # TF raises many types for damaged checkpoints
+            logging.warning(
+                "The epoch checkpoint in %s is corrupt or truncated (%s: %s); the "
+                "stage restarts from its first epoch.",
+                root,
+                type(e).__name__,
+                e,
+            )
+            shutil.rmtree(backup_dir)
+            return
+
+
+def _costs(model) -> dict[str, Any]:
+    """The `params` and `macs` fields of a `StepResult` (MACs None where not countable)."""
+    from tf_pfq.cost import count_macs, count_params
+
+    try:
+        macs = count_macs(model)
+    except ValueError:
+        macs = None
+    return {"params": count_params(model), "macs": macs}
+
+
+# --------------------------------------------------------------------------------------
+# What steps get and give back
+
+
+@dataclasses.dataclass(frozen=True)
+class StepContext:
+    """What a step needs besides its model: the run's data, settings and its directory.
+
+    `run_steps` builds one per step. Without an output directory `step_dir` is None
+    and the checkpoint methods do nothing (`save_*`) or are not called (`load_*`).
+
+    Attributes:
+      train_data: batched (image, label) training dataset.
+      validation_data: batched dataset for per-epoch validation and early stopping.
+      calibration_data: images for PfQ's output-change check and DFQ's statistics.
+      strategy: `tf.distribute.Strategy` the training stages build and train under.
+      callbacks: Keras callbacks for every training stage, or a function of the step
+        returning them.
+      loss: Keras loss (None: sparse categorical cross-entropy from logits).
+      verbose: Keras progress-bar setting.
+      reference_accuracy: the float model's validation accuracy (appendix A.1 target).
+      prune_kwargs: run-wide `tf_pfq.prune` arguments; a `Prune` step's own win.
+      dfq_kwargs: run-wide `tf_pfq.dfq.dfq` arguments; a `DFQ` step's own win.
+      custom_objects: for loading checkpoints of models with custom layers.
+      step_dir: this step's checkpoint folder, None without `output_dir`.
+      tensorboard_dir: where this step writes TensorBoard logs, None for none.
+      last: whether this is the run's last step (its QAT model is the result).
+
+    Example:
+      >>> StepContext(step_dir="run/00_fold").backup_dir
+      'run/00_fold/backup'
+      >>> StepContext().path("model.h5") is None
+      True
+    """
+
+    train_data: tf.data.Dataset | None = None
+    validation_data: tf.data.Dataset | None = None
+    calibration_data: np.ndarray | None = None
+    strategy: tf.distribute.Strategy | None = None
+    callbacks: Sequence[Any] | Callable[[Step], Sequence[Any]] = ()
+    loss: Any = None
+    verbose: int | str = "auto"
+    reference_accuracy: float | None = None
+    prune_kwargs: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    dfq_kwargs: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    custom_objects: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    step_dir: str | None = None
+    tensorboard_dir: str | None = None
+    last: bool = True
+
+    @property
+    def backup_dir(self) -> str | None:
+        """Where a training stage keeps its per-epoch `BackupAndRestore` state."""
+        return self.path("backup")
+
+    def path(self, filename: str) -> str | None:
+        """`filename` inside `step_dir` (None without one)."""
+        return None if self.step_dir is None else os.path.join(self.step_dir, filename)
+
+    def callbacks_for(self, step: Step) -> Sequence[Any]:
+        """The Keras callbacks of training step `step`."""
+        return self.callbacks(step) if callable(self.callbacks) else self.callbacks
+
+    def save_model(self, model, filename: str) -> None:
+        """Writes `model` (no optimizer) to `step_dir/filename`, atomically."""
+        path = self.path(filename)
+        if path is None:
+            return
+        # HDF5 stores weights by layer name and order, which survives the config
+        # rewrites (pruned widths, folded biases) that the .keras format's
+        # variable-path matching trips over. Written under a temporary name and
+        # renamed, so a killed run never leaves a half-written checkpoint.
+        tmp = f"{path[:-3]}.tmp.h5"
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            model.save(tmp, include_optimizer=False)
+        os.replace(tmp, path)
+
+    def save_weights(self, model, filename: str) -> None:
+        """Writes `model`'s weights to `step_dir/filename`, atomically."""
+        path = self.path(filename)
+        if path is None:
+            return
+        tmp = f"{path[:-3]}.tmp.h5"
+        model.save_weights(tmp)
+        os.replace(tmp, path)
+
+    def load_model(self, filename: str):
+        """The model in `step_dir/filename`; `CorruptCheckpointError` if unreadable."""
+        path = self._existing_path(filename)
+        return _load_checkpoint(
+            path,
+            lambda: keras.models.load_model(
+                path, custom_objects=dict(self.custom_objects), compile=False
+            ),
+        )
+
+    def load_weights(self, model, filename: str) -> None:
+        """Loads `step_dir/filename` into `model`; `CorruptCheckpointError` if unreadable."""
+        path = self._existing_path(filename)
+        _load_checkpoint(path, lambda: model.load_weights(path))
+
+    def _existing_path(self, filename: str) -> str:
+        path = self.path(filename)
+        if path is None:
+            raise ValueError(f"No step directory to load {filename!r} from.")
+        return path
+
+
+@dataclasses.dataclass
+class StepOutput:
+    """A step's result: the float model the next step starts from, and the QAT model.
+
+    Attributes:
+      model: the float model for the next step (a training stage's is its stripped
+        QAT model, or its input when it is the last step).
+      qat: the QAT model a training stage trained; None after a transform.
+      fields: `tf_pfq.workflow.StepResult` fields the step fills (params, macs,
+        epochs, channels_removed, details, ...).
+    """
+
+    model: Any
+    qat: Any = None
+    fields: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    @property
+    def result(self):
+        """The model the step's accuracy is measured on: the QAT model if any."""
+        return self.model if self.qat is None else self.qat
+
+
+def _keyword_options(function, options: Mapping[str, Any], argument: str, exclude=()) -> None:
+    """Raises ValueError naming every key of `options` that `function` does not take."""
+    allowed = [
+        name
+        for name, p in inspect.signature(function).parameters.items()
+        if p.kind is inspect.Parameter.KEYWORD_ONLY and name not in exclude
+    ]
+    unknown = sorted(set(options) - set(allowed))
+    if unknown:
+        raise ValueError(
+            f"`{argument}` has unknown argument(s) {unknown} of "
+            f"`{function.__module__}.{function.__name__}`; it takes {allowed}."
+        )
+
+
+# --------------------------------------------------------------------------------------
+# Steps
+
+
+class Step:
+    """One step of a workflow: a name, what it does (`apply`), and how it is checkpointed.
+
+    Subclass `Transform` for a float-model transform; `Train` is the training stage.
+    A step that takes arguments returns them from `arguments()`, which makes them
+    part of its `run_settings` (the run fingerprint), its repr and its equality.
+
+    Attributes:
+      name: unique within a run; also its checkpoint folder (`NN_<name>`) and its
+        row in the summary.
+      kind: the label of the step in summaries and fingerprints (a class attribute).
+      trains: whether the step trains a QAT model (class attribute).
+      checkpoint_files: the files the step leaves in its folder (class attribute).
+
+    Example:
+      >>> Step("a/b")
+      Traceback (most recent call last):
+      ...
+      ValueError: `name` must be a non-empty string usable as a folder name. Received: name='a/b'
+    """
+
+    kind: ClassVar[str] = "custom"
+    trains: ClassVar[bool] = False
+    checkpoint_files: ClassVar[tuple[str, ...]] = ()
+
+    def __init__(self, name: str):
+        bad = not isinstance(name, str) or not name or name in (".", "..")
+        if bad or os.sep in name or "/" in name:
+            raise ValueError(
+                "`name` must be a non-empty string usable as a folder name. "
+                f"Received: name={name!r}"
+            )
+        self.name = name
+
+    def arguments(self) -> dict[str, Any]:
+        """The step's arguments besides `name` (None values are left out of settings)."""
+        return {}
+
+    def run_settings(self) -> dict[str, Any]:
+        """What the step's result depends on, as JSON-ready values (run fingerprint)."""
+        out: dict[str, Any] = {"kind": self.kind}
+        for key, value in self.arguments().items():
+            if value is not None:
+                is_instance = dataclasses.is_dataclass(value) and not isinstance(value, type)
+                out[key] = dataclasses.asdict(value) if is_instance else value
+        return out
+
+    @property
+    def exportable(self) -> bool:
+        """Whether `tf_pfq.export.to_tflite` can convert the run's result if this is last."""
+        return False
+
+    def validate(self, context: StepContext) -> None:
+        """Raises ValueError, before anything runs, for a step that cannot run in `context`."""
+
+    def apply(self, model, context: StepContext):
+        """Does the step's work on float `model` (not modified); see the subclasses."""
+        raise NotImplementedError(f"{type(self).__name__} must implement `apply`.")
+
+    def run(self, model, context: StepContext) -> StepOutput:
+        """`apply` plus the checkpoint files that `restore` reads back."""
+        raise NotImplementedError(f"{type(self).__name__} must implement `run`.")
+
+    def restore(self, context: StepContext) -> StepOutput:
+        """The `StepOutput` of a finished run of this step, from `context.step_dir`."""
+        raise NotImplementedError(f"{type(self).__name__} must implement `restore`.")
+
+    def __repr__(self) -> str:
+        args = [repr(self.name)] + [f"{k}={v!r}" for k, v in self.arguments().items()]
+        return f"{type(self).__name__}({', '.join(args)})"
+
+    def __eq__(self, other) -> bool:
+        if type(other) is not type(self):
+            return NotImplemented
+        return (self.name, self.arguments()) == (other.name, other.arguments())
+
+    def __hash__(self) -> int:
+        return hash((type(self), self.name))
+
+
+class Transform(Step):
+    """A float-model transform: `apply(model, context)` returns `(new model, fields)`.
+
+    `fields` are `StepResult` fields the transform reports (e.g. `details`); the
+    engine adds accuracy, and `run` the new model's params and MACs. The new model
+    is checkpointed as `model.h5`, so a restarted run continues from it without
+    running the transform again.
+    """
+
+    checkpoint_files = ("model.h5",)
+
+    def apply(self, model, context: StepContext) -> tuple[Any, dict[str, Any]]:
+        """Returns (transformed float model, `StepResult` fields); `model` is not modified."""
+        raise NotImplementedError(f"{type(self).__name__} must implement `apply`.")
+
+    def run(self, model, context: StepContext) -> StepOutput:
+        out, fields = self.apply(model, context)
+        context.save_model(out, "model.h5")
+        return StepOutput(out, None, {**_costs(out), **fields})
+
+    def restore(self, context: StepContext) -> StepOutput:
+        return StepOutput(context.load_model("model.h5"))
+
+
+# The fingerprint the built-in transforms keep: the one-class steps they replace
+# recorded a `quantizer` for every step, and run directories made then still resume.
+_TRANSFORM_SETTINGS = {"quantizer": "pfq"}
+
+
+class Prune(Transform):
+    """PfQ (paper §3.2): removes dead BN channels and absorbs their constant output.
+
+    A channel is dead when its BN moving variance is below the threshold (eq. 17);
+    it then outputs the constant `act(beta)`, which PfQ moves into the next layer's
+    bias. Quantization ranges are then set by the live channels only. Algorithm 1
+    runs it twice: on the pretrained model and after stage A, whose BN training
+    creates new dead channels.
+
+    Args:
+      name: the step's name.
+      **options: arguments of `tf_pfq.prune` (`threshold`, `absorb`, `exact_only`,
+        `activation_ranges`); they override the run's `prune_kwargs`.
+
+    Raises:
+      ValueError: an option `tf_pfq.prune` does not take.
+
+    Example:
+      >>> Prune("pfq_1", absorb=False)
+      Prune('pfq_1', absorb=False)
+      >>> Prune("pfq_1", treshold=0.1)
+      Traceback (most recent call last):
+      ...
+      ValueError: `Prune options` has unknown argument(s) ['treshold'] of `tf_pfq.prune.prune`; ...
+    """
+
+    kind = "prune"
+
+    def __init__(self, name: str = "pfq", **options):
+        super().__init__(name)
+        from tf_pfq.prune import prune
+
+        _keyword_options(prune, options, "Prune options", exclude=("calibration_data",))
+        self.options = dict(options)
+
+    def arguments(self) -> dict[str, Any]:
+        return dict(self.options)
+
+    def run_settings(self) -> dict[str, Any]:
+        return {**super().run_settings(), **_TRANSFORM_SETTINGS}
+
+    def validate(self, context: StepContext) -> None:
+        from tf_pfq.prune import prune
+
+        _keyword_options(prune, context.prune_kwargs, "prune_kwargs", ("calibration_data",))
+
+    def apply(self, model, context: StepContext) -> tuple[Any, dict[str, Any]]:
+        from tf_pfq.prune import prune
+
+        options = {**context.prune_kwargs, **self.options}
+        pruned, report = prune(model, calibration_data=context.calibration_data, **options)
+        logging.info(
+            "%s: PfQ removed %d output channels (%d dead BN channels pruned, %d kept).",
+            self.name,
+            report.num_removed,
+            report.num_pruned,
+            report.num_kept,
+        )
+        return pruned, {
+            "channels_removed": report.num_removed,
+            "dead_pruned": report.num_pruned,
+            "dead_kept": report.num_kept,
+            "details": {
+                "exact": report.exact,
+                "max_output_change": report.max_output_change,
+                "bn_channels_before": report.bn_channels_before,
+                "bn_channels_after": report.bn_channels_after,
+                "params_removed": report.params_before - report.params_after,
+            },
+        }
+
+
+class FoldBatchNorm(Transform):
+    """Folds BN into the preceding kernels and biases (paper eqs. 5-6).
+
+    Stage W quantizes the weights the deployed integer model will hold, and those are
+    the folded ones: quantizing unfolded kernels and folding afterwards would leave
+    the grid. BNs that cannot be folded are logged (`details["unfolded"]`).
+
+    Args:
+      name: the step's name.
+      **options: arguments of `tf_pfq.fold_batchnorm` (`per_channel_affine`).
+
+    Example:
+      >>> x = keras.Input((4, 4, 2))
+      >>> y = keras.layers.BatchNormalization()(keras.layers.Conv2D(3, 1)(x))
+      >>> folded, fields = FoldBatchNorm().apply(keras.Model(x, y), StepContext())
+      >>> fields["details"]
+      {'folded': 1, 'unfolded': {}}
+    """
+
+    kind = "fold"
+
+    def __init__(self, name: str = "fold", **options):
+        super().__init__(name)
+        from tf_pfq.fold import fold_batchnorm
+
+        _keyword_options(fold_batchnorm, options, "FoldBatchNorm options")
+        self.options = dict(options)
+
+    def arguments(self) -> dict[str, Any]:
+        return dict(self.options)
+
+    def run_settings(self) -> dict[str, Any]:
+        return {**super().run_settings(), **_TRANSFORM_SETTINGS}
+
+    def apply(self, model, context: StepContext) -> tuple[Any, dict[str, Any]]:
+        from tf_pfq.fold import fold_batchnorm
+
+        folded, report = fold_batchnorm(model, **self.options)
+        if report.unfolded:
+            logging.warning("%s: BN layers left unfolded: %s", self.name, report.unfolded)
+        return folded, {
+            "details": {"folded": len(report.folded), "unfolded": dict(report.unfolded)}
+        }
+
+
+class DFQ(Transform):
+    """Nagel et al. 2019 data-free quantization on a BN-folded model (paper Table 3).
+
+    Cross-layer equalization, high-bias absorption and bias correction for
+    `weight_bits`-bit weights: the baseline PfQ is compared against, which also
+    evens out per-tensor weight ranges but keeps the dead channels.
+
+    Args:
+      name: the step's name.
+      weight_bits: the weight bit width bias correction targets.
+      **options: arguments of `tf_pfq.dfq.dfq` (`equalize`, `absorb_bias`,
+        `correct_bias`, `replace_relu6`, `iterations`); they override the run's
+        `dfq_kwargs`.
+
+    Example:
+      >>> DFQ(weight_bits=4).run_settings()
+      {'kind': 'dfq', 'weight_bits': 4, 'quantizer': 'pfq'}
+    """
+
+    kind = "dfq"
+
+    def __init__(self, name: str = "dfq", weight_bits: int = 8, **options):
+        super().__init__(name)
+        from tf_pfq.dfq import dfq
+
+        _keyword_options(dfq, options, "DFQ options")
+        self.weight_bits = weight_bits
+        self.options = dict(options)
+
+    def arguments(self) -> dict[str, Any]:
+        return {"weight_bits": self.weight_bits, **self.options}
+
+    def run_settings(self) -> dict[str, Any]:
+        return {**super().run_settings(), **_TRANSFORM_SETTINGS}
+
+    def validate(self, context: StepContext) -> None:
+        from tf_pfq.dfq import dfq
+
+        _keyword_options(dfq, context.dfq_kwargs, "dfq_kwargs")
+
+    def apply(self, model, context: StepContext) -> tuple[Any, dict[str, Any]]:
+        from tf_pfq.dfq import dfq
+
+        options = {**context.dfq_kwargs, **self.options}
+        out, report = dfq(model, context.calibration_data, self.weight_bits, **options)
+        return out, {
+            "details": {
+                "equalized_pairs": len(report.equalized_pairs),
+                "absorbed_channels": sum(report.absorbed_channels.values()),
+            }
+        }
+
+
+class Train(Step):
+    """A QAT fine-tuning stage: wrap the float model for quantization and train it.
+
+    Stage A of Algorithm 1 quantizes activations only (`weight_bits=None`), with BN
+    unfolded and training; stage W quantizes activations and the folded weights.
+    Checkpoints: the float input (`input.h5`) and the trained weights
+    (`qat_weights.h5`), from which the QAT model is rebuilt on resume; inside the
+    stage, Keras' `BackupAndRestore` resumes at the last finished epoch.
+
+    Args:
+      name: the step's name.
+      activation_bits: activation bit width.
+      weight_bits: weight bit width; None quantizes activations only.
+      config: the stage's hyperparameters (`tf_pfq.TrainConfig`).
+      quantizer: "pfq" (`tf_pfq.apply`, paper eqs. 20-21) or "tfmot" (tfmot's
+        `DefaultNBitQuantizeScheme`, the library reference; it has no strip, so a
+        "tfmot" stage must be the last step).
+      **options: further arguments of `tf_pfq.apply` ("pfq" only), e.g.
+        `per_channel_weights=True`.
+
+    Raises:
+      ValueError: no `config`, an unknown `quantizer`, bad bit widths, or options
+        `tf_pfq.apply` does not take.
+
+    Example:
+      >>> Train("stage_w", 4, 4, TrainConfig(epochs=2)).run_settings()["config"]["epochs"]
+      2
+      >>> Train("stage_a", 4)
+      Traceback (most recent call last):
+      ...
+      ValueError: Training step 'stage_a' needs `config` (a TrainConfig). Received: config=None
+    """
+
+    kind = "train"
+    trains = True
+    checkpoint_files = ("input.h5", "qat_weights.h5")
+
+    def __init__(
+        self,
+        name: str,
+        activation_bits: int,
+        weight_bits: int | None = None,
+        config: TrainConfig | None = None,
+        quantizer: str = "pfq",
+        **options,
+    ):
+        super().__init__(name)
+        if not isinstance(config, TrainConfig):
+            raise ValueError(
+                f"Training step {name!r} needs `config` (a TrainConfig). "
+                f"Received: config={config!r}"
+            )
+        if quantizer not in QUANTIZERS:
+            raise ValueError(
+                f"`quantizer` must be 'pfq' or 'tfmot'. Received: quantizer={quantizer!r}"
+            )
+        for argument, bits in (("activation_bits", activation_bits), ("weight_bits", weight_bits)):
+            if bits is not None and (not isinstance(bits, int) or bits < 1):
+                raise ValueError(
+                    f"`{argument}` must be a positive int. Received: {argument}={bits!r}"
+                )
+        if activation_bits is None:
+            raise ValueError(f"Training step {name!r} needs `activation_bits`.")
+        if options and quantizer != "pfq":
+            raise ValueError(
+                f"Options {sorted(options)} apply to the 'pfq' quantizer only. "
+                f"Received: quantizer={quantizer!r}"
+            )
+        from tf_pfq.quantize import apply
+
+        _keyword_options(
+            apply, options, "Train options", exclude=("activation_bits", "weight_bits")
+        )
+        self.activation_bits = activation_bits
+        self.weight_bits = weight_bits
+        self.config = config
+        self.quantizer = quantizer
+        self.options = dict(options)
+
+    def arguments(self) -> dict[str, Any]:
+        return {
+            "activation_bits": self.activation_bits,
+            "weight_bits": self.weight_bits,
+            "config": self.config,
+            "quantizer": self.quantizer,
+            **self.options,
+        }
+
+    @property
+    def exportable(self) -> bool:
+        return self.weight_bits is not None and self.quantizer == "pfq"
+
+    def validate(self, context: StepContext) -> None:
+        if self.quantizer == "tfmot" and not context.last:
+            raise ValueError(
+                f"tfmot training step {self.name!r} must be the last step: tfmot's scheme "
+                "has no strip back to a float model for the steps after it."
+            )
+
+    def quantize(self, model, strategy: tf.distribute.Strategy | None = None):
+        """The QAT model of float `model` (built under `strategy`'s scope if given)."""
+        if strategy is None:
+            return self._quantize(model)
+        with strategy.scope():
+            return self._quantize(model)
+
+    def _quantize(self, model):
+        if self.quantizer == "tfmot":
+            import tensorflow_model_optimization as tfmot
+            from tensorflow_model_optimization.quantization.keras.experimental import (
+                default_n_bit,
+            )
+
+            scheme = default_n_bit.DefaultNBitQuantizeScheme(
+                num_bits_weight=self.weight_bits or 8, num_bits_activation=self.activation_bits
+            )
+            annotated = tfmot.quantization.keras.quantize_annotate_model(model)
+            return tfmot.quantization.keras.quantize_apply(annotated, scheme=scheme)
+        from tf_pfq.quantize import apply
+
+        return apply(
+            model,
+            activation_bits=self.activation_bits,
+            weight_bits=self.weight_bits,
+            **self.options,
+        )
+
+    def strip(self, qat):
+        """The float model inside `qat`, with its trained weights, for the next step."""
+        from tf_pfq.quantize import strip
+
+        return strip(qat)
+
+    def scope(self):
+        """The custom-object scope QAT models of this quantizer load under."""
+        if self.quantizer == "tfmot":
+            import tensorflow_model_optimization as tfmot
+
+            return tfmot.quantization.keras.quantize_scope()
+        from tf_pfq.quantize import quantize_scope
+
+        return quantize_scope()
+
+    def apply(self, model, context: StepContext) -> tuple[Any, dict[str, Any]]:
+        """Quantizes float `model` and fine-tunes it; returns (QAT model, fields)."""
+        qat = self.quantize(model, context.strategy)
+        _, epochs, reason = fit(
+            qat,
+            context.train_data,
+            self.config,
+            validation_data=context.validation_data,
+            reference_accuracy=context.reference_accuracy,
+            backup_dir=context.backup_dir,
+            tensorboard_dir=context.tensorboard_dir,
+            callbacks=context.callbacks_for(self),
+            loss=context.loss,
+            verbose=context.verbose,
+            strategy=context.strategy,
+        )
+        return qat, {"epochs": epochs, "stopped_early": reason}
+
+    def run(self, model, context: StepContext) -> StepOutput:
+        context.save_model(model, "input.h5")
+        if context.backup_dir is not None:
+            _check_backup(context.backup_dir)
+        qat, fields = self.apply(model, context)
+        context.save_weights(qat, "qat_weights.h5")
+        return StepOutput(self._next(qat, model, context), qat, {**_costs(model), **fields})
+
+    def restore(self, context: StepContext) -> StepOutput:
+        with self.scope():
+            model = context.load_model("input.h5")
+        qat = self.quantize(model, context.strategy)
+        context.load_weights(qat, "qat_weights.h5")
+        return StepOutput(self._next(qat, model, context), qat)
+
+    def _next(self, qat, model, context: StepContext):
+        # The last stage's QAT model is the result; stripping it would be wasted work
+        # (and tfmot's has no strip).
+        return model if context.last else self.strip(qat)
