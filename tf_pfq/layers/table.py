@@ -29,8 +29,9 @@ lowers only exact Conv2D). Op layers (`TFOpLambda`, `SlicingOpLambda`, `Lambda`)
 are matched by class name: tf_keras does not export the first two.
 
 Where today's passes disagree about a class the entry says so rather than hiding it:
-e.g. Cropping2D and UpSampling2D keep the quantization grid (quantize, export) but
-pruning does not carry constants across them yet (`Channels.STOP`), and a
+e.g. Cropping2D and nearest UpSampling2D keep the quantization grid (quantize,
+export) but pruning does not carry constants across them yet (`Channels.STOP`);
+GaussianDropout and the 1-D poolings are known to pruning only; and a
 SeparableConv2D is split into its two halves by `split_separable` before pruning
 and folding see it.
 """
@@ -266,7 +267,9 @@ class LayerEntry:
       elementwise: for `Absorb.FUNCTION`, a function (layer, call kwargs) returning the
         per-channel function the layer computes, or None when it is not one.
       cle: a per-channel positive scale crosses it unchanged (`f(s x) = s f(x)`), so
-        DFQ's cross-layer equalization may rescale across it.
+        DFQ's cross-layer equalization may rescale across it (set on the layers
+        `tf_pfq.dfq` is tested with; ReLU and Activation are decided per instance
+        there, as ReLU6 needs replacing).
       splits_activation: `split_activations` moves a non-fusable fused activation
         of this layer into an Activation layer of its own.
     """
