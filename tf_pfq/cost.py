@@ -6,17 +6,23 @@ convolution and dense layers, so MACs are counted for those only, from each laye
 kernel and output shape at the model's input shape:
 
 * Conv2D: `H_out * W_out * kh * kw * (C_in / groups) * C_out`
+* Conv2DTranspose: counted like Conv2D over its output positions (with stride s each
+  output position sees about 1/s^2 of the taps, so this is an upper bound)
 * DepthwiseConv2D: `H_out * W_out * kh * kw * C_in * depth_multiplier`
 * Dense: `prod(leading dims) * C_in * units`
+* SeparableConv2D: `H_out * W_out * (kh * kw * C_in * depth_multiplier + C_in *
+  depth_multiplier * C_out)` (its depthwise and pointwise halves)
+
+The formulas are the `macs` functions of `tf_pfq.layers.table`; this module sums
+them over the calls of every layer.
 """
 
 from __future__ import annotations
 
 import dataclasses
 
-import numpy as np
-
 from tf_pfq.compat import keras
+from tf_pfq.layers.table import entry_for
 
 __all__ = ["LayerCost", "count_macs", "count_params", "layer_costs"]
 
@@ -38,30 +44,17 @@ def _output_shapes(layer) -> list[tuple]:
 
 
 def _macs(layer) -> int:
-    kernel_types = (
-        keras.layers.Conv2D,
-        keras.layers.DepthwiseConv2D,
-        keras.layers.Dense,
-    )
-    if not isinstance(layer, kernel_types):
+    count = entry_for(layer).macs
+    if count is None:
         return 0
     total = 0
     for shape in _output_shapes(layer):
-        spatial = shape[1:-1]
-        if any(d is None for d in spatial):
+        if any(d is None for d in shape[1:-1]):
             raise ValueError(
                 f"Layer {layer.name!r} has an unknown output shape {shape}: MACs need a "
                 "model built for a fixed input size."
             )
-        positions = int(np.prod(spatial)) if spatial else 1
-        # Every kernel weight is used once per output position (per group for Conv2D,
-        # whose kernel already holds C_in / groups input channels).
-        kernel = (
-            layer.depthwise_kernel
-            if isinstance(layer, keras.layers.DepthwiseConv2D)
-            else layer.kernel
-        )
-        total += positions * int(np.prod(kernel.shape))
+        total += count(layer, shape)
     return total
 
 
@@ -76,7 +69,7 @@ def layer_costs(model) -> dict[str, LayerCost]:
       nested model are listed under "outer/inner".
 
     Raises:
-      ValueError: a Conv2D, DepthwiseConv2D or Dense output shape is not fully known.
+      ValueError: a convolution or Dense output shape is not fully known.
 
     Example:
       >>> inputs = keras.Input((8, 8, 3))
@@ -112,7 +105,7 @@ def count_params(model) -> int:
 
 
 def count_macs(model) -> int:
-    """Per-sample multiply-accumulates of the Conv2D, DepthwiseConv2D and Dense layers.
+    """Per-sample multiply-accumulates of the convolution and Dense layers (see module doc).
 
     Args:
       model: a built tf_keras model with a fixed input shape.

@@ -34,6 +34,7 @@ import tensorflow as tf
 
 from tf_pfq.compat import keras
 from tf_pfq.graph import LayerGraph, rebuild
+from tf_pfq.layers.table import Kernel, by_name
 
 __all__ = [
     "DfqReport",
@@ -47,18 +48,21 @@ __all__ = [
     "quantize_weights",
 ]
 
-_WEIGHTED = ("Conv2D", "DepthwiseConv2D", "Dense")
-# Layers a per-channel positive scale passes through unchanged (f(s x) = s f(x)).
-_HOMOGENEOUS = (
-    "ReLU",
-    "Activation",
-    "GlobalAveragePooling2D",
-    "AveragePooling2D",
-    "MaxPooling2D",
-    "GlobalMaxPooling2D",
-    "Dropout",
-    "ZeroPadding2D",
-)
+
+def _is_weighted(class_name: str) -> bool:
+    """A layer CLE can rescale: a kernel whose output channels are its last axis.
+
+    Matched on the exact class name (a subclass may compute something else);
+    Conv2DTranspose, whose kernel is (kh, kw, out, in), is not rescaled.
+    """
+    entry = by_name(class_name)
+    return entry is not None and entry.kernel is not None and entry.kernel.out_axis == -1
+
+
+def _passes_scales(class_name: str) -> bool:
+    """A per-channel positive scale passes through the layer unchanged (f(s x) = s f(x))."""
+    entry = by_name(class_name)
+    return entry is not None and entry.cle
 
 
 def equalization_scales(r1: np.ndarray, r2: np.ndarray) -> np.ndarray:
@@ -83,26 +87,36 @@ def equalization_scales(r1: np.ndarray, r2: np.ndarray) -> np.ndarray:
     return s.astype(np.float32)
 
 
+def _layout(kind: str) -> Kernel:
+    if not _is_weighted(kind):
+        raise ValueError(
+            f"DFQ rescales Conv2D, DepthwiseConv2D and Dense kernels; received kind={kind!r}."
+        )
+    kernel = by_name(kind).kernel  # type: ignore[union-attr]
+    assert kernel is not None
+    return kernel
+
+
 def _output_axis_view(kernel: np.ndarray, kind: str) -> np.ndarray:
     """The kernel with output channels on the last axis, flattened to (-1, out)."""
-    if kind == "DepthwiseConv2D":
-        kh, kw, cin, mult = kernel.shape
-        return kernel.reshape(kh * kw, cin * mult)
+    if _layout(kind).depthwise:  # output channel c * mult + m is kernel[..., c, m]
+        return kernel.reshape(-1, kernel.shape[-2] * kernel.shape[-1])
     return kernel.reshape(-1, kernel.shape[-1])
 
 
 def _input_channel_ranges(kernel: np.ndarray, kind: str) -> np.ndarray:
-    if kind == "Dense":
-        return np.abs(kernel).max(axis=1)
-    if kind == "DepthwiseConv2D":
-        return np.abs(kernel).max(axis=(0, 1, 3))
-    return np.abs(kernel).max(axis=(0, 1, 3))
+    in_axis = kernel.ndim + _layout(kind).in_axis
+    return np.abs(kernel).max(axis=tuple(a for a in range(kernel.ndim) if a != in_axis))
+
+
+def _along_input_axis(s: np.ndarray, kernel: np.ndarray, kind: str) -> np.ndarray:
+    shape = [1] * kernel.ndim
+    shape[_layout(kind).in_axis] = -1
+    return s.reshape(shape)
 
 
 def _scale_input_channels(kernel: np.ndarray, kind: str, s: np.ndarray) -> np.ndarray:
-    if kind == "Dense":
-        return kernel * s[:, None]
-    return kernel * s[None, None, :, None]
+    return kernel * _along_input_axis(s, kernel, kind)
 
 
 def equalize_pair(w1, b1, kind1: str, w2, kind2: str):
@@ -135,8 +149,8 @@ def equalize_pair(w1, b1, kind1: str, w2, kind2: str):
             f"{r2.shape[0]} input channels."
         )
     s = equalization_scales(r1, r2)
-    if kind1 == "DepthwiseConv2D":
-        new_w1 = w1 / s.reshape(1, 1, -1, 1)
+    if _layout(kind1).depthwise:  # multiplier 1: output channel c is input channel c
+        new_w1 = w1 / _along_input_axis(s, w1, kind1)
     else:
         new_w1 = w1 / s
     return (
@@ -168,7 +182,7 @@ def _is_relu_like(graph: LayerGraph, name: str, replace_relu6: bool) -> tuple[bo
         if config["activation"] == "relu6":
             return replace_relu6, replace_relu6
         return False, False
-    return cls in _HOMOGENEOUS, False
+    return _passes_scales(cls), False
 
 
 def find_equalization_pairs(model, replace_relu6: bool = True):
@@ -205,7 +219,7 @@ def find_equalization_pairs(model, replace_relu6: bool = True):
                 ok = False
                 break
             nxt = consumers[0]
-            if graph.class_name(nxt) in _WEIGHTED:
+            if _is_weighted(graph.class_name(nxt)):
                 break
             homogeneous, _ = _is_relu_like(graph, nxt, replace_relu6)
             if not homogeneous or graph.is_shared(nxt):
@@ -316,11 +330,10 @@ def _layer_outputs(model, names: list[str], data) -> dict[str, np.ndarray]:
 
 def _kernel_sum(kernel: np.ndarray, kind: str, c: np.ndarray) -> np.ndarray:
     """Output change of a layer when a constant `c` per input channel is added (eq. 14)."""
-    if kind == "Dense":
-        return c @ kernel
-    if kind == "DepthwiseConv2D":
+    if _layout(kind).depthwise:
         return (kernel.sum(axis=(0, 1)) * c[:, None]).reshape(-1)
-    return np.einsum("hwio,i->o", kernel, c)
+    # Sum over the taps, then over the input channels (Dense has a single tap).
+    return c @ kernel.reshape(-1, *kernel.shape[-2:]).sum(axis=0)
 
 
 def absorb_high_biases(model, calibration_data, num_std: float = 3.0):
@@ -416,7 +429,7 @@ def correct_biases(model, calibration_data, weight_bits: int, layers: Iterable[s
     weighted = [
         n
         for n in graph.order
-        if graph.class_name(n) in _WEIGHTED and graph.layer(n).use_bias and not graph.is_shared(n)
+        if _is_weighted(graph.class_name(n)) and graph.layer(n).use_bias and not graph.is_shared(n)
     ]
     layers = weighted if layers is None else [n for n in graph.order if n in set(layers)]
     if not layers:

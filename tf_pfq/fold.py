@@ -23,11 +23,18 @@ import numpy as np
 from tf_pfq.compat import keras
 from tf_pfq.graph import LayerGraph, rebuild
 from tf_pfq.layers import split_separable
+from tf_pfq.layers.table import Absorb, Kernel, entry_for
 
 __all__ = ["fold_batchnorm", "fold_weights", "FoldReport", "WeightRange"]
 
-L = keras.layers
-_FOLDABLE = (L.Conv2D, L.DepthwiseConv2D, L.Dense)
+
+def _kernel(layer) -> Kernel | None:
+    """The kernel layout of a layer BN can fold into (any layer with a kernel)."""
+    return entry_for(layer).kernel
+
+
+def _is_batchnorm(layer) -> bool:
+    return entry_for(layer).absorb is Absorb.BATCHNORM
 
 
 def fold_weights(
@@ -133,7 +140,7 @@ def _why_not(graph: LayerGraph, bn: str) -> str | None:
     if len(producers) != 1 or producers[0] in graph.input_names:
         return "it does not follow a Conv2D, DepthwiseConv2D or Dense layer"
     producer = graph.layer(producers[0])
-    if not isinstance(producer, _FOLDABLE):
+    if _kernel(producer) is None:
         return f"it follows {type(producer).__name__} {producers[0]!r}"
     if getattr(producer.activation, "__name__", "") != "linear":
         return f"{producers[0]!r} has a fused activation before the BN"
@@ -225,7 +232,7 @@ def fold_batchnorm(model, *, per_channel_affine: bool = True):
     layer_configs = {}
     weights = {}
     for name in graph.order:
-        if not isinstance(graph.layer(name), L.BatchNormalization):
+        if not _is_batchnorm(graph.layer(name)):
             continue
         reason = _why_not(graph, name)
         if reason is not None:
@@ -234,8 +241,9 @@ def fold_batchnorm(model, *, per_channel_affine: bool = True):
         bn = graph.layer(name)
         producer_name = graph.inputs_of(name)[0]
         producer = graph.layer(producer_name)
-        depthwise = isinstance(producer, L.DepthwiseConv2D)
-        kernel = producer.depthwise_kernel if depthwise else producer.kernel
+        layout = _kernel(producer)
+        assert layout is not None  # checked by _why_not
+        kernel = getattr(producer, layout.attr)
         kernel, bias = fold_weights(
             kernel.numpy(),
             producer.bias.numpy() if producer.use_bias else None,
@@ -244,8 +252,8 @@ def fold_batchnorm(model, *, per_channel_affine: bool = True):
             bn.moving_mean.numpy(),
             bn.moving_variance.numpy(),
             bn.epsilon,
-            depthwise,
-            transpose=isinstance(producer, L.Conv2DTranspose),
+            layout.depthwise,
+            transpose=layout.out_axis == -2,  # (kh, kw, out, in)
         )
         config = producer.get_config()
         config["use_bias"] = True
@@ -265,10 +273,9 @@ def fold_batchnorm(model, *, per_channel_affine: bool = True):
     producers = set(folded.values())
     ranges = {}
     for layer in result.layers:
-        if isinstance(layer, _FOLDABLE):
-            kernel = (
-                layer.depthwise_kernel if isinstance(layer, L.DepthwiseConv2D) else layer.kernel
-            ).numpy()
+        layout = _kernel(layer)
+        if layout is not None:
+            kernel = getattr(layer, layout.attr).numpy()
             ranges[layer.name] = WeightRange(
                 float(kernel.min()), float(kernel.max()), layer.name in producers
             )

@@ -15,10 +15,9 @@ from collections.abc import Mapping
 import numpy as np
 
 from tf_pfq.compat import keras
+from tf_pfq.layers.table import entry_for
 
 __all__ = ["weight_ranges", "bn_variances", "plot_weight_ranges", "plot_bn_variances"]
-
-_WEIGHTED = (keras.layers.Conv2D, keras.layers.DepthwiseConv2D, keras.layers.Dense)
 
 
 def weight_ranges(model) -> dict[str, float]:
@@ -32,7 +31,7 @@ def weight_ranges(model) -> dict[str, float]:
     """
     out = {}
     for layer in model.layers:
-        if isinstance(layer, _WEIGHTED):
+        if entry_for(layer).kernel is not None:
             kernel = layer.get_weights()[0]
             out[layer.name] = float(kernel.max() - kernel.min())
     return out

@@ -5,7 +5,8 @@ constant `beta_c`, and after the activation `a_c = act(beta_c)`. PfQ removes the
 channel from its producer and absorbs `a_c` into every layer that reads it, so the
 pruned model computes the same function with fewer filters. No maintained library
 does this (tfmot's pruning zeroes weights by magnitude and keeps the shapes), so the
-graph walk is written here; the arithmetic is in `tf_pfq.pfq_math`.
+graph walk is written here; the arithmetic is in `tf_pfq.pfq_math`, and what each
+layer class does to channels in `tf_pfq.layers.table`.
 """
 
 from __future__ import annotations
@@ -21,51 +22,18 @@ import tensorflow as tf
 from tf_pfq import cost, pfq_math
 from tf_pfq.compat import keras
 from tf_pfq.graph import LayerGraph, call_kwargs, rebuild
-from tf_pfq.layers import elementwise_op, op_name, split_separable
+from tf_pfq.layers import op_name, split_separable
+from tf_pfq.layers.table import Absorb, Channels, LayerEntry, entry_for
 from tf_pfq.ranges import ACTIVATION_RANGES_ATTR, ActivationRange, activation_ranges_of
 from tf_pfq.report import LayerReport, PruneReport
 from tf_pfq.validation import check_data
 
 __all__ = ["prune"]
 
-L = keras.layers
-
-# Layers that map each channel through the same elementwise function.
-_ELEMENTWISE = (L.ReLU, L.LeakyReLU, L.ELU, L.ThresholdedReLU)
-_ELEMENTWISE_ACTIVATIONS = frozenset(
-    [
-        "linear",
-        "relu",
-        "relu6",
-        "sigmoid",
-        "hard_sigmoid",
-        "tanh",
-        "swish",
-        "silu",
-        "elu",
-        "selu",
-        "gelu",
-        "softplus",
-        "softsign",
-        "exponential",
-        "mish",
-    ]
-)
-# Identity at inference time.
-_IDENTITY = (L.Dropout, L.GaussianDropout, L.GaussianNoise, L.AlphaDropout)
-# A constant channel stays the same constant; 'same' max/avg pooling in TF ignores
-# the padded positions, so there is no border effect.
-_POOLING = (
-    L.MaxPooling1D,
-    L.MaxPooling2D,
-    L.AveragePooling1D,
-    L.AveragePooling2D,
-    L.GlobalMaxPooling1D,
-    L.GlobalMaxPooling2D,
-    L.GlobalAveragePooling1D,
-    L.GlobalAveragePooling2D,
-)
-_KERNEL = (L.Conv2D, L.Dense)
+# What each layer class does to channels (producer, pass-through, merge, ...) and how
+# a constant input channel crosses it is `tf_pfq.layers.table`'s `channels` and
+# `absorb`; this module walks the graph with them.
+_PASSES_BACK = frozenset([Absorb.BATCHNORM, Absorb.ZERO_PADDING, Absorb.IDENTITY])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -166,6 +134,9 @@ class _Pruner:
     def describe(self, name: str) -> str:
         return f"{self.graph.class_name(name)} {name!r}"
 
+    def entry(self, name: str) -> LayerEntry:
+        return entry_for(self.graph.layer(name))
+
     def unsupported(self, name: str) -> str | None:
         """Why constants cannot cross layer `name` (None when they can)."""
         graph = self.graph
@@ -181,7 +152,7 @@ class _Pruner:
         candidates = {}
         for name in self.graph.order:
             layer = self.graph.layer(name)
-            if not isinstance(layer, L.BatchNormalization):
+            if self.entry(name).absorb is not Absorb.BATCHNORM:
                 continue
             params = self.bn_params(name)
             if self.threshold is None:
@@ -254,26 +225,24 @@ class _Pruner:
             return
         plan.put(name, channel, _Entry(None, frozenset(sources)))
         layer = self.graph.layer(name)
+        entry = self.entry(name)
         reason = self.unsupported(name)
         if reason:
             plan.fail(sources, f"its producer is a {reason}")
-        elif isinstance(layer, L.DepthwiseConv2D):
+        elif entry.channels is Channels.DEPTHWISE:
             if layer.depth_multiplier != 1:
                 plan.fail(sources, f"{self.describe(name)} has depth_multiplier > 1")
             else:
                 self.request(plan, self.single_input(name), channel, name, sources)
-        elif isinstance(layer, L.Conv2DTranspose):
-            pass  # its filters are kernel[:, :, o, :]: one can go
-        elif isinstance(layer, L.Conv2D):
-            if layer.groups != 1:
+        elif entry.channels is Channels.PRODUCER:
+            # One filter (kernel[..., o], or kernel[:, :, o, :] when transposed) can go.
+            if _is_grouped(layer, entry):
                 plan.fail(sources, f"{self.describe(name)} is a grouped convolution")
-        elif isinstance(layer, L.Dense):
-            pass
-        elif isinstance(
-            layer, (L.BatchNormalization, L.ZeroPadding2D, *_IDENTITY, *_POOLING)
-        ) or self.elementwise(name):
+        elif entry.channels is Channels.PASS_THROUGH and (
+            entry.absorb in _PASSES_BACK or self.elementwise(name)
+        ):
             self.request(plan, self.single_input(name), channel, name, sources)
-        elif isinstance(layer, (L.Add, L.Multiply)):
+        elif entry.channels is Channels.MERGE:
             # Output channel c reads channel c of every input (hard-swish, residual):
             # it goes when each input can drop c; a broadcast input cannot.
             shapes = layer.input_shape
@@ -282,7 +251,7 @@ class _Pruner:
                 return
             for inbound in self.graph.inputs_of(name):
                 self.request(plan, inbound, channel, name, sources)
-        elif isinstance(layer, L.Concatenate) and _is_last_axis(layer.axis, 4):
+        elif entry.channels is Channels.CONCAT and _is_last_axis(layer.axis, 4):
             offset = 0
             for inbound, shape in zip(self.graph.inputs_of(name), layer.input_shape):
                 if channel < offset + shape[-1]:
@@ -297,16 +266,12 @@ class _Pruner:
 
     def elementwise_fn(self, name: str) -> Callable | None:
         """The per-channel function layer `name` computes, or None when it is not one."""
-        layer = self.graph.layer(name)
-        if isinstance(layer, _ELEMENTWISE):
-            return layer
-        if isinstance(layer, L.Activation):
-            if keras.activations.serialize(layer.activation) in _ELEMENTWISE_ACTIVATIONS:
-                return layer
+        entry = self.entry(name)
+        if entry.absorb is not Absorb.FUNCTION or entry.elementwise is None:
             return None
-        if op_name(layer) is not None and len(self.graph.inputs_of(name)) == 1:
-            return elementwise_op(layer, call_kwargs(self.graph.layer_config(name)))
-        return None
+        if len(self.graph.inputs_of(name)) != 1:
+            return None
+        return entry.elementwise(self.graph.layer(name), call_kwargs(self.graph.layer_config(name)))
 
     def describe_op(self, name: str) -> str:
         op = op_name(self.graph.layer(name))
@@ -333,12 +298,12 @@ class _Pruner:
         if reason:
             plan.fail(all_sources, f"the constant reaches a {reason}")
             return
-        layer = self.graph.layer(name)
-        if isinstance(layer, L.Concatenate):
+        absorb = self.entry(name).absorb
+        if absorb is Absorb.CONCAT:
             self.concatenate(plan, name, const)
-        elif isinstance(layer, L.Add):
+        elif absorb is Absorb.SUM:
             self.add(plan, name, const)
-        elif isinstance(layer, L.Multiply):
+        elif absorb is Absorb.PRODUCT:
             self.add(plan, name, const, product=True)
         elif len(const) != 1:
             plan.fail(
@@ -352,18 +317,18 @@ class _Pruner:
         layer = self.graph.layer(name)
         channels = sorted(const)
         values = np.array([const[c].value for c in channels])
-        if isinstance(layer, L.DepthwiseConv2D):
+        entry = self.entry(name)
+        absorb = entry.absorb
+        if absorb is Absorb.DEPTHWISE:
             self.depthwise(plan, name, const)
-        elif isinstance(layer, L.Conv2DTranspose):
+        elif absorb is Absorb.TRANSPOSED_KERNEL_SUM:
             self.absorb_transpose(plan, name, const)
-        elif isinstance(layer, L.Conv2D):
-            if layer.groups != 1:
+        elif absorb is Absorb.KERNEL_SUM:
+            if _is_grouped(layer, entry):
                 plan.fail(_union(const), f"{self.describe(name)} is a grouped convolution")
                 return
             self.absorb(plan, name, const, _has_border(layer))
-        elif isinstance(layer, L.Dense):
-            self.absorb(plan, name, const, False)
-        elif isinstance(layer, L.BatchNormalization):
+        elif absorb is Absorb.BATCHNORM:
             if not _is_last_axis(layer.axis, len(layer.input_shape)):
                 plan.fail(_union(const), f"BN {name!r} does not normalize the last axis")
                 return
@@ -375,23 +340,23 @@ class _Pruner:
             self.emit_all(plan, name, const, out)
         elif self.elementwise(name):
             self.emit_all(plan, name, const, _apply(self.elementwise_fn(name), values))
-        elif isinstance(layer, (*_IDENTITY, *_POOLING)):
+        elif absorb is Absorb.IDENTITY:
             self.emit_all(plan, name, const, values)
-        elif isinstance(layer, L.ZeroPadding2D):
+        elif absorb is Absorb.ZERO_PADDING:
             # The padded border holds 0, not the constant: exact only where a_c == 0.
             for c in channels:
                 if const[c].value != 0:
                     self.inexact(plan, name, const[c].sources)
             self.emit_all(plan, name, const, values, exact=[v == 0 for v in values])
-        elif isinstance(layer, L.Flatten) or (
-            isinstance(layer, L.Reshape) and len(layer.target_shape) == 1
+        elif absorb is Absorb.FLATTEN or (
+            absorb is Absorb.RESHAPE and len(layer.target_shape) == 1
         ):
             shape = layer.input_shape[1:]
             for c in channels:
                 for row in pfq_math.flatten_indices(shape, c):
                     e = const[c]
                     self.emit(plan, name, int(row), e.value, e.sources, e.exact)
-        elif isinstance(layer, L.Reshape) and layer.target_shape[-1] == layer.input_shape[-1]:
+        elif absorb is Absorb.RESHAPE and layer.target_shape[-1] == layer.input_shape[-1]:
             self.emit_all(plan, name, const, values)
         else:
             plan.fail(
@@ -502,7 +467,7 @@ class _Pruner:
         bn = consumers[0]
         layer = self.graph.layer(bn)
         if (
-            isinstance(layer, L.BatchNormalization)
+            self.entry(bn).absorb is Absorb.BATCHNORM
             and not self.graph.is_shared(bn)
             and _is_last_axis(layer.axis, len(layer.input_shape))
             and _is_linear(self.graph.layer(name))
@@ -515,10 +480,11 @@ class _Pruner:
         mean_shift = {}
         for name in self.graph.order:
             layer = self.graph.layer(name)
+            entry = self.entry(name)
             out_removed = set(plan.removed.get(name, {}))
             inbound = self.single_input(name)
             in_removed = set(plan.removed.get(inbound, {})) if inbound else set()
-            if isinstance(layer, L.DepthwiseConv2D):
+            if entry.channels is Channels.DEPTHWISE:
                 if not (in_removed or out_removed):
                     continue
                 w = list(self.weights(name))
@@ -527,7 +493,7 @@ class _Pruner:
                 if layer.use_bias:
                     w[1] = w[1][pfq_math.keep_indices(w[1].shape[0], out_removed)]
                 weights[name] = w
-            elif isinstance(layer, _KERNEL):
+            elif entry.channels is Channels.PRODUCER:
                 delta = plan.deltas.get(name, np.zeros(0))
                 has_delta = bool(np.any(delta != 0))
                 if not (in_removed or out_removed or has_delta):
@@ -551,19 +517,17 @@ class _Pruner:
                         notes[name].append("bias enabled to hold removed constants (eq. 14)")
                 if name in plan.border:
                     notes[name].append("'same' padding: exact in the interior only")
-                if isinstance(layer, L.Conv2DTranspose):  # (kh, kw, out, in)
-                    keep_in = pfq_math.keep_indices(kernel.shape[-1], in_removed)
-                    keep_out = pfq_math.keep_indices(kernel.shape[-2], out_removed)
-                    w = [kernel[..., keep_in][..., keep_out, :]]
-                else:
-                    keep_in = pfq_math.keep_indices(kernel.shape[-2], in_removed)
-                    keep_out = pfq_math.keep_indices(kernel.shape[-1], out_removed)
-                    w = [kernel[..., keep_in, :][..., keep_out]]
+                layout = entry.kernel
+                assert layout is not None  # producers have a kernel
+                # Axes -1 / -2 are (out, in) or, for Conv2DTranspose, (in, out).
+                keep_in = pfq_math.keep_indices(kernel.shape[layout.in_axis], in_removed)
+                keep_out = pfq_math.keep_indices(kernel.shape[layout.out_axis], out_removed)
+                w = [np.take(np.take(kernel, keep_in, layout.in_axis), keep_out, layout.out_axis)]
                 if bias is not None:
                     w.append(bias[keep_out].astype(np.float32))
-                config["filters" if isinstance(layer, L.Conv2D) else "units"] = len(keep_out)
+                config["filters" if "filters" in config else "units"] = len(keep_out)
                 configs[name], weights[name] = config, w
-            elif isinstance(layer, L.BatchNormalization):
+            elif entry.absorb is Absorb.BATCHNORM:
                 if not (out_removed or name in mean_shift):
                     continue
                 w = list(self.weights(name))
@@ -571,19 +535,25 @@ class _Pruner:
                     w[-2] = pfq_math.shift_moving_mean(w[-2], mean_shift[name]).astype(np.float32)
                 keep = pfq_math.keep_indices(w[-1].shape[0], out_removed)
                 weights[name] = [v[keep] for v in w]
-            elif isinstance(layer, L.Reshape) and out_removed:
+            elif entry.absorb is Absorb.RESHAPE and out_removed:
                 config = layer.get_config()
                 target = list(config["target_shape"])
                 target[-1] -= len(out_removed)
                 config["target_shape"] = tuple(target)
                 configs[name] = config
-            if name in plan.border and isinstance(layer, L.DepthwiseConv2D):
+            if name in plan.border and entry.channels is Channels.DEPTHWISE:
                 notes[name].append("'same' padding: removed outputs were constant in the interior")
         return rebuild(self.graph.model, layer_configs=configs, weights=weights), notes
 
 
 def _has_border(layer) -> bool:
-    return layer.padding == "same" and any(k > 1 for k in layer.kernel_size)
+    # Dense has no padding: no border.
+    kernel_size = getattr(layer, "kernel_size", ())
+    return getattr(layer, "padding", "valid") == "same" and any(k > 1 for k in kernel_size)
+
+
+def _is_grouped(layer, entry: LayerEntry) -> bool:
+    return entry.absorb is Absorb.KERNEL_SUM and getattr(layer, "groups", 1) != 1
 
 
 def _union(*consts) -> frozenset:
@@ -659,7 +629,7 @@ def _alignment_keeps(pruner: _Pruner, plan: _Plan, accepted, multiple: int) -> d
     for name in pruner.graph.order:
         layer = pruner.graph.layer(name)
         removed = plan.removed.get(name, {})
-        if not removed or not isinstance(layer, (*_KERNEL, L.DepthwiseConv2D)):
+        if not removed or entry_for(layer).channels not in (Channels.PRODUCER, Channels.DEPTHWISE):
             continue
         before = pruner.channels(name)
         after = before - len(removed)
@@ -821,7 +791,11 @@ def _report(pruner: _Pruner, pruned, plan: _Plan, candidates, kept, notes) -> Pr
     rows = []
     for name in pruner.graph.order:
         layer = pruner.graph.layer(name)
-        if not isinstance(layer, (L.BatchNormalization, L.DepthwiseConv2D, *_KERNEL)):
+        entry = pruner.entry(name)
+        if entry.absorb is not Absorb.BATCHNORM and entry.channels not in (
+            Channels.PRODUCER,
+            Channels.DEPTHWISE,
+        ):
             continue
         removed = sorted(plan.removed.get(name, {}))
         residual = 0.0

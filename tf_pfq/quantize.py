@@ -53,6 +53,9 @@ Which tensors carry which quantizer (the contract the TFLite exporter relies on)
   the layer's input (found through grid-preserving layers). A layer whose input is
   not quantized (after an Add with `add_bits=None`) keeps a float bias.
 
+Which layer class falls in which case above is its entry in `tf_pfq.layers.table`
+(`quant`, `grid`, `fuses`, `kernel`).
+
 `quantization_params(qat_model)` reads all of it back as numbers (nudged min/max,
 scale, zero point, bits) by original layer name.
 """
@@ -71,6 +74,14 @@ import tensorflow_model_optimization as tfmot
 from tf_pfq import ranges
 from tf_pfq.compat import check_model, keras, prepare_model
 from tf_pfq.graph import LayerGraph
+from tf_pfq.layers.table import (
+    FUSED_ACTIVATIONS,
+    Quant,
+    activation_name,
+    by_name,
+    entry_for,
+    op_refusal,
+)
 from tf_pfq.quantize_configs import PfqQuantizeConfig
 from tf_pfq.quantizers import (
     PfqActivationQuantizer,
@@ -98,14 +109,8 @@ __all__ = [
 
 _qkeras = tfmot.quantization.keras
 L = keras.layers
-WEIGHTED = (L.Conv2D, L.DepthwiseConv2D, L.Dense, L.Conv2DTranspose)
-ACTIVATIONS = (L.ReLU, L.Activation, L.LeakyReLU, L.PReLU, L.ELU, L.Softmax, L.ThresholdedReLU)
-# Outputs off their input's grid that get an activation quantizer of their own (a
-# mean, an interpolation, a product): the next layer's bias grid needs an input scale.
-MEAN_POOLING = (L.AveragePooling2D, L.GlobalAveragePooling2D, L.UpSampling2D, L.Multiply)
-# Op layers written by functional code (`x + 3.0`, `tf.nn.relu6(x)`): tf_pfq cannot
-# tell what they compute from their class, so apply and export refuse them by name.
-OP_LAYERS = ("TFOpLambda", "SlicingOpLambda", "Lambda")
+# Which layer gets which quantizer is `tf_pfq.layers.table`'s `quant` field (and
+# `kernel` for weights); this module turns it into tfmot configs.
 _WRAPPERS = (_qkeras.QuantizeWrapper,)
 
 
@@ -130,7 +135,8 @@ def quantize_scope() -> Iterator[None]:
 
 
 def _kernel_attr(layer) -> str:
-    return "depthwise_kernel" if isinstance(layer, L.DepthwiseConv2D) else "kernel"
+    kernel = entry_for(layer).kernel
+    return kernel.attr if kernel is not None else "kernel"
 
 
 def _is_linear(layer) -> bool:
@@ -139,7 +145,7 @@ def _is_linear(layer) -> bool:
 
 
 def _is_weighted(layer) -> bool:
-    return type(layer) in WEIGHTED or isinstance(layer, L.DepthwiseConv2D)
+    return entry_for(layer).quant is Quant.WEIGHTS
 
 
 def _validate_graph(graph: LayerGraph, weight_bits) -> None:
@@ -155,18 +161,20 @@ def _validate_graph(graph: LayerGraph, weight_bits) -> None:
                 f"Layer {name!r} is called {graph.num_calls(name)} times (shared weights); "
                 "tf_pfq.apply needs each layer called once."
             )
-        if type(layer).__name__ in OP_LAYERS:
-            op = getattr(layer, "symbol", None) or getattr(
-                getattr(layer, "function", None), "__name__", "?"
-            )
+        entry = entry_for(layer)
+        if entry.quant is Quant.REFUSED:
+            # An op layer: its class does not say what it computes.
             raise ValueError(
-                f"Layer {name!r} ({type(layer).__name__}) applies the op {op!r}, which "
-                "tf_pfq.apply cannot quantize: write it with Keras layers (Add, "
-                "Multiply, ReLU, Activation, ...)."
+                op_refusal(
+                    name,
+                    layer,
+                    "tf_pfq.apply cannot quantize: write it with Keras layers (Add, "
+                    "Multiply, ReLU, Activation, ...).",
+                )
             )
         if weight_bits is None:
             continue
-        if isinstance(layer, L.BatchNormalization):
+        if entry.quant is Quant.NORMALIZATION:
             producers = [graph.layer(p) for p in graph.inputs_of(name)]
             if any(_is_weighted(p) for p in producers):
                 hint = (
@@ -184,7 +192,7 @@ def _validate_graph(graph: LayerGraph, weight_bits) -> None:
                 "it cannot be folded, and stage W would leave its gamma and beta in "
                 "float; fold or remove it before tf_pfq.apply(..., weight_bits=n)."
             )
-        elif layer.weights and not isinstance(layer, WEIGHTED):
+        elif layer.weights and entry.kernel is None:
             raise ValueError(
                 f"Layer {name!r} ({type(layer).__name__}) has weights tf_pfq cannot "
                 "quantize; stage W quantizes Conv2D, DepthwiseConv2D, Conv2DTranspose "
@@ -213,10 +221,12 @@ def split_activations(model):
     for layer_config in config["layers"]:
         layers.append(layer_config)
         activation = layer_config["config"].get("activation")
+        entry = by_name(layer_config["class_name"])
         if (
-            layer_config["class_name"] in ("Conv2D", "DepthwiseConv2D", "Dense")
+            entry is not None
+            and entry.splits_activation
             and isinstance(activation, str)
-            and activation not in _FUSED_ACTIVATIONS
+            and activation not in FUSED_ACTIVATIONS
         ):
             layer_config["config"]["activation"] = "linear"
             name = layer_config["name"]
@@ -277,36 +287,10 @@ FIXED_RANGES = {
     "hard_sigmoid": (0.0, 255.0 / 256.0),
     "tanh": (-1.0, 127.0 / 128.0),
 }
-# Activation functions integer inference fuses into the op that produces their
-# input (the input tensor then never exists in int8, so it gets no quantizer).
-_FUSED_ACTIVATIONS = frozenset(["relu", "relu6", "linear", "elu"])
-_FUSED_LAYERS = (L.ReLU, L.LeakyReLU, L.PReLU, L.ELU, L.ThresholdedReLU)
-
-
-def activation_name(layer) -> str | None:
-    """The activation function an activation layer applies ("relu", "softmax", ...), or None.
-
-    Example:
-      >>> activation_name(keras.layers.Activation("sigmoid"))
-      'sigmoid'
-      >>> activation_name(keras.layers.Softmax())
-      'softmax'
-
-    """
-    if isinstance(layer, L.Softmax):
-        return "softmax"
-    if isinstance(layer, L.ReLU):
-        return "relu"
-    if isinstance(layer, L.Activation):
-        name = getattr(layer.activation, "__name__", None) or str(layer.get_config()["activation"])
-        return "swish" if name == "silu" else name
-    return None
 
 
 def _fuses_into_producer(layer) -> bool:
-    return isinstance(layer, _FUSED_LAYERS) or (
-        isinstance(layer, L.Activation) and activation_name(layer) in _FUSED_ACTIVATIONS
-    )
+    return entry_for(layer).fuses(layer)
 
 
 def _concat_sources(graph: LayerGraph, name: str) -> list[str]:
@@ -375,24 +359,27 @@ def _select(graph: LayerGraph, activation_bits: int, add_bits: int | None):
         if name in graph.input_names or _is_terminal(graph, name, memo):
             continue
         consumers = graph.consumers_of(name)
-        if isinstance(layer, L.Add):
+        quant = entry_for(layer).quant
+        if quant is Quant.ADD:
             fused = len(consumers) == 1 and _fuses_into_producer(graph.layer(consumers[0]))
             if add_bits is not None and not fused:
                 selected[name] = add_bits
             continue
-        if isinstance(layer, L.Concatenate):
+        if quant is Quant.CONCAT:
             selected[name] = activation_bits  # widened below to its inputs' bits
             continue
         if isinstance(layer, L.Activation) and _is_linear(layer):
             continue
-        if isinstance(layer, (*ACTIVATIONS, *MEAN_POOLING)) and not preserves_grid(layer):
+        # Activations, and outputs off their input's grid (a mean, an interpolation, a
+        # product): the next layer's bias grid needs an input scale.
+        if quant is Quant.OUTPUT and not preserves_grid(layer):
             selected[name] = activation_bits
-        elif _is_weighted(layer) or isinstance(layer, L.BatchNormalization):
+        elif quant in (Quant.WEIGHTS, Quant.NORMALIZATION):
             fused = (
                 _is_linear(layer)
                 and len(consumers) == 1
                 and (
-                    isinstance(graph.layer(consumers[0]), L.BatchNormalization)
+                    entry_for(graph.layer(consumers[0])).quant is Quant.NORMALIZATION
                     or _fuses_into_producer(graph.layer(consumers[0]))
                 )
             )
@@ -407,7 +394,7 @@ def _select(graph: LayerGraph, activation_bits: int, add_bits: int | None):
             selected[name] = 8 if last else activation_bits
     shared: dict[str, str] = {}
     for name in graph.order:  # inner concats first: an outer one takes their sources
-        if not isinstance(graph.layer(name), L.Concatenate) or name not in selected:
+        if entry_for(graph.layer(name)).quant is not Quant.CONCAT or name not in selected:
             continue
         for source in _concat_sources(graph, name):
             if activation_name(graph.layer(source)) in FIXED_RANGES:
@@ -492,10 +479,10 @@ def _plan(
         if weight_bits is not None and _is_weighted(layer):
             # Dense and Conv2DTranspose stay per tensor: TFLite's FULLY_CONNECTED rejects
             # per-axis weights and a transposed kernel's output axis is not last.
-            per_channel = per_channel_weights and not isinstance(
-                layer, (L.Dense, L.Conv2DTranspose)
-            )
-            depthwise = isinstance(layer, L.DepthwiseConv2D)
+            kernel = entry_for(layer).kernel
+            assert kernel is not None  # Quant.WEIGHTS entries have one
+            per_channel = per_channel_weights and kernel.per_channel
+            depthwise = kernel.depthwise
             weight_quantizer = PfqWeightQuantizer(
                 weight_bits, per_channel, depthwise, weight_scheme
             )

@@ -37,6 +37,7 @@ import tensorflow as tf
 import tensorflow_model_optimization as tfmot
 
 from tf_pfq.compat import keras
+from tf_pfq.layers.table import entry_for
 
 __all__ = [
     "MIN_BITS",
@@ -604,31 +605,19 @@ class PfqBiasQuantizer(_Serializable):
         return config
 
 
-# Layers whose output is on the same grid as their input (0 is on every grid, so
-# zero padding keeps it too). Shared with tf_pfq.quantize's tensor selection.
-GRID_PRESERVING = (
-    keras.layers.Dropout,
-    keras.layers.SpatialDropout2D,
-    keras.layers.Flatten,
-    keras.layers.Reshape,
-    keras.layers.MaxPooling2D,
-    keras.layers.GlobalMaxPooling2D,
-    keras.layers.ZeroPadding2D,
-    keras.layers.Cropping2D,
-)
-
-
 def preserves_grid(layer) -> bool:
-    """True when `layer`'s output is on its input's grid (GRID_PRESERVING, nearest upsampling).
+    """True when `layer`'s output is on its input's grid (`tf_pfq.layers.table`'s `grid`).
+
+    Dropout, Flatten, Reshape, max pooling, zero padding (0 is on every grid),
+    cropping and nearest upsampling keep it; the tensor selection of
+    `tf_pfq.quantize` and the bias grids read it.
 
     Example:
       >>> preserves_grid(keras.layers.UpSampling2D()), preserves_grid(
       ...     keras.layers.UpSampling2D(interpolation="bilinear"))
       (True, False)
     """
-    if isinstance(layer, keras.layers.UpSampling2D):
-        return layer.interpolation == "nearest"
-    return isinstance(layer, GRID_PRESERVING)
+    return entry_for(layer).preserves_grid(layer)
 
 
 def _output_quantizer_of(layer):

@@ -44,6 +44,12 @@ eq. 20-21 becomes an **8-bit** fake-quant op whose int8 scale equals the n-bit s
   converter would requantize before averaging (two roundings); 'same' padding is
   rejected.
 
+Which handler lowers each layer, and to which TFLite op, is the layer's entry in
+`tf_pfq.layers.table`. One builder evaluates the graph three ways, each a policy
+object it asks wherever they differ: `Export` (the graph the converter turns into
+the integer file), `Simulate` (the QAT model's arithmetic in float) and `Calibrate`
+(`Simulate`, recording the range of every float tensor over `representative_data`).
+
 Every op in the result is int8 (weights int8, biases int32), shapes are static, and
 the converter needs no calibration pass. Stage-A models (activation quantizers only,
 batch normalization unfolded) are rejected: fold BN with `tf_pfq.fold_batchnorm` and
@@ -73,7 +79,8 @@ import tensorflow as tf
 from tf_pfq.compat import keras
 from tf_pfq.export import int4
 from tf_pfq.graph import LayerGraph
-from tf_pfq.quantize import activation_name, concat_shared_ranges
+from tf_pfq.layers.table import Lowering, activation_name, entry_for, lookup
+from tf_pfq.quantize import concat_shared_ranges
 from tf_pfq.quantizers import QuantParams, nudge
 from tf_pfq.validation import check_finite
 
@@ -96,17 +103,6 @@ OUTPUT_MARGIN = 0.1
 L = keras.layers
 # Activations lowered to TFLite's int8 lookup-style kernels (not fused into a conv).
 _LUT_ACTIVATIONS = frozenset(["softmax", "sigmoid", "tanh", "hard_sigmoid", "swish"])
-_PASS_THROUGH = (
-    L.Dropout,
-    L.SpatialDropout2D,
-    L.Flatten,
-    L.Reshape,
-    L.MaxPooling2D,
-    L.GlobalMaxPooling2D,
-    L.ZeroPadding2D,
-    L.Cropping2D,
-    L.InputLayer,
-)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -257,44 +253,190 @@ def _interval_linear(kernel_2d: np.ndarray, bias, lo: float, hi: float):
     return float(out_lo.min()), float(out_hi.max())
 
 
-class _Builder:
-    """Evaluates a float model layer by layer with export-time quantization ops."""
+def _int8_hard_sigmoid(v, grid: QuantParams):
+    """hard_sigmoid as the integer file runs it: 1x1 depthwise conv + ReLU (`_lut_activation`)."""
+    shape = v.shape
+    rank4 = tf.reshape(v, [-1, 1, 1, shape[-1]]) if shape.rank != 4 else v
+    channels = shape[-1]
+    s_w = np.float32(0.2 / 127.0)
+    kernel = tf.quantization.fake_quant_with_min_max_vars(
+        tf.constant(np.full((1, 1, channels, 1), 0.2, np.float32)),
+        -127.0 * s_w,
+        127.0 * s_w,
+        num_bits=8,
+        narrow_range=True,
+    )
+    step = np.float32(_scalar(grid.scale)) * s_w
+    bias = np.float32(np.round(0.5 / step) * step)
+    y = tf.nn.relu(tf.nn.depthwise_conv2d(rank4, kernel, [1, 1, 1, 1], "VALID") + bias)
+    return tf.reshape(y, [-1, *shape[1:]]) if shape.rank != 4 else y
 
-    def __init__(self, plan: ExportPlan, mode: str, clamp_signed: bool, ranges=None):
-        if mode not in ("export", "simulate", "calibrate"):
-            raise ValueError(f"unknown mode {mode!r}")
+
+class Simulate:
+    """Builder policy: the QAT model's inference arithmetic, in float.
+
+    Each method is one point where the export graph differs from what QAT computes;
+    this class answers with the QAT arithmetic (n-bit fake-quant ops, kernels on
+    their n-bit grid, float averages), `Export` with what the integer file computes,
+    and `Calibrate` is `Simulate` that also records the range of every float tensor.
+    """
+
+    def record(self, name: str, value) -> None:
+        """Sees the float tensor `value` QAT leaves without a grid (layer `name`)."""
+
+    def quantize_activation(self, value, grid: QuantParams, nonneg: bool, clamp_signed: bool):
+        """`value` on its n-bit output grid."""
+        return tf.quantization.fake_quant_with_min_max_vars(
+            value, _scalar(grid.min), _scalar(grid.max), num_bits=grid.num_bits
+        )
+
+    def rounds_float_tensors(self) -> bool:
+        """Whether tensors QAT leaves in float get an int8 range (an integer file needs one)."""
+        return False
+
+    def missing_input_grid(self, name: str) -> None:
+        """Called when model input `name` has no grid: the simulation runs it in float."""
+
+    def kernel(self, kernel_n: np.ndarray, grid: QuantParams, depthwise: bool, dense: bool):
+        """The kernel tensor, already on its n-bit grid (`kernel_n`)."""
+        return tf.constant(kernel_n)
+
+    def dense_as_conv(self, per_channel: bool) -> bool:
+        """Whether a Dense layer runs as a 1x1 conv (TFLite's FULLY_CONNECTED is per tensor)."""
+        return False
+
+    def hard_sigmoid(self, v, grid: QuantParams):
+        return tf.clip_by_value(0.2 * v + 0.5, 0.0, 1.0)
+
+    def swish_gate(self, gate):
+        """The sigmoid of swish `x * sigmoid(x)` before the product."""
+        return gate
+
+    def saturation_clamps(self, grid: QuantParams | None, max_value: float) -> bool:
+        """Whether int8 saturation at the grid's top replaces a ReLU's `max_value` clamp."""
+        return False
+
+    def average_pool(self, name: str, x, config: Mapping[str, Any]):
+        padding = config["padding"].upper()
+        return tf.nn.avg_pool2d(x, config["pool_size"], config["strides"], padding)
+
+
+class Calibrate(Simulate):
+    """Builder policy: `Simulate`, recording min/max of every float tensor in `seen`."""
+
+    def __init__(self):
+        self.seen: dict[str, tuple[float, float]] = {}
+
+    def record(self, name: str, value) -> None:
+        lo = float(tf.reduce_min(value))
+        hi = float(tf.reduce_max(value))
+        old = self.seen.get(name)
+        if old is not None:
+            lo, hi = min(lo, old[0]), max(hi, old[1])
+        self.seen[name] = (lo, hi)
+
+
+class Export(Simulate):
+    """Builder policy: the graph the converter turns into the integer file.
+
+    n-bit grids become 8-bit fake-quant ops of the same step (module docstring),
+    every tensor gets an int8 range, and hard_sigmoid, swish and average pooling
+    are written as the int8 ops that round once, as QAT does.
+    """
+
+    def quantize_activation(self, value, grid: QuantParams, nonneg: bool, clamp_signed: bool):
+        return _fq_activation(value, grid, nonneg, clamp_signed)
+
+    def rounds_float_tensors(self) -> bool:
+        return True
+
+    def missing_input_grid(self, name: str) -> None:
+        raise ValueError(
+            f"Input {name!r} has no quantizer in the QAT model; pass "
+            "`representative_data` or `input_range=(lo, hi)` so it gets an int8 range."
+        )
+
+    def kernel(self, kernel_n: np.ndarray, grid: QuantParams, depthwise: bool, dense: bool):
+        per_channel = np.asarray(grid.scale).size > 1
+        if depthwise:
+            kh, kw, cin, mult = kernel_n.shape
+            k = _fq_weight(kernel_n.reshape(kh, kw, 1, cin * mult), grid, True)
+            return tf.reshape(k, kernel_n.shape)
+        if dense and per_channel:
+            return _fq_weight(kernel_n.reshape(1, 1, *kernel_n.shape), grid, True)
+        return _fq_weight(kernel_n, grid, True)
+
+    def dense_as_conv(self, per_channel: bool) -> bool:
+        return per_channel
+
+    def hard_sigmoid(self, v, grid: QuantParams):
+        return _int8_hard_sigmoid(v, grid)
+
+    def swish_gate(self, gate):
+        return tf.quantization.fake_quant_with_min_max_vars(gate, 0.0, 255.0 / 256.0, num_bits=8)
+
+    def saturation_clamps(self, grid: QuantParams | None, max_value: float) -> bool:
+        return grid is not None and _scalar(grid.max) <= float(max_value)
+
+    def average_pool(self, name: str, x, config: Mapping[str, Any]):
+        # TFLite's int8 AVERAGE_POOL_2D needs equal input and output scales, so the
+        # converter would requantize the input to the output grid before averaging
+        # (two roundings). A depthwise conv with constant weights 1/(kh*kw) on an
+        # exact int8 grid averages in int32 and rounds once, like the QAT model.
+        if config["padding"].lower() != "valid":
+            raise ValueError(
+                f"Layer {name!r}: AveragePooling2D with padding='same' is not "
+                "supported by the integer export (its border windows average fewer "
+                "values); use padding='valid' or GlobalAveragePooling2D."
+            )
+        kh, kw = config["pool_size"]
+        channels = x.shape[-1]
+        step = np.float32(1.0 / (kh * kw * 127.0))
+        kernel = np.full((kh, kw, channels, 1), 127.0 * step, np.float32)
+        k = tf.quantization.fake_quant_with_min_max_vars(
+            tf.constant(kernel), -127.0 * step, 127.0 * step, narrow_range=True
+        )
+        return tf.nn.depthwise_conv2d(x, k, [1, *config["strides"], 1], "VALID")
+
+
+class _Builder:
+    """Evaluates a float model layer by layer with export-time quantization ops.
+
+    Which handler evaluates a layer is its `tf_pfq.layers.table` entry's `lowering`;
+    where the export graph and the QAT arithmetic differ the builder asks its policy
+    (`Export`, `Simulate` or `Calibrate`).
+    """
+
+    def __init__(self, plan: ExportPlan, policy: Simulate, clamp_signed: bool, ranges=None):
+        if not isinstance(policy, Simulate):
+            raise TypeError(
+                f"`policy` must be Export(), Simulate() or Calibrate(). Received: {policy!r}"
+            )
         self.plan = plan
-        self.mode = mode
+        self.policy = policy
         self.clamp_signed = clamp_signed
         self.ranges = dict(ranges or {})  # calibrated (lo, hi) by layer name
-        self.seen_ranges: dict[str, tuple[float, float]] = {}
         self.graph = LayerGraph(plan.model)
         # Read eagerly: inside the traced function Keras cannot fetch variable values.
         self.weights = {layer.name: layer.get_weights() for layer in self.graph.model.layers}
+        self._handlers = {
+            Lowering.WEIGHTED: self._weighted,
+            Lowering.ACTIVATION: self._activation,
+            Lowering.AVERAGE: self._pool,
+            Lowering.RESIZE: self._upsample,
+            Lowering.PASS_THROUGH: self._pass_through,
+        }
+        self._merges = {Lowering.ADD: self._add, Lowering.MULTIPLY: self._multiply}
 
     # --- helpers -----------------------------------------------------------------
-    def _record(self, name: str, value):
-        if self.mode == "calibrate":
-            lo = float(tf.reduce_min(value))
-            hi = float(tf.reduce_max(value))
-            old = self.seen_ranges.get(name)
-            if old is not None:
-                lo, hi = min(lo, old[0]), max(hi, old[1])
-            self.seen_ranges[name] = (lo, hi)
-
     def _quantize_output(self, name: str, t: _Tensor, needs_range: bool) -> _Tensor:
         grid = self.plan.layers.get(name, LayerQuantization()).output
         if grid is not None:
-            if self.mode == "export":
-                value = _fq_activation(t.value, grid, t.nonneg, self.clamp_signed)
-            else:
-                value = tf.quantization.fake_quant_with_min_max_vars(
-                    t.value, _scalar(grid.min), _scalar(grid.max), num_bits=grid.num_bits
-                )
+            value = self.policy.quantize_activation(t.value, grid, t.nonneg, self.clamp_signed)
             lo, hi = _scalar(grid.min), _scalar(grid.max)
             return _Tensor(value, np.float32(lo), np.float32(hi), grid, t.nonneg)
-        self._record(name, t.value)
-        if not needs_range or self.mode != "export":
+        self.policy.record(name, t.value)
+        if not needs_range or not self.policy.rounds_float_tensors():
             return t
         if name in self.ranges:
             lo, hi = self.ranges[name]
@@ -319,26 +461,20 @@ class _Builder:
         if len(consumers) != 1:
             return True
         consumer = self.graph.layer(consumers[0])
-        fusable = isinstance(consumer, L.ReLU) or (
-            isinstance(consumer, L.Activation)
-            and consumer.get_config()["activation"] in ("relu", "relu6")
-        )
+        fusable = entry_for(consumer).lowering is Lowering.ACTIVATION and activation_name(
+            consumer
+        ) in ("relu", "relu6")
         has_grid = self.plan.layers.get(consumers[0], LayerQuantization()).output is not None
         return not (fusable and has_grid)
 
     # --- layers ------------------------------------------------------------------
     def _input(self, name: str, x) -> _Tensor:
-        self._record(name, x)
+        self.policy.record(name, x)
         grid = self.plan.input
         if grid is None and name in self.ranges:
             grid = _grid8(*self.ranges[name])
         if grid is None:
-            if self.mode == "export":
-                raise ValueError(
-                    f"Input {name!r} has no quantizer in the QAT model; pass "
-                    "`representative_data` or `input_range=(lo, hi)` so it gets an "
-                    "int8 range."
-                )
+            self.policy.missing_input_grid(name)
             return _Tensor(x, np.float32(-np.inf), np.float32(np.inf), None)
         value = tf.quantization.fake_quant_with_min_max_vars(
             x, _scalar(grid.min), _scalar(grid.max), num_bits=grid.num_bits
@@ -361,7 +497,11 @@ class _Builder:
         kernel = weights[0].astype(np.float32)
         bias = weights[1].astype(np.float32) if len(weights) > 1 else None
         grid = quant.kernel
-        depthwise = isinstance(layer, L.DepthwiseConv2D)
+        entry = entry_for(layer)
+        layout = entry.kernel
+        assert layout is not None  # Lowering.WEIGHTED entries have a kernel
+        depthwise = layout.depthwise
+        dense = entry.tflite == "FULLY_CONNECTED"
         per_channel = np.asarray(grid.scale).size > 1
         if depthwise:
             kh, kw, cin, mult = kernel.shape
@@ -379,22 +519,13 @@ class _Builder:
                 step = np.asarray(quant.bias_scale, np.float32)
             bias = (np.round(bias / step) * step).astype(np.float32)
 
-        if self.mode == "export":
-            if depthwise:
-                k = _fq_weight(kernel_n.reshape(kh, kw, 1, cin * mult), grid, True)
-                k = tf.reshape(k, kernel.shape)
-            elif isinstance(layer, L.Dense) and per_channel:
-                k = _fq_weight(kernel_n.reshape(1, 1, *kernel_n.shape), grid, True)
-            else:
-                k = _fq_weight(kernel_n, grid, True)
-        else:
-            k = tf.constant(kernel_n)
+        k = self.policy.kernel(kernel_n, grid, depthwise, dense)
 
         v = x.value
-        if isinstance(layer, L.Dense):
+        if dense:
             if v.shape.rank != 2:
                 raise ValueError(f"Layer {name!r}: Dense on a rank-{v.shape.rank} input.")
-            if self.mode == "export" and per_channel:
+            if self.policy.dense_as_conv(per_channel):
                 # TFLite's FULLY_CONNECTED takes per-tensor weights only; a 1x1 CONV_2D
                 # carries the per-channel grid.
                 y = tf.nn.conv2d(tf.reshape(v, [-1, 1, 1, v.shape[-1]]), k, 1, "VALID")
@@ -408,8 +539,8 @@ class _Builder:
             strides = [1, *config["strides"], 1]
             y = tf.nn.depthwise_conv2d(v, k, strides, config["padding"].upper())
             k2d = kernel_n.reshape(kh * kw, cin * mult)
-        elif isinstance(layer, L.Conv2DTranspose):
-            # Lowers to TRANSPOSE_CONV; the kernel is (kh, kw, out, in).
+        elif entry.tflite == "TRANSPOSE_CONV":
+            # The kernel is (kh, kw, out, in).
             if config["dilation_rate"] not in ((1, 1), [1, 1]) or config.get("output_padding"):
                 raise ValueError(
                     f"Layer {name!r}: Conv2DTranspose with dilation or output_padding is "
@@ -421,7 +552,7 @@ class _Builder:
             )
             # Each output sums at most every (tap, input channel) pair once.
             k2d = kernel_n.transpose(0, 1, 3, 2).reshape(-1, kernel_n.shape[2])
-        elif isinstance(layer, L.Conv2D) and type(layer) is L.Conv2D:
+        elif entry.tflite == "CONV_2D" and type(layer) is entry.cls:
             if config.get("groups", 1) != 1:
                 raise ValueError(f"Layer {name!r}: grouped convolution is not supported.")
             y = tf.nn.conv2d(
@@ -482,37 +613,12 @@ class _Builder:
         elif act == "tanh":
             y, lo, hi = tf.math.tanh(v), -1.0, 1.0
         elif act == "hard_sigmoid":
-            y = self._hard_sigmoid(v, x.grid) if self.mode == "export" else None
-            if y is None:
-                y = tf.clip_by_value(0.2 * v + 0.5, 0.0, 1.0)
-            lo, hi = 0.0, 1.0
+            y, lo, hi = self.policy.hard_sigmoid(v, x.grid), 0.0, 1.0
         else:  # swish
-            gate = tf.math.sigmoid(v)
-            if self.mode == "export":
-                gate = tf.quantization.fake_quant_with_min_max_vars(
-                    gate, 0.0, 255.0 / 256.0, num_bits=8
-                )
-            y = v * gate
+            y = v * self.policy.swish_gate(tf.math.sigmoid(v))
             lo, hi = min(-0.2785, float(x.lo)), max(float(x.hi), 0.0)
         t = _Tensor(y, np.float32(lo), np.float32(hi), None, act != "tanh" and act != "swish")
         return self._quantize_output(name, t, needs_range=True)
-
-    def _hard_sigmoid(self, v, grid: QuantParams):
-        shape = v.shape
-        rank4 = tf.reshape(v, [-1, 1, 1, shape[-1]]) if shape.rank != 4 else v
-        channels = shape[-1]
-        s_w = np.float32(0.2 / 127.0)
-        kernel = tf.quantization.fake_quant_with_min_max_vars(
-            tf.constant(np.full((1, 1, channels, 1), 0.2, np.float32)),
-            -127.0 * s_w,
-            127.0 * s_w,
-            num_bits=8,
-            narrow_range=True,
-        )
-        step = np.float32(_scalar(grid.scale)) * s_w
-        bias = np.float32(np.round(0.5 / step) * step)
-        y = tf.nn.relu(tf.nn.depthwise_conv2d(rank4, kernel, [1, 1, 1, 1], "VALID") + bias)
-        return tf.reshape(y, [-1, *shape[1:]]) if shape.rank != 4 else y
 
     def _relu(self, name: str, layer, x: _Tensor) -> _Tensor:
         config = layer.get_config()
@@ -530,10 +636,8 @@ class _Builder:
                 fn = tf.nn.relu
             elif float(max_value) == 6.0:
                 fn = tf.nn.relu6
-            elif (
-                self.mode == "export"
-                and (grid := self.plan.layers.get(name, LayerQuantization()).output) is not None
-                and _scalar(grid.max) <= float(max_value)
+            elif self.policy.saturation_clamps(
+                self.plan.layers.get(name, LayerQuantization()).output, max_value
             ):
                 fn = tf.nn.relu  # int8 saturation at the grid's top is the tighter clamp
             else:
@@ -562,29 +666,8 @@ class _Builder:
         config = layer.get_config()
         if isinstance(layer, L.GlobalAveragePooling2D):
             y = tf.reduce_mean(x.value, axis=[1, 2], keepdims=config.get("keepdims", False))
-        elif self.mode != "export":
-            y = tf.nn.avg_pool2d(
-                x.value, config["pool_size"], config["strides"], config["padding"].upper()
-            )
         else:
-            # TFLite's int8 AVERAGE_POOL_2D needs equal input and output scales, so the
-            # converter would requantize the input to the output grid before averaging
-            # (two roundings). A depthwise conv with constant weights 1/(kh*kw) on an
-            # exact int8 grid averages in int32 and rounds once, like the QAT model.
-            if config["padding"].lower() != "valid":
-                raise ValueError(
-                    f"Layer {name!r}: AveragePooling2D with padding='same' is not "
-                    "supported by the integer export (its border windows average fewer "
-                    "values); use padding='valid' or GlobalAveragePooling2D."
-                )
-            kh, kw = config["pool_size"]
-            channels = x.value.shape[-1]
-            step = np.float32(1.0 / (kh * kw * 127.0))
-            kernel = np.full((kh, kw, channels, 1), 127.0 * step, np.float32)
-            k = tf.quantization.fake_quant_with_min_max_vars(
-                tf.constant(kernel), -127.0 * step, 127.0 * step, narrow_range=True
-            )
-            y = tf.nn.depthwise_conv2d(x.value, k, [1, *config["strides"], 1], "VALID")
+            y = self.policy.average_pool(name, x.value, config)
         t = _Tensor(y, x.lo, x.hi, None, x.nonneg)
         return self._quantize_output(name, t, needs_range=True)
 
@@ -647,38 +730,17 @@ class _Builder:
             if graph.is_shared(name):
                 raise ValueError(f"Layer {name!r} is shared (called more than once).")
             inbound = [tensors[n] for n in graph.inputs_of(name)]
-            if isinstance(layer, L.InputLayer):
+            entry = lookup(layer, "the integer export")
+            if entry.lowering is Lowering.INPUT:
                 tensors[name] = self._input(name, x)
-            elif isinstance(layer, (L.Conv2D, L.DepthwiseConv2D, L.Dense, L.Conv2DTranspose)):
-                tensors[name] = self._weighted(name, layer, inbound[0])
-            elif isinstance(layer, (L.ReLU, L.Activation, L.Softmax)):
-                tensors[name] = self._activation(name, layer, inbound[0])
-            elif isinstance(layer, L.Add):
-                tensors[name] = self._add(name, inbound)
-            elif isinstance(layer, (L.GlobalAveragePooling2D, L.AveragePooling2D)):
-                tensors[name] = self._pool(name, layer, inbound[0])
-            elif isinstance(layer, L.Concatenate):
+            elif entry.lowering in self._handlers:
+                tensors[name] = self._handlers[entry.lowering](name, layer, inbound[0])
+            elif entry.lowering in self._merges:
+                tensors[name] = self._merges[entry.lowering](name, inbound)
+            elif entry.lowering is Lowering.CONCAT:
                 tensors[name] = self._concat(name, layer, inbound)
-            elif isinstance(layer, L.UpSampling2D):
-                tensors[name] = self._upsample(name, layer, inbound[0])
-            elif isinstance(layer, L.Multiply):
-                tensors[name] = self._multiply(name, inbound)
-            elif isinstance(layer, _PASS_THROUGH):
-                tensors[name] = self._pass_through(name, layer, inbound[0])
-            elif isinstance(layer, L.BatchNormalization):
-                raise ValueError(
-                    f"Layer {name!r} is a BatchNormalization: the integer export needs a "
-                    "stage-W model. Fold it with tf_pfq.fold_batchnorm and fine-tune "
-                    "with tf_pfq.apply(..., weight_bits=n) first."
-                )
-            elif type(layer).__name__ in ("TFOpLambda", "SlicingOpLambda", "Lambda"):
-                op = getattr(layer, "symbol", None) or getattr(
-                    getattr(layer, "function", None), "__name__", "?"
-                )
-                raise ValueError(
-                    f"Layer {name!r} ({type(layer).__name__}) applies the op {op!r}, which "
-                    "the integer export cannot lower: write it with Keras layers."
-                )
+            elif entry.refusal is not None:
+                raise ValueError(entry.refusal(name, layer))
             else:
                 raise ValueError(
                     f"Layer {name!r} of class {type(layer).__name__} is not supported by "
@@ -721,7 +783,8 @@ def calibrate(plan: ExportPlan, representative_data, batch_size: int = 64) -> di
       ValueError: the data does not have the model's per-example input shape, or
         holds NaN/Inf (the first bad example is named).
     """
-    builder = _Builder(plan, "calibrate", clamp_signed=True)
+    policy = Calibrate()
+    builder = _Builder(plan, policy, clamp_signed=True)
     if isinstance(representative_data, tf.data.Dataset):
         batches = [
             np.asarray(b[0] if isinstance(b, (tuple, list)) else b, np.float32)
@@ -739,7 +802,7 @@ def calibrate(plan: ExportPlan, representative_data, batch_size: int = 64) -> di
     check_finite(data, "representative_data")  # a NaN would become a NaN int8 scale
     for start in range(0, len(data), batch_size):
         builder(tf.constant(data[start : start + batch_size]))
-    return builder.seen_ranges
+    return policy.seen
 
 
 def build_function(
@@ -760,7 +823,7 @@ def build_function(
       A `tf.function` with one `[1, H, W, C]` float32 input signature.
     """
     spec = _input_spec(plan)
-    builder = _Builder(plan, "export", clamp_signed, ranges)
+    builder = _Builder(plan, Export(), clamp_signed, ranges)
     return tf.function(builder.__call__, input_signature=[spec], autograph=False)
 
 
@@ -774,7 +837,7 @@ def simulate(plan: ExportPlan, images: np.ndarray) -> np.ndarray:
     Returns:
       The model outputs, float32 numpy.
     """
-    builder = _Builder(plan, "simulate", clamp_signed=True)
+    builder = _Builder(plan, Simulate(), clamp_signed=True)
     return builder(tf.constant(np.asarray(images, np.float32))).numpy()
 
 
