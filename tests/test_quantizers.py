@@ -11,6 +11,7 @@ from tf_pfq import quantizers
 from tf_pfq.compat import keras
 from tf_pfq.quantize_configs import PfqQuantizeConfig
 from tf_pfq.quantizers import (
+    OFF_LATTICE,
     PfqActivationQuantizer,
     PfqBiasQuantizer,
     PfqWeightQuantizer,
@@ -178,19 +179,39 @@ def test_bias_on_grid_with_straight_through_gradient():
 
 
 def test_activation_quantizer_moving_average():
+    # Batch extremes are widened by OFF_LATTICE (off the accumulator lattice).
+    w = np.float32(1.0 + OFF_LATTICE)
     layer = keras.layers.Layer()
     quantizer = PfqActivationQuantizer(4, ema_decay=0.5)
     weights = quantizer.build(tf.TensorShape([None, 2]), "output", layer)
     first = tf.constant([[0.5, 2.0], [1.0, 3.0]])  # after a ReLU: min is 0, not 0.5
     quantizer(first, True, weights)
-    assert (weights["min"].numpy(), weights["max"].numpy()) == (0.0, 3.0)
+    np.testing.assert_allclose([weights["min"].numpy(), weights["max"].numpy()], [0.0, 3.0 * w])
     quantizer(tf.constant([[-1.0, 5.0]]), True, weights)
-    assert (weights["min"].numpy(), weights["max"].numpy()) == (-0.5, 4.0)
+    expected = [-0.5 * w, 4.0 * w]
+    np.testing.assert_allclose([weights["min"].numpy(), weights["max"].numpy()], expected)
     y = quantizer(tf.constant([[10.0, -10.0]]), False, weights)  # inference: no update
-    assert (weights["min"].numpy(), weights["max"].numpy()) == (-0.5, 4.0)
-    grid = nudge(-0.5, 4.0, 4)  # nudged so that 0 is a level: [-0.6, 3.9]
+    np.testing.assert_allclose([weights["min"].numpy(), weights["max"].numpy()], expected)
+    grid = nudge(*expected, 4)  # nudged so that 0 is a level: [-0.6, 3.9] widened
     np.testing.assert_allclose(y.numpy(), [[grid.max, grid.min]], atol=1e-6)
-    assert grid.min == pytest.approx(-0.6) and grid.max == pytest.approx(3.9)
+    assert grid.min == pytest.approx(-0.6 * w) and grid.max == pytest.approx(3.9 * w)
+
+
+def test_activation_range_keeps_lattice_values_off_rounding_ties():
+    # A ReLU conv output lies on the accumulator lattice k * unit; with the range set
+    # to its batch maximum (a lattice value) the step max/15 would put every
+    # 15-multiple-of-half of the unit exactly on a tie. Widened, none is within 1e-5 steps.
+    unit = np.float32(0.0024774)
+    values = np.arange(0, 259, dtype=np.float32) * unit
+    layer = keras.layers.Layer()
+    quantizer = PfqActivationQuantizer(4, non_negative=True)
+    weights = quantizer.build(tf.TensorShape([None]), "output", layer)
+    quantizer(tf.constant(values), True, weights)
+    step = float(nudge(weights["min"].numpy(), weights["max"].numpy(), 4).scale)
+    frac = np.asarray(values, np.float64) / step % 1.0
+    assert np.abs(frac - 0.5).min() > 1e-5
+    unwidened = np.asarray(values, np.float64) / (258 * float(unit) / 15) % 1.0
+    assert np.abs(unwidened - 0.5).min() < 1e-6  # the ties the widening removes
 
 
 @pytest.mark.parametrize(
@@ -242,7 +263,8 @@ def test_non_negative_shortcut_matches_the_general_range():
         y = quantizer(x, True, weights)
         results.append((y.numpy(), weights["min"].numpy(), weights["max"].numpy()))
     np.testing.assert_array_equal(results[0][0], results[1][0])
-    assert results[0][1:] == results[1][1:] == (0.0, pytest.approx(float(tf.reduce_max(x))))
+    widened = float(tf.reduce_max(x)) * (1.0 + OFF_LATTICE)
+    assert results[0][1:] == results[1][1:] == (0.0, pytest.approx(widened))
 
 
 def test_bias_grid_is_hand_computed_s_in_times_s_w():

@@ -14,7 +14,11 @@ The math lives in pure functions; the `Pfq*Quantizer` classes are thin tfmot
 
 Ranges:
   * activations: moving average of the batch min/max, always including 0 (so
-    after a ReLU the minimum is exactly 0);
+    after a ReLU the minimum is exactly 0), each batch extreme widened by the
+    relative `OFF_LATTICE` (2^-12): a batch extreme is a value of the tensor, a
+    multiple of the int32 accumulator unit, and a step that is a rational multiple
+    of that unit puts many outputs exactly on rounding ties, which TF's fake-quant
+    and XNNPACK's requantization break differently;
   * weights: the tensor's current min/max including 0, per tensor (the paper) or
     per output channel; 8-bit weights are symmetric with `narrow_range` (integer
     values -127..127, TFLite's int8 weight spec), so every weight grid is an int8
@@ -41,6 +45,7 @@ from tf_pfq.layers.table import entry_for
 
 __all__ = [
     "MIN_BITS",
+    "OFF_LATTICE",
     "MAX_BITS",
     "WEIGHT_SCHEMES",
     "check_weight_scheme",
@@ -68,6 +73,8 @@ _INT32_MAX = 2.0**31 - 1
 # narrow range at every bit width: one level fewer, but the integers are centred
 # on 0, so an n-bit grid fits a signed n-bit container (4-bit weights: INT4).
 WEIGHT_SCHEMES = ("min_max", "symmetric")
+# Relative widening of batch activation ranges (see PfqActivationQuantizer).
+OFF_LATTICE = 2.0**-12
 
 
 def check_bits(num_bits, argument: str = "num_bits") -> int:
@@ -379,8 +386,10 @@ class PfqActivationQuantizer(_Serializable):
     minimum is 0) update non-trainable `min`/`max` variables by an exponential
     moving average; the first training batch sets them directly, so a short
     fine-tuning does not drag an arbitrary initial range along (tfmot's
-    `MovingAverageQuantizer` starts from [-6, 6] with decay 0.999). Inference uses
-    the stored range. Before any training step the range is [-6, 6].
+    `MovingAverageQuantizer` starts from [-6, 6] with decay 0.999). Each batch
+    min/max is widened by the relative `OFF_LATTICE` before averaging (see the
+    comment in `__call__`; the average of widened extremes does not compound).
+    Inference uses the stored range. Before any training step the range is [-6, 6].
 
     Args:
       num_bits: bit width n, 2..8 (2^n levels).
@@ -442,6 +451,17 @@ class PfqActivationQuantizer(_Serializable):
             else:
                 batch_min = tf.minimum(tf.reduce_min(inputs), 0.0)
             batch_max = tf.maximum(tf.reduce_max(inputs), 0.0)
+            # Off the accumulator lattice: a batch extreme is a value of the tensor,
+            # i.e. an integer multiple k of the int32 accumulator unit s_in * s_w, so
+            # the step (M - m) / (2^n - 1) would be a rational multiple of that unit
+            # and many outputs would sit exactly on a rounding tie. TF's fake-quant and
+            # XNNPACK's fp32 requantization break exact ties by float noise, in
+            # opposite directions at random (1-step flips that reach the logits as
+            # several output steps). Widening by OFF_LATTICE moves every such tie
+            # (j + 1/2) steps from zero by (j + 1/2) * OFF_LATTICE steps, far above
+            # float noise, so both round it the same way.
+            batch_min = batch_min * (1.0 + OFF_LATTICE)
+            batch_max = batch_max * (1.0 + OFF_LATTICE)
             seen = weights["seen"]
             decay = self.ema_decay * seen  # 0 on the first batch: take it as is
             # stop_gradient: backpropagating through reduce_min/max would cost a
