@@ -97,7 +97,12 @@ def test_xnnpack_reproduces_keras_qat(folded, digits, bits, record_property):
         f"steps), reference-kernel agreement {ref_agreement:.4f}"
     )
     assert keras_acc > 0.85  # the fine-tuned model is a real classifier
-    assert agreement >= 0.995
+    # The file's logits are int8: two Keras logits within one output step can tie
+    # there (2 of 397 images at A3/W3), so the top-1 check counts such ties as agreeing;
+    # the arithmetic itself is held to max_diff below.
+    chosen = keras_logits[np.arange(len(logits)), logits.argmax(1)]
+    assert np.mean(keras_logits.max(1) - chosen <= step) >= 0.995
+    assert agreement >= 0.99
     assert abs(tflite_acc - keras_acc) <= 0.003
     assert max_diff <= 1.0 * step
 
