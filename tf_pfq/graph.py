@@ -254,6 +254,7 @@ def rebuild(
     for name in [*layer_configs, *weights, *remove]:
         if name not in graph.order:
             raise ValueError(f"Model {model.name!r} has no layer named {name!r}.")
+    redirected: dict[str, list] = {}
     for name in remove:
         calls = graph._calls[name]
         if len(calls) != 1 or len(calls[0]) != 1:
@@ -261,8 +262,12 @@ def rebuild(
                 f"Layer {name!r} cannot be removed: it must have exactly one input and "
                 f"one call, it has {len(calls)} call(s)."
             )
-        source = _records(graph.layer_config(name)["inbound_nodes"][0])[0]
-        _replace_inbound(config, name, source[:3])
+        source = list(_records(graph.layer_config(name)["inbound_nodes"][0])[0][:3])
+        # A chain of removed layers: the source itself may be gone already.
+        while source[0] in redirected:
+            source = redirected[source[0]]
+        redirected[name] = source
+        _replace_inbound(config, name, source)
         config["layers"] = [c for c in config["layers"] if c["name"] != name]
     for layer_config in config["layers"]:
         if layer_config["name"] in layer_configs:
