@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import tensorflow as tf
 
 import tf_pfq
 from tf_pfq.compat import keras
@@ -179,26 +180,55 @@ def test_output_softmax_exports_and_matches(build):
     np.testing.assert_allclose(summary.outputs[0].scales[0], 1.0 / 256.0)  # TFLite's grid
 
 
-_SWISH_GATE = pytest.mark.xfail(
-    strict=True,
-    reason="swish is LOGISTIC then MUL: TFLite rounds the gate to its 1/256 grid "
-    "before the product, QAT does not, and that flips some 4-bit roundings downstream "
-    "(~6 output steps on one seed in three: seed 1 before ranges moved off the "
-    "accumulator lattice, seed 0 after)",
-)
-
-
-@pytest.mark.parametrize(
-    "act", ["sigmoid", "hard_sigmoid", "tanh", pytest.param("swish", marks=_SWISH_GATE)]
-)
+@pytest.mark.parametrize("act", ["sigmoid", "hard_sigmoid", "tanh", "swish"])
 def test_inner_activations_export(act):
+    _check(_inner_activation_net(act))
+
+
+def _inner_activation_net(act):
     def build():
         inputs = keras.Input(SHAPE, name="image")
         x = _conv_bn(inputs, 8, 3, "stem", activation=act)
         x = _conv_bn(x, 8, 3, "mid")
-        return keras.Model(inputs, _head(x), name=f"{act}_net")
+        return keras.Model(inputs, _head(x), name="activation_net")
 
-    _check(build)
+    build.__name__ = f"{getattr(act, '__name__', act)}_net"
+    return build
+
+
+@pytest.mark.parametrize(
+    ("act", "seed"),
+    [("swish", seed) for seed in range(5)] + [("silu", 0), (tf.nn.silu, 0)],
+    ids=lambda v: getattr(v, "__name__", str(v)),
+)
+def test_swish_export_matches_on_every_seed(act, seed):
+    """Within half an output step on seeds 0-4, whichever way swish is spelled.
+
+    TFLite lowers swish as LOGISTIC then MUL and rounds the gate to LOGISTIC's 1/256
+    grid in between; QAT rounds it there too (`swish_with_int8_gate`). Before, QAT
+    used the exact gate and seed 0 missed by 6.3 output steps (p99 3.2); "silu" and
+    `tf.nn.silu` are Keras' swish, so they are checked on that seed.
+    """
+    p99, worst, _, tflite = fidelity(_inner_activation_net(act), seed=seed)
+    assert p99 <= 1.0 and worst <= 1.0, (p99, worst)
+    assert {"LOGISTIC", "MUL"} <= set(inspect(tflite).op_counts())
+
+
+def test_swish_gate_is_rounded_in_qat_and_strip_gives_swish_back():
+    keras.utils.set_random_seed(0)
+    model = _inner_activation_net("swish")()
+    folded, _ = tf_pfq.fold_batchnorm(model)
+    qat = tf_pfq.apply(folded, activation_bits=4, weight_bits=4)
+    wrapper = qat.get_layer("quant_stem_act")
+    assert wrapper.quantize_config.swish_gate
+    x = np.linspace(-6, 6, 97, dtype=np.float32)
+    gate = np.round(256 / (1 + np.exp(-x.astype(np.float64)))).clip(0, 255) / 256
+    np.testing.assert_allclose(wrapper.layer.activation(x).numpy(), x * gate, atol=1e-6)
+    stripped = tf_pfq.strip(qat)
+    assert stripped.get_layer("stem_act").get_config()["activation"] == "swish"
+    np.testing.assert_allclose(
+        stripped.get_layer("stem_act").activation(x).numpy(), x / (1 + np.exp(-x)), atol=1e-6
+    )
 
 
 def se_net():

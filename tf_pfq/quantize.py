@@ -13,6 +13,9 @@ Which tensors carry which quantizer (the contract the TFLite exporter relies on)
 * Activations (`PfqActivationQuantizer(activation_bits)`, moving-average range
   holding 0), attached as the OUTPUT quantizer of the layer producing them:
   - activation layers (ReLU, ReLU(6), Activation, LeakyReLU, PReLU, ELU, swish);
+    a swish layer (`Activation("swish")`, "silu", `tf.nn.silu`) also has its sigmoid
+    gate rounded to TFLite's int8 LOGISTIC grid (1/256) before the product, as the
+    integer file's LOGISTIC then MUL does (`tf_pfq.quantizers.swish_with_int8_gate`);
     softmax, sigmoid, hard_sigmoid and tanh outputs get TFLite's fixed 8-bit grid
     instead (`FIXED_RANGES`: [0, 255/256] or [-1, 127/128]), on the model output too;
   - Conv2D / DepthwiseConv2D / Conv2DTranspose / Dense / BatchNormalization
@@ -490,9 +493,14 @@ def _plan(
                 bias_quantizer = PfqBiasQuantizer(
                     weight_bits, per_channel, depthwise, attr, weight_scheme
                 )
-        if output_quantizer or weight_quantizer:
+        swish = activation_name(layer) == "swish"
+        if output_quantizer or weight_quantizer or swish:
             configs[name] = PfqQuantizeConfig(
-                weight_quantizer, bias_quantizer, output_quantizer, kernel_attr=attr
+                weight_quantizer,
+                bias_quantizer,
+                output_quantizer,
+                kernel_attr=attr,
+                swish_gate=swish,
             )
     return configs
 

@@ -16,6 +16,7 @@ from tf_pfq.quantizers import (
     PfqActivationQuantizer,
     PfqBiasQuantizer,
     PfqWeightQuantizer,
+    swish_with_int8_gate,
 )
 
 __all__ = ["PfqQuantizeConfig"]
@@ -54,6 +55,9 @@ class PfqQuantizeConfig(tfmot.quantization.keras.QuantizeConfig):
       output_quantizer: quantizer for the layer's output, or None.
       kernel_attr: the layer attribute holding the kernel ("kernel" or
         "depthwise_kernel").
+      swish_gate: the layer is a swish activation: compute it with its sigmoid gate
+        on TFLite's int8 LOGISTIC grid (`tf_pfq.quantizers.swish_with_int8_gate`),
+        as the integer file does between its LOGISTIC and MUL ops.
 
     Example:
       >>> from tf_pfq.quantizers import PfqActivationQuantizer
@@ -68,6 +72,7 @@ class PfqQuantizeConfig(tfmot.quantization.keras.QuantizeConfig):
         bias_quantizer: PfqBiasQuantizer | None = None,
         output_quantizer: PfqActivationQuantizer | None = None,
         kernel_attr: str = "kernel",
+        swish_gate: bool = False,
     ):
         if bias_quantizer is not None and weight_quantizer is None:
             raise ValueError("`bias_quantizer` needs a `weight_quantizer` (its grid is s_in*s_w).")
@@ -75,6 +80,7 @@ class PfqQuantizeConfig(tfmot.quantization.keras.QuantizeConfig):
         self.bias_quantizer = bias_quantizer
         self.output_quantizer = output_quantizer
         self.kernel_attr = kernel_attr
+        self.swish_gate = bool(swish_gate)
 
     def get_weights_and_quantizers(self, layer):
         pairs = []
@@ -102,7 +108,11 @@ class PfqQuantizeConfig(tfmot.quantization.keras.QuantizeConfig):
         return []
 
     def set_quantize_activations(self, layer, quantize_activations):
-        pass
+        # Called by the wrapper before every call of the layer, like tfmot's own
+        # activation quantizers; the function keeps the name "swish", so the layer's
+        # config (and `strip`) still says "swish".
+        if self.swish_gate:
+            layer.activation = swish_with_int8_gate
 
     def get_output_quantizers(self, layer):
         return [self.output_quantizer] if self.output_quantizer is not None else []
@@ -113,6 +123,7 @@ class PfqQuantizeConfig(tfmot.quantization.keras.QuantizeConfig):
             "bias_quantizer": _serialize(self.bias_quantizer),
             "output_quantizer": _serialize(self.output_quantizer),
             "kernel_attr": self.kernel_attr,
+            "swish_gate": self.swish_gate,
         }
 
     @classmethod
@@ -122,6 +133,7 @@ class PfqQuantizeConfig(tfmot.quantization.keras.QuantizeConfig):
             bias_quantizer=_deserialize(config.get("bias_quantizer")),
             output_quantizer=_deserialize(config.get("output_quantizer")),
             kernel_attr=config.get("kernel_attr", "kernel"),
+            swish_gate=config.get("swish_gate", False),
         )
 
     def __eq__(self, other):

@@ -61,6 +61,8 @@ __all__ = [
     "PfqWeightQuantizer",
     "PfqBiasQuantizer",
     "preserves_grid",
+    "SWISH_GATE_RANGE",
+    "swish_with_int8_gate",
 ]
 
 MIN_BITS = 2
@@ -623,6 +625,39 @@ class PfqBiasQuantizer(_Serializable):
         if self.weight_scheme != "min_max":
             config["weight_scheme"] = self.weight_scheme
         return config
+
+
+# TFLite's int8 LOGISTIC output grid: scale 1/256, zero point -128, i.e. [0, 255/256].
+SWISH_GATE_RANGE = (0.0, 255.0 / 256.0)
+
+
+def swish(x):
+    """`x * sigmoid(x)` with the sigmoid rounded to TFLite's int8 LOGISTIC grid.
+
+    The activation `tf_pfq.apply` gives a swish layer in QAT (exported as
+    `swish_with_int8_gate`). TFLite lowers swish as LOGISTIC then MUL, and int8
+    LOGISTIC writes its output on a fixed grid (scale 1/256, zero point -128, so
+    [0, 255/256]): the file rounds the sigmoid gate before the product. A QAT model
+    computing the exact product rounds only the product, and the difference (below
+    2^-9 |x|) flips some n-bit roundings of the swish output, which reach the logits
+    as several output steps. Rounding the gate to the same grid inside QAT
+    (straight-through gradient: the sigmoid's) makes QAT and the file round at the
+    same places. The function is named `swish` so that the layer's config still
+    serializes as the Keras "swish" activation (`strip` gives back a plain model).
+
+    Example:
+      >>> y = swish_with_int8_gate(tf.constant([1.0]))
+      >>> bool(float(y[0]) == np.round(256 / (1 + np.exp(-1.0))) / 256)
+      True
+    """
+    gate = tf.math.sigmoid(x)
+    rounded = tf.quantization.fake_quant_with_min_max_args(
+        gate, SWISH_GATE_RANGE[0], SWISH_GATE_RANGE[1], num_bits=8
+    )
+    return x * (gate + tf.stop_gradient(rounded - gate))
+
+
+swish_with_int8_gate = swish
 
 
 def preserves_grid(layer) -> bool:

@@ -30,9 +30,10 @@ eq. 20-21 becomes an **8-bit** fake-quant op whose int8 scale equals the n-bit s
 * softmax, sigmoid and tanh lower to TFLite's int8 SOFTMAX, LOGISTIC and TANH with
   their fixed output grids (QAT trains with the same grids); hard_sigmoid is a 1x1
   depthwise conv with a fused ReLU, swish is LOGISTIC then MUL (its sigmoid rounded
-  to 1/256 in between, a fraction of an output step). Conv2DTranspose lowers to
-  TRANSPOSE_CONV (per-tensor weights), UpSampling2D to RESIZE_NEAREST_NEIGHBOR or
-  RESIZE_BILINEAR, Multiply to MUL. Op layers (TFOpLambda, ...) are refused by name.
+  to 1/256 in between, which QAT does too: `tf_pfq.quantizers.swish_with_int8_gate`).
+  Conv2DTranspose lowers to TRANSPOSE_CONV (per-tensor weights), UpSampling2D to
+  RESIZE_NEAREST_NEIGHBOR or RESIZE_BILINEAR, Multiply to MUL. Op layers
+  (TFOpLambda, ...) are refused by name.
 * tensors without a QAT quantizer (Add outputs with `add_bits=None`, logits, the
   model input if it has no quantizer) get an ordinary 8-bit range: the min/max
   over `representative_data` when given (widened by `OUTPUT_MARGIN` for model
@@ -81,7 +82,7 @@ from tf_pfq.export import int4
 from tf_pfq.graph import LayerGraph
 from tf_pfq.layers.table import Lowering, activation_name, entry_for, lookup
 from tf_pfq.quantize import concat_shared_ranges
-from tf_pfq.quantizers import QuantParams, nudge
+from tf_pfq.quantizers import SWISH_GATE_RANGE, QuantParams, nudge
 from tf_pfq.validation import check_finite
 
 __all__ = [
@@ -309,8 +310,13 @@ class Simulate:
         return tf.clip_by_value(0.2 * v + 0.5, 0.0, 1.0)
 
     def swish_gate(self, gate):
-        """The sigmoid of swish `x * sigmoid(x)` before the product."""
-        return gate
+        """The sigmoid of swish `x * sigmoid(x)` before the product, on LOGISTIC's grid.
+
+        QAT rounds it there (`tf_pfq.quantizers.swish_with_int8_gate`), as the file does.
+        """
+        return tf.quantization.fake_quant_with_min_max_args(
+            gate, SWISH_GATE_RANGE[0], SWISH_GATE_RANGE[1], num_bits=8
+        )
 
     def saturation_clamps(self, grid: QuantParams | None, max_value: float) -> bool:
         """Whether int8 saturation at the grid's top replaces a ReLU's `max_value` clamp."""
@@ -371,9 +377,6 @@ class Export(Simulate):
 
     def hard_sigmoid(self, v, grid: QuantParams):
         return _int8_hard_sigmoid(v, grid)
-
-    def swish_gate(self, gate):
-        return tf.quantization.fake_quant_with_min_max_vars(gate, 0.0, 255.0 / 256.0, num_bits=8)
 
     def saturation_clamps(self, grid: QuantParams | None, max_value: float) -> bool:
         return grid is not None and _scalar(grid.max) <= float(max_value)
@@ -592,7 +595,7 @@ class _Builder:
         0.2 (exact in int8: 127 steps of 0.2/127), bias 0.5 and a fused ReLU, whose
         output grid [0, 255/256] does the upper clamp: one rounding, as in QAT.
         swish `x * sigmoid(x)` is LOGISTIC then MUL; the sigmoid is rounded to its
-        1/256 grid in between, which QAT does not do (an error below 2^-9 |x|).
+        1/256 grid in between, as QAT does (`tf_pfq.quantizers.swish_with_int8_gate`).
         """
         v = x.value
         if x.grid is None:
