@@ -214,6 +214,26 @@ def test_swish_export_matches_on_every_seed(act, seed):
     assert {"LOGISTIC", "MUL"} <= set(inspect(tflite).op_counts())
 
 
+def swish_pool_net():
+    # Every swish output is positive (bias 3), so the pooled mean's trained range
+    # starts at 0 although the tensor is signed: a RELU after MEAN, which cannot fuse it.
+    inputs = keras.Input(SHAPE, name="image")
+    bias = keras.initializers.Constant(3.0)
+    x = L.Conv2D(8, 3, padding="same", bias_initializer=bias, name="stem")(inputs)
+    x = L.Activation("swish", name="stem_act")(x)
+    x = L.GlobalAveragePooling2D(name="pool")(x)
+    x = L.Activation("swish", name="fc_act")(L.Dense(16, name="fc")(x))
+    return keras.Model(inputs, L.Dense(10, name="logits")(x), name="swish_pool_net")
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_signed_mean_with_range_from_zero_matches(seed):
+    """Within half an output step (16-30 steps when the RELU requantized MEAN's output)."""
+    p99, worst, _, tflite = fidelity(swish_pool_net, seed=seed)
+    assert p99 <= 1.0 and worst <= 1.0, (p99, worst)
+    assert {"MEAN", "RELU"} <= set(inspect(tflite).op_counts())
+
+
 def test_swish_gate_is_rounded_in_qat_and_strip_gives_swish_back():
     keras.utils.set_random_seed(0)
     model = _inner_activation_net("swish")()

@@ -22,7 +22,9 @@ eq. 20-21 becomes an **8-bit** fake-quant op whose int8 scale equals the n-bit s
   tensor (e.g. a linear bottleneck) it is an explicit MAXIMUM op (with
   `clamp_signed=False` it is left out: values below `m` are then not clamped; the
   MAXIMUM ops cost a few percent of latency on XNNPACK,
-  benchmarks/results/tflite_latency.md).
+  benchmarks/results/tflite_latency.md). A signed tensor trained to `m = 0` gets a
+  ReLU, fused into its producer, or after an op that fuses none (MEAN) a separate
+  RELU on the output grid (`_fq_activation`).
 * biases: snapped to the int32 grid `s_in * s_w` (tf_pfq's stage W already trains
   them on it), so the converter's bias rounding is exact.
 * the inputs of a Concatenate carry the concat's grid (QAT gives them one shared
@@ -102,6 +104,9 @@ IO_DTYPES = {"int8": tf.int8, "uint8": tf.uint8, "float32": tf.float32}
 OUTPUT_MARGIN = 0.1
 
 L = keras.layers
+# Handlers whose last TFLite op takes a fused ReLU (CONV_2D, DEPTHWISE_CONV_2D,
+# FULLY_CONNECTED, ADD, MUL, swish's MUL); MEAN, CONCATENATION, RESIZE_* do not.
+_FUSES_RELU = frozenset([Lowering.WEIGHTED, Lowering.ADD, Lowering.MULTIPLY, Lowering.ACTIVATION])
 # Activations lowered to TFLite's int8 lookup-style kernels (not fused into a conv).
 _LUT_ACTIVATIONS = frozenset(["softmax", "sigmoid", "tanh", "hard_sigmoid", "swish"])
 
@@ -175,19 +180,29 @@ def _usable(grid: QuantParams | None) -> QuantParams | None:
     return nudge(lo, hi, grid.num_bits, grid.narrow_range)
 
 
-def _fq_activation(x, grid: QuantParams, nonneg: bool, clamp_signed: bool):
-    """The n-bit grid `grid` as an 8-bit fake-quant (see the module docstring)."""
+def _fq_activation(x, grid: QuantParams, nonneg: bool, clamp_signed: bool, fuses_relu=True):
+    """The n-bit grid `grid` as an 8-bit fake-quant (see the module docstring).
+
+    A tensor that may be negative but whose trained range starts at 0 needs the
+    lower clamp of a ReLU. Where the producing op fuses one (CONV_2D, ADD, MUL, ...)
+    the ReLU is simply put before the fake-quant. Where it cannot (MEAN), the
+    converter would give the producer's output a grid of its own choosing (MEAN's
+    input grid) and the RELU would requantize: two roundings where QAT has one
+    (16-30 output steps on a swish, mean pool, dense net). So the tensor is first
+    put on the output grid itself, and the RELU then keeps that grid (exact).
+    """
     scale = np.float32(_scalar(grid.scale))
     top = np.float32(_scalar(grid.max))
+    low = top - np.float32(255.0) * scale
     bottom = np.float32(_scalar(grid.min))
     if grid.num_bits < 8 and not nonneg:
         if bottom == 0.0:
-            x = tf.nn.relu(x)  # fused into the producing op
+            if not fuses_relu:
+                x = tf.quantization.fake_quant_with_min_max_vars(x, low, top, num_bits=8)
+            x = tf.nn.relu(x)
         elif clamp_signed:
             x = tf.maximum(x, bottom)
-    return tf.quantization.fake_quant_with_min_max_vars(
-        x, top - np.float32(255.0) * scale, top, num_bits=8
-    )
+    return tf.quantization.fake_quant_with_min_max_vars(x, low, top, num_bits=8)
 
 
 def _fq_weight(w: np.ndarray, grid: QuantParams, channel_axis_last: bool):
@@ -285,8 +300,10 @@ class Simulate:
     def record(self, name: str, value) -> None:
         """Sees the float tensor `value` QAT leaves without a grid (layer `name`)."""
 
-    def quantize_activation(self, value, grid: QuantParams, nonneg: bool, clamp_signed: bool):
-        """`value` on its n-bit output grid."""
+    def quantize_activation(
+        self, value, grid: QuantParams, nonneg: bool, clamp_signed: bool, fuses_relu=True
+    ):
+        """`value` on its n-bit output grid (`fuses_relu`: its producing op fuses a ReLU)."""
         return tf.quantization.fake_quant_with_min_max_vars(
             value, _scalar(grid.min), _scalar(grid.max), num_bits=grid.num_bits
         )
@@ -350,8 +367,10 @@ class Export(Simulate):
     are written as the int8 ops that round once, as QAT does.
     """
 
-    def quantize_activation(self, value, grid: QuantParams, nonneg: bool, clamp_signed: bool):
-        return _fq_activation(value, grid, nonneg, clamp_signed)
+    def quantize_activation(
+        self, value, grid: QuantParams, nonneg: bool, clamp_signed: bool, fuses_relu=True
+    ):
+        return _fq_activation(value, grid, nonneg, clamp_signed, fuses_relu)
 
     def rounds_float_tensors(self) -> bool:
         return True
@@ -435,7 +454,10 @@ class _Builder:
     def _quantize_output(self, name: str, t: _Tensor, needs_range: bool) -> _Tensor:
         grid = self.plan.layers.get(name, LayerQuantization()).output
         if grid is not None:
-            value = self.policy.quantize_activation(t.value, grid, t.nonneg, self.clamp_signed)
+            fuses = entry_for(self.graph.layer(name)).lowering in _FUSES_RELU
+            value = self.policy.quantize_activation(
+                t.value, grid, t.nonneg, self.clamp_signed, fuses_relu=fuses
+            )
             lo, hi = _scalar(grid.min), _scalar(grid.max)
             return _Tensor(value, np.float32(lo), np.float32(hi), grid, t.nonneg)
         self.policy.record(name, t.value)
