@@ -67,6 +67,12 @@ SAMPLES = {
         H * W * (9 * C + C * 5),
     ),
     "BatchNormalization": (lambda: _image(L.BatchNormalization(name="s")), "s", 0),
+    "Rescaling": (lambda: _image(L.Rescaling(0.5, name="s")), "s", 0),
+    "Normalization": (
+        lambda: _image(L.Normalization(mean=[0.0] * C, variance=[1.0] * C, name="s")),
+        "s",
+        0,
+    ),
     "ReLU": (lambda: _image(L.ReLU(6.0, name="s")), "s", 0),
     "LeakyReLU": (lambda: _image(L.LeakyReLU(name="s")), "s", 0),
     "ELU": (lambda: _image(L.ELU(name="s")), "s", 0),

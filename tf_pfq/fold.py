@@ -11,6 +11,23 @@ own 8-bit wrappers only, not into a plain model, so the rewrite is done here on 
 model config (`tf_pfq.graph.rebuild`); the arithmetic is the pure function
 `fold_weights`. Per-layer dynamic ranges of the folded kernels (paper Figure 2) are
 returned as data.
+
+Preprocessing layers (Rescaling, Normalization) are canonicalized here too, before
+the BNs, because they are the same kind of thing: a per-channel affine
+`y_c = a_c x_c + b_c` that stage W must not leave in float. A run of them is composed
+into one affine, which then goes the first of two ways that is exact:
+
+* folded into the next Conv2D / DepthwiseConv2D / Dense (its input channels scaled
+  by `a`, `b` pushed through the kernel into the bias). The model input's grid then
+  absorbs the affine: the int8 input quantizes `x` and the conv's kernel holds `a`.
+  With zero padding in between (a ZeroPadding2D, or the conv's own 'same' padding)
+  only a scale folds: padded zeros in y are zeros in x only when `b = 0`
+  (`Rescaling(1/255)`, but not `Normalization` or `Rescaling(1/127.5, offset=-1)`);
+* otherwise written as a 1x1 DepthwiseConv2D with bias and the last layer's name,
+  the route of a BN that follows no linear layer (EfficientNet: Rescaling,
+  Normalization, then ZeroPadding2D before the stem conv).
+
+`FoldReport.preprocessing` says which happened to each layer.
 """
 
 from __future__ import annotations
@@ -23,9 +40,9 @@ import numpy as np
 from tf_pfq.compat import keras
 from tf_pfq.graph import LayerGraph, rebuild
 from tf_pfq.layers import split_separable
-from tf_pfq.layers.table import Absorb, Kernel, entry_for
+from tf_pfq.layers.table import Absorb, Kernel, Quant, entry_for
 
-__all__ = ["fold_batchnorm", "fold_weights", "FoldReport", "WeightRange"]
+__all__ = ["fold_batchnorm", "fold_weights", "FoldReport", "WeightRange", "preprocessing_affine"]
 
 
 def _kernel(layer) -> Kernel | None:
@@ -106,6 +123,9 @@ class FoldReport:
         exact and quantizes like any depthwise conv.
       weight_ranges: {layer name: WeightRange} for every Conv2D, DepthwiseConv2D and
         Dense of the folded model, in layer order (the data of paper Figure 2).
+      preprocessing: {Rescaling / Normalization name: what became of it}: folded
+        into a conv (named), merged into the next preprocessing layer, or rewritten
+        as a 1x1 DepthwiseConv2D (per-channel affine) and why it could not fold.
 
     Example:
       >>> report = FoldReport({"bn": "conv"}, {}, {"conv": WeightRange(-1.0, 2.0, True)})
@@ -117,9 +137,11 @@ class FoldReport:
     unfolded: dict[str, str]
     weight_ranges: dict[str, WeightRange]
     affine: dict[str, str] = dataclasses.field(default_factory=dict)
+    preprocessing: dict[str, str] = dataclasses.field(default_factory=dict)
 
     def __str__(self) -> str:
         lines = [f"Folded {len(self.folded)} BatchNormalization layer(s)."]
+        lines += [f"  {name}: {what}" for name, what in self.preprocessing.items()]
         lines += [
             f"  {bn}: 1x1 DepthwiseConv2D (per-channel affine), not folded: {reason}"
             for bn, reason in self.affine.items()
@@ -155,41 +177,247 @@ def _why_not(graph: LayerGraph, bn: str) -> str | None:
     return None
 
 
-def _as_affine(model, names: list[str]):
-    """`model` with the BNs `names` written as 1x1 DepthwiseConv2D layers of the same name.
+def _bn_affine(bn) -> tuple[np.ndarray, np.ndarray]:
+    """BN channel c in inference mode as `x * s_c + o_c` (`s_c = gamma_c / sqrt(V_c + eps)`)."""
+    channels = bn.moving_mean.shape[0]
+    gamma = np.ones(channels) if bn.gamma is None else bn.gamma.numpy()
+    beta = np.zeros(channels) if bn.beta is None else bn.beta.numpy()
+    kernel, bias = fold_weights(
+        np.ones((1, 1, channels, 1)), None, gamma, beta,
+        bn.moving_mean.numpy(), bn.moving_variance.numpy(), bn.epsilon, depthwise=True,
+    )  # fmt: skip
+    return kernel.reshape(-1), bias
 
-    In inference mode BN channel c is `x * s_c + (beta_c - mu_c * s_c)` with
-    `s_c = gamma_c / sqrt(V_c + eps)`: a depthwise 1x1 kernel `s` and bias.
-    """
+
+def _as_affine(model, affines: dict[str, tuple[np.ndarray, np.ndarray]]):
+    """`model` with the layers `affines` ({name: (scale, offset)}) written as 1x1
+    DepthwiseConv2D layers of the same name: channel c is `x * scale_c + offset_c`."""
     graph = LayerGraph(model)
     config = copy.deepcopy(graph.config)
     weights = {}
     for entry in config["layers"]:
-        if entry["name"] not in names:
+        if entry["name"] not in affines:
             continue
-        bn = graph.layer(entry["name"])
-        channels = bn.moving_mean.shape[0]
-        gamma = np.ones(channels) if bn.gamma is None else bn.gamma.numpy()
-        beta = np.zeros(channels) if bn.beta is None else bn.beta.numpy()
-        kernel, bias = fold_weights(
-            np.ones((1, 1, channels, 1)), None, gamma, beta,
-            bn.moving_mean.numpy(), bn.moving_variance.numpy(), bn.epsilon, depthwise=True,
-        )  # fmt: skip
+        layer = graph.layer(entry["name"])
+        scale, offset = affines[entry["name"]]
         entry["class_name"] = "DepthwiseConv2D"
         entry["config"] = {
             "name": entry["name"],
-            "trainable": bn.trainable,
-            "dtype": bn.dtype,
+            "trainable": layer.trainable,
+            "dtype": layer.dtype,
             "kernel_size": (1, 1),
             "use_bias": True,
         }
         entry.pop("build_config", None)
-        weights[entry["name"]] = [kernel, bias]
+        entry.pop("module", None)
+        entry.pop("registered_name", None)
+        weights[entry["name"]] = [
+            np.asarray(scale, np.float32).reshape(1, 1, -1, 1),
+            np.asarray(offset, np.float32),
+        ]
     new_model = keras.Model.from_config(config)
     for layer in new_model.layers:
         values = weights.get(layer.name) or graph.layer(layer.name).get_weights()
         layer.set_weights([np.array(v) for v in values])
     return new_model
+
+
+def _is_preprocessing(layer) -> bool:
+    return entry_for(layer).quant is Quant.PREPROCESSING
+
+
+def preprocessing_affine(layer) -> tuple[np.ndarray, np.ndarray]:
+    """A Rescaling or Normalization layer as a per-channel affine `y_c = a_c x_c + b_c`.
+
+    Rescaling is `x * scale + offset` (scalars, or one value per channel);
+    Normalization is `(x - mean) / max(sqrt(variance), eps)`, or with `invert=True`
+    `mean + x * max(sqrt(variance), eps)`, with eps Keras' `backend.epsilon()` as in
+    its `call`.
+
+    Args:
+      layer: a built Rescaling or Normalization layer.
+
+    Returns:
+      (a, b): float64 arrays of one value per input channel (last axis).
+
+    Raises:
+      ValueError: a Normalization over another axis than the channel (last) axis, or
+        a Rescaling scale / offset that is not one value or one per channel; the
+        message names the layer.
+
+    Example:
+      >>> layer = keras.layers.Rescaling(1 / 127.5, offset=-1.0)
+      >>> _ = layer(keras.Input((2, 2, 3)))
+      >>> a, b = preprocessing_affine(layer)
+      >>> a.round(6).tolist(), b.tolist()
+      ([0.007843, 0.007843, 0.007843], [-1.0, -1.0, -1.0])
+    """
+    shape = layer.input_shape
+    rank = len(shape)
+    channels = shape[-1]
+    kind = type(layer).__name__
+    if isinstance(layer, keras.layers.Normalization):
+        axes = tuple(a % rank for a in layer.axis)
+        if axes != (rank - 1,):
+            raise ValueError(
+                f"Layer {layer.name!r} (Normalization) normalizes axis={layer.axis}; "
+                "tf_pfq folds a Normalization over the channel axis only (axis=-1)."
+            )
+        mean = np.asarray(layer.mean, np.float64).reshape(-1)
+        std = np.maximum(
+            np.sqrt(np.asarray(layer.variance, np.float64).reshape(-1)),
+            keras.backend.epsilon(),
+        )
+        if mean.shape != (channels,):
+            raise ValueError(
+                f"Layer {layer.name!r} (Normalization) has {mean.size} means for "
+                f"{channels} channels."
+            )
+        return (std, mean) if layer.invert else (1.0 / std, -mean / std)
+    values = []
+    for argument in ("scale", "offset"):
+        value = np.asarray(getattr(layer, argument), np.float64).reshape(-1)
+        if value.size not in (1, channels):
+            raise ValueError(
+                f"Layer {layer.name!r} ({kind}): `{argument}` has {value.size} values; "
+                f"tf_pfq folds one value or one per channel ({channels})."
+            )
+        values.append(np.broadcast_to(value, (channels,)).copy())
+    return values[0], values[1]
+
+
+def _fold_into(target, scale: np.ndarray, offset: np.ndarray):
+    """Kernel and bias of `target` (Conv2D, DepthwiseConv2D or Dense) reading `a x + b`.
+
+    Input channel c of the kernel is scaled by `a_c`; `b_c` times the kernel's input
+    channel c, summed over the window (and for a depthwise kernel kept per output
+    channel c * m + j), goes into the bias: exact without padding.
+    """
+    layout = _kernel(target)
+    assert layout is not None
+    kernel = getattr(target, layout.attr).numpy().astype(np.float64)
+    bias = target.bias.numpy().astype(np.float64) if target.use_bias else None
+    if layout.depthwise:  # (kh, kw, in, mult), output c * mult + j
+        shift = (kernel.sum(axis=(0, 1)) * offset[:, None]).reshape(-1)
+        kernel = kernel * scale[:, None]
+    else:  # (..., in, out)
+        shift = np.tensordot(offset, kernel.sum(axis=tuple(range(kernel.ndim - 2))), 1)
+        kernel = kernel * scale[:, None]
+    bias = shift if bias is None else bias + shift
+    return kernel.astype(np.float32), bias.astype(np.float32)
+
+
+def _preprocessing_runs(graph: LayerGraph) -> list[list[str]]:
+    """Maximal chains of preprocessing layers, each feeding only the next one."""
+    runs: list[list[str]] = []
+    taken: set[str] = set()
+    for name in graph.order:
+        if name in taken or not _is_preprocessing(graph.layer(name)):
+            continue
+        run = [name]
+        while True:
+            consumers = graph.consumers_of(run[-1])
+            if graph.is_output(run[-1]) or len(consumers) != 1:
+                break
+            nxt = consumers[0]
+            if not _is_preprocessing(graph.layer(nxt)) or graph.is_shared(nxt):
+                break
+            run.append(nxt)
+        taken.update(run)
+        runs.append(run)
+    return runs
+
+
+def _fold_target(graph: LayerGraph, last: str, offset: np.ndarray):
+    """(layer the affine after `last` folds into, None) or (None, why it cannot)."""
+    current, padded = last, []
+    while True:
+        consumers = graph.consumers_of(current)
+        if graph.is_output(current) or len(consumers) != 1:
+            return None, f"{current!r} has {len(consumers)} consumers or is a model output"
+        nxt = consumers[0]
+        entry = entry_for(graph.layer(nxt))
+        if entry.absorb is Absorb.ZERO_PADDING and not graph.is_shared(nxt):
+            padded.append(nxt)
+            current = nxt
+            continue
+        break
+    target = graph.layer(nxt)
+    kernel = entry.kernel
+    if kernel is None or kernel.out_axis != -1 or entry.quant is not Quant.WEIGHTS:
+        return None, f"it feeds {type(target).__name__} {nxt!r}, not a conv or dense layer"
+    if graph.is_shared(nxt) or len(graph.inputs_of(nxt)) != 1:
+        return None, f"{nxt!r} is shared"
+    if getattr(target, "groups", 1) != 1:
+        return None, f"{nxt!r} is a grouped convolution"
+    if getattr(target, "data_format", "channels_last") != "channels_last":
+        return None, f"{nxt!r} is channels_first"
+    if np.any(offset != 0):
+        pads = [repr(p) for p in padded]
+        if getattr(target, "padding", "valid") != "valid":
+            pads.append(f"{nxt!r}'s own padding={target.padding!r}")
+        if pads:
+            return None, (
+                f"zero padding ({', '.join(pads)}) lies between it and {nxt!r}, and its "
+                "offset is not 0: padded zeros of its output are not zeros of its input"
+            )
+    return nxt, None
+
+
+def _fold_preprocessing(graph: LayerGraph, per_channel_affine: bool = True):
+    """(model, {layer: what happened}): every preprocessing run folded or an affine."""
+    report: dict[str, str] = {}
+    remove: list[str] = []
+    layer_configs: dict[str, dict] = {}
+    weights: dict[str, list[np.ndarray]] = {}
+    affines: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    for run in _preprocessing_runs(graph):
+        scale, offset = np.ones(1), np.zeros(1)
+        for name in run:
+            layer = graph.layer(name)
+            if graph.is_shared(name):
+                raise ValueError(
+                    f"Layer {name!r} ({type(layer).__name__}) is called "
+                    f"{graph.num_calls(name)} times; tf_pfq.fold_batchnorm folds a "
+                    "preprocessing layer called once."
+                )
+            a, b = preprocessing_affine(layer)
+            scale, offset = a * scale, a * offset + b
+        last = run[-1]
+        target, why = _fold_target(graph, last, offset)
+        if target is None and not per_channel_affine:
+            report.update(dict.fromkeys(run, f"kept: {why}"))
+            continue
+        for name in run[:-1]:
+            report[name] = f"merged into {last!r} (one affine)"
+        remove += run[:-1]
+        per_tensor = bool(np.all(scale == scale[0]) and np.all(offset == offset[0]))
+        what = f"{'per-tensor' if per_tensor else 'per-channel'} affine"
+        if target is not None:
+            layer_configs[target] = {**graph.layer(target).get_config(), "use_bias": True}
+            weights[target] = list(_fold_into(graph.layer(target), scale, offset))
+            remove.append(last)
+            source = (
+                "the model input's grid absorbs it"
+                if all(p in graph.input_names for p in graph.inputs_of(run[0]))
+                else "exact"
+            )
+            report[last] = f"folded into {target!r} ({what}; {source})"
+        elif len(graph.layer(last).output_shape) == 4:
+            affines[last] = (scale, offset)
+            report[last] = f"1x1 DepthwiseConv2D ({what}), not folded: {why}"
+        else:
+            raise ValueError(
+                f"Layer {last!r} ({type(graph.layer(last)).__name__}) cannot be folded "
+                f"({why}) and is not on 4-D (image) tensors, so it cannot be written as "
+                "a 1x1 DepthwiseConv2D either."
+            )
+    if not remove and not affines:
+        return graph.model, report
+    model = rebuild(graph.model, remove=remove, layer_configs=layer_configs, weights=weights)
+    if affines:
+        model = _as_affine(model, affines)
+    return model, report
 
 
 def _is_channel_axis(axis, rank: int) -> bool:
@@ -205,19 +433,25 @@ def fold_batchnorm(model, *, per_channel_affine: bool = True):
     activation, the input, a layer with several consumers) is rewritten, on 4-D
     inputs, as a per-channel affine: a 1x1 DepthwiseConv2D with bias and the BN's
     name, so that it can be quantized (`report.affine` says why it was not folded).
-    Other BNs stay and are listed in `report.unfolded`. In inference mode the result
-    computes the same function up to float round-off.
+    Other BNs stay and are listed in `report.unfolded`. Preprocessing layers
+    (Rescaling, Normalization) are first folded into the next conv where exact, else
+    rewritten as such a per-channel affine (module docstring; `report.preprocessing`
+    says which). In inference mode the result computes the same function up to
+    float round-off.
 
     Args:
       model: a Functional or Sequential tf_keras model; not modified.
-      per_channel_affine: rewrite the BNs that cannot be folded as described; False
-        keeps them as BatchNormalization layers.
+      per_channel_affine: rewrite the BNs and preprocessing layers that cannot be
+        folded as described; False keeps them as they are.
 
     Returns:
       (folded model, FoldReport). The folded model keeps all other layer names.
 
     Raises:
       TypeError: not a tf_keras Functional or Sequential model.
+      ValueError: a Normalization over another axis than the last, a Rescaling with
+        neither one scale nor one per channel, or a shared preprocessing layer (the
+        message names the layer).
 
     Example:
       >>> from tf_pfq import models
@@ -227,6 +461,7 @@ def fold_batchnorm(model, *, per_channel_affine: bool = True):
       ([('conv1_bn', 'conv1'), ('conv_dw_1_bn', 'conv_dw_1')], {})
     """
     graph = LayerGraph(split_separable(model))  # its halves fold like any conv
+    graph, preprocessing = _preprocessing_graph(graph, per_channel_affine)
     folded: dict[str, str] = {}
     unfolded: dict[str, str] = {}
     layer_configs = {}
@@ -269,7 +504,7 @@ def fold_batchnorm(model, *, per_channel_affine: bool = True):
             if rank == 4 and _is_channel_axis(layer.axis, rank) and not graph.is_shared(name):
                 affine[name] = unfolded.pop(name)
         if affine:
-            result = _as_affine(result, list(affine))
+            result = _as_affine(result, {n: _bn_affine(graph.layer(n)) for n in affine})
     producers = set(folded.values())
     ranges = {}
     for layer in result.layers:
@@ -279,4 +514,9 @@ def fold_batchnorm(model, *, per_channel_affine: bool = True):
             ranges[layer.name] = WeightRange(
                 float(kernel.min()), float(kernel.max()), layer.name in producers
             )
-    return result, FoldReport(folded, unfolded, ranges, affine)
+    return result, FoldReport(folded, unfolded, ranges, affine, preprocessing)
+
+
+def _preprocessing_graph(graph: LayerGraph, per_channel_affine: bool):
+    model, report = _fold_preprocessing(graph, per_channel_affine)
+    return (graph if model is graph.model else LayerGraph(model)), report

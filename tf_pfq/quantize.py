@@ -35,8 +35,11 @@ Which tensors carry which quantizer (the contract the TFLite exporter relies on)
     input of the concat is on the concat's one range, as TFLite's int8
     CONCATENATION and the Edge TPU require (`concat_shared_ranges` lists them;
     the exporter gives them the concat's grid). Other inputs are requantized.
-  Not quantized (paper §4.1): the model's last layer output (any layer producing
-  a model output, directly or through grid-preserving layers). Grid-preserving
+  Not quantized: the outputs of preprocessing layers (Rescaling, Normalization) in
+  stage A, which stage W refuses until `tf_pfq.fold_batchnorm` folded them into
+  the next conv or rewrote them as a 1x1 DepthwiseConv2D; and (paper §4.1) the
+  model's last layer output (any layer producing a model output, directly or
+  through grid-preserving layers). Grid-preserving
   layers (Dropout, Flatten, Reshape, max pooling, zero padding, cropping, nearest
   upsampling) carry no quantizer: their output is on their input's grid. Op
   layers (TFOpLambda, SlicingOpLambda, Lambda) are refused with the op's name.
@@ -177,6 +180,14 @@ def _validate_graph(graph: LayerGraph, weight_bits) -> None:
             )
         if weight_bits is None:
             continue
+        if entry.quant is Quant.PREPROCESSING:
+            raise ValueError(
+                f"Layer {name!r} ({type(layer).__name__}) is a preprocessing layer that "
+                "stage W would leave in float; fold it first with "
+                "`tf_pfq.fold_batchnorm(model)`, which folds it into the next conv where "
+                "that is exact, else rewrites it as a per-channel affine (a 1x1 "
+                "DepthwiseConv2D) that stage W quantizes."
+            )
         if entry.quant is Quant.NORMALIZATION:
             producers = [graph.layer(p) for p in graph.inputs_of(name)]
             if any(_is_weighted(p) for p in producers):

@@ -109,6 +109,9 @@ class Quant(enum.Enum):
     PRESERVES = "preserves"  # output on its input's grid: no quantizer of its own
     INPUT = "input"  # a model input: tfmot's QuantizeLayer after it
     REFUSED = "refused"  # apply refuses it by name (an op layer)
+    # Rescaling / Normalization: a per-channel affine; no quantizer of its own in
+    # stage A, and stage W needs it folded (`tf_pfq.fold` canonicalizes it).
+    PREPROCESSING = "preprocessing"
     NONE = "none"  # no quantizer, and its output is not on a known grid
 
 
@@ -322,6 +325,14 @@ def _export_bn_refusal(name: str, layer) -> str:
     )
 
 
+def _export_preprocessing_refusal(name: str, layer) -> str:
+    return (
+        f"Layer {name!r} ({type(layer).__name__}) is a preprocessing layer: the integer "
+        "export needs it folded. Call tf_pfq.fold_batchnorm, which folds it into the next "
+        "conv or rewrites it as a per-channel affine, then tf_pfq.apply(..., weight_bits=n)."
+    )
+
+
 _CONV = Kernel("kernel", "(kh, kw, in, out)", in_axis=-2, out_axis=-1)
 _DEPTHWISE = Kernel("depthwise_kernel", "(kh, kw, in, mult)", -2, -1, depthwise=True)
 _TRANSPOSED = Kernel("kernel", "(kh, kw, out, in)", -1, -2, per_channel=False)
@@ -398,6 +409,11 @@ _ENTRIES: tuple[LayerEntry, ...] = (
         quant=Quant.NORMALIZATION,
         refusal=_export_bn_refusal,
     ),
+    # Preprocessing (`y = a_c x + b_c` per channel): `tf_pfq.fold_batchnorm` folds it
+    # into the next conv where that is exact, else writes it as a 1x1 DepthwiseConv2D.
+    # Pruning stops at it (it sits at the model input, where nothing is pruned).
+    _entry(L.Rescaling, quant=Quant.PREPROCESSING, refusal=_export_preprocessing_refusal),
+    _entry(L.Normalization, quant=Quant.PREPROCESSING, refusal=_export_preprocessing_refusal),
     # -- activations ----------------------------------------------------------------
     _entry(L.ReLU, **_RELU_KIND, lowering=Lowering.ACTIVATION, tflite="RELU / RELU6 (fused)"),
     _entry(L.LeakyReLU, **_RELU_KIND),

@@ -1,0 +1,176 @@
+"""Rescaling and Normalization through fold, stage W and the integer export.
+
+`tf_pfq.fold_batchnorm` canonicalizes both as a per-channel affine `y = a x + b`:
+folded into the next conv where that is exact (the model input's grid then absorbs
+it), else written as a 1x1 DepthwiseConv2D. Each case checks the folded model
+against the float one and the exported file against the Keras QAT model on XNNPACK
+(99th percentile of |logit difference| <= 2 int8 output steps, maximum <= 4).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import tf_pfq
+from tf_pfq.compat import keras
+from tf_pfq.export import litert
+from tf_pfq.export.summary import inspect
+
+L = keras.layers
+SHAPE = (12, 12, 3)
+MEAN, VARIANCE = [120.0, 110.0, 100.0], [3600.0, 2500.0, 4900.0]
+
+
+def _images(seed=0, n=64):
+    return np.random.default_rng(seed).uniform(0, 255, (n, *SHAPE)).astype(np.float32)
+
+
+def _body(x):
+    x = L.Conv2D(8, 3, padding="same", name="conv1")(x)
+    x = L.BatchNormalization(name="conv1_bn")(x)
+    x = L.Activation("swish", name="conv1_act")(x)
+    x = L.GlobalAveragePooling2D(name="pool")(x)
+    return L.Dense(10, name="logits")(x)
+
+
+def rescaling_net():
+    inputs = keras.Input(SHAPE, name="image")
+    return keras.Model(inputs, _body(L.Rescaling(1 / 255, name="rescale")(inputs)))
+
+
+def offset_rescaling_net():
+    inputs = keras.Input(SHAPE, name="image")
+    x = L.Rescaling(1 / 127.5, offset=-1.0, name="rescale")(inputs)
+    x = L.Conv2D(8, 3, name="stem")(x)  # 'valid': the offset folds into the bias
+    return keras.Model(inputs, _body(x))
+
+
+def normalization_net(invert=False):
+    # EfficientNet's stem: Rescaling, Normalization, ZeroPadding2D, then the conv.
+    inputs = keras.Input(SHAPE, name="image")
+    x = L.Rescaling(1 / 255, name="rescale")(inputs)
+    if invert:
+        mean, variance = [0.1, -0.2, 0.3], [4.0, 0.25, 1.0]
+    else:
+        mean = [m / 255 for m in MEAN]
+        variance = [v / 255**2 for v in VARIANCE]
+    x = L.Normalization(mean=mean, variance=variance, invert=invert, name="norm")(x)
+    x = L.ZeroPadding2D(1, name="stem_pad")(x)
+    x = L.Conv2D(8, 3, strides=2, name="stem")(x)
+    return keras.Model(inputs, _body(x))
+
+
+def _fold(model, seed=0):
+    rng = np.random.default_rng(seed)
+    bn = model.get_layer("conv1_bn")
+    gamma, beta, mean, var = bn.get_weights()
+    bn.set_weights(
+        [
+            rng.uniform(0.5, 1.5, gamma.shape),
+            rng.normal(0, 0.2, beta.shape),
+            rng.normal(0, 0.1, mean.shape),
+            rng.uniform(0.5, 1.5, var.shape),
+        ]
+    )
+    folded, report = tf_pfq.fold_batchnorm(model)
+    data = _images(seed, 16)
+    np.testing.assert_allclose(folded(data), model(data), rtol=1e-4, atol=1e-4)
+    return folded, report
+
+
+def _export_error(folded, seed=0):
+    qat = tf_pfq.apply(folded, activation_bits=4, weight_bits=4)
+    data = _images(seed)
+    qat(data[:48], training=True)
+    keras_out = qat.predict(data[48:], verbose=0)
+    tflite = tf_pfq.export.to_tflite(qat, representative_data=data[:48])
+    out = litert.predict(litert.make_interpreter(tflite), data[48:])
+    step = inspect(tflite).outputs[0].scales[0]
+    err = np.abs(out - keras_out).reshape(-1) / step
+    return float(np.percentile(err, 99)), float(err.max()), tflite
+
+
+def test_per_tensor_rescaling_on_the_input_folds_into_the_conv():
+    keras.utils.set_random_seed(0)
+    model = rescaling_net()
+    folded, report = _fold(model)
+    assert report.preprocessing == {
+        "rescale": "folded into 'conv1' (per-tensor affine; the model input's grid absorbs it)"
+    }
+    assert "rescale" not in [layer.name for layer in folded.layers]
+    np.testing.assert_allclose(
+        folded.get_layer("conv1").kernel.numpy(),
+        model.get_layer("conv1").kernel.numpy() / 255 * _bn_scale(model, "conv1_bn"),
+        rtol=1e-5,
+    )
+    p99, worst, tflite = _export_error(folded)
+    assert p99 <= 2.0 and worst <= 4.0, (p99, worst)
+    ops = inspect(tflite).op_counts()
+    assert "DEPTHWISE_CONV_2D" not in ops and "MUL" in ops  # the MUL is swish's
+
+
+def _bn_scale(model, name):
+    bn = model.get_layer(name)
+    gamma, _, _, var = bn.get_weights()
+    return gamma / np.sqrt(var + bn.epsilon)
+
+
+def test_rescaling_offset_folds_into_the_bias_of_a_valid_conv():
+    keras.utils.set_random_seed(1)
+    folded, report = _fold(offset_rescaling_net(), seed=1)
+    assert report.preprocessing["rescale"].startswith("folded into 'stem'")
+    p99, worst, _ = _export_error(folded, seed=1)
+    assert p99 <= 2.0 and worst <= 4.0, (p99, worst)
+
+
+@pytest.mark.parametrize("invert", [False, True])
+def test_normalization_before_zero_padding_becomes_a_per_channel_affine(invert):
+    keras.utils.set_random_seed(2)
+    folded, report = _fold(normalization_net(invert), seed=2)
+    assert report.preprocessing["rescale"] == "merged into 'norm' (one affine)"
+    assert report.preprocessing["norm"].startswith(
+        "1x1 DepthwiseConv2D (per-channel affine), not folded: zero padding ('stem_pad')"
+    )
+    layer = folded.get_layer("norm")
+    assert isinstance(layer, L.DepthwiseConv2D) and layer.kernel_size == (1, 1)
+    assert "rescale" not in [layer.name for layer in folded.layers]
+    p99, worst, _ = _export_error(folded, seed=2)
+    assert p99 <= 2.0 and worst <= 4.0, (p99, worst)
+
+
+def test_normalization_of_the_input_folds_into_a_valid_conv():
+    inputs = keras.Input(SHAPE, name="image")
+    x = L.Normalization(mean=MEAN, variance=VARIANCE, name="norm")(inputs)
+    model = keras.Model(inputs, L.Conv2D(4, 3, name="conv")(x))
+    folded, report = tf_pfq.fold_batchnorm(model)
+    assert report.preprocessing == {
+        "norm": "folded into 'conv' (per-channel affine; the model input's grid absorbs it)"
+    }
+    data = _images(3, 8)
+    np.testing.assert_allclose(folded(data), model(data), rtol=1e-4, atol=1e-4)
+
+
+def test_unfoldable_preprocessing_is_kept_without_per_channel_affine():
+    folded, report = tf_pfq.fold_batchnorm(normalization_net(), per_channel_affine=False)
+    assert report.preprocessing["norm"].startswith("kept: zero padding")
+    assert isinstance(folded.get_layer("norm"), L.Normalization)
+    assert report.preprocessing["rescale"] == report.preprocessing["norm"]
+    with pytest.raises(ValueError, match=r"'rescale' \(Rescaling\) is a preprocessing layer"):
+        tf_pfq.apply(folded, activation_bits=4, weight_bits=4)
+
+
+def test_normalization_over_another_axis_is_refused_naming_the_layer():
+    inputs = keras.Input(SHAPE, name="image")
+    x = L.Normalization(axis=1, mean=[0.0] * 12, variance=[1.0] * 12, name="rows")(inputs)
+    model = keras.Model(inputs, L.Conv2D(4, 3, name="conv")(x))
+    with pytest.raises(ValueError, match=r"'rows' \(Normalization\) normalizes axis=\(1,\)"):
+        tf_pfq.fold_batchnorm(model)
+
+
+def test_stage_w_and_export_refuse_unfolded_preprocessing():
+    model = rescaling_net()
+    with pytest.raises(ValueError, match=r"'rescale' \(Rescaling\) is a preprocessing layer"):
+        tf_pfq.apply(model, activation_bits=4, weight_bits=4)
+    qat = tf_pfq.apply(model, activation_bits=4)  # stage A keeps it, unquantized
+    assert "quant_rescale" not in [layer.name for layer in qat.layers]
