@@ -103,6 +103,17 @@ def randomize_bn(model, images: np.ndarray, seed: int = 0) -> None:
         layer.moving_variance.assign(floor)
 
 
+def set_preprocessing_stats(model) -> None:
+    """ImageNet's per-channel mean and variance in every Normalization layer (as the
+    EfficientNets' pretrained weights have): weights=None leaves mean 0 and variance 1,
+    an identity that `fold_batchnorm` folds into the stem conv, so the per-channel
+    affine route (zero padding before the stem) would go untested."""
+    for layer in model.layers:
+        if isinstance(layer, L.Normalization):
+            mean, variance = [0.485, 0.456, 0.406], [0.229**2, 0.224**2, 0.225**2]
+            layer.set_weights([np.array(mean), np.array(variance), layer.get_weights()[2]])
+
+
 def plant_dead(model, layers: int, per_layer: int, seed: int = 0) -> list[str]:
     """Dead channels as weight decay leaves them: zero filter into the BN, variance far
     below epsilon, the output constant at beta. Only BNs right after a Conv2D or
@@ -153,6 +164,7 @@ def run_chain(name: str) -> dict:
     started = time.time()
     try:
         model = build(name, size, FLAGS.classes)
+        set_preprocessing_stats(model)
         randomize_bn(model, images[:16])
         row["planted_bn_layers"] = plant_dead(model, FLAGS.planted_layers, FLAGS.dead_per_layer)
         row["params"] = tf_pfq.count_params(model)
@@ -178,7 +190,11 @@ def run_chain(name: str) -> dict:
         current = tf_pfq.strip(qat)
         row["strip"] = "ok"
         current, fold_report = tf_pfq.fold_batchnorm(current)
-        row.update(fold="ok", unfolded=dict(fold_report.unfolded))
+        row.update(
+            fold="ok",
+            unfolded=dict(fold_report.unfolded),
+            preprocessing=dict(fold_report.preprocessing),
+        )
         qat = tf_pfq.apply(current, activation_bits=bits, weight_bits=bits)
         qat(images[:32], training=True)
         row["stage_w"] = "ok"
