@@ -19,6 +19,7 @@ import pytest
 from tf_pfq import cost, quantizers
 from tf_pfq.compat import keras
 from tf_pfq.layers import table
+from tf_pfq.layers.ops import ElementwiseOp
 from tf_pfq.layers.table import Absorb, Channels, Lowering, Quant
 
 L = keras.layers
@@ -112,6 +113,8 @@ SAMPLES = {
     "TFOpLambda": (lambda: _image(lambda x: x + 3.0), None, 0),
     "SlicingOpLambda": (lambda: _image(lambda x: x[:, :, :, :2]), None, 0),
     "Lambda": (lambda: _image(L.Lambda(lambda t: 2.0 * t, name="s")), "s", 0),
+    # The class entry is that of its products; tests/test_op_layers.py checks the others.
+    "ElementwiseOp": (lambda: _image(ElementwiseOp("multiply", 0.5, name="s")), "s", 0),
 }
 
 

@@ -41,8 +41,15 @@ Which tensors carry which quantizer (the contract the TFLite exporter relies on)
   model's last layer output (any layer producing a model output, directly or
   through grid-preserving layers). Grid-preserving
   layers (Dropout, Flatten, Reshape, max pooling, zero padding, cropping, nearest
-  upsampling) carry no quantizer: their output is on their input's grid. Op
-  layers (TFOpLambda, SlicingOpLambda, Lambda) are refused with the op's name.
+  upsampling) carry no quantizer: their output is on their input's grid.
+  Op layers from functional code are quantized like the Keras layer computing the
+  same, as `tf_pfq.layers.ops.ElementwiseOp` layers of the same names
+  (`replace_op_layers`): `x + c`, `x - c`, `x + y`, `x - y` like
+  Add (at `add_bits`, or covered by a ReLU consumer's quantizer: MobileNetV3's
+  hard-sigmoid `ReLU(6.)(x + 3.) * (1 / 6)` rounds once after the fused
+  add-and-clamp and once after the scaling), `x * c`, `x / c`, `x * y` like
+  Multiply, `tf.nn.relu(x)` and `tf.nn.relu6(x)` like ReLU; any other op layer
+  (TFOpLambda, SlicingOpLambda, Lambda) is refused with the op's name.
 * Weights (stage W only, `weight_bits` given): every Conv2D, DepthwiseConv2D,
   Conv2DTranspose and Dense kernel, first and last included (any other layer
   with weights, or a BatchNormalization left unfolded, is refused by name):
@@ -80,8 +87,10 @@ import tensorflow_model_optimization as tfmot
 from tf_pfq import ranges
 from tf_pfq.compat import check_model, keras, prepare_model
 from tf_pfq.graph import LayerGraph
+from tf_pfq.layers.ops import replace_op_layers
 from tf_pfq.layers.table import (
     FUSED_ACTIVATIONS,
+    MODELLED_OPS,
     Quant,
     activation_name,
     by_name,
@@ -174,8 +183,8 @@ def _validate_graph(graph: LayerGraph, weight_bits) -> None:
                 op_refusal(
                     name,
                     layer,
-                    "tf_pfq.apply cannot quantize: write it with Keras layers (Add, "
-                    "Multiply, ReLU, Activation, ...).",
+                    f"tf_pfq.apply cannot quantize: {MODELLED_OPS}; write it with Keras "
+                    "layers (Add, Multiply, ReLU, Activation, ...).",
                 )
             )
         if weight_bits is None:
@@ -441,7 +450,9 @@ def quantized_tensors(model, *, activation_bits: int, add_bits: int | None = 8) 
       >>> sorted(quantized_tensors(m, activation_bits=4))
       ['conv1_relu', 'conv_dw_1_relu', 'conv_pw_1_relu', 'pool']
     """
-    return _select(LayerGraph(model), activation_bits, add_bits)[0]
+    return _select(
+        LayerGraph(replace_op_layers(LayerGraph(model).model)), activation_bits, add_bits
+    )[0]
 
 
 _NON_NEGATIVE = frozenset(["relu", "relu6", "softmax", "sigmoid"])
@@ -453,6 +464,8 @@ def _is_non_negative(layer) -> bool:
         slope = float(np.asarray(layer.negative_slope))
         return slope == 0.0 and float(np.asarray(layer.threshold)) >= 0.0
     if isinstance(layer, L.Softmax):
+        return True
+    if activation_name(layer) in ("relu", "relu6"):  # tf.nn.relu / relu6 op layers
         return True
     name = getattr(getattr(layer, "activation", None), "__name__", "")
     return name in _NON_NEGATIVE
@@ -584,7 +597,7 @@ def apply(
         check_bits(input_bits, "input_bits")
     check_weight_scheme(weight_scheme, "weight_scheme")
     model = prepare_model(model)
-    graph = LayerGraph(split_activations(LayerGraph(model).model))
+    graph = LayerGraph(split_activations(replace_op_layers(LayerGraph(model).model)))
     _validate_graph(graph, weight_bits)
     configs = _plan(
         graph,

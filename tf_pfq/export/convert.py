@@ -34,8 +34,16 @@ eq. 20-21 becomes an **8-bit** fake-quant op whose int8 scale equals the n-bit s
   depthwise conv with a fused ReLU, swish is LOGISTIC then MUL (its sigmoid rounded
   to 1/256 in between, which QAT does too: `tf_pfq.quantizers.swish_with_int8_gate`).
   Conv2DTranspose lowers to TRANSPOSE_CONV (per-tensor weights), UpSampling2D to
-  RESIZE_NEAREST_NEIGHBOR or RESIZE_BILINEAR, Multiply to MUL. Op layers
-  (TFOpLambda, ...) are refused by name.
+  RESIZE_NEAREST_NEIGHBOR or RESIZE_BILINEAR, Multiply to MUL.
+* op layers (`tf_pfq.layers.ops.ElementwiseOp`, which `tf_pfq.apply` makes of
+  the op layers it models) lower like the Keras layer doing the same: `x + c`,
+  `x - c`, `x + y`, `x - y` to ADD / SUB (a ReLU consumer fused in, so
+  MobileNetV3's hard-sigmoid `ReLU(6.)(x + 3.)` is one ADD with a fused RELU6
+  rounding onto the ReLU's grid), `x * c`, `x / c` (as a product by `1 / c`:
+  TFLite has no int8 DIV) and `x * y` to MUL, `tf.nn.relu` / `tf.nn.relu6` to a
+  fused RELU / RELU6. Each rounds once onto the grid QAT gave the op's output (the
+  constant operand is an int8 tensor of its own, exact for a single value). Any
+  other op layer (TFOpLambda, SlicingOpLambda, Lambda) is refused by name.
 * tensors without a QAT quantizer (Add outputs with `add_bits=None`, logits, the
   model input if it has no quantizer) get an ordinary 8-bit range: the min/max
   over `representative_data` when given (widened by `OUTPUT_MARGIN` for model
@@ -82,6 +90,7 @@ import tensorflow as tf
 from tf_pfq.compat import keras
 from tf_pfq.export import int4
 from tf_pfq.graph import LayerGraph
+from tf_pfq.layers.ops import ElementwiseOp
 from tf_pfq.layers.table import Lowering, activation_name, entry_for, lookup
 from tf_pfq.quantize import concat_shared_ranges
 from tf_pfq.quantizers import SWISH_GATE_RANGE, QuantParams, nudge
@@ -339,6 +348,10 @@ class Simulate:
         """Whether int8 saturation at the grid's top replaces a ReLU's `max_value` clamp."""
         return False
 
+    def scalar_op(self, op: ElementwiseOp, v):
+        """`v <op> c` for an op layer with a number operand, as QAT computes it."""
+        return op.apply_op(v)
+
     def average_pool(self, name: str, x, config: Mapping[str, Any]):
         padding = config["padding"].upper()
         return tf.nn.avg_pool2d(x, config["pool_size"], config["strides"], padding)
@@ -400,6 +413,13 @@ class Export(Simulate):
     def saturation_clamps(self, grid: QuantParams | None, max_value: float) -> bool:
         return grid is not None and _scalar(grid.max) <= float(max_value)
 
+    def scalar_op(self, op: ElementwiseOp, v):
+        # TFLite has no int8 DIV: `x / c` is MUL by 1 / c (a float32 ulp away from
+        # the quotient, far below the output step).
+        if op.kind == "divide" and op.scalar is not None:
+            return v * np.float32(1.0 / op.scalar)
+        return op.apply_op(v)
+
     def average_pool(self, name: str, x, config: Mapping[str, Any]):
         # TFLite's int8 AVERAGE_POOL_2D needs equal input and output scales, so the
         # converter would requantize the input to the output grid before averaging
@@ -448,7 +468,11 @@ class _Builder:
             Lowering.RESIZE: self._upsample,
             Lowering.PASS_THROUGH: self._pass_through,
         }
-        self._merges = {Lowering.ADD: self._add, Lowering.MULTIPLY: self._multiply}
+        self._merges = {
+            Lowering.ADD: self._add,
+            Lowering.MULTIPLY: self._multiply,
+            Lowering.OP: self._op,
+        }
 
     # --- helpers -----------------------------------------------------------------
     def _quantize_output(self, name: str, t: _Tensor, needs_range: bool) -> _Tensor:
@@ -647,7 +671,10 @@ class _Builder:
 
     def _relu(self, name: str, layer, x: _Tensor) -> _Tensor:
         config = layer.get_config()
-        if isinstance(layer, L.Activation):
+        if isinstance(layer, ElementwiseOp):  # tf.nn.relu / tf.nn.relu6
+            max_value = 6.0 if layer.kind == "relu6" else None
+            fn = tf.nn.relu6 if layer.kind == "relu6" else tf.nn.relu
+        elif isinstance(layer, L.Activation):
             fn, _ = _activation_fn(config["activation"], name)
             fn = fn or (lambda v: v)
             max_value = 6.0 if config["activation"] == "relu6" else None
@@ -686,6 +713,42 @@ class _Builder:
         # An Add feeding only a quantized ReLU has no grid of its own: the ReLU is
         # fused into ADD and rounds once, as in the QAT model.
         return self._quantize_output(name, t, needs_range=self._needs_range(name))
+
+    def _op(self, name: str, inputs: list[_Tensor]) -> _Tensor:
+        """An ElementwiseOp: the op in float, then its output grid (one rounding).
+
+        `+` / `-` feeding only a quantized ReLU get no grid of their own (the ReLU is
+        fused into ADD / SUB, as in the QAT model); products always need one.
+        """
+        op = self.graph.layer(name)
+        x = inputs[0]
+        lo, hi = float(x.lo), float(x.hi)
+        if op.tensors == 2:
+            y = inputs[1]
+            value = op.apply_op(x.value, y.value)
+            y_lo, y_hi = float(y.lo), float(y.hi)
+            if op.kind == "add":
+                lo, hi = lo + y_lo, hi + y_hi
+            elif op.kind == "subtract":
+                lo, hi = lo - y_hi, hi - y_lo
+            else:
+                corners = [lo * y_lo, lo * y_hi, hi * y_lo, hi * y_hi]
+                lo, hi = min(corners), max(corners)
+            nonneg = x.nonneg and y.nonneg and op.kind != "subtract"
+        else:
+            c = float(op.scalar)
+            value = self.policy.scalar_op(op, x.value)
+            if op.kind in ("add", "subtract"):
+                shift = c if op.kind == "add" else -c
+                lo, hi = lo + shift, hi + shift
+                nonneg = x.nonneg and shift >= 0
+            else:
+                factor = c if op.kind == "multiply" else 1.0 / c
+                lo, hi = sorted((lo * factor, hi * factor))
+                nonneg = x.nonneg and factor >= 0
+        t = _Tensor(value, np.float32(lo), np.float32(hi), None, nonneg)
+        sums = op.kind in ("add", "subtract")
+        return self._quantize_output(name, t, self._needs_range(name) if sums else True)
 
     def _pool(self, name: str, layer, x: _Tensor) -> _Tensor:
         config = layer.get_config()

@@ -5,17 +5,29 @@ whose other operands are stored in the call's keyword arguments. For channel
 pruning an op matters only when it maps each channel through one scalar function
 of that channel alone; MobileNetV3's hard-sigmoid `relu6(x + 3) / 6` and
 hard-swish `x * hard_sigmoid(x)` are built from such ops (and a Multiply layer).
-Any other op is unknown to the passes, which then keep the channels that reach it.
+Any other op is unknown to pruning, which then keeps the channels that reach it.
+
+For quantization and export an op matters when integer inference has an int8 op
+computing it with one rounding onto its output grid: `+`, `-`, `*` with a Python
+number or a second tensor, `/` by a number, and `tf.nn.relu` / `tf.nn.relu6`.
+`replace_op_layers` (which `tf_pfq.apply` runs first) rewrites each such op layer
+into an `ElementwiseOp` layer of the same name: a serializable Keras layer stating
+the op and its constant, which tfmot can wrap (its wrapper loses the operands an
+op layer keeps in its call's keyword arguments) and which `tf_pfq.layers.table`
+gives an entry per op. Other op layers stay as they are, and are refused by name.
 """
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from tf_pfq.compat import keras  # noqa: F401 - the doctests' namespace
+import tensorflow as tf
 
-__all__ = ["elementwise_op", "op_name"]
+from tf_pfq.compat import keras
+
+__all__ = ["ElementwiseOp", "elementwise_op", "op_name", "replace_op_layers"]
 
 # Functions of one tensor applied channel by channel; binary ones only with a
 # Python scalar as the other operand (checked below).
@@ -108,3 +120,168 @@ def elementwise_op(layer, kwargs: Mapping[str, Any]) -> Callable | None:
         y = float(operands["y"])
         return lambda t: layer.function(t, y=y)
     return None
+
+
+# The ops `ElementwiseOp` computes, by the TF function an op layer calls.
+_MODELLED = {
+    "__operators__.add": "add",
+    "math.add": "add",
+    "math.subtract": "subtract",
+    "math.multiply": "multiply",
+    "math.truediv": "divide",
+    "math.divide": "divide",
+    "nn.relu": "relu",
+    "nn.relu6": "relu6",
+}
+KINDS = ("add", "subtract", "multiply", "divide", "relu", "relu6")
+
+
+@keras.utils.register_keras_serializable(package="tf_pfq")
+class ElementwiseOp(keras.layers.Layer):
+    """`x <kind> scalar`, `x <kind> y` of two tensors, or relu / relu6 of `x`.
+
+    The layer `replace_op_layers` puts where functional code wrote `x + 3.0`,
+    `x * y` or `tf.nn.relu6(x)`. With `scalar` it takes one tensor; without, the
+    binary kinds take a list `[x, y]`.
+
+    Args:
+      kind: one of "add", "subtract", "multiply", "divide", "relu", "relu6".
+      scalar: the number operand of a binary kind, or None for two tensors.
+
+    Example:
+      >>> layer = ElementwiseOp("divide", 6.0)
+      >>> float(layer(tf.constant([3.0]))[0])
+      0.5
+      >>> ElementwiseOp.from_config(layer.get_config()).get_config()["scalar"]
+      6.0
+    """
+
+    def __init__(self, kind: str, scalar: float | None = None, **kwargs):
+        super().__init__(**kwargs)
+        if kind not in KINDS:
+            raise ValueError(f"`kind` must be one of {KINDS}. Received: kind={kind!r}")
+        if kind in ("relu", "relu6") and scalar is not None:
+            raise ValueError(f"`scalar` must be None for kind={kind!r}. Received: {scalar!r}")
+        if kind == "divide" and (scalar is None or float(scalar) == 0.0):
+            raise ValueError(
+                f"kind='divide' needs a non-zero `scalar` (TFLite has no int8 DIV of two "
+                f"tensors). Received: scalar={scalar!r}"
+            )
+        self.kind = kind
+        self.scalar = None if scalar is None else float(scalar)
+
+    @property
+    def tensors(self) -> int:
+        """How many tensors the op reads."""
+        return 2 if self.scalar is None and self.kind not in ("relu", "relu6") else 1
+
+    def apply_op(self, x, y=None):
+        """The op on `x` (and `y` for two tensors), in float."""
+        other = self.scalar if self.tensors == 1 else y
+        if self.kind == "relu":
+            return tf.nn.relu(x)
+        if self.kind == "relu6":
+            return tf.nn.relu6(x)
+        if self.kind == "add":
+            return x + other
+        if self.kind == "subtract":
+            return x - other
+        if self.kind == "multiply":
+            return x * other
+        return x / other
+
+    def call(self, inputs):
+        if self.tensors == 2:
+            x, y = inputs
+            return self.apply_op(x, y)
+        return self.apply_op(inputs)
+
+    def compute_output_shape(self, input_shape):
+        if self.tensors == 2:
+            return tf.broadcast_static_shape(
+                tf.TensorShape(input_shape[0]), tf.TensorShape(input_shape[1])
+            )
+        return tf.TensorShape(input_shape)
+
+    def get_config(self):
+        return {**super().get_config(), "kind": self.kind, "scalar": self.scalar}
+
+
+def _modelled(layer_config: dict, names: set) -> tuple[str, float | None, list] | None:
+    """(kind, scalar, inbound records) of a TFOpLambda config `ElementwiseOp` computes."""
+    if layer_config["class_name"] != "TFOpLambda" or len(layer_config["inbound_nodes"]) != 1:
+        return None
+    kind = _MODELLED.get(str(layer_config["config"].get("function")))
+    node = layer_config["inbound_nodes"][0]
+    if kind is None or not node or not isinstance(node[0], str) or node[0] not in names:
+        return None  # e.g. `3.0 - x`: the first operand is a constant
+    record = [node[0], node[1], node[2], {}]
+    kwargs = {k: v for k, v in (node[3] if len(node) > 3 else {}).items() if k != "name"}
+    if kind in ("relu", "relu6"):
+        return (kind, None, [record]) if not kwargs else None
+    if set(kwargs) != {"y"}:
+        return None
+    y = kwargs["y"]
+    if _is_scalar(y):
+        if kind == "divide" and float(y) == 0.0:
+            return None
+        return kind, float(y), [record]
+    is_ref = isinstance(y, list) and len(y) == 3 and isinstance(y[0], str) and y[0] in names
+    if is_ref and kind != "divide":  # TFLite has no int8 DIV of two tensors
+        return kind, None, [record, [y[0], y[1], y[2], {}]]
+    return None
+
+
+def replace_op_layers(model):
+    """`model` with each op layer `ElementwiseOp` computes replaced by one, same name.
+
+    `x + 3.0`, `x - c`, `x * c`, `x / c` (c a Python number), `x + y`, `x - y`,
+    `x * y` (two tensors), `tf.nn.relu(x)` and `tf.nn.relu6(x)` become
+    `ElementwiseOp` layers; other layers (other op layers included) are kept. A
+    model without such op layers is returned as is.
+
+    Args:
+      model: a Functional tf_keras model; not modified.
+
+    Returns:
+      A Functional model computing the same function.
+
+    Example:
+      >>> x = keras.Input((2, 2, 3))
+      >>> model = keras.Model(x, tf.nn.relu6(x + 3.0) * (1 / 6))
+      >>> [type(layer).__name__ for layer in replace_op_layers(model).layers[1:]]
+      ['ElementwiseOp', 'ElementwiseOp', 'ElementwiseOp']
+    """
+    config = copy.deepcopy(model.get_config())
+    names = {c["name"] for c in config["layers"]}
+    layers, replaced = [], False
+    for layer_config in config["layers"]:
+        found = _modelled(layer_config, names)
+        if found is None:
+            layers.append(layer_config)
+            continue
+        kind, scalar, records = found
+        replaced = True
+        name = layer_config["name"]
+        layers.append(
+            {
+                "class_name": keras.utils.get_registered_name(ElementwiseOp),
+                "name": name,
+                "config": {
+                    "name": name,
+                    "trainable": True,
+                    "dtype": layer_config["config"].get("dtype", "float32"),
+                    "kind": kind,
+                    "scalar": scalar,
+                },
+                "inbound_nodes": [records],
+            }
+        )
+    if not replaced:
+        return model
+    config["layers"] = layers
+    result = keras.Model.from_config(config)
+    for layer in model.layers:
+        if layer.weights:
+            result.get_layer(layer.name).set_weights(layer.get_weights())
+    return result

@@ -26,7 +26,13 @@ vs pruned / folded / exported model) next to the pass that gains it;
 Classes are found along the layer's method resolution order, so a subclass of a
 listed class is treated like it, as `isinstance` did before (the exporter still
 lowers only exact Conv2D). Op layers (`TFOpLambda`, `SlicingOpLambda`, `Lambda`)
-are matched by class name: tf_keras does not export the first two.
+are matched by class name: tf_keras does not export the first two. The op layers
+integer inference computes with one rounding (`x + 3.0`, `x * (1 / 6)`, `x / 6.0`,
+`x * y`, `tf.nn.relu6(x)`, ...) are rewritten into `tf_pfq.layers.ops.ElementwiseOp`
+layers by `tf_pfq.apply` (`replace_op_layers`); an ElementwiseOp means what its op
+computes, so its entry is resolved per layer (`LayerEntry.resolve`) and it is
+quantized and lowered like the Keras layer doing the same (Add, Multiply, ReLU). Any
+other op layer keeps its class entry, which every pass but pruning refuses by name.
 
 Where today's passes disagree about a class the entry says so rather than hiding it:
 e.g. Cropping2D and nearest UpSampling2D keep the quantization grid (quantize,
@@ -46,7 +52,7 @@ from typing import Any
 import numpy as np
 
 from tf_pfq.compat import keras
-from tf_pfq.layers.ops import elementwise_op
+from tf_pfq.layers.ops import ElementwiseOp, elementwise_op
 
 __all__ = [
     "Absorb",
@@ -62,6 +68,7 @@ __all__ = [
     "entries",
     "entry_for",
     "lookup",
+    "op_entries",
     "op_refusal",
 ]
 
@@ -127,6 +134,7 @@ class Lowering(enum.Enum):
     RESIZE = "resize"
     MULTIPLY = "multiply"
     PASS_THROUGH = "pass-through"
+    OP = "op"  # an ElementwiseOp: the op, then its output grid (`_Builder._op`)
     REFUSED = "refused"  # a known layer the export cannot lower; `LayerEntry.refusal` says why
 
 
@@ -203,6 +211,8 @@ def activation_name(layer) -> str | None:
     if isinstance(layer, L.Activation):
         name = getattr(layer.activation, "__name__", None) or str(layer.get_config()["activation"])
         return "swish" if name == "silu" else name
+    if isinstance(layer, ElementwiseOp) and layer.kind in ("relu", "relu6"):
+        return layer.kind
     return None
 
 
@@ -275,6 +285,9 @@ class LayerEntry:
         there, as ReLU6 needs replacing).
       splits_activation: `split_activations` moves a non-fusable fused activation
         of this layer into an Activation layer of its own.
+      resolve: for a class whose instances mean different things (ElementwiseOp),
+        a function of the layer returning the entry of that instance; `entry_for`
+        calls it.
     """
 
     name: str
@@ -292,6 +305,7 @@ class LayerEntry:
     elementwise: Callable[[Any, Mapping[str, Any]], Any] | None = None
     cle: bool = False
     splits_activation: bool = False
+    resolve: Callable[[Any], LayerEntry] | None = None
 
     def preserves_grid(self, layer) -> bool:
         return bool(self.grid(layer))
@@ -313,8 +327,18 @@ def op_refusal(name: str, layer, action: str) -> str:
     return f"Layer {name!r} ({type(layer).__name__}) applies the op {op!r}, which {action}"
 
 
+MODELLED_OPS = (
+    "tf_pfq models +, - and * with a number or a second tensor, / by a number, "
+    "tf.nn.relu and tf.nn.relu6"
+)
+
+
 def _export_op_refusal(name: str, layer) -> str:
-    return op_refusal(name, layer, "the integer export cannot lower: write it with Keras layers.")
+    return op_refusal(
+        name,
+        layer,
+        f"the integer export cannot lower: {MODELLED_OPS}; write it with Keras layers.",
+    )
 
 
 def _export_bn_refusal(name: str, layer) -> str:
@@ -347,6 +371,77 @@ _RELU_KIND = {
     "quant": Quant.OUTPUT,
     "fuses": _always,
 }
+
+
+# Pruning reads every op layer through `ops.elementwise_op` (None: channels kept).
+_OP_PRUNING: dict[str, Any] = {
+    "channels": Channels.PASS_THROUGH,
+    "absorb": Absorb.FUNCTION,
+    "elementwise": elementwise_op,
+}
+
+
+def _elementwise_op_fn(layer, kwargs):
+    # An ElementwiseOp of one tensor maps each channel through the same function.
+    if layer.tensors != 1:
+        return None
+    return lambda t: layer.apply_op(t)
+
+
+# The entries of an ElementwiseOp, by its op, each quantized like the Keras layer
+# computing the same: `*` and `/` as Multiply (an output grid of its own: a product
+# or a scaled grid is off the input's; the class entry), `+` / `-` as Add (at
+# `add_bits`, or fused into a ReLU consumer: ADD with a fused RELU6 is MobileNetV3's
+# hard-sigmoid), relu / relu6 as ReLU. The export applies the op and rounds once
+# onto the same grid (`convert._Builder._op`).
+_ELEMENTWISE: dict[str, Any] = {
+    "channels": Channels.PASS_THROUGH,
+    "absorb": Absorb.FUNCTION,
+    "elementwise": _elementwise_op_fn,
+}
+_OP_ADD = LayerEntry(
+    "ElementwiseOp(add)",
+    ElementwiseOp,
+    **_ELEMENTWISE,
+    quant=Quant.ADD,
+    lowering=Lowering.OP,
+    tflite="ADD / SUB",
+)
+_OP_RELU = LayerEntry(
+    "ElementwiseOp(relu)",
+    ElementwiseOp,
+    **_ELEMENTWISE,
+    quant=Quant.OUTPUT,
+    fuses=_always,
+    lowering=Lowering.ACTIVATION,
+    tflite="RELU / RELU6 (fused)",
+)
+
+
+# `x + y` and `x * y` of two tensors merge channel c of both, as Add and Multiply do
+# (`x - y` stays opaque to pruning: no absorption rule takes a difference).
+_OP_SUM = dataclasses.replace(
+    _OP_ADD,
+    name="ElementwiseOp(add, two tensors)",
+    channels=Channels.MERGE,
+    absorb=Absorb.SUM,
+    elementwise=None,
+)
+
+
+def _resolve_op(layer) -> LayerEntry:
+    if layer.kind in ("add", "subtract"):
+        return _OP_SUM if layer.kind == "add" and layer.tensors == 2 else _OP_ADD
+    if layer.kind in ("relu", "relu6"):
+        return _OP_RELU
+    if layer.tensors == 2:
+        return _OP_PRODUCT
+    return _BY_NAME["ElementwiseOp"]
+
+
+def op_entries() -> tuple[LayerEntry, ...]:
+    """The entries an ElementwiseOp resolves to: its class entry (products), add, relu..."""
+    return (_BY_NAME["ElementwiseOp"], _OP_PRODUCT, _OP_ADD, _OP_SUM, _OP_RELU)
 
 
 def _entry(cls, **fields) -> LayerEntry:
@@ -551,22 +646,36 @@ _ENTRIES: tuple[LayerEntry, ...] = (
     LayerEntry(
         "TFOpLambda",
         None,
-        channels=Channels.PASS_THROUGH,
-        absorb=Absorb.FUNCTION,
-        elementwise=elementwise_op,
+        **_OP_PRUNING,
         quant=Quant.REFUSED,
         refusal=_export_op_refusal,
     ),
     LayerEntry(
         "SlicingOpLambda",
         None,
-        channels=Channels.PASS_THROUGH,
-        absorb=Absorb.FUNCTION,
-        elementwise=elementwise_op,
+        **_OP_PRUNING,
         quant=Quant.REFUSED,
         refusal=_export_op_refusal,
     ),
     LayerEntry("Lambda", L.Lambda, quant=Quant.REFUSED, refusal=_export_op_refusal),
+    # What `replace_op_layers` makes of the op layers it models; this is the entry of
+    # its products (`*`, `/`), `_resolve_op` gives the others theirs.
+    _entry(
+        ElementwiseOp,
+        **_ELEMENTWISE,
+        quant=Quant.OUTPUT,
+        lowering=Lowering.OP,
+        tflite="MUL",
+        resolve=_resolve_op,
+    ),
+)
+_OP_PRODUCT = dataclasses.replace(
+    _ENTRIES[-1],
+    name="ElementwiseOp(multiply, two tensors)",
+    channels=Channels.MERGE,
+    absorb=Absorb.PRODUCT,
+    elementwise=None,
+    resolve=None,
 )
 
 UNKNOWN = LayerEntry("unknown", None)
@@ -614,10 +723,10 @@ def entry_for(layer) -> LayerEntry:
     """
     for cls in type(layer).__mro__:
         entry = _BY_CLASS.get(cls)
+        if entry is None and cls.__name__ in _MATCHED_BY_NAME:
+            entry = _BY_NAME[cls.__name__]
         if entry is not None:
-            return entry
-        if cls.__name__ in _MATCHED_BY_NAME:
-            return _BY_NAME[cls.__name__]
+            return entry.resolve(layer) if entry.resolve is not None else entry
     return UNKNOWN
 
 
