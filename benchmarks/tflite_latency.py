@@ -1,26 +1,41 @@
-"""TFLite size and CPU latency: float32, plain int8 PTQ and tf_pfq n-bit, before/after PfQ.
+"""TFLite size and CPU latency, side by side: float, int8 PTQ, n-bit int8 and INT4, before/after PfQ.
 
-Model: `tf_keras.applications.MobileNetV2(alpha=0.35, 96x96, weights=None)` with a
-10-class head. Pretrained weights cannot be downloaded here, so the weights are
-random; latency and size do not depend on them. For PfQ to have something to remove,
-dead channels are planted the way pretraining with weight decay creates them (paper
-§3.2, DESIGN.md §6: mostly in the BNs after depthwise convs): a fraction of the
-channels of every depthwise BN gets a moving variance below epsilon. `tf_pfq.prune`
-then removes them (and, by dead-code clean-up, the expand filters feeding them).
+Models: `tf_keras.applications` architectures at a realistic size (default
+MobileNetV2 1.0 and MobileNet 1.0 at 224x224, weights=None, 10-class head).
+Pretrained weights cannot be downloaded here, so the weights are random; latency and
+size do not depend on them. For PfQ to have something to remove, dead channels are
+planted the way pretraining with weight decay creates them (mostly in the BNs after
+depthwise convolutions): `--dead_fraction` of the channels of every BN that follows
+a DepthwiseConv2D gets a moving variance below epsilon. `tf_pfq.prune` removes them
+(and, by dead-code clean-up, the filters that only fed them).
 
-For each of the original and the pruned model, one run measures:
+Model states: `original`; `pruned` (`tf_pfq.prune`); `pruned_cm8` (`tf_pfq.prune(...,
+channel_multiple=8)`, which keeps a few dead channels so that every pruned channel
+count stays a multiple of 8).
 
-* float32 `.tflite` (TFLiteConverter, static batch 1);
-* plain int8 post-training quantization (representative digits images, int8 io);
-* tf_pfq n-bit `.tflite` (fold BN, `tf_pfq.apply` stage W, activation ranges set by
-  training-mode passes over digits images, `tf_pfq.export.to_tflite`), with the
-  exact signed clamps (`clamp_signed=True`, MAXIMUM ops) and without them;
+Files per state:
 
-file size and median `invoke()` latency with LiteRT's XNNPACK CPU path at 1 and 2
-threads, interleaved over rounds (the best median per model is reported, since the
-machine is shared). Writes benchmarks/results/tflite_latency.{md,json}.
+* `float32`: TFLiteConverter, static batch 1;
+* `int8_ptq`: plain int8 post-training quantization (per-channel weights,
+  representative digits images, int8 io);
+* `nbit_int8`: tf_pfq's n-bit export with `tf_pfq.apply`'s default weight grid
+  (the paper's per-tensor `[min(w, 0), max(w, 0)]`), n-bit integers in int8 tensors;
+* `nbit_sym_int8` / `nbit_sym_int4`: `weight_scheme="symmetric"` (per channel), the
+  same export stored in int8 tensors or packed as INT4 (`weight_storage="int4"`):
+  identical grids, half the weight bytes.
 
-Usage: python benchmarks/tflite_latency.py [--runs=50] [--rounds=3] [--bits=4]
+Each file: size, MACs (and MACs with channel counts rounded up to XNNPACK's 8-wide
+tiles), and median `invoke()` latency on LiteRT's XNNPACK path at 1 and 2 threads and
+on TFLite's builtin kernels (1 thread). All files are measured in interleaved
+rounds (the best median per file and setting is kept), so that load from other
+processes hits all of them alike; ratios are taken within the one run.
+
+Resumable: converted files are kept in `--tflite_dir` (default runs/tflite_latency);
+a rerun converts only what is missing and re-measures everything. Writes
+benchmarks/results/tflite_latency.{md,json}.
+
+Usage: python benchmarks/tflite_latency.py [--architectures=MobileNetV2,MobileNet]
+       [--image_size=224] [--runs=20] [--rounds=3] [--bits=4]
 """
 
 from __future__ import annotations
@@ -39,8 +54,15 @@ from absl import app, flags, logging
 import tf_pfq
 from tf_pfq.compat import keras
 from tf_pfq.export import litert
+from tf_pfq.export.convert import plan_to_tflite
+from tf_pfq.export.int4 import apply_storage
 
-RUNS = flags.DEFINE_integer("runs", 50, "timed invokes per measurement")
+ARCHS = flags.DEFINE_list(
+    "architectures", ["MobileNetV2", "MobileNet"], "tf_keras.applications class names"
+)
+SIZE = flags.DEFINE_integer("image_size", 224, "input height and width")
+ALPHA = flags.DEFINE_float("alpha", 1.0, "width multiplier of the MobileNets")
+RUNS = flags.DEFINE_integer("runs", 20, "timed invokes per measurement")
 ROUNDS = flags.DEFINE_integer("rounds", 3, "interleaved measurement rounds")
 BITS = flags.DEFINE_integer("bits", 4, "tf_pfq activation and weight bits")
 DEAD = flags.DEFINE_float("dead_fraction", 0.3, "planted dead channels per depthwise BN")
@@ -49,82 +71,108 @@ OUT = flags.DEFINE_string(
 )
 TFLITE_DIR = flags.DEFINE_string(
     "tflite_dir",
-    None,
-    "Keep the converted .tflite files here; a later run with the same folder only "
-    "re-measures them (conversion takes minutes, measuring seconds).",
+    "runs/tflite_latency",
+    "Converted .tflite files are kept here; a rerun only converts what is missing.",
 )
 
-SIZE = 96
+STATES = {"original": None, "pruned": 0, "pruned_cm8": 8}  # prune's channel_multiple
+KINDS = ("float32", "int8_ptq", "nbit_int8", "nbit_sym_int8", "nbit_sym_int4")
+SETTINGS = (("xnnpack", 1), ("xnnpack", 2), ("builtin", 1))
+TILE = 8
+
 NOTES = [
     "Notes:",
     "",
     (
-        "* Size: the n-bit file stores 4-bit integers in int8 tensors (Edge TPU and "
-        "XNNPACK need int8), so its weights are exactly 0.25x the float weights; the "
-        "int32 biases (as large as the float ones) and per-tensor metadata bring the "
-        "file to ~0.28x. The plain int8 file is larger than the n-bit one: its per-channel "
-        "scales and int64 zero points take ~170 KB; the n-bit export here uses per-tensor "
-        "weights (the paper's setting)."
+        "* Size: the n-bit files hold 4-bit integers; in int8 tensors (`nbit_*_int8`) "
+        "the weights are 0.25x the float weights, packed as INT4 (`nbit_sym_int4`) "
+        "0.125x. The int32 biases and the per-channel scales do not shrink."
     ),
     (
-        "* Latency: the machine's 2 cores are shared with other jobs, so the 2-thread "
-        "column is noisy (a second thread is often busy); the 1-thread column is the "
-        "comparable one. At ~0.2 ms per image per-op overheads are a large share, so "
-        "pruning 27 % of the MACs saves ~10 % (1 thread) of the int8 latency; channel "
-        "counts after PfQ are also no longer multiples of the SIMD width (not measured "
-        "separately)."
+        "* Which storage to choose: INT4 gives the smallest file, int8 storage the "
+        "fastest CPU inference. LiteRT's XNNPACK path takes INT4 filters only for "
+        "FULLY_CONNECTED, so an INT4 model's convolutions run on TFLite's builtin "
+        "kernels (compare the builtin column); the Edge TPU needs int8 weights."
     ),
     (
-        "* MAXIMUM ops: the exact lower clamp of the signed (linear bottleneck) n-bit "
-        "tensors; 'no_clamp' drops them (`clamp_signed=False`)."
+        "* Latency vs MACs: XNNPACK computes output channels (and depthwise channels) "
+        "in tiles of 8 or more, so a layer costs roughly its channel counts rounded up "
+        "to the tile ('tiled MACs'); layers PfQ does not shrink (the stem, the last 1x1 "
+        "conv, the classifier) and memory-bound ops (padding, depthwise, adds) keep "
+        "their time, so latency falls less than MACs. `pruned_cm8` keeps every pruned "
+        "channel count a multiple of 8 (prune(..., channel_multiple=8))."
+    ),
+    (
+        "* The machine's 2 cores are shared with other jobs; all files are measured in "
+        "the same interleaved rounds, so the ratios are the comparable numbers."
     ),
 ]
 
 
-_ITEMSIZE = {"int8": 1, "uint8": 1, "int32": 4, "float32": 4}
-
-
-def _const_bytes(summary, dtypes, min_rank: int = 0, max_rank: int = 8) -> int:
-    """Bytes of constant tensors of the given dtypes and ranks (weights, biases)."""
-    return sum(
-        int(np.prod(t.shape)) * _ITEMSIZE[t.dtype]
-        for t in summary.tensors
-        if t.is_constant and t.dtype in dtypes and min_rank <= len(t.shape) <= max_rank
-    )
-
-
-def build_model(seed: int = 0):
+def build_model(name: str, seed: int = 0):
+    """The application with random BN statistics and planted dead depthwise channels."""
     keras.utils.set_random_seed(seed)
-    model = keras.applications.MobileNetV2(
-        input_shape=(SIZE, SIZE, 3),
-        alpha=0.35,
+    kwargs = dict(
+        input_shape=(SIZE.value, SIZE.value, 3),
         weights=None,
         classes=10,
         classifier_activation=None,
     )
+    if name.startswith("MobileNet"):
+        kwargs["alpha"] = ALPHA.value
+    model = getattr(keras.applications, name)(**kwargs)
     rng = np.random.default_rng(seed)
     for layer in model.layers:
-        if isinstance(layer, keras.layers.BatchNormalization):
-            gamma, beta, mean, var = layer.get_weights()
-            var = rng.uniform(0.5, 1.5, var.shape).astype(np.float32)
-            if "depthwise" in layer.name:
-                dead = rng.random(var.shape) < DEAD.value
-                var[dead] = 0.0  # moving variance < epsilon: dead (paper eq. 17)
-            layer.set_weights([gamma, rng.normal(0, 0.1, beta.shape), mean * 0, var])
+        if not isinstance(layer, keras.layers.BatchNormalization):
+            continue
+        gamma, beta, mean, var = layer.get_weights()
+        var = rng.uniform(0.5, 1.5, var.shape).astype(np.float32)
+        inbound = layer.inbound_nodes[0].inbound_layers
+        if isinstance(inbound, keras.layers.DepthwiseConv2D):
+            var[rng.random(var.shape) < DEAD.value] = 0.0  # below epsilon: dead
+        layer.set_weights([gamma, rng.normal(0, 0.1, beta.shape), mean * 0, var])
     return model
 
 
-def float_tflite(model) -> bytes:
-    spec = tf.TensorSpec([1, SIZE, SIZE, 3], tf.float32)
+def _round_up(n: int) -> int:
+    return -(-n // TILE) * TILE
+
+
+def macs(model) -> dict[str, int]:
+    """MACs per sample, in all and by kind, plus MACs with channels rounded to tiles."""
+    out = {"all": 0, "depthwise": 0, "conv": 0, "dense": 0, "tiled": 0}
+    for layer in model.layers:
+        shape = getattr(layer, "output_shape", None)
+        if isinstance(layer, keras.layers.DepthwiseConv2D):
+            kh, kw, c, m = layer.depthwise_kernel.shape
+            pos = int(np.prod(shape[1:3]))
+            out["depthwise"] += pos * kh * kw * c * m
+            out["tiled"] += pos * kh * kw * _round_up(c * m)
+        elif isinstance(layer, keras.layers.Conv2D):
+            kh, kw, cin, cout = layer.kernel.shape
+            pos = int(np.prod(shape[1:3]))
+            out["conv"] += pos * kh * kw * cin * cout
+            out["tiled"] += pos * kh * kw * cin * _round_up(cout)
+        elif isinstance(layer, keras.layers.Dense):
+            cin, cout = layer.kernel.shape
+            out["dense"] += cin * cout
+            out["tiled"] += cin * _round_up(cout)
+    out["all"] = out["depthwise"] + out["conv"] + out["dense"]
+    return out
+
+
+def _concrete(model):
+    spec = tf.TensorSpec([1, SIZE.value, SIZE.value, 3], tf.float32)
     fn = tf.function(lambda x: model(x, training=False), input_signature=[spec])
-    converter = tf.lite.TFLiteConverter.from_concrete_functions([fn.get_concrete_function()], model)
-    return converter.convert()
+    return fn.get_concrete_function()
+
+
+def float_tflite(model) -> bytes:
+    return tf.lite.TFLiteConverter.from_concrete_functions([_concrete(model)], model).convert()
 
 
 def ptq_tflite(model, images) -> bytes:
-    spec = tf.TensorSpec([1, SIZE, SIZE, 3], tf.float32)
-    fn = tf.function(lambda x: model(x, training=False), input_signature=[spec])
-    converter = tf.lite.TFLiteConverter.from_concrete_functions([fn.get_concrete_function()], model)
+    converter = tf.lite.TFLiteConverter.from_concrete_functions([_concrete(model)], model)
     converter.optimizations = [tf.lite.Optimize.DEFAULT]
     converter.representative_dataset = lambda: ([x[None]] for x in images[:32])
     converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
@@ -133,163 +181,181 @@ def ptq_tflite(model, images) -> bytes:
     return converter.convert()
 
 
-def nbit_tflite(model, images, bits: int) -> dict[str, bytes]:
+def nbit_tflite(model, images, bits: int, weight_scheme: str) -> bytes:
     folded, _ = tf_pfq.fold_batchnorm(model)
-    qat = tf_pfq.apply(folded, activation_bits=bits, weight_bits=bits)
+    qat = tf_pfq.apply(
+        folded, activation_bits=bits, weight_bits=bits, weight_scheme=weight_scheme
+    )
     for start in range(0, 64, 16):  # moving-average activation ranges
         qat(images[start : start + 16], training=True)
-    plan = tf_pfq.export.plan_from_qat(qat)
-    from tf_pfq.export.convert import plan_to_tflite
+    return plan_to_tflite(tf_pfq.export.plan_from_qat(qat), representative_data=images[:64])
 
-    return {
-        "exact": plan_to_tflite(plan, representative_data=images[:64]),
-        "no_clamp": plan_to_tflite(plan, representative_data=images[:64], clamp_signed=False),
-    }
+
+def convert_all(arch: str, images) -> tuple[dict, dict, dict]:
+    """The files of every state of `arch` (cached in --tflite_dir), MACs and prune stats."""
+    original = build_model(arch)
+    models, prune_stats = {}, {}
+    for state, multiple in STATES.items():
+        if multiple is None:
+            models[state] = original
+            continue
+        pruned, report = tf_pfq.prune(original, channel_multiple=multiple or None)
+        models[state] = pruned
+        prune_stats[state] = {
+            "dead_bn_channels": report.num_dead,
+            "pruned_bn_channels": report.num_pruned,
+            "removed_channels": report.num_removed,
+        }
+    files = {}
+    for state, model in models.items():
+        for kind in KINDS:
+            path = os.path.join(TFLITE_DIR.value, arch, f"{state}_{kind}.tflite")
+            if not os.path.exists(path):
+                t0 = time.time()
+                if kind == "float32":
+                    content = float_tflite(model)
+                elif kind == "int8_ptq":
+                    content = ptq_tflite(model, images)
+                elif kind == "nbit_int8":
+                    content = nbit_tflite(model, images, BITS.value, "min_max")
+                elif kind == "nbit_sym_int8":
+                    content = nbit_tflite(model, images, BITS.value, "symmetric")
+                else:  # the same file with its weights packed
+                    with open(path.replace("_int4.tflite", "_int8.tflite"), "rb") as f:
+                        content = apply_storage(f.read(), "int4")
+                tf_pfq.export.save(content, path)
+                logging.info("%s %s %s: converted in %.0f s", arch, state, kind, time.time() - t0)
+            with open(path, "rb") as f:
+                files[(state, kind)] = f.read()
+    return files, {state: macs(m) for state, m in models.items()}, prune_stats
+
+
+def measure(files: dict, sample: np.ndarray) -> dict:
+    latency: dict = {key: {} for key in files}
+    for r in range(ROUNDS.value):
+        for key, content in files.items():
+            for backend, threads in SETTINGS:
+                interpreter = litert.make_interpreter(
+                    content, num_threads=threads, backend=backend
+                )
+                stats = litert.benchmark(interpreter, sample, num_runs=RUNS.value, warmup=3)
+                setting = f"{backend}_{threads}t"
+                latency[key][setting] = min(latency[key].get(setting, np.inf), stats["median_ms"])
+        logging.info("measured round %d of %d", r + 1, ROUNDS.value)
+    return latency
+
+
+def _setting_names() -> list[str]:
+    return [f"{b}_{t}t" for b, t in SETTINGS]
+
+
+def arch_section(arch: str, rows: list[dict], prune_stats: dict) -> list[str]:
+    by = {(r["state"], r["kind"]): r for r in rows}
+    settings = _setting_names()
+    lines = [
+        f"## {arch} (alpha {ALPHA.value:g}, {SIZE.value}x{SIZE.value})",
+        "",
+        "| state | file | size (KiB) | size / float | MACs (M) | tiled MACs (M) "
+        "| XNNPACK 1 thread (ms) | XNNPACK 2 threads (ms) | builtin 1 thread (ms) "
+        "| max weight levels | INT4 tensors | Edge TPU problems |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        f32 = by[(r["state"], "float32")]
+        lines.append(
+            f"| {r['state']} | {r['kind']} | {r['size_bytes'] / 1024:.1f} | "
+            f"{r['size_bytes'] / f32['size_bytes']:.3f} | {r['macs'] / 1e6:.1f} | "
+            f"{r['tiled_macs'] / 1e6:.1f} | "
+            + " | ".join(f"{r['latency_ms'][s]:.2f}" for s in settings)
+            + f" | {r['max_weight_levels']} | {r['int4_tensors']} | {r['edgetpu_problems']} |"
+        )
+    lines += ["", "Pruned over original (same file kind, same run):", ""]
+    lines.append(
+        "| state | file | MACs | tiled MACs | "
+        + " | ".join(s.replace("_", " ") for s in settings)
+        + " | latency / MACs (XNNPACK 1 thread) |"
+    )
+    lines.append("|---|---|---:|---:|" + "---:|" * len(settings) + "---:|")
+    for state in ("pruned", "pruned_cm8"):
+        for kind in KINDS:
+            p, o = by[(state, kind)], by[("original", kind)]
+            lat = [p["latency_ms"][s] / o["latency_ms"][s] for s in settings]
+            mac = p["macs"] / o["macs"]
+            lines.append(
+                f"| {state} | {kind} | {mac:.3f} | {p['tiled_macs'] / o['tiled_macs']:.3f} | "
+                + " | ".join(f"{v:.3f}" for v in lat)
+                + f" | {lat[0] / mac:.2f} |"
+            )
+    for state, stats in prune_stats.items():
+        lines.append("")
+        lines.append(
+            f"{state}: {stats['dead_bn_channels']} dead BN channels, "
+            f"{stats['pruned_bn_channels']} pruned, {stats['removed_channels']} channels "
+            "removed in all (with dead-code clean-up)."
+        )
+    return lines + [""]
 
 
 def main(argv):
     del argv
     t0 = time.time()
-    images = tf_pfq.data.load_digits(image_size=SIZE, num_train=1000)["train"].images[:64]
-    original = build_model()
-    pruned, report = tf_pfq.prune(original)
-    macs = {
-        "original": tf_pfq.count_macs(original),
-        "pruned": tf_pfq.count_macs(pruned),
-    }
-    logging.info("MACs %s (%.0f s)", macs, time.time() - t0)
-    nb = f"pfq_w{BITS.value}a{BITS.value}"
-    kinds = ("float32", "int8_ptq", nb, nb + "_no_clamp")
-    keys = [f"{name}/{kind}" for name in ("original", "pruned") for kind in kinds]
-    cached = TFLITE_DIR.value and all(
-        os.path.exists(os.path.join(TFLITE_DIR.value, k + ".tflite")) for k in keys
-    )
-    files: dict[str, bytes] = {}
-    if cached:
-        for key in keys:
-            with open(os.path.join(TFLITE_DIR.value, key + ".tflite"), "rb") as f:
-                files[key] = f.read()
-        logging.info("re-measuring the files in %s", TFLITE_DIR.value)
-    else:
-        for name, model in (("original", original), ("pruned", pruned)):
-            files[f"{name}/float32"] = float_tflite(model)
-            files[f"{name}/int8_ptq"] = ptq_tflite(model, images)
-            nbit = nbit_tflite(model, images, BITS.value)
-            files[f"{name}/{nb}"] = nbit["exact"]
-            files[f"{name}/{nb}_no_clamp"] = nbit["no_clamp"]
-            logging.info("converted %s (%.0f s)", name, time.time() - t0)
-        if TFLITE_DIR.value:
-            for key, content in files.items():
-                tf_pfq.export.save(content, os.path.join(TFLITE_DIR.value, key + ".tflite"))
-
-    sample = images[:1]
-    latency: dict[str, dict[int, float]] = {k: {} for k in files}
-    for _ in range(ROUNDS.value):
-        for key, content in files.items():
-            for threads in (1, 2):
-                interpreter = litert.make_interpreter(content, num_threads=threads)
-                stats = litert.benchmark(interpreter, sample, num_runs=RUNS.value, warmup=5)
-                best = latency[key].get(threads, np.inf)
-                latency[key][threads] = min(best, stats["median_ms"])
-    rows = []
-    for key, content in files.items():
-        summary = tf_pfq.export.inspect(content)
-        model_name, kind = key.split("/")
-        rows.append(
-            {
-                "model": model_name,
-                "kind": kind,
-                "size_bytes": len(content),
-                "ops": len(summary.ops),
-                "maximum_ops": summary.op_counts().get("MAXIMUM", 0),
-                "edgetpu_problems": len(tf_pfq.export.edgetpu_compatibility(content)),
-                "macs": macs[model_name],
-                "latency_ms_1t": latency[key][1],
-                "latency_ms_2t": latency[key][2],
-                "max_weight_levels": max(summary.weight_levels().values(), default=0),
-                "weight_bytes": _const_bytes(summary, ("int8", "float32"), min_rank=2),
-                "bias_bytes": _const_bytes(summary, ("int32", "float32"), max_rank=1),
-            }
-        )
-    by = {(r["model"], r["kind"]): r for r in rows}
-    ratios = {}
-    for model_name in ("original", "pruned"):
-        f32, ptq, nbit = (by[(model_name, k)] for k in ("float32", "int8_ptq", nb))
-        nbit_fast = by[(model_name, nb + "_no_clamp")]
-        ratios[model_name] = {
-            "nbit_size_over_float": nbit["size_bytes"] / f32["size_bytes"],
-            "nbit_latency_over_int8_1t": nbit["latency_ms_1t"] / ptq["latency_ms_1t"],
-            "nbit_latency_over_int8_2t": nbit["latency_ms_2t"] / ptq["latency_ms_2t"],
-            "nbit_no_clamp_latency_over_int8_1t": nbit_fast["latency_ms_1t"] / ptq["latency_ms_1t"],
-            "nbit_no_clamp_latency_over_int8_2t": nbit_fast["latency_ms_2t"] / ptq["latency_ms_2t"],
-        }
-    prune_ratios = {
-        "macs_pruned_over_original": macs["pruned"] / macs["original"],
-    }
-    for kind in ("float32", "int8_ptq", nb, nb + "_no_clamp"):
-        for t in (1, 2):
-            prune_ratios[f"{kind}_latency_{t}t_pruned_over_original"] = (
-                by[("pruned", kind)][f"latency_ms_{t}t"]
-                / by[("original", kind)][f"latency_ms_{t}t"]
-            )
-    result = {
+    images = tf_pfq.data.load_digits(image_size=SIZE.value, num_train=1000)["train"].images[:64]
+    result: dict = {
         "machine": f"{platform.machine()} {os.cpu_count()} CPUs (shared), {platform.platform()}",
         "tensorflow": tf.__version__,
+        "image_size": SIZE.value,
+        "alpha": ALPHA.value,
         "bits": BITS.value,
         "dead_fraction_planted": DEAD.value,
-        "dead_bn_channels": report.num_dead,
-        "pruned_bn_channels": report.num_pruned,
-        "removed_channels": report.num_removed,
-        "rows": rows,
-        "ratios": ratios,
-        "prune_ratios": prune_ratios,
-        "seconds": time.time() - t0,
+        "runs": RUNS.value,
+        "rounds": ROUNDS.value,
+        "architectures": {},
     }
+    files, macs_by, stats_by = {}, {}, {}
+    for arch in ARCHS.value:
+        arch_files, macs_by[arch], stats_by[arch] = convert_all(arch, images)
+        files.update({(arch, *key): content for key, content in arch_files.items()})
+    latency = measure(files, images[:1])  # one interleaved run over every file
+    lines = [
+        "# TFLite size and CPU latency, side by side",
+        "",
+        (
+            f"`python benchmarks/tflite_latency.py` — {result['machine']}, TF "
+            f"{tf.__version__}, LiteRT, batch 1, best of {ROUNDS.value} interleaved medians "
+            f"of {RUNS.value} invokes per file and setting; A{BITS.value}/W{BITS.value}. "
+            f"Random weights (no download); dead channels planted in {DEAD.value:.0%} of "
+            "each depthwise BN, removed by `tf_pfq.prune`. Wall time "
+            f"{(time.time() - t0) / 60:.0f} min."
+        ),
+        "",
+    ]
+    for arch in ARCHS.value:
+        rows = []
+        for (a, state, kind), content in files.items():
+            if a != arch:
+                continue
+            summary = tf_pfq.export.inspect(content)
+            rows.append(
+                {
+                    "state": state,
+                    "kind": kind,
+                    "size_bytes": len(content),
+                    "macs": macs_by[arch][state]["all"],
+                    "tiled_macs": macs_by[arch][state]["tiled"],
+                    "macs_by_kind": macs_by[arch][state],
+                    "latency_ms": latency[(a, state, kind)],
+                    "max_weight_levels": max(summary.weight_levels().values(), default=0),
+                    "int4_tensors": sum(t.dtype == "int4" for t in summary.tensors),
+                    "edgetpu_problems": len(tf_pfq.export.edgetpu_compatibility(content)),
+                }
+            )
+        result["architectures"][arch] = {"rows": rows, "prune": stats_by[arch]}
+        lines += arch_section(arch, rows, stats_by[arch])
+    result["seconds"] = time.time() - t0
     os.makedirs(OUT.value, exist_ok=True)
     with open(os.path.join(OUT.value, "tflite_latency.json"), "w") as f:
         json.dump(result, f, indent=2, default=float)
-    lines = [
-        "# TFLite size and CPU latency: MobileNetV2 (alpha 0.35, 96x96)",
-        "",
-        (
-            f"`python benchmarks/tflite_latency.py` — {result['machine']}, TF {tf.__version__}, "
-            f"LiteRT XNNPACK, batch 1, best of {ROUNDS.value} interleaved medians of "
-            f"{RUNS.value} invokes. Random weights (no download); dead channels planted in "
-            f"{DEAD.value:.0%} of each depthwise BN, removed by `tf_pfq.prune`."
-        ),
-        "",
-        (
-            "| model | file | size (KiB) | MACs (M) | MAXIMUM ops | Edge TPU problems "
-            "| max weight levels "
-            "| weights (KiB) | biases (KiB) | latency 1 thread (ms) | latency 2 threads (ms) |"
-        ),
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
-    ]
-    for r in rows:
-        lines.append(
-            f"| {r['model']} | {r['kind']} | {r['size_bytes'] / 1024:.1f} | "
-            f"{r['macs'] / 1e6:.2f} | {r['maximum_ops']} | {r['edgetpu_problems']} | "
-            f"{r['max_weight_levels']} | "
-            f"{r['weight_bytes'] / 1024:.1f} | {r['bias_bytes'] / 1024:.1f} | "
-            f"{r['latency_ms_1t']:.2f} | {r['latency_ms_2t']:.2f} |"
-        )
-    lines += [
-        "",
-        (
-            f"PfQ: {report.num_dead} dead BN channels found, {report.num_pruned} pruned; "
-            f"{report.num_removed} channels removed in all (with dead-code clean-up); MACs "
-            f"{macs['original'] / 1e6:.2f} M -> {macs['pruned'] / 1e6:.2f} M."
-        ),
-        "",
-        "Ratios (targets: n-bit latency <= 1.1x int8, n-bit size <= 0.27x float):",
-        "",
-    ]
-    for model_name, rr in ratios.items():
-        lines.append(f"* {model_name}: " + ", ".join(f"{k} = {v:.3f}" for k, v in rr.items()))
-    lines.append(
-        "* PfQ (pruned / original): " + ", ".join(f"{k} = {v:.3f}" for k, v in prune_ratios.items())
-    )
-    lines += ["", *NOTES]
+    lines += NOTES
     with open(os.path.join(OUT.value, "tflite_latency.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
     print("\n".join(lines))

@@ -174,3 +174,20 @@ def test_stage_w_and_export_refuse_unfolded_preprocessing():
         tf_pfq.apply(model, activation_bits=4, weight_bits=4)
     qat = tf_pfq.apply(model, activation_bits=4)  # stage A keeps it, unquantized
     assert "quant_rescale" not in [layer.name for layer in qat.layers]
+
+
+def test_identity_normalization_after_rescaling_folds_through_zero_padding():
+    # EfficientNet built with weights=None: Normalization has mean 0 and variance 1, so
+    # the run is `x / 255` with no offset, which zero padding keeps exact.
+    inputs = keras.Input(SHAPE, name="image")
+    x = L.Rescaling(1 / 255, name="rescale")(inputs)
+    x = L.Normalization(mean=[0.0] * 3, variance=[1.0] * 3, name="norm")(x)
+    x = L.ZeroPadding2D(1, name="stem_pad")(x)
+    model = keras.Model(inputs, L.Conv2D(4, 3, strides=2, name="stem")(x))
+    folded, report = tf_pfq.fold_batchnorm(model)
+    assert set(report.preprocessing) == {"rescale", "norm"}
+    assert "merged into 'norm'" in report.preprocessing["rescale"]
+    assert "folded into 'stem'" in report.preprocessing["norm"]
+    assert [layer.name for layer in folded.layers] == ["image", "stem_pad", "stem"]
+    data = _images(4, 8)
+    np.testing.assert_allclose(folded(data), model(data), rtol=1e-4, atol=1e-5)
