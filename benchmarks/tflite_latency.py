@@ -1,4 +1,4 @@
-"""TFLite size and CPU latency, side by side: float, int8 PTQ, n-bit int8 and INT4, before/after PfQ.
+"""TFLite size and CPU latency, side by side: float, int8 PTQ, n-bit int8 and INT4, pruned or not.
 
 Models: `tf_keras.applications` architectures at a realistic size (default
 MobileNetV2 1.0 and MobileNet 1.0 at 224x224, weights=None, 10-class head).
@@ -112,12 +112,12 @@ NOTES = [
 def build_model(name: str, seed: int = 0):
     """The application with random BN statistics and planted dead depthwise channels."""
     keras.utils.set_random_seed(seed)
-    kwargs = dict(
-        input_shape=(SIZE.value, SIZE.value, 3),
-        weights=None,
-        classes=10,
-        classifier_activation=None,
-    )
+    kwargs = {
+        "input_shape": (SIZE.value, SIZE.value, 3),
+        "weights": None,
+        "classes": 10,
+        "classifier_activation": None,
+    }
     if name.startswith("MobileNet"):
         kwargs["alpha"] = ALPHA.value
     model = getattr(keras.applications, name)(**kwargs)
@@ -183,9 +183,7 @@ def ptq_tflite(model, images) -> bytes:
 
 def nbit_tflite(model, images, bits: int, weight_scheme: str) -> bytes:
     folded, _ = tf_pfq.fold_batchnorm(model)
-    qat = tf_pfq.apply(
-        folded, activation_bits=bits, weight_bits=bits, weight_scheme=weight_scheme
-    )
+    qat = tf_pfq.apply(folded, activation_bits=bits, weight_bits=bits, weight_scheme=weight_scheme)
     for start in range(0, 64, 16):  # moving-average activation ranges
         qat(images[start : start + 16], training=True)
     return plan_to_tflite(tf_pfq.export.plan_from_qat(qat), representative_data=images[:64])
@@ -235,9 +233,7 @@ def measure(files: dict, sample: np.ndarray) -> dict:
     for r in range(ROUNDS.value):
         for key, content in files.items():
             for backend, threads in SETTINGS:
-                interpreter = litert.make_interpreter(
-                    content, num_threads=threads, backend=backend
-                )
+                interpreter = litert.make_interpreter(content, num_threads=threads, backend=backend)
                 stats = litert.benchmark(interpreter, sample, num_runs=RUNS.value, warmup=3)
                 setting = f"{backend}_{threads}t"
                 latency[key][setting] = min(latency[key].get(setting, np.inf), stats["median_ms"])
@@ -255,9 +251,11 @@ def arch_section(arch: str, rows: list[dict], prune_stats: dict) -> list[str]:
     lines = [
         f"## {arch} (alpha {ALPHA.value:g}, {SIZE.value}x{SIZE.value})",
         "",
-        "| state | file | size (KiB) | size / float | MACs (M) | tiled MACs (M) "
-        "| XNNPACK 1 thread (ms) | XNNPACK 2 threads (ms) | builtin 1 thread (ms) "
-        "| max weight levels | INT4 tensors | Edge TPU problems |",
+        (
+            "| state | file | size (KiB) | size / float | MACs (M) | tiled MACs (M) "
+            "| XNNPACK 1 thread (ms) | XNNPACK 2 threads (ms) | builtin 1 thread (ms) "
+            "| max weight levels | INT4 tensors | Edge TPU problems |"
+        ),
         "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
@@ -293,7 +291,7 @@ def arch_section(arch: str, rows: list[dict], prune_stats: dict) -> list[str]:
             f"{stats['pruned_bn_channels']} pruned, {stats['removed_channels']} channels "
             "removed in all (with dead-code clean-up)."
         )
-    return lines + [""]
+    return [*lines, ""]
 
 
 def main(argv):
