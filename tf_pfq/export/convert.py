@@ -41,8 +41,10 @@ eq. 20-21 becomes an **8-bit** fake-quant op whose int8 scale equals the n-bit s
   coarser step).
 * average pooling ('valid') becomes a depthwise conv with constant `1/(kh*kw)`
   weights: TFLite's int8 AVERAGE_POOL_2D needs equal input and output scales, so the
-  converter would requantize before averaging (two roundings); 'same' padding is
-  rejected.
+  converter would requantize before averaging (two roundings). 'same' padding
+  averages fewer values at the border (TF counts only real positions): each band
+  of windows with one count is such a depthwise conv (weights 1/count), and the
+  bands are concatenated on the output grid.
 
 Which handler lowers each layer, and to which TFLite op, is the layer's entry in
 `tf_pfq.layers.table`. One builder evaluates the graph three ways, each a policy
@@ -115,11 +117,16 @@ class LayerQuantization:
         output in float (Add outputs, logits).
       bias_scale: the int32 bias grid `s_in * s_w` QAT trained the bias on, or None
         (then the export snaps the bias to its own input scale times `s_w`).
+      kernel_values: the kernel on its n-bit grid exactly as the QAT forward pass
+        computes it, or None (then it is fake-quantized on `kernel`). A weight on a
+        rounding tie can round either way between the two computations, and one
+        flipped weight of a deep 4-bit net changes its logits by many steps.
     """
 
     kernel: QuantParams | None = None
     output: QuantParams | None = None
     bias_scale: np.ndarray | None = None
+    kernel_values: np.ndarray | None = dataclasses.field(default=None, compare=False)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -383,20 +390,61 @@ class Export(Simulate):
         # converter would requantize the input to the output grid before averaging
         # (two roundings). A depthwise conv with constant weights 1/(kh*kw) on an
         # exact int8 grid averages in int32 and rounds once, like the QAT model.
-        if config["padding"].lower() != "valid":
-            raise ValueError(
-                f"Layer {name!r}: AveragePooling2D with padding='same' is not "
-                "supported by the integer export (its border windows average fewer "
-                "values); use padding='valid' or GlobalAveragePooling2D."
-            )
+        # 'same' windows at the border hold fewer values (TF and Keras average the
+        # valid ones): each band of windows with one count is its own depthwise conv
+        # with weights 1/count, and the bands are concatenated back (all on the
+        # output grid, so CONCATENATION is exact).
         kh, kw = config["pool_size"]
-        channels = x.shape[-1]
-        step = np.float32(1.0 / (kh * kw * 127.0))
-        kernel = np.full((kh, kw, channels, 1), 127.0 * step, np.float32)
-        k = tf.quantization.fake_quant_with_min_max_vars(
-            tf.constant(kernel), -127.0 * step, 127.0 * step, narrow_range=True
-        )
-        return tf.nn.depthwise_conv2d(x, k, [1, *config["strides"], 1], "VALID")
+        sh, sw = config["strides"]
+        if config["padding"].lower() == "valid":
+            return _mean_conv(x, kh, kw, sh, sw)
+        rows = _same_bands(int(x.shape[1]), kh, sh)
+        cols = _same_bands(int(x.shape[2]), kw, sw)
+        out_rows = []
+        for r0, rn, rk in rows:
+            pieces = [
+                _mean_conv(x[:, r0 : r0 + rn, c0 : c0 + cn, :], rk, ck, sh, sw)
+                for c0, cn, ck in cols
+            ]
+            out_rows.append(pieces[0] if len(pieces) == 1 else tf.concat(pieces, axis=2))
+        return out_rows[0] if len(out_rows) == 1 else tf.concat(out_rows, axis=1)
+
+
+def _mean_conv(x, kh: int, kw: int, sh: int, sw: int):
+    """The 'valid' mean over kh x kw windows as a depthwise conv with int8-exact weights."""
+    channels = x.shape[-1]
+    step = np.float32(1.0 / (kh * kw * 127.0))
+    kernel = np.full((kh, kw, channels, 1), 127.0 * step, np.float32)
+    k = tf.quantization.fake_quant_with_min_max_vars(
+        tf.constant(kernel), -127.0 * step, 127.0 * step, narrow_range=True
+    )
+    return tf.nn.depthwise_conv2d(x, k, [1, sh, sw, 1], "VALID")
+
+
+def _same_bands(size: int, k: int, stride: int) -> list[tuple[int, int, int]]:
+    """One axis of 'same' pooling as runs of windows of one length.
+
+    TF pads `(out - 1) * stride + k - size` positions, the smaller half before, and
+    averages only the real positions. Output positions whose windows have the same
+    length and step by `stride` form a band: the 'valid' pooling with window `length`
+    and the same stride over input positions `[start, start + extent)`. Returns
+    (start, extent, length) per band, in output order.
+    """
+    out = -(-size // stride)
+    before = max((out - 1) * stride + k - size, 0) // 2
+    windows = []
+    for i in range(out):
+        lo = max(i * stride - before, 0)
+        hi = min(i * stride - before + k, size)
+        windows.append((lo, hi - lo))
+    bands: list[list[int]] = []  # [start, length, count]
+    for lo, length in windows:
+        band = bands[-1] if bands else None
+        if band is not None and band[1] == length and lo == band[0] + band[2] * stride:
+            band[2] += 1
+        else:
+            bands.append([lo, length, 1])
+    return [(lo, (count - 1) * stride + length, length) for lo, length, count in bands]
 
 
 class _Builder:
@@ -505,6 +553,9 @@ class _Builder:
         per_channel = np.asarray(grid.scale).size > 1
         if depthwise:
             kh, kw, cin, mult = kernel.shape
+        if quant.kernel_values is not None and quant.kernel_values.shape == kernel.shape:
+            kernel_n = np.asarray(quant.kernel_values, np.float32)
+        elif depthwise:
             flat = _weight_values(kernel.reshape(kh, kw, cin * mult), grid)
             kernel_n = flat.reshape(kernel.shape)
         else:
@@ -920,7 +971,10 @@ def plan_from_qat(qat_model) -> ExportPlan:
     input_params = params.get(input_name)
     layers = {
         name: LayerQuantization(
-            kernel=_usable(p.kernel), output=_usable(p.output), bias_scale=p.bias_scale
+            kernel=_usable(p.kernel),
+            output=_usable(p.output),
+            bias_scale=p.bias_scale,
+            kernel_values=p.kernel_values,
         )
         for name, p in params.items()
         if name != input_name
