@@ -343,11 +343,15 @@ class _Pruner:
         elif absorb is Absorb.IDENTITY:
             self.emit_all(plan, name, const, values)
         elif absorb is Absorb.ZERO_PADDING:
-            # The padded border holds 0, not the constant: exact only where a_c == 0.
-            for c in channels:
-                if const[c].value != 0:
+            # The padded border holds 0, not the constant: exact only where a_c == 0,
+            # or where max pooling reads the padding and a_c > 0 (max(a_c, 0) = a_c
+            # in every window that holds a real position, as ResNet's stem does).
+            hidden = self.max_pools_hide_padding(name)
+            exact = [v == 0 or (hidden and v > 0) for v in values]
+            for c, ok in zip(channels, exact):
+                if not ok:
                     self.inexact(plan, name, const[c].sources)
-            self.emit_all(plan, name, const, values, exact=[v == 0 for v in values])
+            self.emit_all(plan, name, const, values, exact=exact)
         elif absorb is Absorb.FLATTEN or (
             absorb is Absorb.RESHAPE and len(layer.target_shape) == 1
         ):
@@ -363,6 +367,27 @@ class _Pruner:
                 _union(const),
                 f"the constant reaches {self.describe_op(name)}, not supported",
             )
+
+    def max_pools_hide_padding(self, name: str) -> bool:
+        """Whether only max poolings read ZeroPadding2D `name`, each window on a real position."""
+        consumers = self.graph.consumers_of(name)
+        if not consumers or self.graph.is_output(name):
+            return False
+        (top, bottom), (left, right) = self.graph.layer(name).padding
+        height, width = self.graph.layer(name).input_shape[1:3]
+        for consumer in consumers:
+            pool = self.graph.layer(consumer)
+            if type(pool) is not keras.layers.MaxPooling2D or self.unsupported(consumer):
+                return False
+            for size, before, after, k, s in (
+                (height, top, bottom, pool.pool_size[0], pool.strides[0]),
+                (width, left, right, pool.pool_size[1], pool.strides[1]),
+            ):
+                if size is None or not pfq_math.windows_hold_real(
+                    size, before, after, k, s, pool.padding
+                ):
+                    return False
+        return True
 
     def emit_all(self, plan, name, const, values, exact=None) -> None:
         for k, c in enumerate(sorted(const)):
