@@ -211,11 +211,13 @@ def _fq_weight(w: np.ndarray, grid: QuantParams, channel_axis_last: bool):
 
 
 def _weight_values(w: np.ndarray, grid: QuantParams) -> np.ndarray:
-    """The kernel on its n-bit grid, as the QAT forward pass sees it (paper eq. 20).
+    """The kernel on its n-bit grid (paper eq. 20), for plans without `kernel_values`.
 
-    Uses TensorFlow's fake-quant op on the nudged range (nudging a nudged range is
-    the identity), so rounding ties break exactly as in the QAT model. Per-channel
-    grids apply along the last axis of `w`.
+    Uses TensorFlow's fake-quant op on the nudged range. Nudging a nudged range gives
+    the same grid, but not bit for bit: a weight on an exact rounding tie can round
+    the other way than in the QAT model, which quantizes on the kernel's raw range
+    (`plan_from_qat` therefore hands over the QAT kernel itself). Per-channel grids
+    apply along the last axis of `w`.
     """
     lo, hi = np.asarray(grid.min, np.float32), np.asarray(grid.max, np.float32)
     bits, narrow = grid.num_bits, grid.narrow_range
