@@ -181,3 +181,34 @@ def test_export_uses_the_qat_kernel_bit_for_bit():
     out = litert.predict(litert.make_interpreter(tf_pfq.export.to_tflite(qat)), x)
     step = inspect(tf_pfq.export.to_tflite(qat)).outputs[0].scales[0]
     assert np.abs(out - qat.predict(x, verbose=0)).max() <= 0.5 * step + 1e-6
+
+
+# -- ResNet50 / DenseNet121 at 32x32: 'same' 3x3 convs on 1x1 maps -------------------
+
+
+@pytest.mark.parametrize("depthwise", [False, True])
+@pytest.mark.parametrize(("size", "exact"), [((1, 1), True), ((1, 4), False), ((2, 2), False)])
+def test_same_conv_on_a_one_wide_axis_reads_one_tap(depthwise, size, exact):
+    # Along an axis of size 1 every window has the image in its centre tap, so the
+    # constant adds the same everywhere; a 2-wide axis still has a border effect.
+    inputs = keras.Input((*size, 3))
+    x = L.Conv2D(6, 1, use_bias=False, name="conv1")(inputs)
+    x = L.BatchNormalization(name="conv1_bn")(x)
+    x = L.Activation("relu", name="relu")(x)
+    if depthwise:
+        x = L.DepthwiseConv2D(3, padding="same", name="conv2")(x)
+        x = L.Conv2D(4, 1, name="conv3")(x)
+    else:
+        x = L.Conv2D(5, 3, padding="same", name="conv2")(x)
+    x = L.GlobalAveragePooling2D(name="gap")(x)
+    model = keras.Model(inputs, L.Dense(4, name="logits")(x))
+    randomize_bn(model)
+    plant_dead(model, "conv1_bn", 2, beta=0.9)
+    x = 4.0 * _x((*size, 3), n=16)
+    pruned, report = tf_pfq.prune(model, calibration_data=x)
+    assert report.layer("conv1").removed == [2]
+    assert report.exact is exact
+    if exact:
+        assert_same_outputs(model, pruned, x)
+    else:
+        assert report.max_output_change > 1e-3

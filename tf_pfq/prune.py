@@ -405,6 +405,9 @@ class _Pruner:
         channels = sorted(const)
         values = np.array([const[c].value for c in channels])
         kernel = self.weights(name)[0]
+        taps = _real_taps(self.graph.layer(name)) if border else None
+        if taps is not None:
+            kernel, border = kernel[taps], False
         delta = pfq_math.input_constant_delta(kernel, channels, values)
         plan.deltas[name] = plan.deltas.get(name, 0.0) + delta
         if border:
@@ -440,6 +443,9 @@ class _Pruner:
         bias = self.weights(name)[1] if layer.use_bias else None
         m = layer.depth_multiplier
         border = _has_border(layer)
+        taps = _real_taps(layer) if border else None
+        if taps is not None:
+            kernel, border = kernel[taps], False
         for c in sorted(const):
             entry = const[c]
             outs = _apply(
@@ -575,6 +581,28 @@ def _has_border(layer) -> bool:
     # Dense has no padding: no border.
     kernel_size = getattr(layer, "kernel_size", ())
     return getattr(layer, "padding", "valid") == "same" and any(k > 1 for k in kernel_size)
+
+
+def _real_taps(layer) -> tuple[slice, slice] | None:
+    """The kernel taps every output of a 'same' conv reads on real positions, if one set.
+
+    Along an axis of input size 1 every output window has the image in the same tap,
+    `(k - 1) // 2` (TF pads the smaller half before), so a constant channel adds the
+    same `a_c * sum of those taps` everywhere: exact, no border effect. That is the
+    common case of deep layers on small images (ResNet50 and DenseNet121 at 32x32
+    end on 1x1 maps). Along a longer axis the windows see different taps: None.
+    """
+    if any(d != 1 for d in getattr(layer, "dilation_rate", (1, 1))):
+        return None
+    taps = []
+    for size, k in zip(layer.input_shape[1:3], layer.kernel_size):
+        if k == 1:
+            taps.append(slice(None))
+        elif size == 1:
+            taps.append(slice((k - 1) // 2, (k - 1) // 2 + 1))
+        else:
+            return None
+    return taps[0], taps[1]
 
 
 def _is_grouped(layer, entry: LayerEntry) -> bool:
