@@ -756,7 +756,10 @@ def prune(
     at the border, so there the compensation is exact in the interior only (the
     paper's "as far as possible"); `report.exact` says so and `calibration_data`
     measures the effect. 1x1 and Dense consumers, 'valid' padding and `a_c == 0` are
-    exact to float round-off.
+    exact to float round-off, and so are two cases where the padding cannot show: a
+    ZeroPadding2D read only by max poolings whose windows all hold a real position,
+    with `a_c > 0` (ResNet's stem: `max(a_c, 0) = a_c`), and a 'same' convolution
+    along an axis of size 1 (every window reads the image through one tap).
 
     Args:
       model: a tf_keras Sequential or Functional model; it is not modified.
