@@ -212,3 +212,33 @@ def test_same_conv_on_a_one_wide_axis_reads_one_tap(depthwise, size, exact):
         assert_same_outputs(model, pruned, x)
     else:
         assert report.max_output_change > 1e-3
+
+
+# -- DenseNet: a max pooling read by a pre-activation BN and by a Concatenate ---------
+
+
+def _densenet_like():
+    inputs = keras.Input((12, 12, 3))
+    x = L.Conv2D(8, 3, padding="same", name="conv1")(inputs)
+    x = L.BatchNormalization(name="conv1_bn")(x)
+    x = L.Activation("relu", name="conv1_relu")(x)
+    x = L.ZeroPadding2D(1, name="pad")(x)
+    x = L.MaxPooling2D(3, strides=2, name="pool1")(x)
+    y = L.BatchNormalization(name="block_0_bn")(x)  # pre-activation: a 1x1 affine
+    y = L.Activation("relu", name="block_0_relu")(y)
+    y = L.Conv2D(8, 1, name="block_1_conv")(y)
+    y = L.BatchNormalization(name="block_1_bn")(y)
+    y = L.Activation("relu", name="block_1_relu")(y)
+    y = L.Conv2D(4, 3, padding="same", name="block_2_conv")(y)  # signed
+    x = L.Concatenate(name="concat")([x, y])
+    x = L.BatchNormalization(name="final_bn")(x)
+    x = L.Activation("relu", name="final_relu")(x)
+    x = L.GlobalAveragePooling2D(name="gap")(x)
+    return keras.Model(inputs, L.Dense(10, name="logits")(x))
+
+
+def test_concat_input_requantized_on_its_own_edge():
+    from test_export_layers import fidelity
+
+    p99, worst, agreement, _ = fidelity(_densenet_like)
+    assert worst <= 1.0, (p99, worst, agreement)

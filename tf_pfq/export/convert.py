@@ -196,6 +196,13 @@ def _fq_activation(x, grid: QuantParams, nonneg: bool, clamp_signed: bool):
     )
 
 
+def _same_grid(a: QuantParams, b: QuantParams) -> bool:
+    return bool(
+        np.isclose(_scalar(a.scale), _scalar(b.scale), rtol=1e-6, atol=0.0)
+        and np.isclose(_scalar(a.max), _scalar(b.max), rtol=1e-6, atol=1e-12)
+    )
+
+
 def _fq_weight(w: np.ndarray, grid: QuantParams, channel_axis_last: bool):
     scale = np.asarray(grid.scale, np.float32)
     if scale.ndim == 0 or scale.size == 1:
@@ -769,7 +776,29 @@ class _Builder:
         return self._quantize_output(name, t, needs_range=True)
 
     def _concat(self, name: str, layer, inputs: list[_Tensor]) -> _Tensor:
-        y = tf.concat([t.value for t in inputs], axis=layer.get_config()["axis"])
+        grid = self.plan.layers.get(name, LayerQuantization()).output
+        values = []
+        for t in inputs:
+            v = t.value
+            if (
+                self.policy.rounds_float_tensors()
+                and grid is not None
+                and t.grid is not None
+                and t.nonneg
+                and not _same_grid(t.grid, grid)
+            ):
+                # An input on another grid is requantized to the concat's. The
+                # converter does that where the grid was set, above any
+                # grid-preserving ops (max pooling, padding) in between, so their
+                # other readers (DenseNet's pre-activation BN after pool1) would read
+                # the concat's grid instead of their own. The input's own grid and a
+                # RELU (a no-op on these non-negative values; its int8 kernel
+                # rescales, rounding once) keep the requantization on this edge.
+                v = tf.nn.relu(
+                    self.policy.quantize_activation(v, t.grid, t.nonneg, self.clamp_signed)
+                )
+            values.append(v)
+        y = tf.concat(values, axis=layer.get_config()["axis"])
         lo = min(float(t.lo) for t in inputs)
         hi = max(float(t.hi) for t in inputs)
         t = _Tensor(y, np.float32(lo), np.float32(hi), None)
