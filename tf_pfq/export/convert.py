@@ -26,7 +26,10 @@ eq. 20-21 becomes an **8-bit** fake-quant op whose int8 scale equals the n-bit s
 * biases: snapped to the int32 grid `s_in * s_w` (tf_pfq's stage W already trains
   them on it), so the converter's bias rounding is exact.
 * the inputs of a Concatenate carry the concat's grid (QAT gives them one shared
-  range), so CONCATENATION needs no requantization and is exact.
+  range), so CONCATENATION needs no requantization and is exact. An input that
+  other layers read too keeps its own grid and is requantized on the concat's edge
+  only (a RELU for a non-negative one, so that the converter does not move the
+  requantization above a max pooling that other layers read).
 * softmax, sigmoid and tanh lower to TFLite's int8 SOFTMAX, LOGISTIC and TANH with
   their fixed output grids (QAT trains with the same grids); hard_sigmoid is a 1x1
   depthwise conv with a fused ReLU, swish is LOGISTIC then MUL (its sigmoid rounded
