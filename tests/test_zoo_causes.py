@@ -242,3 +242,26 @@ def test_concat_input_requantized_on_its_own_edge():
 
     p99, worst, agreement, _ = fidelity(_densenet_like)
     assert worst <= 1.0, (p99, worst, agreement)
+
+
+# -- NASNet: a ReLU layer that requantizes a shared 8-bit Add output to 4 bits --------
+
+
+def _shared_add_relu():
+    inputs = keras.Input((10, 10, 3))
+    x = L.Conv2D(16, 3, padding="same", name="stem")(inputs)
+    a = L.Conv2D(16, 1, name="a")(x)
+    b = L.Conv2D(16, 1, name="b")(x)
+    s = L.Add(name="add")([a, b])  # two readers: its own 8-bit grid
+    r = L.Activation("relu", name="relu")(s)  # 8-bit -> 4-bit
+    r = L.Conv2D(16, 3, padding="same", name="c")(r)
+    x = L.Add(name="add2")([r, L.Conv2D(16, 1, name="d")(s)])
+    x = L.GlobalAveragePooling2D(name="gap")(x)
+    return keras.Model(inputs, L.Dense(10, name="logits")(x))
+
+
+def test_requantizing_relu_rounds_like_qat():
+    from test_export_layers import fidelity
+
+    p99, worst, agreement, _ = fidelity(_shared_add_relu)
+    assert worst <= 1.0, (p99, worst, agreement)

@@ -28,8 +28,10 @@ eq. 20-21 becomes an **8-bit** fake-quant op whose int8 scale equals the n-bit s
 * the inputs of a Concatenate carry the concat's grid (QAT gives them one shared
   range), so CONCATENATION needs no requantization and is exact. An input that
   other layers read too keeps its own grid and is requantized on the concat's edge
-  only (a RELU for a non-negative one, so that the converter does not move the
-  requantization above a max pooling that other layers read).
+  only (a non-negative one by a 1x1 depthwise conv of weight 1, so that the
+  converter does not move the requantization above a max pooling that other layers
+  read). A ReLU layer that moves its input onto another grid is that conv too, with
+  the ReLU fused: XNNPACK's standalone int8 RELU is a step off on some values.
 * softmax, sigmoid and tanh lower to TFLite's int8 SOFTMAX, LOGISTIC and TANH with
   their fixed output grids (QAT trains with the same grids); hard_sigmoid is a 1x1
   depthwise conv with a fused ReLU, swish is LOGISTIC then MUL (its sigmoid rounded
@@ -335,6 +337,10 @@ class Simulate:
         """Whether int8 saturation at the grid's top replaces a ReLU's `max_value` clamp."""
         return False
 
+    def requantize(self, v):
+        """`v` about to move onto another grid by an activation layer (identity here)."""
+        return v
+
     def average_pool(self, name: str, x, config: Mapping[str, Any]):
         padding = config["padding"].upper()
         return tf.nn.avg_pool2d(x, config["pool_size"], config["strides"], padding)
@@ -396,6 +402,22 @@ class Export(Simulate):
 
     def saturation_clamps(self, grid: QuantParams | None, max_value: float) -> bool:
         return grid is not None and _scalar(grid.max) <= float(max_value)
+
+    def requantize(self, v):
+        # A standalone RELU that moves an int8 tensor onto another grid (NASNet's
+        # ReLU after an Add with several readers, 8 -> 4 bits) is off by one step
+        # on ~6 % of values on XNNPACK. A 1x1 depthwise conv of weight 1 (int8 127
+        # at 1/127) with the ReLU fused rounds once, like every conv here.
+        if v.shape.rank != 4:
+            return v
+        step = np.float32(1.0 / 127.0)
+        kernel = tf.quantization.fake_quant_with_min_max_vars(
+            tf.constant(np.ones((1, 1, v.shape[-1], 1), np.float32)),
+            -127.0 * step,
+            127.0 * step,
+            narrow_range=True,
+        )
+        return tf.nn.depthwise_conv2d(v, kernel, [1, 1, 1, 1], "VALID")
 
     def average_pool(self, name: str, x, config: Mapping[str, Any]):
         # TFLite's int8 AVERAGE_POOL_2D needs equal input and output scales, so the
@@ -709,7 +731,11 @@ class _Builder:
                 def fn(v):
                     return tf.minimum(tf.nn.relu(v), limit)
 
-        y = fn(x.value)
+        v = x.value
+        out_grid = self.plan.layers.get(name, LayerQuantization()).output
+        if x.grid is not None and out_grid is not None and not _same_grid(x.grid, out_grid):
+            v = self.policy.requantize(v)
+        y = fn(v)
         hi = float(x.hi) if max_value is None else min(float(x.hi), float(max_value))
         t = _Tensor(y, np.float32(0.0), np.float32(max(hi, 0.0)), x.grid, True)
         return self._quantize_output(name, t, needs_range=False)
@@ -795,11 +821,10 @@ class _Builder:
                 # grid-preserving ops (max pooling, padding) in between, so their
                 # other readers (DenseNet's pre-activation BN after pool1) would read
                 # the concat's grid instead of their own. The input's own grid and a
-                # RELU (a no-op on these non-negative values; its int8 kernel
-                # rescales, rounding once) keep the requantization on this edge.
-                v = tf.nn.relu(
-                    self.policy.quantize_activation(v, t.grid, t.nonneg, self.clamp_signed)
-                )
+                # requantizing op (`Export.requantize`, or a RELU: no-ops on these
+                # non-negative values) keep the requantization on this edge.
+                v = self.policy.quantize_activation(v, t.grid, t.nonneg, self.clamp_signed)
+                v = self.policy.requantize(v) if v.shape.rank == 4 else tf.nn.relu(v)
             values.append(v)
         y = tf.concat(values, axis=layer.get_config()["axis"])
         lo = min(float(t.lo) for t in inputs)
