@@ -308,11 +308,6 @@ def test_sequential_with_pooling_padding_flatten():
     exported = tf_pfq.export.to_tflite(no_input_q, input_range=(0.0, 1.0))
     assert inspect(exported).inputs[0].scales[0] == pytest.approx(1 / 255)
 
-    same = keras.Sequential([keras.Input((4, 4, 1)), L.AveragePooling2D(2, padding="same")])
-    plan = convert.ExportPlan(same, {}, input=tf_pfq.quantizers.nudge(0.0, 1.0, 8))
-    with pytest.raises(ValueError, match="padding='same'"):
-        convert.plan_to_tflite(plan)
-
 
 def test_relu_max_value_clamped_by_saturation():
     # ReLU(max_value=1.5): the output grid tops out at <= 1.5, so int8 saturation is

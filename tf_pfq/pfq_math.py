@@ -20,6 +20,7 @@ __all__ = [
     "dead_channels",
     "depthwise_constant",
     "flatten_indices",
+    "windows_hold_real",
     "input_constant_delta",
     "keep_indices",
     "residual_std",
@@ -205,3 +206,28 @@ def keep_indices(size: int, removed) -> np.ndarray:
     mask = np.ones(size, bool)
     mask[np.asarray(list(removed), np.int64)] = False
     return np.flatnonzero(mask)
+
+
+def windows_hold_real(
+    size: int, before: int, after: int, k: int, stride: int, padding: str
+) -> bool:
+    """Whether every pooling window over a zero-padded axis covers a real position.
+
+    The axis has `size` real positions with `before` / `after` zeros around them; the
+    pool (window `k`, `stride`, 'valid' or 'same') slides over the padded axis. 'same'
+    pooling adds its own padding, which TF's pooling ignores (not zeros), so a window
+    clipped there still covers what it covers of the padded axis.
+    """
+    padded = size + before + after
+    if padding.lower() == "valid":
+        out = (padded - k) // stride + 1
+        start = 0
+    else:
+        out = -(-padded // stride)
+        start = -(max((out - 1) * stride + k - padded, 0) // 2)
+    for i in range(out):
+        lo = max(start + i * stride, 0)
+        hi = min(start + i * stride + k, padded)
+        if hi <= before or lo >= before + size:
+            return False
+    return True

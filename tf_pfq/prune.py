@@ -343,11 +343,15 @@ class _Pruner:
         elif absorb is Absorb.IDENTITY:
             self.emit_all(plan, name, const, values)
         elif absorb is Absorb.ZERO_PADDING:
-            # The padded border holds 0, not the constant: exact only where a_c == 0.
-            for c in channels:
-                if const[c].value != 0:
+            # The padded border holds 0, not the constant: exact only where a_c == 0,
+            # or where max pooling reads the padding and a_c > 0 (max(a_c, 0) = a_c
+            # in every window that holds a real position, as ResNet's stem does).
+            hidden = self.max_pools_hide_padding(name)
+            exact = [v == 0 or (hidden and v > 0) for v in values]
+            for c, ok in zip(channels, exact):
+                if not ok:
                     self.inexact(plan, name, const[c].sources)
-            self.emit_all(plan, name, const, values, exact=[v == 0 for v in values])
+            self.emit_all(plan, name, const, values, exact=exact)
         elif absorb is Absorb.FLATTEN or (
             absorb is Absorb.RESHAPE and len(layer.target_shape) == 1
         ):
@@ -363,6 +367,27 @@ class _Pruner:
                 _union(const),
                 f"the constant reaches {self.describe_op(name)}, not supported",
             )
+
+    def max_pools_hide_padding(self, name: str) -> bool:
+        """Whether only max poolings read ZeroPadding2D `name`, each window on a real position."""
+        consumers = self.graph.consumers_of(name)
+        if not consumers or self.graph.is_output(name):
+            return False
+        (top, bottom), (left, right) = self.graph.layer(name).padding
+        height, width = self.graph.layer(name).input_shape[1:3]
+        for consumer in consumers:
+            pool = self.graph.layer(consumer)
+            if type(pool) is not keras.layers.MaxPooling2D or self.unsupported(consumer):
+                return False
+            for size, before, after, k, s in (
+                (height, top, bottom, pool.pool_size[0], pool.strides[0]),
+                (width, left, right, pool.pool_size[1], pool.strides[1]),
+            ):
+                if size is None or not pfq_math.windows_hold_real(
+                    size, before, after, k, s, pool.padding
+                ):
+                    return False
+        return True
 
     def emit_all(self, plan, name, const, values, exact=None) -> None:
         for k, c in enumerate(sorted(const)):
@@ -380,6 +405,9 @@ class _Pruner:
         channels = sorted(const)
         values = np.array([const[c].value for c in channels])
         kernel = self.weights(name)[0]
+        taps = _real_taps(self.graph.layer(name)) if border else None
+        if taps is not None:
+            kernel, border = kernel[taps], False
         delta = pfq_math.input_constant_delta(kernel, channels, values)
         plan.deltas[name] = plan.deltas.get(name, 0.0) + delta
         if border:
@@ -415,6 +443,9 @@ class _Pruner:
         bias = self.weights(name)[1] if layer.use_bias else None
         m = layer.depth_multiplier
         border = _has_border(layer)
+        taps = _real_taps(layer) if border else None
+        if taps is not None:
+            kernel, border = kernel[taps], False
         for c in sorted(const):
             entry = const[c]
             outs = _apply(
@@ -550,6 +581,28 @@ def _has_border(layer) -> bool:
     # Dense has no padding: no border.
     kernel_size = getattr(layer, "kernel_size", ())
     return getattr(layer, "padding", "valid") == "same" and any(k > 1 for k in kernel_size)
+
+
+def _real_taps(layer) -> tuple[slice, slice] | None:
+    """The kernel taps every output of a 'same' conv reads on real positions, if one set.
+
+    Along an axis of input size 1 every output window has the image in the same tap,
+    `(k - 1) // 2` (TF pads the smaller half before), so a constant channel adds the
+    same `a_c * sum of those taps` everywhere: exact, no border effect. That is the
+    common case of deep layers on small images (ResNet50 and DenseNet121 at 32x32
+    end on 1x1 maps). Along a longer axis the windows see different taps: None.
+    """
+    if any(d != 1 for d in getattr(layer, "dilation_rate", (1, 1))):
+        return None
+    taps = []
+    for size, k in zip(layer.input_shape[1:3], layer.kernel_size):
+        if k == 1:
+            taps.append(slice(None))
+        elif size == 1:
+            taps.append(slice((k - 1) // 2, (k - 1) // 2 + 1))
+        else:
+            return None
+    return taps[0], taps[1]
 
 
 def _is_grouped(layer, entry: LayerEntry) -> bool:
@@ -703,7 +756,10 @@ def prune(
     at the border, so there the compensation is exact in the interior only (the
     paper's "as far as possible"); `report.exact` says so and `calibration_data`
     measures the effect. 1x1 and Dense consumers, 'valid' padding and `a_c == 0` are
-    exact to float round-off.
+    exact to float round-off, and so are two cases where the padding cannot show: a
+    ZeroPadding2D read only by max poolings whose windows all hold a real position,
+    with `a_c > 0` (ResNet's stem: `max(a_c, 0) = a_c`), and a 'same' convolution
+    along an axis of size 1 (every window reads the image through one tap).
 
     Args:
       model: a tf_keras Sequential or Functional model; it is not modified.

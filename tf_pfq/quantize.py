@@ -756,12 +756,15 @@ class LayerQuantParams:
       bias_scale: the bias grid step `s_in * s_w` (int32 values), or None.
       input_layer: original name of the layer whose quantized output feeds this
         layer's bias grid (the model input's name for the first layer), or None.
+      kernel_values: the n-bit kernel exactly as the QAT forward pass computes it
+        (the weight quantizer on the kernel), or None.
     """
 
     output: QuantParams | None = None
     kernel: QuantParams | None = None
     bias_scale: np.ndarray | None = None
     input_layer: str | None = None
+    kernel_values: np.ndarray | None = dataclasses.field(default=None, compare=False)
 
 
 def _weight_name(weight) -> str:
@@ -827,5 +830,9 @@ def quantization_params(qat_model) -> dict[str, LayerQuantParams]:
             kernel=config.weight_quantizer.params(kernel),
             bias_scale=bias_scale,
             input_layer=input_layer,
+            # The quantizer's own op on the raw kernel range: fake-quant on the nudged
+            # range instead can break an exact rounding tie the other way (one of
+            # ResNet50's 23M weights in a million sits on one).
+            kernel_values=np.asarray(config.weight_quantizer(kernel, False, {}), np.float32),
         )
     return result

@@ -28,7 +28,12 @@ eq. 20-21 becomes an **8-bit** fake-quant op whose int8 scale equals the n-bit s
 * biases: snapped to the int32 grid `s_in * s_w` (tf_pfq's stage W already trains
   them on it), so the converter's bias rounding is exact.
 * the inputs of a Concatenate carry the concat's grid (QAT gives them one shared
-  range), so CONCATENATION needs no requantization and is exact.
+  range), so CONCATENATION needs no requantization and is exact. An input that
+  other layers read too keeps its own grid and is requantized on the concat's edge
+  only (a non-negative one by a 1x1 depthwise conv of weight 1, so that the
+  converter does not move the requantization above a max pooling that other layers
+  read). A ReLU layer that moves its input onto another grid is that conv too, with
+  the ReLU fused: XNNPACK's standalone int8 RELU is a step off on some values.
 * softmax, sigmoid and tanh lower to TFLite's int8 SOFTMAX, LOGISTIC and TANH with
   their fixed output grids (QAT trains with the same grids); hard_sigmoid is a 1x1
   depthwise conv with a fused ReLU, swish is LOGISTIC then MUL (its sigmoid rounded
@@ -52,8 +57,10 @@ eq. 20-21 becomes an **8-bit** fake-quant op whose int8 scale equals the n-bit s
   coarser step).
 * average pooling ('valid') becomes a depthwise conv with constant `1/(kh*kw)`
   weights: TFLite's int8 AVERAGE_POOL_2D needs equal input and output scales, so the
-  converter would requantize before averaging (two roundings); 'same' padding is
-  rejected.
+  converter would requantize before averaging (two roundings). 'same' padding
+  averages fewer values at the border (TF counts only real positions): each band
+  of windows with one count is such a depthwise conv (weights 1/count), and the
+  bands are concatenated on the output grid.
 
 Which handler lowers each layer, and to which TFLite op, is the layer's entry in
 `tf_pfq.layers.table`. One builder evaluates the graph three ways, each a policy
@@ -130,11 +137,16 @@ class LayerQuantization:
         output in float (Add outputs, logits).
       bias_scale: the int32 bias grid `s_in * s_w` QAT trained the bias on, or None
         (then the export snaps the bias to its own input scale times `s_w`).
+      kernel_values: the kernel on its n-bit grid exactly as the QAT forward pass
+        computes it, or None (then it is fake-quantized on `kernel`). A weight on a
+        rounding tie can round either way between the two computations, and one
+        flipped weight of a deep 4-bit net changes its logits by many steps.
     """
 
     kernel: QuantParams | None = None
     output: QuantParams | None = None
     bias_scale: np.ndarray | None = None
+    kernel_values: np.ndarray | None = dataclasses.field(default=None, compare=False)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -214,6 +226,13 @@ def _fq_activation(x, grid: QuantParams, nonneg: bool, clamp_signed: bool, fuses
     return tf.quantization.fake_quant_with_min_max_vars(x, low, top, num_bits=8)
 
 
+def _same_grid(a: QuantParams, b: QuantParams) -> bool:
+    return bool(
+        np.isclose(_scalar(a.scale), _scalar(b.scale), rtol=1e-6, atol=0.0)
+        and np.isclose(_scalar(a.max), _scalar(b.max), rtol=1e-6, atol=1e-12)
+    )
+
+
 def _fq_weight(w: np.ndarray, grid: QuantParams, channel_axis_last: bool):
     scale = np.asarray(grid.scale, np.float32)
     if scale.ndim == 0 or scale.size == 1:
@@ -229,11 +248,13 @@ def _fq_weight(w: np.ndarray, grid: QuantParams, channel_axis_last: bool):
 
 
 def _weight_values(w: np.ndarray, grid: QuantParams) -> np.ndarray:
-    """The kernel on its n-bit grid, as the QAT forward pass sees it (paper eq. 20).
+    """The kernel on its n-bit grid (paper eq. 20), for plans without `kernel_values`.
 
-    Uses TensorFlow's fake-quant op on the nudged range (nudging a nudged range is
-    the identity), so rounding ties break exactly as in the QAT model. Per-channel
-    grids apply along the last axis of `w`.
+    Uses TensorFlow's fake-quant op on the nudged range. Nudging a nudged range gives
+    the same grid, but not bit for bit: a weight on an exact rounding tie can round
+    the other way than in the QAT model, which quantizes on the kernel's raw range
+    (`plan_from_qat` therefore hands over the QAT kernel itself). Per-channel grids
+    apply along the last axis of `w`.
     """
     lo, hi = np.asarray(grid.min, np.float32), np.asarray(grid.max, np.float32)
     bits, narrow = grid.num_bits, grid.narrow_range
@@ -352,6 +373,10 @@ class Simulate:
         """`v <op> c` for an op layer with a number operand, as QAT computes it."""
         return op.apply_op(v)
 
+    def requantize(self, v):
+        """`v` about to move onto another grid by an activation layer (identity here)."""
+        return v
+
     def average_pool(self, name: str, x, config: Mapping[str, Any]):
         padding = config["padding"].upper()
         return tf.nn.avg_pool2d(x, config["pool_size"], config["strides"], padding)
@@ -420,25 +445,82 @@ class Export(Simulate):
             return v * np.float32(1.0 / op.scalar)
         return op.apply_op(v)
 
+    def requantize(self, v):
+        # A standalone RELU that moves an int8 tensor onto another grid (NASNet's
+        # ReLU after an Add with several readers, 8 -> 4 bits) is off by one step
+        # on ~6 % of values on XNNPACK. A 1x1 depthwise conv of weight 1 (int8 127
+        # at 1/127) with the ReLU fused rounds once, like every conv here.
+        if v.shape.rank != 4:
+            return v
+        step = np.float32(1.0 / 127.0)
+        kernel = tf.quantization.fake_quant_with_min_max_vars(
+            tf.constant(np.ones((1, 1, v.shape[-1], 1), np.float32)),
+            -127.0 * step,
+            127.0 * step,
+            narrow_range=True,
+        )
+        return tf.nn.depthwise_conv2d(v, kernel, [1, 1, 1, 1], "VALID")
+
     def average_pool(self, name: str, x, config: Mapping[str, Any]):
         # TFLite's int8 AVERAGE_POOL_2D needs equal input and output scales, so the
         # converter would requantize the input to the output grid before averaging
         # (two roundings). A depthwise conv with constant weights 1/(kh*kw) on an
         # exact int8 grid averages in int32 and rounds once, like the QAT model.
-        if config["padding"].lower() != "valid":
-            raise ValueError(
-                f"Layer {name!r}: AveragePooling2D with padding='same' is not "
-                "supported by the integer export (its border windows average fewer "
-                "values); use padding='valid' or GlobalAveragePooling2D."
-            )
+        # 'same' windows at the border hold fewer values (TF and Keras average the
+        # valid ones): each band of windows with one count is its own depthwise conv
+        # with weights 1/count, and the bands are concatenated back (all on the
+        # output grid, so CONCATENATION is exact).
         kh, kw = config["pool_size"]
-        channels = x.shape[-1]
-        step = np.float32(1.0 / (kh * kw * 127.0))
-        kernel = np.full((kh, kw, channels, 1), 127.0 * step, np.float32)
-        k = tf.quantization.fake_quant_with_min_max_vars(
-            tf.constant(kernel), -127.0 * step, 127.0 * step, narrow_range=True
-        )
-        return tf.nn.depthwise_conv2d(x, k, [1, *config["strides"], 1], "VALID")
+        sh, sw = config["strides"]
+        if config["padding"].lower() == "valid":
+            return _mean_conv(x, kh, kw, sh, sw)
+        rows = _same_bands(int(x.shape[1]), kh, sh)
+        cols = _same_bands(int(x.shape[2]), kw, sw)
+        out_rows = []
+        for r0, rn, rk in rows:
+            pieces = [
+                _mean_conv(x[:, r0 : r0 + rn, c0 : c0 + cn, :], rk, ck, sh, sw)
+                for c0, cn, ck in cols
+            ]
+            out_rows.append(pieces[0] if len(pieces) == 1 else tf.concat(pieces, axis=2))
+        return out_rows[0] if len(out_rows) == 1 else tf.concat(out_rows, axis=1)
+
+
+def _mean_conv(x, kh: int, kw: int, sh: int, sw: int):
+    """The 'valid' mean over kh x kw windows as a depthwise conv with int8-exact weights."""
+    channels = x.shape[-1]
+    step = np.float32(1.0 / (kh * kw * 127.0))
+    kernel = np.full((kh, kw, channels, 1), 127.0 * step, np.float32)
+    k = tf.quantization.fake_quant_with_min_max_vars(
+        tf.constant(kernel), -127.0 * step, 127.0 * step, narrow_range=True
+    )
+    return tf.nn.depthwise_conv2d(x, k, [1, sh, sw, 1], "VALID")
+
+
+def _same_bands(size: int, k: int, stride: int) -> list[tuple[int, int, int]]:
+    """One axis of 'same' pooling as runs of windows of one length.
+
+    TF pads `(out - 1) * stride + k - size` positions, the smaller half before, and
+    averages only the real positions. Output positions whose windows have the same
+    length and step by `stride` form a band: the 'valid' pooling with window `length`
+    and the same stride over input positions `[start, start + extent)`. Returns
+    (start, extent, length) per band, in output order.
+    """
+    out = -(-size // stride)
+    before = max((out - 1) * stride + k - size, 0) // 2
+    windows = []
+    for i in range(out):
+        lo = max(i * stride - before, 0)
+        hi = min(i * stride - before + k, size)
+        windows.append((lo, hi - lo))
+    bands: list[list[int]] = []  # [start, length, count]
+    for lo, length in windows:
+        band = bands[-1] if bands else None
+        if band is not None and band[1] == length and lo == band[0] + band[2] * stride:
+            band[2] += 1
+        else:
+            bands.append([lo, length, 1])
+    return [(lo, (count - 1) * stride + length, length) for lo, length, count in bands]
 
 
 class _Builder:
@@ -554,6 +636,9 @@ class _Builder:
         per_channel = np.asarray(grid.scale).size > 1
         if depthwise:
             kh, kw, cin, mult = kernel.shape
+        if quant.kernel_values is not None and quant.kernel_values.shape == kernel.shape:
+            kernel_n = np.asarray(quant.kernel_values, np.float32)
+        elif depthwise:
             flat = _weight_values(kernel.reshape(kh, kw, cin * mult), grid)
             kernel_n = flat.reshape(kernel.shape)
         else:
@@ -698,7 +783,11 @@ class _Builder:
                 def fn(v):
                     return tf.minimum(tf.nn.relu(v), limit)
 
-        y = fn(x.value)
+        v = x.value
+        out_grid = self.plan.layers.get(name, LayerQuantization()).output
+        if x.grid is not None and out_grid is not None and not _same_grid(x.grid, out_grid):
+            v = self.policy.requantize(v)
+        y = fn(v)
         hi = float(x.hi) if max_value is None else min(float(x.hi), float(max_value))
         t = _Tensor(y, np.float32(0.0), np.float32(max(hi, 0.0)), x.grid, True)
         return self._quantize_output(name, t, needs_range=False)
@@ -804,7 +893,28 @@ class _Builder:
         return self._quantize_output(name, t, needs_range=True)
 
     def _concat(self, name: str, layer, inputs: list[_Tensor]) -> _Tensor:
-        y = tf.concat([t.value for t in inputs], axis=layer.get_config()["axis"])
+        grid = self.plan.layers.get(name, LayerQuantization()).output
+        values = []
+        for t in inputs:
+            v = t.value
+            if (
+                self.policy.rounds_float_tensors()
+                and grid is not None
+                and t.grid is not None
+                and t.nonneg
+                and not _same_grid(t.grid, grid)
+            ):
+                # An input on another grid is requantized to the concat's. The
+                # converter does that where the grid was set, above any
+                # grid-preserving ops (max pooling, padding) in between, so their
+                # other readers (DenseNet's pre-activation BN after pool1) would read
+                # the concat's grid instead of their own. The input's own grid and a
+                # requantizing op (`Export.requantize`, or a RELU: no-ops on these
+                # non-negative values) keep the requantization on this edge.
+                v = self.policy.quantize_activation(v, t.grid, t.nonneg, self.clamp_signed)
+                v = self.policy.requantize(v) if v.shape.rank == 4 else tf.nn.relu(v)
+            values.append(v)
+        y = tf.concat(values, axis=layer.get_config()["axis"])
         lo = min(float(t.lo) for t in inputs)
         hi = max(float(t.hi) for t in inputs)
         t = _Tensor(y, np.float32(lo), np.float32(hi), None)
@@ -1008,7 +1118,10 @@ def plan_from_qat(qat_model) -> ExportPlan:
     input_params = params.get(input_name)
     layers = {
         name: LayerQuantization(
-            kernel=_usable(p.kernel), output=_usable(p.output), bias_scale=p.bias_scale
+            kernel=_usable(p.kernel),
+            output=_usable(p.output),
+            bias_scale=p.bias_scale,
+            kernel_values=p.kernel_values,
         )
         for name, p in params.items()
         if name != input_name

@@ -35,8 +35,8 @@ quantized and lowered like the Keras layer doing the same (Add, Multiply, ReLU).
 other op layer keeps its class entry, which every pass but pruning refuses by name.
 
 Where today's passes disagree about a class the entry says so rather than hiding it:
-e.g. Cropping2D and nearest UpSampling2D keep the quantization grid (quantize,
-export) but pruning does not carry constants across them yet (`Channels.STOP`);
+e.g. nearest UpSampling2D keeps the quantization grid (quantize, export) but
+pruning does not carry constants across it yet (`Channels.STOP`);
 GaussianDropout and the 1-D poolings are known to pruning only; and a
 SeparableConv2D is split into its two halves by `split_separable` before pruning
 and folding see it.
@@ -599,7 +599,13 @@ _ENTRIES: tuple[LayerEntry, ...] = (
         tflite="PAD",
         cle=True,
     ),
-    _entry(L.Cropping2D, **_PRESERVES, lowering=Lowering.PASS_THROUGH, tflite="STRIDED_SLICE"),
+    _entry(
+        L.Cropping2D,
+        **_IDENTITY,  # a crop of a constant channel is the constant (NASNet's adjust path)
+        **_PRESERVES,
+        lowering=Lowering.PASS_THROUGH,
+        tflite="STRIDED_SLICE",
+    ),
     _entry(
         L.Flatten,
         channels=Channels.RESHAPE,
