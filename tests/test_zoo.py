@@ -1,0 +1,79 @@
+"""The whole chain on the `tf_keras.applications` zoo: every stage runs, prune is exact,
+weights hold at most 2^n values, and the integer file reproduces the Keras QAT model.
+
+weights=None (nothing can be downloaded), 32x32 inputs, live BN statistics, dead
+channels planted in four BN layers (`tf_pfq.testing`); A4/W4 with `tf_pfq.apply`'s
+defaults. `benchmarks/zoo.py` tabulates the same measurements.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from tf_pfq import testing
+from tf_pfq.compat import keras
+
+BITS = 4
+# The fast members of the zoo run here; benchmarks/zoo.py runs all eight
+# (MobileNet, ResNet50, DenseNet121 and NASNetMobile take minutes each on 2 cores).
+ZOO = ["MobileNetV2", "MobileNetV3Small", "EfficientNetB0"]
+
+
+def _application(name: str, size: int = 32):
+    kwargs = {"input_shape": (size, size, 3), "weights": None, "classes": 10}
+    kwargs["classifier_activation"] = None
+    if name.startswith("MobileNetV3"):
+        kwargs["include_preprocessing"] = False
+    return getattr(keras.applications, name)(**kwargs)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ZOO)
+def test_chain_is_exact_on_the_zoo(name):
+    keras.utils.set_random_seed(0)
+    images = np.random.default_rng(0).uniform(0, 1, (48, 32, 32, 3)).astype(np.float32)
+    model = testing.with_preprocessing_statistics(_application(name))
+    model = testing.with_live_batchnorm(model, images[:16])
+    model, planted = testing.with_dead_channels(model, num_layers=4, per_layer=2)
+    result = testing.run_chain(model, images, bits=BITS)
+    if result.error is not None:
+        raise AssertionError(f"{name}: {result.stages}") from result.error
+    assert result.prune["dead_found"] >= 2 * len(planted) - 2, result.prune
+    assert result.prune["prune_exact"], result.prune
+    assert result.max_weight_levels <= 2**BITS
+    assert result.p99_steps <= 2.0, (result.p99_steps, result.max_steps)
+    assert result.max_steps <= 4.0, (result.p99_steps, result.max_steps)
+
+
+def test_helpers_leave_the_model_alone_and_plant_constant_channels():
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((8, 8, 3))
+    x = keras.layers.Conv2D(6, 3, padding="same", name="conv")(inputs)
+    x = keras.layers.BatchNormalization(name="bn")(x)
+    model = keras.Model(inputs, keras.layers.ReLU()(x))
+    before = [w.copy() for w in model.get_weights()]
+    images = np.random.default_rng(1).uniform(0, 1, (8, 8, 8, 3)).astype(np.float32)
+    live = testing.with_live_batchnorm(model, images)
+    dead, planted = testing.with_dead_channels(live, num_layers=1, per_layer=2)
+    for a, b in zip(before, model.get_weights()):
+        np.testing.assert_array_equal(a, b)
+    assert planted == ["bn"]
+    bn_out = keras.Model(dead.input, dead.get_layer("bn").output)(images).numpy()
+    spread = bn_out.std(axis=(0, 1, 2))
+    assert int(np.sum(spread < 1e-6)) == 2  # exactly the planted channels are constant
+    variance = dead.get_layer("bn").moving_variance.numpy()
+    assert int(np.sum(variance < 1e-3)) == 2
+
+
+def test_run_chain_records_the_failing_stage():
+    inputs = keras.Input((8, 8, 3))
+    x = keras.layers.Conv2D(4, 3, name="conv")(inputs)
+    x = keras.layers.LayerNormalization(name="ln")(x)  # unknown to tf_pfq
+    model = keras.Model(inputs, keras.layers.GlobalAveragePooling2D()(x))
+    images = np.random.default_rng(0).uniform(0, 1, (24, 8, 8, 3)).astype(np.float32)
+    result = testing.run_chain(model, images, num_test=8)
+    failed = [stage for stage, status in result.stages.items() if status not in ("ok", "not run")]
+    assert len(failed) == 1 and result.error is not None
+    assert "ln" in result.stages[failed[0]]
+    assert not result.ok

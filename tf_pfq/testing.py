@@ -1,0 +1,266 @@
+"""Checking tf_pfq on an architecture without trained weights: fixtures and the whole chain.
+
+Pretrained weights are often not at hand (no download, a new architecture), and an
+untrained network is a poor test subject for PfQ: its BN statistics are the
+initial ones (mean 0, variance 1, so no channel is dead and deep signals fade) and
+its Normalization layers are identities. The helpers here give such a model what
+training would:
+
+* `with_live_batchnorm`: random BN scales and shifts, statistics measured on the
+  given images, so signals stay alive through a deep net;
+* `with_dead_channels`: channels that are dead the way long training with weight
+  decay leaves them (zero filter into the BN, moving variance far below epsilon, so
+  the channel's output is the constant beta);
+* `with_preprocessing_statistics`: ImageNet's mean and variance in Normalization
+  layers (a non-trivial per-channel affine for the fold to handle).
+
+`run_chain` then runs prune -> apply (stage A) -> strip -> fold_batchnorm -> apply
+(stage W) -> to_tflite with default arguments and measures what a deployment needs:
+whether the pruned model computes the same function, how many values each exported
+weight holds, and how far the integer file on LiteRT's XNNPACK path is from the Keras
+QAT model, in int8 output steps. No training happens: a training-mode pass sets the
+QAT ranges, which is all the export reads, so the numbers measure the conversion,
+not accuracy. `benchmarks/zoo.py` tabulates it for the `tf_keras.applications` zoo;
+the tests assert it.
+
+Every helper returns a new model; the model passed in is not changed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Any
+
+import numpy as np
+
+from tf_pfq.compat import keras
+
+__all__ = [
+    "ChainResult",
+    "run_chain",
+    "with_dead_channels",
+    "with_live_batchnorm",
+    "with_preprocessing_statistics",
+]
+
+L = keras.layers
+STAGES = ("prune", "stage_a", "strip", "fold", "stage_w", "tflite")
+# ImageNet's per-channel statistics, as the EfficientNets' pretrained weights hold them.
+_IMAGENET_MEAN = (0.485, 0.456, 0.406)
+_IMAGENET_VARIANCE = (0.229**2, 0.224**2, 0.225**2)
+
+
+def _copy(model):
+    copy = keras.models.clone_model(model)
+    copy.set_weights(model.get_weights())
+    return copy
+
+
+def with_live_batchnorm(model, images: np.ndarray, seed: int = 0):
+    """A copy of `model` with random BN scales/shifts and statistics measured on `images`.
+
+    The statistics come from one training-mode pass with momentum 0 (so the moving
+    values become the batch values); variances are floored at 10 epsilon, because an
+    untrained net has channels that are (nearly) constant on any input and only the
+    planted channels should be dead.
+
+    Example:
+      >>> inputs = keras.Input((4, 4, 3))
+      >>> x = keras.layers.BatchNormalization()(keras.layers.Conv2D(2, 1)(inputs))
+      >>> live = with_live_batchnorm(keras.Model(inputs, x), np.ones((2, 4, 4, 3)))
+      >>> bool((live.layers[-1].moving_variance.numpy() >= 10 * 1e-3).all())
+      True
+    """
+    model = _copy(model)
+    rng = np.random.default_rng(seed)
+    bns = [layer for layer in model.layers if isinstance(layer, L.BatchNormalization)]
+    momenta = [layer.momentum for layer in bns]
+    for layer in bns:
+        c = layer.moving_variance.shape[0]
+        gamma = rng.uniform(0.5, 1.5, c) if layer.scale else None
+        beta = rng.normal(0.0, 0.5, c) if layer.center else None
+        weights = [w for w in (gamma, beta) if w is not None]
+        layer.set_weights([*weights, layer.moving_mean.numpy(), layer.moving_variance.numpy()])
+        layer.momentum = 0.0
+    model(np.asarray(images, np.float32), training=True)
+    for layer, momentum in zip(bns, momenta):
+        layer.momentum = momentum
+        layer.moving_variance.assign(np.maximum(layer.moving_variance.numpy(), 10 * layer.epsilon))
+    return model
+
+
+def with_preprocessing_statistics(model):
+    """A copy of `model` whose Normalization layers hold ImageNet's mean and variance.
+
+    `weights=None` leaves a Normalization layer at mean 0, variance 1: an identity
+    that `fold_batchnorm` folds away, so the per-channel affine route would go
+    untested.
+    """
+    model = _copy(model)
+    for layer in model.layers:
+        if isinstance(layer, L.Normalization):
+            count = layer.get_weights()[2]
+            layer.set_weights([np.array(_IMAGENET_MEAN), np.array(_IMAGENET_VARIANCE), count])
+    return model
+
+
+def with_dead_channels(model, num_layers: int = 4, per_layer: int = 2, seed: int = 0):
+    """A copy of `model` with `per_layer` dead channels in each of `num_layers` BN layers.
+
+    Only BNs right after a Conv2D or DepthwiseConv2D are chosen, spread evenly over
+    the depth. A dead channel has a zero filter (so its BN input is the constant
+    conv bias, the moving mean) and a moving variance of epsilon / 1000, so its
+    output is exactly beta in inference and in training mode.
+
+    Returns:
+      (the new model, the names of the BN layers that got dead channels).
+
+    Raises:
+      ValueError: the model has no BN layer after a convolution.
+    """
+    model = _copy(model)
+    rng = np.random.default_rng(seed)
+    candidates = []
+    for layer in model.layers:
+        if not isinstance(layer, L.BatchNormalization):
+            continue
+        producer = layer.inbound_nodes[0].inbound_layers
+        if isinstance(producer, L.DepthwiseConv2D | L.Conv2D) and not isinstance(
+            producer, L.Conv2DTranspose | L.SeparableConv2D
+        ):
+            candidates.append((layer, producer))
+    if not candidates:
+        raise ValueError(f"Model {model.name!r} has no BatchNormalization after a convolution.")
+    picks = np.unique(np.linspace(0, len(candidates) - 1, num_layers).astype(int))
+    planted = []
+    for bn, producer in (candidates[i] for i in picks):
+        weights = producer.get_weights()
+        channels = rng.choice(bn.moving_variance.shape[0], per_layer, replace=False)
+        for c in channels:
+            if isinstance(producer, L.DepthwiseConv2D):
+                weights[0][:, :, c, :] = 0.0
+            else:
+                weights[0][..., c] = 0.0
+        producer.set_weights(weights)
+        mean, variance = bn.moving_mean.numpy(), bn.moving_variance.numpy()
+        for c in channels:
+            mean[c] = weights[-1][c] if getattr(producer, "use_bias", False) else 0.0
+            variance[c] = bn.epsilon / 1000
+        bn.moving_mean.assign(mean)
+        bn.moving_variance.assign(variance)
+        planted.append(bn.name)
+    return model, planted
+
+
+@dataclasses.dataclass
+class ChainResult:
+    """What `run_chain` measured; a stage that failed holds its error, later ones "not run".
+
+    Attributes:
+      stages: status by stage name ("ok", "not run" or "ErrorType: first line").
+      error: the exception of the failed stage, or None.
+      prune: PfQ's counts and exactness (channels_removed, dead_found, prune_exact,
+        prune_max_change, macs_after_prune).
+      fold: the fold report's unfolded BNs and preprocessing layers.
+      tflite: the integer file, or None.
+      p99_steps, max_steps: 99th percentile and maximum of |XNNPACK - Keras QAT|
+        logits over the test images, in int8 output steps.
+      agreement: top-1 agreement of the two.
+      max_weight_levels: the most distinct values any exported weight holds per
+        quantization axis.
+      seconds: wall time of the chain.
+    """
+
+    stages: dict[str, str]
+    error: BaseException | None = None
+    prune: dict[str, Any] = dataclasses.field(default_factory=dict)
+    fold: dict[str, Any] = dataclasses.field(default_factory=dict)
+    tflite: bytes | None = None
+    p99_steps: float | None = None
+    max_steps: float | None = None
+    agreement: float | None = None
+    max_weight_levels: int | None = None
+    seconds: float = 0.0
+
+    @property
+    def ok(self) -> bool:
+        return all(v == "ok" for v in self.stages.values())
+
+
+def _error(e: BaseException) -> str:
+    return f"{type(e).__name__}: {str(e).splitlines()[0][:160]}" if str(e) else type(e).__name__
+
+
+def run_chain(model, images: np.ndarray, bits: int = 4, num_test: int = 16) -> ChainResult:
+    """prune -> stage A -> strip -> fold -> stage W -> to_tflite with defaults, measured.
+
+    Never raises for a failing stage: the result records it (`stages`, `error`).
+
+    Args:
+      model: a float model (e.g. from `with_dead_channels`).
+      images: inputs; the first 16 calibrate prune, the QAT ranges and the export,
+        the last `num_test` measure fidelity.
+      bits: activation and weight bit width.
+      num_test: images that measure the export's fidelity.
+    """
+    import tf_pfq  # the package imports this module's neighbours; import late
+    from tf_pfq.export import litert
+    from tf_pfq.export.summary import inspect
+
+    images = np.asarray(images, np.float32)
+    if len(images) <= num_test:
+        raise ValueError(
+            f"`images` must hold more than num_test={num_test} images. Received: {len(images)}"
+        )
+    calibration, test = images[:-num_test], images[-num_test:]
+    result = ChainResult(stages=dict.fromkeys(STAGES, "not run"))
+    started = time.time()
+    stage = "prune"
+    try:
+        pruned, report = tf_pfq.prune(model, calibration_data=calibration[:16])
+        result.prune = {
+            "channels_removed": report.num_removed,
+            "dead_found": report.num_dead,
+            "prune_exact": report.exact,
+            "prune_max_change": report.max_output_change,
+            "macs_after_prune": report.macs_after,
+        }
+        result.stages[stage] = "ok"
+        stage = "stage_a"
+        qat = tf_pfq.apply(pruned, activation_bits=bits)
+        qat(calibration, training=True)
+        result.stages[stage] = "ok"
+        stage = "strip"
+        current = tf_pfq.strip(qat)
+        result.stages[stage] = "ok"
+        stage = "fold"
+        current, fold_report = tf_pfq.fold_batchnorm(current)
+        result.fold = {
+            "unfolded": dict(fold_report.unfolded),
+            "preprocessing": dict(fold_report.preprocessing),
+        }
+        result.stages[stage] = "ok"
+        stage = "stage_w"
+        qat = tf_pfq.apply(current, activation_bits=bits, weight_bits=bits)
+        qat(calibration, training=True)
+        result.stages[stage] = "ok"
+        stage = "tflite"
+        result.tflite = tf_pfq.export.to_tflite(qat, representative_data=calibration)
+        result.stages[stage] = "ok"
+    except Exception as e:  # recorded: the caller decides (a benchmark row or an assert)
+        result.stages[stage] = _error(e)
+        result.error = e
+        result.seconds = time.time() - started
+        return result
+    keras_out = qat.predict(test, verbose=0)
+    out = litert.predict(litert.make_interpreter(result.tflite), test)
+    scale = inspect(result.tflite).outputs[0].scales[0]
+    err = np.abs(out - keras_out).reshape(-1) / scale
+    result.p99_steps = float(np.percentile(err, 99))
+    result.max_steps = float(err.max())
+    result.agreement = float(np.mean(out.argmax(-1) == keras_out.argmax(-1)))
+    levels = tf_pfq.export.weight_levels(result.tflite).values()
+    result.max_weight_levels = max(levels, default=0)
+    result.seconds = time.time() - started
+    return result
