@@ -35,6 +35,7 @@ import numpy as np
 from absl import app, flags, logging
 
 import tf_pfq
+from tf_pfq import testing
 from tf_pfq.compat import keras
 from tf_pfq.export import litert
 from tf_pfq.export.summary import inspect
@@ -83,72 +84,6 @@ def build(name: str, image_size: int, classes: int):
     return cls(**kwargs)
 
 
-def randomize_bn(model, images: np.ndarray, seed: int = 0) -> None:
-    """Random BN scales and shifts; statistics measured on `images` (floored at 10 eps)
-    so that signals stay alive through a deep untrained net."""
-    rng = np.random.default_rng(seed)
-    bns = [layer for layer in model.layers if isinstance(layer, L.BatchNormalization)]
-    momenta = [layer.momentum for layer in bns]
-    for layer in bns:
-        c = layer.moving_variance.shape[0]
-        gamma = rng.uniform(0.5, 1.5, c) if layer.scale else None
-        beta = rng.normal(0.0, 0.5, c) if layer.center else None
-        weights = [w for w in (gamma, beta) if w is not None]
-        layer.set_weights([*weights, layer.moving_mean.numpy(), layer.moving_variance.numpy()])
-        layer.momentum = 0.0  # the moving statistics become this batch's
-    model(images, training=True)
-    for layer, momentum in zip(bns, momenta):
-        layer.momentum = momentum
-        floor = np.maximum(layer.moving_variance.numpy(), 10 * layer.epsilon)
-        layer.moving_variance.assign(floor)
-
-
-def set_preprocessing_stats(model) -> None:
-    """ImageNet's per-channel mean and variance in every Normalization layer (as the
-    EfficientNets' pretrained weights have): weights=None leaves mean 0 and variance 1,
-    an identity that `fold_batchnorm` folds into the stem conv, so the per-channel
-    affine route (zero padding before the stem) would go untested."""
-    for layer in model.layers:
-        if isinstance(layer, L.Normalization):
-            mean, variance = [0.485, 0.456, 0.406], [0.229**2, 0.224**2, 0.225**2]
-            layer.set_weights([np.array(mean), np.array(variance), layer.get_weights()[2]])
-
-
-def plant_dead(model, layers: int, per_layer: int, seed: int = 0) -> list[str]:
-    """Dead channels as weight decay leaves them: zero filter into the BN, variance far
-    below epsilon, the output constant at beta. Only BNs right after a Conv2D or
-    DepthwiseConv2D of a single consumer are chosen, spread over the depth."""
-    rng = np.random.default_rng(seed)
-    candidates = []
-    for layer in model.layers:
-        if not isinstance(layer, L.BatchNormalization):
-            continue
-        producer = layer.inbound_nodes[0].inbound_layers  # one layer: BN has one input
-        if isinstance(producer, L.DepthwiseConv2D | L.Conv2D) and not isinstance(
-            producer, L.Conv2DTranspose | L.SeparableConv2D
-        ):
-            candidates.append((layer, producer))
-    chosen = [candidates[i] for i in np.linspace(0, len(candidates) - 1, layers).astype(int)]
-    planted = []
-    for bn, producer in chosen:
-        weights = producer.get_weights()
-        channels = rng.choice(bn.moving_variance.shape[0], per_layer, replace=False)
-        for c in channels:
-            if isinstance(producer, L.DepthwiseConv2D):
-                weights[0][:, :, c, :] = 0.0
-            else:
-                weights[0][..., c] = 0.0
-        producer.set_weights(weights)
-        values = {w.name.split("/")[-1].split(":")[0]: w.numpy() for w in bn.weights}
-        for c in channels:
-            bias = weights[-1][c] if getattr(producer, "use_bias", False) else 0.0
-            values["moving_mean"][c] = bias
-            values["moving_variance"][c] = bn.epsilon / 1000
-        bn.set_weights([values[w.name.split("/")[-1].split(":")[0]] for w in bn.weights])
-        planted.append(bn.name)
-    return planted
-
-
 def _error(e: BaseException) -> str:
     return f"{type(e).__name__}: {str(e).splitlines()[0][:160]}" if str(e) else type(e).__name__
 
@@ -164,9 +99,11 @@ def run_chain(name: str) -> dict:
     started = time.time()
     try:
         model = build(name, size, FLAGS.classes)
-        set_preprocessing_stats(model)
-        randomize_bn(model, images[:16])
-        row["planted_bn_layers"] = plant_dead(model, FLAGS.planted_layers, FLAGS.dead_per_layer)
+        model = testing.with_preprocessing_statistics(model)
+        model = testing.with_live_batchnorm(model, images[:16])
+        model, row["planted_bn_layers"] = testing.with_dead_channels(
+            model, FLAGS.planted_layers, FLAGS.dead_per_layer
+        )
         row["params"] = tf_pfq.count_params(model)
         row["macs"] = tf_pfq.count_macs(model)
     except Exception as e:  # a benchmark row records every failure
