@@ -11,6 +11,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import tensorflow as tf
+from test_prune_helpers import randomize_bn
 
 import tf_pfq
 from tf_pfq.compat import keras
@@ -49,25 +50,10 @@ def op_net():
     return keras.Model(inputs, L.Dense(10, name="logits")(x), name="op_net")
 
 
-def _randomize_bn(model, seed):
-    rng = np.random.default_rng(seed)
-    for layer in model.layers:
-        if isinstance(layer, L.BatchNormalization):
-            gamma, beta, mean, var = layer.get_weights()
-            layer.set_weights(
-                [
-                    rng.uniform(0.5, 1.5, gamma.shape),
-                    rng.normal(0, 0.5, beta.shape),
-                    rng.normal(0, 0.1, mean.shape),
-                    rng.uniform(0.5, 1.5, var.shape),
-                ]
-            )
-
-
 def _fidelity(seed):
     keras.utils.set_random_seed(seed)
     model = op_net()
-    _randomize_bn(model, seed)
+    randomize_bn(model, seed=seed)
     rng = np.random.default_rng(seed)
     data = rng.uniform(0, 1, (64, *SHAPE)).astype(np.float32)
     qat_a = tf_pfq.apply(model, activation_bits=4)  # stage A takes op layers too
