@@ -38,8 +38,14 @@ eq. 20-21 becomes an **8-bit** fake-quant op whose int8 scale equals the n-bit s
   their fixed output grids (QAT trains with the same grids); hard_sigmoid is a 1x1
   depthwise conv with a fused ReLU, swish is LOGISTIC then MUL (its sigmoid rounded
   to 1/256 in between, which QAT does too: `tf_pfq.quantizers.swish_with_int8_gate`).
-  Conv2DTranspose lowers to TRANSPOSE_CONV (per-tensor weights), UpSampling2D to
-  RESIZE_NEAREST_NEIGHBOR or RESIZE_BILINEAR, Multiply to MUL.
+  Conv2DTranspose lowers to TRANSPOSE_CONV (per-tensor weights; a fused ReLU on a
+  zero bias as a separate RELU on the output grid, which the converter would
+  otherwise leave in float), nearest UpSampling2D to RESIZE_NEAREST_NEIGHBOR,
+  bilinear UpSampling2D to RESIZE_NEAREST_NEIGHBOR and an integer-weight depthwise
+  conv (`_bilinear`: int8 RESIZE_BILINEAR must keep its input's scale, so it cannot
+  round onto the grid QAT trained for its output), Multiply to MUL.
+* the file is checked to be integer throughout (`check_integer`): an op the
+  converter left in float is an error, never a silently different model.
 * op layers (`tf_pfq.layers.ops.ElementwiseOp`, which `tf_pfq.apply` makes of
   the op layers it models) lower like the Keras layer doing the same: `x + c`,
   `x - c`, `x + y`, `x - y` to ADD / SUB (a ReLU consumer fused in, so
@@ -497,6 +503,57 @@ def _mean_conv(x, kh: int, kw: int, sh: int, sw: int):
     return tf.nn.depthwise_conv2d(x, k, [1, sh, sw, 1], "VALID")
 
 
+def _bilinear_taps(factor: int) -> tuple[np.ndarray, int]:
+    """One axis of bilinear upsampling by `factor`, as integer taps over nearest copies.
+
+    With half-pixel centers (what `UpSampling2D(interpolation="bilinear")` computes),
+    output `j` reads input position `(j + 0.5) / f - 0.5`. After a nearest upsampling
+    by f, every output is the same short average of its neighbours, whatever its
+    phase: f taps of 1/f for odd f, and `[1, 2, ..., 2, 1] / 2f` (f + 1 taps) for even
+    f. Returns (integer taps, denominator).
+    """
+    if factor % 2:
+        return np.ones(factor, np.float32), factor
+    return np.array([1] + [2] * (factor - 1) + [1], np.float32), 2 * factor
+
+
+def _edge_pad(x, before: int, axis: int):
+    """`x` with its first and last rows (or columns) repeated `before` times."""
+    if before == 0:
+        return x
+    n = x.shape[axis]
+    if axis == 1:
+        first, last = x[:, :1], x[:, n - 1 :]
+    else:
+        first, last = x[:, :, :1], x[:, :, n - 1 :]
+    return tf.concat([first] * before + [x] + [last] * before, axis=axis)
+
+
+def _bilinear(x, fh: int, fw: int):
+    """`UpSampling2D((fh, fw), interpolation="bilinear")` from int8-exact integer ops.
+
+    RESIZE_NEAREST_NEIGHBOR, edge rows and columns repeated (STRIDED_SLICE and
+    CONCATENATION, all on the input's grid), then a 'valid' depthwise conv whose
+    weights are small integers over `(denominator_h * denominator_w)` (exact in int8):
+    equal to TensorFlow's bilinear resize, clamped borders included. The conv's
+    requantization is the one rounding onto the output grid, as in QAT.
+    """
+    taps_h, den_h = _bilinear_taps(fh)
+    taps_w, den_w = _bilinear_taps(fw)
+    y = tf.image.resize(x, (x.shape[1] * fh, x.shape[2] * fw), method="nearest")
+    y = _edge_pad(_edge_pad(y, len(taps_h) // 2, 1), len(taps_w) // 2, 2)
+    step = np.float32(1.0 / (den_h * den_w))
+    channels = x.shape[-1]
+    kernel = np.outer(taps_h, taps_w)[:, :, None, None] * np.ones((1, 1, channels, 1))
+    k = tf.quantization.fake_quant_with_min_max_vars(
+        tf.constant((kernel * step).astype(np.float32)),
+        -127.0 * step,
+        127.0 * step,
+        narrow_range=True,
+    )
+    return tf.nn.depthwise_conv2d(y, k, [1, 1, 1, 1], "VALID")
+
+
 def _same_bands(size: int, k: int, stride: int) -> list[tuple[int, int, int]]:
     """One axis of 'same' pooling as runs of windows of one length.
 
@@ -557,12 +614,15 @@ class _Builder:
         }
 
     # --- helpers -----------------------------------------------------------------
-    def _quantize_output(self, name: str, t: _Tensor, needs_range: bool) -> _Tensor:
+    def _quantize_output(
+        self, name: str, t: _Tensor, needs_range: bool, fuses_relu: bool | None = None
+    ) -> _Tensor:
         grid = self.plan.layers.get(name, LayerQuantization()).output
         if grid is not None:
-            fuses = entry_for(self.graph.layer(name)).lowering in _FUSES_RELU
+            if fuses_relu is None:
+                fuses_relu = entry_for(self.graph.layer(name)).lowering in _FUSES_RELU
             value = self.policy.quantize_activation(
-                t.value, grid, t.nonneg, self.clamp_signed, fuses_relu=fuses
+                t.value, grid, t.nonneg, self.clamp_signed, fuses_relu=fuses_relu
             )
             lo, hi = _scalar(grid.min), _scalar(grid.max)
             return _Tensor(value, np.float32(lo), np.float32(hi), grid, t.nonneg)
@@ -583,6 +643,17 @@ class _Builder:
             t.value, _scalar(grid8.min), _scalar(grid8.max), num_bits=8
         )
         return _Tensor(value, grid8.min, grid8.max, grid8, t.nonneg)
+
+    def _grid_applies_relu(self, name: str, activation) -> bool:
+        """Whether `name`'s n-bit output grid clamps as its ReLU / ReLU6 does."""
+        grid = self.plan.layers.get(name, LayerQuantization()).output
+        if grid is None or activation not in (tf.nn.relu, tf.nn.relu6):
+            return False
+        low, top, step = _scalar(grid.min), _scalar(grid.max), _scalar(grid.scale)
+        if low != 0.0:
+            return False
+        # ReLU6: 6 and everything above it must land on the same (top) level.
+        return activation is tf.nn.relu or top <= 6.0 + step / 2
 
     def _needs_range(self, name: str) -> bool:
         """False when the converter can fuse the next op (a quantized ReLU layer)."""
@@ -704,12 +775,19 @@ class _Builder:
         # Interval bound of the output (used only when QAT left it in float).
         lo, hi = _interval_linear(k2d, bias, float(x.lo), float(x.hi))
         activation, nonneg = _activation_fn(config.get("activation"), name)
+        fuses_relu = None
+        if entry.tflite == "TRANSPOSE_CONV" and self._grid_applies_relu(name, activation):
+            # The converter fuses a ReLU into TRANSPOSE_CONV only behind a bias add;
+            # with a zero bias (folded away) it keeps the op in float. Quantize the
+            # raw output on the int8 grid and clamp with a separate RELU on that
+            # grid instead, as for a MEAN (`_fq_activation`): one rounding, exact.
+            activation, nonneg, fuses_relu = None, False, False
         if activation is not None:
             y = activation(y)
             lo = max(lo, 0.0)
             hi = min(hi, 6.0) if activation is tf.nn.relu6 else hi
         t = _Tensor(y, np.float32(lo), np.float32(hi), None, nonneg)
-        return self._quantize_output(name, t, self._needs_range(name))
+        return self._quantize_output(name, t, self._needs_range(name), fuses_relu)
 
     def _activation(self, name: str, layer, x: _Tensor) -> _Tensor:
         act = activation_name(layer)
@@ -873,14 +951,23 @@ class _Builder:
         return self._quantize_output(name, t, needs_range=self.graph.is_output(name))
 
     def _upsample(self, name: str, layer, x: _Tensor) -> _Tensor:
-        # RESIZE_NEAREST_NEIGHBOR keeps the grid; RESIZE_BILINEAR interpolates in
-        # int8 and its output carries the QAT model's own grid.
-        y = layer.call(x.value)
-        grid = x.grid if layer.interpolation == "nearest" else None
-        t = _Tensor(y, x.lo, x.hi, grid, x.nonneg)
-        return self._quantize_output(
-            name, t, needs_range=grid is None or self.graph.is_output(name)
-        )
+        # RESIZE_NEAREST_NEIGHBOR keeps the grid. Bilinear is not RESIZE_BILINEAR:
+        # TFLite's int8 kernel must keep its input's scale and rounds its ties its
+        # own way, while QAT gives the interpolation a grid of its own (one
+        # rounding). `_bilinear` computes it as a conv that rounds onto that grid.
+        if layer.interpolation == "nearest":
+            t = _Tensor(layer.call(x.value), x.lo, x.hi, x.grid, x.nonneg)
+            return self._quantize_output(name, t, needs_range=self.graph.is_output(name))
+        if layer.interpolation != "bilinear":
+            raise ValueError(
+                f"Layer {name!r}: UpSampling2D with interpolation={layer.interpolation!r} "
+                "is not supported by the integer export (nearest and bilinear are)."
+            )
+        if layer.data_format != "channels_last":
+            raise ValueError(f"Layer {name!r}: only channels_last is supported.")
+        y = _bilinear(x.value, *layer.size)
+        t = _Tensor(y, x.lo, x.hi, None, x.nonneg)
+        return self._quantize_output(name, t, needs_range=True)
 
     def _multiply(self, name: str, inputs: list[_Tensor]) -> _Tensor:
         # MUL rescales the int32 product once onto the output grid, as QAT rounds.
@@ -1199,7 +1286,44 @@ def to_tflite(
         input_range=input_range,
         clamp_signed=clamp_signed,
     )
+    check_integer(tflite)
     return int4.apply_storage(tflite, weight_storage)
+
+
+def check_integer(tflite: bytes) -> None:
+    """Raises unless every compute op of the file is integer.
+
+    The TFLite converter quietly keeps an op in float (between a DEQUANTIZE and a
+    QUANTIZE) when it cannot quantize it, for instance where a fake-quant op it
+    needs was folded away. Such a file runs, but it is not the QAT model, does not
+    run on integer-only hardware, and is not what `to_tflite` promises, so it is
+    never returned. Only the QUANTIZE of a float model input and the DEQUANTIZE of
+    a float model output (`io_dtype="float32"`) may touch float tensors.
+
+    Raises:
+      ValueError: naming each float op and its output tensor (whose name holds
+        the Keras layer's).
+    """
+    from tf_pfq.export.summary import inspect  # summary imports this module's neighbours
+
+    summary = inspect(tflite)
+    inputs = {t.index for t in summary.inputs}
+    outputs = {t.index for t in summary.outputs}
+    bad = []
+    for op in summary.ops:
+        if op.op == "QUANTIZE" and all(t is not None and t.index in inputs for t in op.inputs):
+            continue
+        if op.op == "DEQUANTIZE" and all(t.index in outputs for t in op.outputs):
+            continue
+        tensors = [t for t in (*op.inputs, *op.outputs) if t is not None]
+        if any(t.dtype.startswith("float") for t in tensors):
+            bad.append(f"op {op.index} {op.op} -> {op.outputs[0].name!r}")
+    if bad:
+        raise ValueError(
+            "The TFLite converter left these ops in float, so the file would not be "
+            "the integer QAT model: " + "; ".join(bad[:8]) + (" ..." if len(bad) > 8 else "")
+            + ". Please report the model; the layer names are in the tensor names."
+        )
 
 
 def save(tflite_bytes: bytes, path: str | os.PathLike) -> str:

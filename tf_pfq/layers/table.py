@@ -627,7 +627,7 @@ _ENTRIES: tuple[LayerEntry, ...] = (
         quant=Quant.OUTPUT,
         grid=_nearest,  # nearest copies values; bilinear interpolates off the grid
         lowering=Lowering.RESIZE,
-        tflite="RESIZE_NEAREST_NEIGHBOR / RESIZE_BILINEAR",
+        tflite="RESIZE_NEAREST_NEIGHBOR (bilinear: + DEPTHWISE_CONV_2D)",
     ),
     # Identity at inference time.
     _entry(
