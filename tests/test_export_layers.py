@@ -379,6 +379,22 @@ def test_bilinear_upsampling_is_exact(size):
     _check(upsampling_net)
 
 
+def grouped_net():
+    # RegNet's grouped 3x3 convs: TFLite runs them as one CONV_2D.
+    inputs = keras.Input(SHAPE, name="image")
+    x = _conv_bn(inputs, 8, 3, "stem")
+    x = L.Conv2D(8, 3, padding="same", groups=4, use_bias=False, name="grouped")(x)
+    x = L.BatchNormalization(name="grouped_bn")(x)
+    x = L.ReLU(name="grouped_relu")(x)
+    return keras.Model(inputs, _head(_conv_bn(x, 8, 1, "mix")), name="grouped_net")
+
+
+def test_grouped_conv_exports_exactly():
+    tflite = _check(grouped_net)
+    grouped = [op for op in inspect(tflite).ops if op.op == "CONV_2D" and op.inputs[1].shape[-1] == 2]
+    assert len(grouped) == 1  # its filter holds cin / groups = 2 input channels
+
+
 def _op_layer_model():
     inputs = keras.Input(SHAPE, name="image")
     x = L.Conv2D(4, 3, name="conv")(inputs)

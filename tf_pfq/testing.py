@@ -95,11 +95,12 @@ def with_preprocessing_statistics(model):
 
     `weights=None` leaves a Normalization layer at mean 0, variance 1: an identity
     that `fold_batchnorm` folds away, so the per-channel affine route would go
-    untested.
+    untested. A Normalization built with fixed `mean` and `variance` (no weights,
+    as in EfficientNetV2) keeps them.
     """
     model = _copy(model)
     for layer in model.layers:
-        if isinstance(layer, L.Normalization):
+        if isinstance(layer, L.Normalization) and len(layer.get_weights()) == 3:
             count = layer.get_weights()[2]
             layer.set_weights([np.array(_IMAGENET_MEAN), np.array(_IMAGENET_VARIANCE), count])
     return model

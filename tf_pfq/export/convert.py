@@ -758,8 +758,8 @@ class _Builder:
             # Each output sums at most every (tap, input channel) pair once.
             k2d = kernel_n.transpose(0, 1, 3, 2).reshape(-1, kernel_n.shape[2])
         elif entry.tflite == "CONV_2D" and type(layer) is entry.cls:
-            if config.get("groups", 1) != 1:
-                raise ValueError(f"Layer {name!r}: grouped convolution is not supported.")
+            # A grouped kernel (kh, kw, cin / groups, cout) converts to a grouped
+            # CONV_2D, which TFLite's builtin kernels and XNNPACK run.
             y = tf.nn.conv2d(
                 v,
                 k,
