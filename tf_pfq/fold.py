@@ -38,7 +38,7 @@ import dataclasses
 import numpy as np
 
 from tf_pfq.compat import keras
-from tf_pfq.graph import LayerGraph, rebuild
+from tf_pfq.graph import LayerGraph, model_from_config, rebuild
 from tf_pfq.layers import split_separable
 from tf_pfq.layers.table import Absorb, Kernel, Quant, entry_for
 
@@ -215,7 +215,7 @@ def _as_affine(model, affines: dict[str, tuple[np.ndarray, np.ndarray]]):
             np.asarray(scale, np.float32).reshape(1, 1, -1, 1),
             np.asarray(offset, np.float32),
         ]
-    new_model = keras.Model.from_config(config)
+    new_model = model_from_config(config, model)
     for layer in new_model.layers:
         values = weights.get(layer.name) or graph.layer(layer.name).get_weights()
         layer.set_weights([np.array(v) for v in values])

@@ -209,6 +209,23 @@ def _replace_inbound(config, old: str, new: list) -> None:
                 config[key][k] = [new[0], new[1], new[2]]
 
 
+def model_from_config(config: dict, source, custom_objects=None):
+    """`keras.Model.from_config(config)` that also knows `source`'s own layer classes.
+
+    Every pass rewrites a model by editing its config. A layer class that is not
+    registered with Keras (ConvNeXt's LayerScale is a plain class inside
+    `keras.applications`) cannot be found by name, and tf_keras then fails with
+    "'str' object is not callable"; the source model holds the classes.
+    """
+    objects = {
+        type(layer).__name__: type(layer)
+        for layer in source.layers
+        if getattr(keras.layers, type(layer).__name__, None) is not type(layer)
+    }
+    objects.update(custom_objects or {})
+    return keras.Model.from_config(config, custom_objects=objects)
+
+
 def rebuild(
     model,
     *,
@@ -272,7 +289,7 @@ def rebuild(
     for layer_config in config["layers"]:
         if layer_config["name"] in layer_configs:
             layer_config["config"] = copy.deepcopy(layer_configs[layer_config["name"]])
-    new_model = keras.Model.from_config(config, custom_objects=dict(custom_objects or {}))
+    new_model = model_from_config(config, model, custom_objects)
     for layer in new_model.layers:
         values = weights.get(layer.name)
         if values is None:

@@ -86,7 +86,7 @@ import tensorflow_model_optimization as tfmot
 
 from tf_pfq import ranges
 from tf_pfq.compat import check_model, keras, prepare_model
-from tf_pfq.graph import LayerGraph
+from tf_pfq.graph import LayerGraph, model_from_config
 from tf_pfq.layers.ops import replace_op_layers
 from tf_pfq.layers.table import (
     FUSED_ACTIVATIONS,
@@ -281,7 +281,7 @@ def split_activations(model):
     config["output_layers"] = [
         [renames.get(item[0], item[0]), *item[1:]] for item in config["output_layers"]
     ]
-    result = keras.Model.from_config(config)
+    result = model_from_config(config, model)
     for layer in model.layers:
         if layer.weights:
             result.get_layer(layer.name).set_weights(layer.get_weights())
@@ -610,7 +610,14 @@ def apply(
     )
     if not configs:
         raise ValueError(f"Model {model.name!r} has no tensor for tf_pfq.apply to quantize.")
-    with quantize_scope():
+    # tfmot rebuilds the model from its config; the model's own layer classes
+    # must be found by name even when Keras has no registration for them.
+    own_classes = {
+        type(layer).__name__: type(layer)
+        for layer in graph.model.layers
+        if getattr(keras.layers, type(layer).__name__, None) is not type(layer)
+    }
+    with quantize_scope(), keras.utils.custom_object_scope(own_classes):
         # A private copy, so that annotating (which re-calls the layers) leaves the
         # user's model and its layers untouched.
         private = keras.models.clone_model(graph.model)
@@ -728,7 +735,7 @@ def strip(qat_model):
     config["layers"] = layers
     config["output_layers"] = [resolve(item)[:3] for item in config["output_layers"]]
     config["input_layers"] = [resolve(item)[:3] for item in config["input_layers"]]
-    model = keras.Model.from_config(config)
+    model = model_from_config(config, qat_model)
     for layer in qat_model.layers:
         if _is_input_quantizer(layer):
             continue

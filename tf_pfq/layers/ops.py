@@ -26,6 +26,7 @@ from typing import Any
 import tensorflow as tf
 
 from tf_pfq.compat import keras
+from tf_pfq.graph import model_from_config
 
 __all__ = ["ElementwiseOp", "elementwise_op", "op_name", "replace_op_layers"]
 
@@ -280,7 +281,7 @@ def replace_op_layers(model):
     if not replaced:
         return model
     config["layers"] = layers
-    result = keras.Model.from_config(config)
+    result = model_from_config(config, model)
     for layer in model.layers:
         if layer.weights:
             result.get_layer(layer.name).set_weights(layer.get_weights())

@@ -14,7 +14,7 @@ import copy
 import numpy as np
 
 from tf_pfq.compat import keras
-from tf_pfq.graph import LayerGraph
+from tf_pfq.graph import LayerGraph, model_from_config
 
 __all__ = ["split_separable", "DEPTHWISE_SUFFIX"]
 
@@ -128,7 +128,7 @@ def split_separable(model):
         else:
             layers.append(entry)
     config["layers"] = layers
-    new_model = keras.Model.from_config(config)
+    new_model = model_from_config(config, model)
     for layer in new_model.layers:
         if layer.name in separable:
             old = graph.layer(layer.name)
