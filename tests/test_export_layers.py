@@ -379,6 +379,26 @@ def test_bilinear_upsampling_is_exact(size):
     _check(upsampling_net)
 
 
+def unet():
+    # Encoder-decoder with skip connections: upsampled features concatenated with
+    # the encoder's (one shared range), a transposed-conv upsampling with no bias.
+    inputs = keras.Input(SHAPE, name="image")
+    e1 = _conv_bn(inputs, 8, 3, "e1")
+    e2 = _conv_bn(L.MaxPooling2D(2, name="down1")(e1), 16, 3, "e2")
+    b = _conv_bn(L.MaxPooling2D(2, name="down2")(e2), 16, 3, "bottom")
+    u = L.UpSampling2D(2, interpolation="bilinear", name="up2")(b)
+    u = _conv_bn(L.Concatenate(name="cat2")([u, e2]), 16, 3, "d2")
+    u = L.Conv2DTranspose(8, 2, strides=2, use_bias=False, activation="relu", name="up1")(u)
+    u = _conv_bn(L.Concatenate(name="cat1")([u, e1]), 8, 3, "d1")
+    out = L.Flatten(name="flat")(L.Conv2D(3, 1, name="seg")(u))
+    return keras.Model(inputs, L.Dense(10, name="logits")(out), name="unet")
+
+
+@pytest.mark.parametrize("seed", range(2))
+def test_unet_matches(seed):
+    _check(unet, seed=seed)
+
+
 def grouped_net():
     # RegNet's grouped 3x3 convs: TFLite runs them as one CONV_2D.
     inputs = keras.Input(SHAPE, name="image")
