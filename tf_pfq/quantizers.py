@@ -15,7 +15,7 @@ The math lives in pure functions; the `Pfq*Quantizer` classes are thin tfmot
 Ranges:
   * activations: moving average of the batch min/max, always including 0 (so
     after a ReLU the minimum is exactly 0), each batch extreme widened by the
-    relative `OFF_LATTICE` (2^-8): a batch extreme is a value of the tensor, a
+    relative `OFF_LATTICE` (2^-12): a batch extreme is a value of the tensor, a
     multiple of the int32 accumulator unit, and a step that is a rational multiple
     of that unit puts many outputs exactly on rounding ties, which TF's fake-quant
     and XNNPACK's requantization break differently;
@@ -75,12 +75,13 @@ _INT32_MAX = 2.0**31 - 1
 # narrow range at every bit width: one level fewer, but the integers are centred
 # on 0, so an n-bit grid fits a signed n-bit container (4-bit weights: INT4).
 WEIGHT_SCHEMES = ("min_max", "symmetric")
-# Relative widening of batch activation ranges (see PfqActivationQuantizer). 2^-12
-# was too small for wide layers: the float32 conv sum over 256-2048 channels is
-# off by ~1e-4 steps, as much as 2^-12 moved the ties near zero (Xception, RegNet
-# exported 1 step off on a few values, 15-19 logit steps). 2^-8 costs a 0.4 %
-# coarser step.
-OFF_LATTICE = 2.0**-8
+# Relative widening of batch activation ranges (see PfqActivationQuantizer). It
+# removes exact ties, not near ones: where the accumulator lattice is much finer
+# than the output step, a value can still land within the float32 rounding noise
+# of TF's conv sum from a tie, and TF and XNNPACK then round it 1 step apart (seen
+# on Xception and RegNet; 2^-8 moved the flips to other models, it did not remove
+# them). Only integer-exact QAT arithmetic would.
+OFF_LATTICE = 2.0**-12
 
 
 def check_bits(num_bits, argument: str = "num_bits") -> int:
@@ -464,8 +465,8 @@ class PfqActivationQuantizer(_Serializable):
             # XNNPACK's fp32 requantization break exact ties by float noise, in
             # opposite directions at random (1-step flips that reach the logits as
             # several output steps). Widening by OFF_LATTICE moves every such tie
-            # (j + 1/2) steps from zero by (j + 1/2) * OFF_LATTICE steps, above the
-            # float noise of TF's conv sums, so both round it the same way.
+            # (j + 1/2) steps from zero by (j + 1/2) * OFF_LATTICE steps, far above
+            # float noise, so both round it the same way.
             batch_min = batch_min * (1.0 + OFF_LATTICE)
             batch_max = batch_max * (1.0 + OFF_LATTICE)
             seen = weights["seen"]
