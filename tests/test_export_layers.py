@@ -411,7 +411,9 @@ def grouped_net():
 
 def test_grouped_conv_exports_exactly():
     tflite = _check(grouped_net)
-    grouped = [op for op in inspect(tflite).ops if op.op == "CONV_2D" and op.inputs[1].shape[-1] == 2]
+    grouped = [
+        op for op in inspect(tflite).ops if op.op == "CONV_2D" and op.inputs[1].shape[-1] == 2
+    ]
     assert len(grouped) == 1  # its filter holds cin / groups = 2 input channels
 
 

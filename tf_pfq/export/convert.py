@@ -1321,7 +1321,9 @@ def check_integer(tflite: bytes) -> None:
     if bad:
         raise ValueError(
             "The TFLite converter left these ops in float, so the file would not be "
-            "the integer QAT model: " + "; ".join(bad[:8]) + (" ..." if len(bad) > 8 else "")
+            "the integer QAT model: "
+            + "; ".join(bad[:8])
+            + (" ..." if len(bad) > 8 else "")
             + ". Please report the model; the layer names are in the tensor names."
         )
 
