@@ -209,19 +209,24 @@ def _replace_inbound(config, old: str, new: list) -> None:
                 config[key][k] = [new[0], new[1], new[2]]
 
 
-def model_from_config(config: dict, source, custom_objects=None):
-    """`keras.Model.from_config(config)` that also knows `source`'s own layer classes.
+def own_layer_classes(model) -> dict[str, type]:
+    """{class name: class} of `model`'s layers that are not Keras' own layer classes.
 
     Every pass rewrites a model by editing its config. A layer class that is not
     registered with Keras (ConvNeXt's LayerScale is a plain class inside
     `keras.applications`) cannot be found by name, and tf_keras then fails with
     "'str' object is not callable"; the source model holds the classes.
     """
-    objects = {
+    return {
         type(layer).__name__: type(layer)
-        for layer in source.layers
+        for layer in model.layers
         if getattr(keras.layers, type(layer).__name__, None) is not type(layer)
     }
+
+
+def model_from_config(config: dict, source, custom_objects=None):
+    """`keras.Model.from_config(config)` that also knows `source`'s own layer classes."""
+    objects = own_layer_classes(source)
     objects.update(custom_objects or {})
     return keras.Model.from_config(config, custom_objects=objects)
 

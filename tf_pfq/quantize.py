@@ -86,7 +86,7 @@ import tensorflow_model_optimization as tfmot
 
 from tf_pfq import ranges
 from tf_pfq.compat import check_model, keras, prepare_model
-from tf_pfq.graph import LayerGraph, model_from_config
+from tf_pfq.graph import LayerGraph, model_from_config, own_layer_classes
 from tf_pfq.layers.ops import replace_op_layers
 from tf_pfq.layers.table import (
     FUSED_ACTIVATIONS,
@@ -612,12 +612,7 @@ def apply(
         raise ValueError(f"Model {model.name!r} has no tensor for tf_pfq.apply to quantize.")
     # tfmot rebuilds the model from its config; the model's own layer classes
     # must be found by name even when Keras has no registration for them.
-    own_classes = {
-        type(layer).__name__: type(layer)
-        for layer in graph.model.layers
-        if getattr(keras.layers, type(layer).__name__, None) is not type(layer)
-    }
-    with quantize_scope(), keras.utils.custom_object_scope(own_classes):
+    with quantize_scope(), keras.utils.custom_object_scope(own_layer_classes(graph.model)):
         # A private copy, so that annotating (which re-calls the layers) leaves the
         # user's model and its layers untouched.
         private = keras.models.clone_model(graph.model)

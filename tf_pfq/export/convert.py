@@ -102,6 +102,7 @@ import tensorflow as tf
 
 from tf_pfq.compat import keras
 from tf_pfq.export import int4
+from tf_pfq.export.summary import inspect
 from tf_pfq.graph import LayerGraph
 from tf_pfq.layers.ops import ElementwiseOp
 from tf_pfq.layers.table import Lowering, activation_name, entry_for, lookup
@@ -492,15 +493,23 @@ class Export(Simulate):
         return out_rows[0] if len(out_rows) == 1 else tf.concat(out_rows, axis=1)
 
 
+def _integer_depthwise(x, taps: np.ndarray, step: float, strides=(1, 1)):
+    """'valid' depthwise conv of every channel with `taps * step`, int8-exact.
+
+    `taps` (kh, kw) are integers in -127..127, so the int8 weights on the grid
+    `step` hold them exactly and the file computes the same sums as TF.
+    """
+    s = np.float32(step)
+    kernel = np.repeat(taps.astype(np.float32)[:, :, None, None], x.shape[-1], axis=2)
+    k = tf.quantization.fake_quant_with_min_max_vars(
+        tf.constant(kernel * s), -127.0 * s, 127.0 * s, narrow_range=True
+    )
+    return tf.nn.depthwise_conv2d(x, k, [1, *strides, 1], "VALID")
+
+
 def _mean_conv(x, kh: int, kw: int, sh: int, sw: int):
     """The 'valid' mean over kh x kw windows as a depthwise conv with int8-exact weights."""
-    channels = x.shape[-1]
-    step = np.float32(1.0 / (kh * kw * 127.0))
-    kernel = np.full((kh, kw, channels, 1), 127.0 * step, np.float32)
-    k = tf.quantization.fake_quant_with_min_max_vars(
-        tf.constant(kernel), -127.0 * step, 127.0 * step, narrow_range=True
-    )
-    return tf.nn.depthwise_conv2d(x, k, [1, sh, sw, 1], "VALID")
+    return _integer_depthwise(x, np.full((kh, kw), 127.0), 1.0 / (kh * kw * 127.0), (sh, sw))
 
 
 def _bilinear_taps(factor: int) -> tuple[np.ndarray, int]:
@@ -542,16 +551,7 @@ def _bilinear(x, fh: int, fw: int):
     taps_w, den_w = _bilinear_taps(fw)
     y = tf.image.resize(x, (x.shape[1] * fh, x.shape[2] * fw), method="nearest")
     y = _edge_pad(_edge_pad(y, len(taps_h) // 2, 1), len(taps_w) // 2, 2)
-    step = np.float32(1.0 / (den_h * den_w))
-    channels = x.shape[-1]
-    kernel = np.outer(taps_h, taps_w)[:, :, None, None] * np.ones((1, 1, channels, 1))
-    k = tf.quantization.fake_quant_with_min_max_vars(
-        tf.constant((kernel * step).astype(np.float32)),
-        -127.0 * step,
-        127.0 * step,
-        narrow_range=True,
-    )
-    return tf.nn.depthwise_conv2d(y, k, [1, 1, 1, 1], "VALID")
+    return _integer_depthwise(y, np.outer(taps_h, taps_w), 1.0 / (den_h * den_w))
 
 
 def _same_bands(size: int, k: int, stride: int) -> list[tuple[int, int, int]]:
@@ -1304,16 +1304,10 @@ def check_integer(tflite: bytes) -> None:
       ValueError: naming each float op and its output tensor (whose name holds
         the Keras layer's).
     """
-    from tf_pfq.export.summary import inspect  # summary imports this module's neighbours
-
     summary = inspect(tflite)
-    inputs = {t.index for t in summary.inputs}
-    outputs = {t.index for t in summary.outputs}
     bad = []
     for op in summary.ops:
-        if op.op == "QUANTIZE" and all(t is not None and t.index in inputs for t in op.inputs):
-            continue
-        if op.op == "DEQUANTIZE" and all(t.index in outputs for t in op.outputs):
+        if summary.is_io_conversion(op):
             continue
         tensors = [t for t in (*op.inputs, *op.outputs) if t is not None]
         if any(t.dtype.startswith("float") for t in tensors):

@@ -38,7 +38,7 @@ from typing import Any
 
 import numpy as np
 
-from tf_pfq.export.summary import ModelSummary, OpInfo, TensorInfo, inspect
+from tf_pfq.export.summary import OpInfo, TensorInfo, inspect
 
 __all__ = ["SUPPORTED_OPS", "Problem", "edgetpu_compatibility"]
 
@@ -113,17 +113,6 @@ class Problem:
     def __str__(self) -> str:
         where = f"op {self.op_index} {self.op}: " if self.op is not None else ""
         return f"[{self.rule}] {where}{self.message}"
-
-
-def _is_boundary_float(op: OpInfo, summary: ModelSummary) -> bool:
-    """True for the float QUANTIZE at the input and DEQUANTIZE at the output."""
-    inputs = {t.index for t in summary.inputs}
-    outputs = {t.index for t in summary.outputs}
-    if op.op == "QUANTIZE":
-        return all(t is not None and t.index in inputs for t in op.inputs)
-    if op.op == "DEQUANTIZE":
-        return all(t.index in outputs for t in op.outputs)
-    return False
 
 
 def _check_tensor(t: TensorInfo, op: OpInfo, is_weight: bool) -> list[Problem]:
@@ -360,7 +349,7 @@ def edgetpu_compatibility(model: bytes | str | os.PathLike) -> list[Problem]:
         )
     first_unsupported = None
     for op in summary.ops:
-        boundary = _is_boundary_float(op, summary)
+        boundary = summary.is_io_conversion(op)
         if op.op not in SUPPORTED_OPS and not (op.op == "DEQUANTIZE" and boundary):
             problems.append(
                 Problem(

@@ -121,6 +121,16 @@ class ModelSummary:
     num_subgraphs: int
     macs: int
 
+    def is_io_conversion(self, op: OpInfo) -> bool:
+        """True for the float QUANTIZE at a model input and DEQUANTIZE at an output."""
+        if op.op == "QUANTIZE":
+            inputs = {t.index for t in self.inputs}
+            return all(t is not None and t.index in inputs for t in op.inputs)
+        if op.op == "DEQUANTIZE":
+            outputs = {t.index for t in self.outputs}
+            return all(t.index in outputs for t in op.outputs)
+        return False
+
     def op_counts(self) -> dict[str, int]:
         """Number of operators per builtin name."""
         counts: dict[str, int] = {}
