@@ -118,11 +118,12 @@ def test_bad_arguments():
         data.load_fashion_mnist(num_test=10001)
 
 
-@pytest.mark.skipif(
-    not os.path.isdir(data.FASHION_MNIST_DIR),
-    reason=f"Debian's dataset-fashion-mnist is not installed ({data.FASHION_MNIST_DIR} missing)",
-)
 def test_debian_package_files_load():
+    # The test command installs Debian's dataset-fashion-mnist; the real files are
+    # what the accuracy benchmark reads.
+    assert os.path.isdir(data.FASHION_MNIST_DIR), (
+        f"{data.FASHION_MNIST_DIR} is missing: apt-get install -y dataset-fashion-mnist"
+    )
     splits = data.load_fashion_mnist()
     assert splits["train"].images.shape == (60000, 28, 28, 1)
     assert splits["test"].images.shape == (10000, 28, 28, 1)
