@@ -109,6 +109,7 @@ from tf_pfq.quantizers import (
     preserves_grid,
 )
 from tf_pfq.scheme import PfqQuantizeScheme, quantize_layer_class
+from tf_pfq.wrapper import PfqQuantizeWrapper
 
 __all__ = [
     "apply",
@@ -140,6 +141,7 @@ def quantize_scope() -> Iterator[None]:
       'PfqQuantizeConfig'
     """
     objects = {
+        "PfqQuantizeWrapper": PfqQuantizeWrapper,
         "PfqQuantizeConfig": PfqQuantizeConfig,
         "PfqActivationQuantizer": PfqActivationQuantizer,
         "PfqWeightQuantizer": PfqWeightQuantizer,
@@ -627,10 +629,18 @@ def apply(
         qat = _qkeras.quantize_apply(annotated, scheme=PfqQuantizeScheme(input_bits))
         # quantize_apply reuses the layer objects it does not wrap, so their first
         # inbound node belongs to an intermediate model; bias quantizers follow
-        # inbound nodes, so give the result layers of its own.
-        result = keras.models.clone_model(qat)
+        # inbound nodes, so give the result layers of its own. The clone also swaps
+        # tfmot's wrapper for tf_pfq's, which computes weighted layers on integers.
+        result = keras.models.clone_model(qat, clone_function=_own_wrapper)
         result.set_weights(qat.get_weights())
         return result
+
+
+def _own_wrapper(layer):
+    config = layer.get_config()
+    if type(layer) is _qkeras.QuantizeWrapperV2:
+        return PfqQuantizeWrapper.from_config(config)
+    return type(layer).from_config(config)
 
 
 def _original_name(layer) -> str:

@@ -8,8 +8,11 @@ quantizes; tfmot's `QuantizeWrapperV2` calls it.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from typing import Any
 
+import tensorflow as tf
 import tensorflow_model_optimization as tfmot
 
 from tf_pfq.quantizers import (
@@ -17,9 +20,28 @@ from tf_pfq.quantizers import (
     PfqBiasQuantizer,
     PfqWeightQuantizer,
     swish_with_int8_gate,
+    to_integers,
 )
 
 __all__ = ["PfqQuantizeConfig"]
+
+
+def _is_depthwise(config) -> bool:
+    return bool(config.weight_quantizer is not None and config.weight_quantizer.depthwise)
+
+
+class _Rescaled:
+    """`activation(acc * scale)`: the one float rounding after an integer accumulation."""
+
+    def __init__(self, activation, scale):
+        self.activation = activation
+        self.scale = scale
+        self.__name__ = getattr(activation, "__name__", "linear")
+
+    def __call__(self, acc):
+        y = acc * self.scale
+        return y if self.activation is None else self.activation(y)
+
 
 _QUANTIZERS = {
     cls.__name__: cls for cls in (PfqActivationQuantizer, PfqWeightQuantizer, PfqBiasQuantizer)
@@ -81,6 +103,50 @@ class PfqQuantizeConfig(tfmot.quantization.keras.QuantizeConfig):
         self.output_quantizer = output_quantizer
         self.kernel_attr = kernel_attr
         self.swish_gate = bool(swish_gate)
+        # (input step, weight step) while `tf_pfq.wrapper.PfqQuantizeWrapper` feeds
+        # the layer integers; None otherwise (never serialized).
+        self._integer_steps: tuple[Any, Any] | None = None
+        self._float_weights: list[Any] | None = None
+
+    @contextlib.contextmanager
+    def integer_arithmetic(self, layer, input_step, weight_step) -> Iterator[None]:
+        """Within: the layer computes on integers, and rescales once before its activation.
+
+        While the scope is open, `set_quantize_weights` hands the layer the integer
+        kernel `w_q / s_w` and the integer bias `b_q / (s_in * s_w)` (both exact,
+        straight-through), and `set_quantize_activations` makes its activation
+        `act(acc * s_in * s_w)`; the caller feeds it `x / s_in`. On exit the layer
+        gets its own activation back and holds the quantized float weights `w_q`,
+        `b_q`, as after a call of tfmot's wrapper.
+
+        Args:
+          layer: the wrapped layer.
+          input_step: `s_in`, the step of the grid its input is on.
+          weight_step: `s_w`, the kernel's step (scalar or per output channel).
+        """
+        activation = getattr(layer, "activation", None)
+        self._integer_steps = (input_step, weight_step)
+        try:
+            yield
+        finally:
+            self._integer_steps = None
+            layer.activation = activation
+            if self._float_weights is not None:
+                self._set_weights(layer, self._float_weights)
+                self._float_weights = None
+
+    def _integer_weights(self, layer, quantize_weights):
+        input_step, weight_step = self._integer_steps  # type: ignore[misc]
+        kernel = quantize_weights[0]
+        # Per-channel steps run over the output channels; a depthwise kernel's are
+        # its last two axes (in, mult) flattened.
+        per_axis = weight_step
+        if _is_depthwise(self) and weight_step.shape.rank:
+            per_axis = tf.reshape(weight_step, kernel.shape[2:])
+        result = [to_integers(kernel / per_axis)]
+        if len(quantize_weights) > 1:
+            result.append(to_integers(quantize_weights[1] / (input_step * weight_step)))
+        return result
 
     def get_weights_and_quantizers(self, layer):
         pairs = []
@@ -91,17 +157,23 @@ class PfqQuantizeConfig(tfmot.quantization.keras.QuantizeConfig):
         return pairs
 
     def set_quantize_weights(self, layer, quantize_weights):
+        if self._integer_steps is not None:
+            self._float_weights = list(quantize_weights)
+            quantize_weights = self._integer_weights(layer, quantize_weights)
+        self._set_weights(layer, quantize_weights)
+
+    def _set_weights(self, layer, values):
         names = []
         if self.weight_quantizer is not None:
             names.append(self.kernel_attr)
         if self.bias_quantizer is not None:
             names.append("bias")
-        if len(names) != len(quantize_weights):
+        if len(names) != len(values):
             raise ValueError(
                 f"Layer {layer.name!r}: expected {len(names)} quantized weights, got "
-                f"{len(quantize_weights)}."
+                f"{len(values)}."
             )
-        for name, value in zip(names, quantize_weights):
+        for name, value in zip(names, values):
             setattr(layer, name, value)
 
     def get_activations_and_quantizers(self, layer):
@@ -113,6 +185,9 @@ class PfqQuantizeConfig(tfmot.quantization.keras.QuantizeConfig):
         # config (and `strip`) still says "swish".
         if self.swish_gate:
             layer.activation = swish_with_int8_gate
+        if self._integer_steps is not None:
+            input_step, weight_step = self._integer_steps
+            layer.activation = _Rescaled(layer.activation, input_step * weight_step)
 
     def get_output_quantizers(self, layer):
         return [self.output_quantizer] if self.output_quantizer is not None else []

@@ -61,8 +61,12 @@ __all__ = [
     "PfqWeightQuantizer",
     "PfqBiasQuantizer",
     "preserves_grid",
+    "activation_step",
+    "input_activation_quantizer",
+    "input_quantizer_path",
     "SWISH_GATE_RANGE",
     "swish_with_int8_gate",
+    "to_integers",
 ]
 
 MIN_BITS = 2
@@ -82,6 +86,18 @@ WEIGHT_SCHEMES = ("min_max", "symmetric")
 # on Xception and RegNet; 2^-8 moved the flips to other models, it did not remove
 # them). Only integer-exact QAT arithmetic would.
 OFF_LATTICE = 2.0**-12
+
+
+def _step(width, intervals: int):
+    """`width / intervals` as a true float32 division, in eager and in graphs alike.
+
+    Grappler rewrites `x / constant` into `x * (1 / constant)`, which can differ from
+    the division in the last bit: a graph (`fit`, `predict`) would then put a bias
+    that sits near a rounding tie one int32 step away from where eager code and the
+    exporter put it. `divide_no_nan` is not rewritten (and equals the division here,
+    the divisor being a positive count).
+    """
+    return tf.math.divide_no_nan(width, tf.constant(float(intervals), tf.float32))
 
 
 def check_bits(num_bits, argument: str = "num_bits") -> int:
@@ -300,7 +316,7 @@ def weight_scale(
     """
     lo, hi = weight_min_max(kernel, num_bits, per_channel, depthwise, scheme)
     levels = 2**num_bits - (2 if _weight_narrow_range(num_bits, scheme) else 1)
-    return (hi - lo) / float(levels)
+    return _step(hi - lo, levels)
 
 
 def quantize_weight(
@@ -355,11 +371,51 @@ def quantize_bias(bias, scale):
       >>> quantize_bias([0.26, -0.74], 0.5).numpy().tolist()
       [0.5, -0.5]
     """
-    bias = tf.convert_to_tensor(bias, tf.float32)
-    scale = tf.convert_to_tensor(scale, tf.float32)
+    return _bias_on_grid(
+        tf.convert_to_tensor(bias, tf.float32), tf.convert_to_tensor(scale, tf.float32)
+    )
+
+
+# Straight-through roundings are custom gradients, not `x + stop_gradient(r - x)`:
+# in an inference graph stop_gradient is an identity, and grappler's arithmetic
+# optimizer may then regroup `x + (r - x)` as `(x + r) - x`, which is r plus float
+# noise (seen: a conv fed such "integers" rounded 1 step off the integer kernel).
+
+
+@tf.custom_gradient
+def _bias_on_grid(bias, scale):
     steps = tf.clip_by_value(tf.round(bias / scale), _INT32_MIN, _INT32_MAX)
-    # Forward value exactly steps * scale (x - stop_gradient(x) is 0); gradient 1.
-    return steps * scale + (bias - tf.stop_gradient(bias))
+
+    def grad(dy):
+        return dy, tf.zeros_like(scale)
+
+    return steps * scale, grad
+
+
+@tf.custom_gradient
+def to_integers(x):
+    """`round(x)` forward, identity gradient (for values within float noise of integers).
+
+    Example:
+      >>> to_integers(tf.constant([2.9999998, -1.0000001])).numpy().tolist()
+      [3.0, -1.0]
+    """
+
+    def grad(dy):
+        return dy
+
+    return tf.round(x), grad
+
+
+@tf.custom_gradient
+def _gate_on_grid(gate):
+    def grad(dy):
+        return dy
+
+    rounded = tf.quantization.fake_quant_with_min_max_args(
+        gate, SWISH_GATE_RANGE[0], SWISH_GATE_RANGE[1], num_bits=8
+    )
+    return rounded, grad
 
 
 class _Serializable(tfmot.quantization.keras.quantizers.Quantizer):
@@ -384,6 +440,16 @@ class _Serializable(tfmot.quantization.keras.quantizers.Quantizer):
     def __repr__(self):
         args = ", ".join(f"{k}={v!r}" for k, v in self.get_config().items())
         return f"{type(self).__name__}({args})"
+
+
+def activation_step(quantizer) -> Any:
+    """The step `s = (M - m) / (2^n - 1)` of a built `PfqActivationQuantizer` (a tensor).
+
+    The same float32 expression as TensorFlow's fake-quant kernel (the zero-point
+    nudge moves the range, not the step), so a value the quantizer wrote divided by
+    it is within float rounding of an integer.
+    """
+    return _step(quantizer.max_var - quantizer.min_var, 2**quantizer.num_bits - 1)
 
 
 class PfqActivationQuantizer(_Serializable):
@@ -528,6 +594,10 @@ class PfqWeightQuantizer(_Serializable):
     def __call__(self, inputs, training, weights, **kwargs):
         return quantize_weight(inputs, self.num_bits, self.per_channel, self.depthwise, self.scheme)
 
+    def scale(self, kernel):
+        """The step `s_w` of `kernel`'s grid, per output channel or a scalar (a tensor)."""
+        return weight_scale(kernel, self.num_bits, self.per_channel, self.depthwise, self.scheme)
+
     def params(self, kernel) -> QuantParams:
         """The nudged grid of `kernel` (for export)."""
         lo, hi = weight_min_max(
@@ -606,11 +676,10 @@ class PfqBiasQuantizer(_Serializable):
         quantizer = self.input_quantizer()
         if quantizer is None:
             return None
-        s_in = (quantizer.max_var - quantizer.min_var) / float(2**quantizer.num_bits - 1)
         s_w = weight_scale(
             self._kernel, self.weight_bits, self.per_channel, self.depthwise, self.weight_scheme
         )
-        return s_in * s_w
+        return activation_step(quantizer) * s_w
 
     def __call__(self, inputs, training, weights, **kwargs):
         scale = self.scale()
@@ -655,11 +724,7 @@ def swish(x):
       >>> bool(float(y[0]) == np.round(256 / (1 + np.exp(-1.0))) / 256)
       True
     """
-    gate = tf.math.sigmoid(x)
-    rounded = tf.quantization.fake_quant_with_min_max_args(
-        gate, SWISH_GATE_RANGE[0], SWISH_GATE_RANGE[1], num_bits=8
-    )
-    return x * (gate + tf.stop_gradient(rounded - gate))
+    return x * _gate_on_grid(tf.math.sigmoid(x))
 
 
 swish_with_int8_gate = swish
@@ -692,6 +757,43 @@ def _output_quantizer_of(layer):
     return quantizer if isinstance(quantizer, PfqActivationQuantizer) else None
 
 
+def input_quantizer_path(layer):
+    """The activation quantizer feeding `layer`, and the grid-preserving layers between.
+
+    Args:
+      layer: a layer of a QAT model built by `tf_pfq.apply`.
+
+    Returns:
+      (quantizer, crossed): the producing `PfqActivationQuantizer` and the tuple of
+      grid-preserving layers the walk crossed (nearest first); None if `layer` is not
+      yet connected in a model.
+
+    Raises:
+      RuntimeError: the input of `layer` is not quantized.
+    """
+    if layer is None or not layer.inbound_nodes:
+        return None
+    current = layer
+    crossed: list[Any] = []
+    while True:
+        producers = current.inbound_nodes[0].inbound_layers
+        if isinstance(producers, (list, tuple)):
+            if len(producers) != 1:
+                break
+            producers = producers[0]
+        quantizer = _output_quantizer_of(producers)
+        if quantizer is not None:
+            return quantizer, tuple(crossed)
+        if not preserves_grid(producers) or not producers.inbound_nodes:
+            break
+        crossed.append(producers)
+        current = producers
+    raise RuntimeError(
+        f"Layer {layer.name!r} needs a quantized input but its input is not produced by a "
+        "tf_pfq activation quantizer; build QAT models with tf_pfq.apply."
+    )
+
+
 def input_activation_quantizer(layer):
     """The activation quantizer whose output feeds `layer` (through grid-preserving layers).
 
@@ -705,22 +807,5 @@ def input_activation_quantizer(layer):
     Raises:
       RuntimeError: the input of `layer` is not quantized.
     """
-    if layer is None or not layer.inbound_nodes:
-        return None
-    current = layer
-    while True:
-        producers = current.inbound_nodes[0].inbound_layers
-        if isinstance(producers, (list, tuple)):
-            if len(producers) != 1:
-                break
-            producers = producers[0]
-        quantizer = _output_quantizer_of(producers)
-        if quantizer is not None:
-            return quantizer
-        if not preserves_grid(producers) or not producers.inbound_nodes:
-            break
-        current = producers
-    raise RuntimeError(
-        f"Layer {layer.name!r} has a bias quantizer but its input is not produced by a "
-        "tf_pfq activation quantizer; build QAT models with tf_pfq.apply."
-    )
+    found = input_quantizer_path(layer)
+    return None if found is None else found[0]

@@ -268,7 +268,11 @@ class LayerEntry:
       absorb: how pruning carries a constant input channel across it.
       kernel: its weights' layout, or None for a layer without a kernel.
       quant: which of its tensors `tf_pfq.apply` quantizes.
-      grid: True when its output is on its input's grid (a predicate of the layer).
+      grid: True when its output is on its input's grid at inference (a predicate of
+        the layer).
+      grid_in_training: False when training mode moves its output off that grid
+        (dropout rescales the values it keeps), so a consumer may treat its input
+        as integers on the grid only at inference (`tf_pfq.wrapper`).
       fuses: True when integer inference fuses it into the op producing its input
         (a predicate of the layer), so that input gets no quantizer.
       lowering: the exporter's handler.
@@ -297,6 +301,7 @@ class LayerEntry:
     kernel: Kernel | None = None
     quant: Quant = Quant.NONE
     grid: Callable[[Any], bool] = _never
+    grid_in_training: bool = True
     fuses: Callable[[Any], bool] = _never
     lowering: Lowering = Lowering.REFUSED
     tflite: str = ""
@@ -634,6 +639,7 @@ _ENTRIES: tuple[LayerEntry, ...] = (
         L.Dropout,
         **_IDENTITY,
         **_PRESERVES,
+        grid_in_training=False,
         lowering=Lowering.PASS_THROUGH,
         tflite="(none)",
         cle=True,
@@ -642,6 +648,7 @@ _ENTRIES: tuple[LayerEntry, ...] = (
         L.SpatialDropout2D,
         **_IDENTITY,
         **_PRESERVES,
+        grid_in_training=False,
         lowering=Lowering.PASS_THROUGH,
         tflite="(none)",
     ),
