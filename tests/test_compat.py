@@ -104,6 +104,28 @@ def test_keras3_ops_and_activations_translate():
     assert _relative_diff(model(data), converted(data)) < 1e-5
 
 
+def test_keras3_renamed_arguments_and_none_call_arguments():
+    # LeakyReLU's `alpha` is `negative_slope` in Keras 3; Keras 3 records `mask=None`
+    # on the BN after a Concatenate, which must not follow the BN when fold writes
+    # it as a 1x1 depthwise conv.
+    x = keras3.Input((6, 6, 3), name="x")
+    a = keras3.layers.Conv2D(4, 3, padding="same", name="a")(x)
+    b = keras3.layers.Conv2D(4, 1, name="b")(x)
+    y = keras3.layers.Concatenate(name="cat")([a, b])
+    y = keras3.layers.BatchNormalization(name="pre_bn")(y)
+    y = keras3.layers.LeakyReLU(negative_slope=0.2, name="leaky")(y)
+    model = keras3.Model(x, keras3.layers.Conv2D(2, 1, name="head")(y))
+    _random_bn(model)
+    converted = compat.to_tf_keras(model)
+    assert converted.get_layer("leaky").get_config()["alpha"] == pytest.approx(0.2)
+    data = _images((6, 6, 3), n=4)
+    assert _relative_diff(model(data), converted(data)) < 1e-5
+    folded, report = tf_pfq.fold_batchnorm(converted)
+    assert "pre_bn" in report.affine
+    assert type(folded.get_layer("pre_bn")).__name__ == "DepthwiseConv2D"
+    assert _relative_diff(model(data), folded(data)) < 1e-5
+
+
 def test_keras3_nested_sequential_is_converted_and_flattened():
     backbone = keras3.applications.MobileNetV2(
         input_shape=(32, 32, 3), alpha=0.35, include_top=False, weights=None

@@ -164,8 +164,15 @@ def _drop_new_args(config: dict[str, Any], cls, layer, what: str) -> None:
         )
 
 
+# Arguments Keras 3 renamed: {class name: {Keras 3 name: tf_keras name}}.
+_RENAMED_ARGS = {"LeakyReLU": {"negative_slope": "alpha"}}
+
+
 def _layer_config(layer, class_name: str, cls) -> dict[str, Any]:
     config = _translate(layer.get_config())
+    for new_name, old_name in _RENAMED_ARGS.get(class_name, {}).items():
+        if new_name in config and old_name not in config:
+            config[old_name] = config.pop(new_name)
     if class_name == "InputLayer":
         config["batch_input_shape"] = config.pop("batch_shape", config.get("batch_input_shape"))
         config.pop("optional", None)
@@ -349,7 +356,11 @@ def _functional(model):
             if not ready(node):
                 waiting.append((name, new, node_index, node))
                 continue
-            outputs = new(*resolve(node["args"]), **resolve(node.get("kwargs", {})))
+            # Keras 3 records call arguments left at None (`mask=None` after a
+            # Concatenate); tf_keras records none, and a rewrite that changes the
+            # layer class (a BN written as a depthwise conv) could not pass them on.
+            kwargs = {k: v for k, v in node.get("kwargs", {}).items() if v is not None}
+            outputs = new(*resolve(node["args"]), **resolve(kwargs))
             for i, out in enumerate(tf.nest.flatten(outputs)):
                 tensors[(name, node_index, i)] = out
         if len(waiting) == len(calls):
