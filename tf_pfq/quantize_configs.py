@@ -170,8 +170,7 @@ class PfqQuantizeConfig(tfmot.quantization.keras.QuantizeConfig):
             names.append("bias")
         if len(names) != len(values):
             raise ValueError(
-                f"Layer {layer.name!r}: expected {len(names)} quantized weights, got "
-                f"{len(values)}."
+                f"Layer {layer.name!r}: expected {len(names)} quantized weights, got {len(values)}."
             )
         for name, value in zip(names, values):
             setattr(layer, name, value)
