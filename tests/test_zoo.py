@@ -16,16 +16,6 @@ from tf_pfq import testing
 from tf_pfq.compat import keras
 
 BITS = 4
-ZOO = [
-    "MobileNet",
-    "MobileNetV2",
-    "MobileNetV3Small",
-    "MobileNetV3Large",
-    "EfficientNetB0",
-    "ResNet50",
-    "DenseNet121",
-    "NASNetMobile",
-]
 
 
 def _application(name: str, size: int = 32):
@@ -37,7 +27,7 @@ def _application(name: str, size: int = 32):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ZOO)
+@pytest.mark.parametrize("name", testing.ZOO)
 def test_chain_is_exact_on_the_zoo(name):
     keras.utils.set_random_seed(0)
     images = np.random.default_rng(0).uniform(0, 1, (48, 32, 32, 3)).astype(np.float32)

@@ -37,6 +37,7 @@ import numpy as np
 from tf_pfq.compat import keras
 
 __all__ = [
+    "ZOO",
     "ChainResult",
     "run_chain",
     "with_dead_channels",
@@ -46,6 +47,19 @@ __all__ = [
 
 L = keras.layers
 STAGES = ("prune", "stage_a", "strip", "fold", "stage_w", "tflite")
+# The `tf_keras.applications` models every release is checked on (tests/test_zoo.py,
+# benchmarks/zoo.py): depthwise, squeeze-excite and hard-swish, preprocessing layers,
+# bottleneck residuals, pre-activation BN with dense concatenation, separable convs.
+ZOO = (
+    "MobileNet",
+    "MobileNetV2",
+    "MobileNetV3Small",
+    "MobileNetV3Large",
+    "EfficientNetB0",
+    "ResNet50",
+    "DenseNet121",
+    "NASNetMobile",
+)
 # ImageNet's per-channel statistics, as the EfficientNets' pretrained weights hold them.
 _IMAGENET_MEAN = (0.485, 0.456, 0.406)
 _IMAGENET_VARIANCE = (0.229**2, 0.224**2, 0.225**2)

@@ -7,7 +7,9 @@ tfmot's wrapper computes the same layer in float32 on the fake-quantized values,
 partial sums. Where `acc * s_in * s_w / s_out` lies that close to a rounding tie (wide
 layers, and ranges whose step is nearly a rational multiple of the accumulator unit),
 TF's fake-quant and the integer kernel round it one step apart, and later layers
-carry that step to the logits (measured on Xception and RegNet: 15-19 output steps).
+carry that step to the logits (measured on ResNet101V2 at 75x75 with random
+weights: 43 output steps at the 99th percentile with tfmot's arithmetic, 0.49 with
+this wrapper).
 
 What this wrapper does instead, for a layer with a weight quantizer whose input is
 on a tf_pfq activation grid of step `s_in`:
