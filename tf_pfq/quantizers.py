@@ -64,6 +64,7 @@ __all__ = [
     "activation_step",
     "input_activation_quantizer",
     "input_quantizer_path",
+    "producer_grid",
     "SWISH_GATE_RANGE",
     "swish_with_int8_gate",
     "to_integers",
@@ -757,6 +758,37 @@ def _output_quantizer_of(layer):
     return quantizer if isinstance(quantizer, PfqActivationQuantizer) else None
 
 
+def producer_grid(producer):
+    """The activation quantizer whose grid `producer`'s output is on, and the walk there.
+
+    Walks up from `producer` through grid-preserving layers (pooling by max,
+    padding, reshapes, ...) to the first layer with a tf_pfq activation quantizer.
+
+    Args:
+      producer: a layer of a QAT model built by `tf_pfq.apply`.
+
+    Returns:
+      (quantizer, crossed): the `PfqActivationQuantizer` and the tuple of
+      grid-preserving layers crossed (nearest first), or None when the output is on
+      no tf_pfq grid.
+    """
+    current = producer
+    crossed: list[Any] = []
+    while True:
+        quantizer = _output_quantizer_of(current)
+        if quantizer is not None:
+            return quantizer, tuple(crossed)
+        if not preserves_grid(current) or not current.inbound_nodes:
+            return None
+        above = current.inbound_nodes[0].inbound_layers
+        if isinstance(above, (list, tuple)):
+            if len(above) != 1:
+                return None
+            above = above[0]
+        crossed.append(current)
+        current = above
+
+
 def input_quantizer_path(layer):
     """The activation quantizer feeding `layer`, and the grid-preserving layers between.
 
@@ -773,25 +805,16 @@ def input_quantizer_path(layer):
     """
     if layer is None or not layer.inbound_nodes:
         return None
-    current = layer
-    crossed: list[Any] = []
-    while True:
-        producers = current.inbound_nodes[0].inbound_layers
-        if isinstance(producers, (list, tuple)):
-            if len(producers) != 1:
-                break
-            producers = producers[0]
-        quantizer = _output_quantizer_of(producers)
-        if quantizer is not None:
-            return quantizer, tuple(crossed)
-        if not preserves_grid(producers) or not producers.inbound_nodes:
-            break
-        crossed.append(producers)
-        current = producers
-    raise RuntimeError(
-        f"Layer {layer.name!r} needs a quantized input but its input is not produced by a "
-        "tf_pfq activation quantizer; build QAT models with tf_pfq.apply."
-    )
+    producers = layer.inbound_nodes[0].inbound_layers
+    if isinstance(producers, (list, tuple)):
+        producers = producers[0] if len(producers) == 1 else None
+    found = None if producers is None else producer_grid(producers)
+    if found is None:
+        raise RuntimeError(
+            f"Layer {layer.name!r} needs a quantized input but its input is not produced "
+            "by a tf_pfq activation quantizer; build QAT models with tf_pfq.apply."
+        )
+    return found
 
 
 def input_activation_quantizer(layer):

@@ -46,9 +46,20 @@ import tensorflow_model_optimization as tfmot
 from tf_pfq.compat import keras
 from tf_pfq.layers.table import entry_for
 from tf_pfq.quantize_configs import PfqQuantizeConfig
-from tf_pfq.quantizers import activation_step, input_quantizer_path, to_integers
+from tf_pfq.quantizers import (
+    PfqActivationQuantizer,
+    activation_step,
+    fake_quant,
+    input_quantizer_path,
+    producer_grid,
+    to_integers,
+)
 
-__all__ = ["PfqQuantizeWrapper", "integer_source"]
+__all__ = ["PfqQuantizeWrapper", "integer_source", "add_sources", "int8_add"]
+
+# XNNPACK's int8 ADD keeps its larger input-to-output scale ratio with this many
+# fraction bits (the ratio in [2^20, 2^21) after the shift).
+_ADD_MULTIPLIER_BITS = 20
 
 
 @tf.autograph.experimental.do_not_convert
@@ -77,6 +88,78 @@ def integer_source(wrapper):
     return quantizer, all(entry_for(c).grid_in_training for c in crossed)
 
 
+@tf.autograph.experimental.do_not_convert
+def add_sources(wrapper):
+    """(grid of input a, grid of input b) of a two-input Add with an output grid, or None.
+
+    Each grid is the `PfqActivationQuantizer` its input was rounded by. None where
+    integer inference would not compute the Add from two tensors on known grids
+    (an input off every grid, more than two inputs, no output quantizer of its own:
+    an Add fused into a ReLU consumer keeps the float sum).
+    """
+    config = wrapper.quantize_config
+    if not isinstance(config, PfqQuantizeConfig) or config.weight_quantizer is not None:
+        return None
+    if not isinstance(config.output_quantizer, PfqActivationQuantizer):
+        return None
+    if not isinstance(wrapper.layer, keras.layers.Add) or not wrapper.inbound_nodes:
+        return None
+    producers = wrapper.inbound_nodes[0].inbound_layers
+    if not isinstance(producers, (list, tuple)) or len(producers) != 2:
+        return None
+    found = [producer_grid(p) for p in producers]
+    if any(f is None or not all(entry_for(c).grid_in_training for c in f[1]) for f in found):
+        return None
+    return found[0][0], found[1][0]
+
+
+def int8_add(a, b, step_a, step_b, step_out):
+    """`a + b` rounded onto the grid `step_out` as XNNPACK's int8 ADD rounds it.
+
+    XNNPACK (LiteRT's CPU path) adds int8 tensors in fixed point: each input's scale
+    ratio `s_a / s_out` becomes an integer multiplier `A = rint(ratio * 2^shift)`
+    with 21 significant bits, and the output is `(A a_int + B b_int + 2^(shift-1)) >>
+    shift`. The multipliers differ from the true ratios by up to 2^-21 of them, so a
+    sum within ~1e-4 steps of a rounding tie can round the other way than the exact
+    float sum does; in a low-bit net only a few thousand (a_int, b_int) pairs occur,
+    and one such pair repeats at every position it occurs (seen on MobileNetV2: 11 of
+    6144 values of one Add one int8 step off, which later 4-bit layers grew to 46
+    logit steps). Computing the same integers here makes the Keras model and the
+    file agree. Hand-written after XNNPACK's `xnn_init_qs8_add_minmax_scalar_params`
+    and its `qs8-vadd` kernels; no library exposes the rounding.
+
+    Args:
+      a, b: float tensors on the grids of step `step_a`, `step_b` (zero on the grid).
+      step_a, step_b, step_out: float32 scalar steps.
+
+    Returns:
+      The float values `out_int * step_out` (before the output range's clamp).
+
+    Example:
+      >>> float(int8_add(1.3811314, -0.8419381, 0.026560219, 0.28064603, 0.03267851))
+      0.5555346608161926
+    """
+    ratio_a = tf.cast(step_a, tf.float32) / tf.cast(step_out, tf.float32)
+    ratio_b = tf.cast(step_b, tf.float32) / tf.cast(step_out, tf.float32)
+    largest = tf.maximum(ratio_a, ratio_b)
+    exponent = tf.bitwise.right_shift(tf.bitcast(largest, tf.int32), 23) - 127
+    shift = _ADD_MULTIPLIER_BITS - exponent
+    scale = tf.pow(tf.constant(2.0, tf.float32), tf.cast(shift, tf.float32))  # exact
+
+    def multiplier(ratio):
+        return tf.cast(tf.round(ratio * scale), tf.int32)  # lrintf: ties to even
+
+    def integers(x, step):
+        return tf.cast(tf.round(x / step), tf.int32)
+
+    acc = (
+        tf.bitwise.left_shift(1, shift - 1)
+        + multiplier(ratio_a) * integers(a, step_a)
+        + multiplier(ratio_b) * integers(b, step_b)
+    )
+    return tf.cast(tf.bitwise.right_shift(acc, shift), tf.float32) * step_out
+
+
 class PfqQuantizeWrapper(tfmot.quantization.keras.QuantizeWrapperV2):
     """`QuantizeWrapperV2` whose weighted layers accumulate integers (module docstring).
 
@@ -85,6 +168,9 @@ class PfqQuantizeWrapper(tfmot.quantization.keras.QuantizeWrapperV2):
     """
 
     def call(self, inputs, training=None, **kwargs):
+        sources = add_sources(self)
+        if sources is not None:
+            return self._integer_add(inputs, sources, training, **kwargs)
         source = integer_source(self)
         if source is None:
             return super().call(inputs, training=training, **kwargs)
@@ -104,3 +190,27 @@ class PfqQuantizeWrapper(tfmot.quantization.keras.QuantizeWrapperV2):
             )
         with config.integer_arithmetic(self.layer, input_step, weight_step):
             return super().call(integers, training=training, **kwargs)
+
+    def _integer_add(self, inputs, sources, training, **kwargs):
+        # Training keeps the float sum (its gradient, and the range update from it);
+        # inference rounds as the integer file does.
+        result = super().call(inputs, training=training, **kwargs)
+        if training is None:
+            training = keras.backend.learning_phase()
+        if isinstance(training, bool) and training:
+            return result
+        out = self.quantize_config.output_quantizer
+
+        def integer():
+            value = int8_add(
+                inputs[0],
+                inputs[1],
+                activation_step(sources[0]),
+                activation_step(sources[1]),
+                activation_step(out),
+            )
+            return fake_quant(value, out.min_var, out.max_var, out.num_bits)
+
+        if isinstance(training, bool):
+            return integer()
+        return tf.cond(tf.cast(training, tf.bool), lambda: result, integer)
