@@ -151,33 +151,47 @@ def test_stage_a_and_float_inputs_keep_tfmot_arithmetic():
     assert integer_source(qat.get_layer("quant_wide")) is not None
 
 
-def _near_tie_pairs(step_a, step_b, step_out, zero_out, a_range, b_range):
-    """(a_int, b_int) pairs the exact sum and XNNPACK's fixed-point ADD round apart."""
+def _near_tie_pairs(step_a, step_b, step_out, out_range, a_range, b_range):
+    """(a_int, b_int) pairs the exact sum and XNNPACK's fixed-point ADD round apart.
+
+    `out_range` and the others: the integers each grid holds, centred on its zero point.
+    """
     a, b = np.meshgrid(np.arange(*a_range), np.arange(*b_range), indexing="ij")
     exact = np.floor((a * np.float64(step_a) + b * np.float64(step_b)) / step_out + 0.5)
     ratios = np.float32(step_a) / np.float32(step_out), np.float32(step_b) / np.float32(step_out)
     shift = 20 - int(np.floor(np.log2(max(ratios))))
     mult = [int(np.rint(np.float32(r) * np.float32(2.0**shift))) for r in ratios]
     fixed = (2 ** (shift - 1) + mult[0] * a + mult[1] * b) >> shift
-    inside = np.abs(exact + zero_out) <= 127  # away from the int8 clamp
+    inside = (exact >= out_range[0]) & (exact < out_range[1])  # away from the clamps
     return a[(exact != fixed) & inside], b[(exact != fixed) & inside]
 
 
-def test_add_rounds_like_the_integer_file_at_near_ties():
+def _centred(lo, hi):
+    zero = int(nudge(lo, hi, 8).zero_point)
+    return -zero, 256 - zero
+
+
+@pytest.mark.parametrize("relu", [False, True])
+def test_add_rounds_like_the_integer_file_at_near_ties(relu):
     # a and b: 8-bit copies of the two input channels (b on a coarser grid than the
     # input's, so that every b_int can be fed); their Add on an output grid whose
-    # step is no simple ratio of theirs. Pairs whose exact sum lies within XNNPACK's
-    # multiplier error of a rounding tie are fed on purpose.
+    # step is no simple ratio of theirs (its own, or a ReLU's that integer inference
+    # fuses into the ADD). Pairs whose exact sum lies within XNNPACK's multiplier
+    # error of a rounding tie are fed on purpose.
     inputs = keras.Input((1, 1024, 2), name="x")
     a = L.Conv2D(1, 1, use_bias=False, name="a")(inputs)
     b = L.Conv2D(1, 1, use_bias=False, name="b")(inputs)
     x = L.Add(name="add")([a, b])
+    out_name = "add"
+    if relu:
+        x = L.ReLU(name="relu")(x)
+        out_name = "relu"
     model = keras.Model(inputs, L.Conv2D(1, 1, name="out")(x))
     model.get_layer("a").set_weights([np.array([1.0, 0.0], np.float32).reshape(1, 1, 2, 1)])
     model.get_layer("b").set_weights([np.array([0.0, 1.0], np.float32).reshape(1, 1, 2, 1)])
     qat = tf_pfq.apply(model, activation_bits=8, weight_bits=8)
     ranges = {"a": (-3.452359676361084, 3.320496082305908), "b": (-5.9, 6.3)}
-    ranges["add"] = (-6.1, 5.9)
+    ranges[out_name] = (0.0, 5.7) if relu else (-6.1, 5.9)
     for layer in qat.layers:
         quantizer = getattr(layer, "quantizer", None)  # the model-input quantizer
         if quantizer is not None:
@@ -187,24 +201,24 @@ def test_add_rounds_like_the_integer_file_at_near_ties():
         quantizer = qat.get_layer(f"quant_{name}").quantize_config.output_quantizer
         quantizer.min_var.assign(lo)
         quantizer.max_var.assign(hi)
-    add = qat.get_layer("quant_add")
-    step_a, step_b = (float(activation_step(q)) for q in add_sources(add))
-    step_out = float(activation_step(add.quantize_config.output_quantizer))
-    zero_out = int(nudge(*ranges["add"], 8).zero_point) - 128
-    # The integers each grid holds (centred on its zero point); b_int * step_b must
-    # also fit the input's range.
-    zero_a = int(nudge(*ranges["a"], 8).zero_point)
-    a_range = (-zero_a, 256 - zero_a)
-    b_max = int(ranges["a"][1] / step_b) - 1
+    sources = add_sources(qat.get_layer("quant_add"))
+    assert (
+        sources is not None
+        and sources[2] is qat.get_layer(f"quant_{out_name}").quantize_config.output_quantizer
+    )
+    step_a, step_b, step_out = (float(activation_step(q)) for q in sources)
+    a_range = _centred(*ranges["a"])
+    b_max = int(ranges["a"][1] / step_b) - 1  # b_int * step_b must fit the input range
     b_range = (-b_max, b_max + 1)
-    pairs_a, pairs_b = _near_tie_pairs(step_a, step_b, step_out, zero_out, a_range, b_range)
+    out_range = _centred(*ranges[out_name])
+    pairs_a, pairs_b = _near_tie_pairs(step_a, step_b, step_out, out_range, a_range, b_range)
     assert len(pairs_a) > 0  # the exact sum would round these pairs the other way
     rng = np.random.default_rng(0)
     a_int = np.concatenate([pairs_a, rng.integers(*a_range, 1024 - len(pairs_a))])
     b_int = np.concatenate([pairs_b, rng.integers(*b_range, 1024 - len(pairs_b))])
     data = np.stack([a_int * step_a, b_int * step_b], -1).astype(np.float32)
     data = data.reshape(1, 1, 1024, 2)
-    sub = keras.Model(qat.input, add.output)
+    sub = keras.Model(qat.input, qat.get_layer(f"quant_{out_name}").output)
     keras_add = sub(data, training=False).numpy()
     # The fed pairs arrive as they were meant to.
     inner = keras.Model(

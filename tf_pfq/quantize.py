@@ -528,7 +528,22 @@ def _plan(
                 kernel_attr=attr,
                 swish_gate=swish,
             )
+        elif _is_fused_add(graph, name, outputs):
+            # No grid of its own, but at inference it rounds onto its ReLU's grid as
+            # integer inference does (`tf_pfq.wrapper.add_sources`): a bare wrapper.
+            configs[name] = PfqQuantizeConfig(None, None, None)
     return configs
+
+
+def _is_fused_add(graph, name: str, outputs) -> bool:
+    consumers = graph.consumers_of(name)
+    return (
+        isinstance(graph.layer(name), L.Add)
+        and len(graph.inputs_of(name)) == 2
+        and len(consumers) == 1
+        and consumers[0] in outputs
+        and _fuses_into_producer(graph.layer(consumers[0]))
+    )
 
 
 def apply(

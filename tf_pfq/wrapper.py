@@ -90,19 +90,29 @@ def integer_source(wrapper):
 
 @tf.autograph.experimental.do_not_convert
 def add_sources(wrapper):
-    """(grid of input a, grid of input b) of a two-input Add with an output grid, or None.
+    """The grids of a two-input Add that integer inference computes in int8, or None.
 
-    Each grid is the `PfqActivationQuantizer` its input was rounded by. None where
-    integer inference would not compute the Add from two tensors on known grids
-    (an input off every grid, more than two inputs, no output quantizer of its own:
-    an Add fused into a ReLU consumer keeps the float sum).
+    Returns:
+      (grid of input a, grid of input b, output grid): the `PfqActivationQuantizer`s
+      the inputs were rounded by, and the one of the Add's output: its own, or that
+      of the ReLU consumer integer inference fuses it with. None where the Add is no
+      int8 ADD of two tensors on known grids (an input off every grid, more than two
+      inputs, a float output with `add_bits=None`).
     """
     config = wrapper.quantize_config
     if not isinstance(config, PfqQuantizeConfig) or config.weight_quantizer is not None:
         return None
-    if not isinstance(config.output_quantizer, PfqActivationQuantizer):
-        return None
     if not isinstance(wrapper.layer, keras.layers.Add) or not wrapper.inbound_nodes:
+        return None
+    out = config.output_quantizer
+    if out is None and len(wrapper.outbound_nodes) == 1:
+        consumer = wrapper.outbound_nodes[0].outbound_layer
+        fused = isinstance(consumer, tfmot.quantization.keras.QuantizeWrapper) and isinstance(
+            consumer.quantize_config, PfqQuantizeConfig
+        )
+        if fused and entry_for(consumer.layer).fuses(consumer.layer):
+            out = consumer.quantize_config.output_quantizer
+    if not isinstance(out, PfqActivationQuantizer):
         return None
     producers = wrapper.inbound_nodes[0].inbound_layers
     if not isinstance(producers, (list, tuple)) or len(producers) != 2:
@@ -110,7 +120,7 @@ def add_sources(wrapper):
     found = [producer_grid(p) for p in producers]
     if any(f is None or not all(entry_for(c).grid_in_training for c in f[1]) for f in found):
         return None
-    return found[0][0], found[1][0]
+    return found[0][0], found[1][0], out
 
 
 def int8_add(a, b, step_a, step_b, step_out):
@@ -199,7 +209,8 @@ class PfqQuantizeWrapper(tfmot.quantization.keras.QuantizeWrapperV2):
             training = keras.backend.learning_phase()
         if isinstance(training, bool) and training:
             return result
-        out = self.quantize_config.output_quantizer
+        out = sources[2]
+        own = out is self.quantize_config.output_quantizer
 
         def integer():
             value = int8_add(
@@ -209,7 +220,8 @@ class PfqQuantizeWrapper(tfmot.quantization.keras.QuantizeWrapperV2):
                 activation_step(sources[1]),
                 activation_step(out),
             )
-            return fake_quant(value, out.min_var, out.max_var, out.num_bits)
+            # A fused consumer's ReLU and quantizer clamp the value themselves.
+            return fake_quant(value, out.min_var, out.max_var, out.num_bits) if own else value
 
         if isinstance(training, bool):
             return integer()
