@@ -265,3 +265,35 @@ def test_requantizing_relu_rounds_like_qat():
 
     p99, worst, agreement, _ = fidelity(_shared_add_relu)
     assert worst <= 1.0, (p99, worst, agreement)
+
+
+# -- DenseNet169 at 75x75: a signed Concatenate whose inputs sit on other grids --------
+
+
+def _signed_concat():
+    # A transition's linear 1x1 conv and average pooling (signed, read by two layers:
+    # its own grid) concatenated with a linear conv (signed, on the concat's grid).
+    inputs = keras.Input((9, 9, 3))
+    x = L.Conv2D(12, 3, padding="same", name="stem")(inputs)
+    x = L.AveragePooling2D(2, name="pool")(L.Conv2D(12, 1, name="transition")(x))
+    y = L.BatchNormalization(name="pre_bn")(x)  # DenseNet's pre-activation BN
+    y = L.Conv2D(16, 1, name="bottleneck")(L.Activation("relu", name="r")(y))
+    y = L.BatchNormalization(name="bottleneck_bn")(y)
+    y = L.Activation("relu", name="r2")(y)
+    y = L.Conv2D(8, 3, padding="same", use_bias=False, name="grow")(y)
+    x = L.Concatenate(name="concat")([x, y])
+    x = L.Conv2D(16, 1, name="mix")(x)
+    x = L.GlobalAveragePooling2D(name="gap")(x)
+    return keras.Model(inputs, L.Dense(10, name="logits")(x))
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_signed_concat_is_exact_and_concatenates_on_its_grid(seed):
+    from test_export_layers import fidelity
+
+    p99, worst, agreement, tflite = fidelity(_signed_concat, seed=seed)
+    ops = [op.op for op in inspect(tflite).ops]
+    after = ops[ops.index("CONCATENATION") + 1 :]
+    # No requantization of the concatenated tensor: it is already on the concat's grid.
+    assert not after or after[0] != "QUANTIZE", ops
+    assert worst <= 1.0, (p99, worst, agreement)

@@ -981,14 +981,28 @@ class _Builder:
 
     def _concat(self, name: str, layer, inputs: list[_Tensor]) -> _Tensor:
         grid = self.plan.layers.get(name, LayerQuantization()).output
+        exporting = self.policy.rounds_float_tensors() and grid is not None
+        # A signed n-bit grid whose lower end is not 0 needs a MAXIMUM clamp. After the
+        # CONCATENATION it would hide the concat's grid from the converter, which then
+        # concatenates on a grid of its own and requantizes (two roundings); on each
+        # input before it (the same values) the grid reaches the CONCATENATION.
+        bottom = np.float32(_scalar(grid.min)) if grid is not None else np.float32(0.0)
+        clamp_inputs = (
+            exporting
+            and grid is not None
+            and self.clamp_signed
+            and grid.num_bits < 8
+            and bottom != 0.0
+            and not all(t.nonneg for t in inputs)
+        )
         values = []
         for t in inputs:
             v = t.value
             if (
-                self.policy.rounds_float_tensors()
+                exporting
                 and grid is not None
                 and t.grid is not None
-                and t.nonneg
+                and (t.nonneg or clamp_inputs)
                 and not _same_grid(t.grid, grid)
             ):
                 # An input on another grid is requantized to the concat's. The
@@ -1000,10 +1014,16 @@ class _Builder:
                 # non-negative values) keep the requantization on this edge.
                 v = self.policy.quantize_activation(v, t.grid, t.nonneg, self.clamp_signed)
                 v = self.policy.requantize(v) if v.shape.rank == 4 else tf.nn.relu(v)
+            if clamp_inputs and not t.nonneg:
+                v = tf.maximum(v, bottom)
             values.append(v)
         y = tf.concat(values, axis=layer.get_config()["axis"])
         lo = min(float(t.lo) for t in inputs)
         hi = max(float(t.hi) for t in inputs)
+        if clamp_inputs:
+            assert grid is not None
+            value = self.policy.quantize_activation(y, grid, False, clamp_signed=False)
+            return _Tensor(value, bottom, np.float32(_scalar(grid.max)), grid, False)
         t = _Tensor(y, np.float32(lo), np.float32(hi), None)
         return self._quantize_output(name, t, needs_range=True)
 
