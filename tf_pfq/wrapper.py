@@ -62,6 +62,11 @@ __all__ = ["PfqQuantizeWrapper", "integer_source", "add_sources", "int8_add"]
 _ADD_MULTIPLIER_BITS = 20
 
 
+def _grid_in_training(crossed) -> bool:
+    # Dropout rescales the values it keeps in training mode: off the grid there.
+    return all(entry_for(c).grid_in_training for c in crossed)
+
+
 @tf.autograph.experimental.do_not_convert
 def integer_source(wrapper):
     """(input quantizer, training keeps the grid) when `wrapper` computes on integers.
@@ -85,7 +90,7 @@ def integer_source(wrapper):
     if found is None:
         return None
     quantizer, crossed = found
-    return quantizer, all(entry_for(c).grid_in_training for c in crossed)
+    return quantizer, _grid_in_training(crossed)
 
 
 @tf.autograph.experimental.do_not_convert
@@ -118,7 +123,7 @@ def add_sources(wrapper):
     if not isinstance(producers, (list, tuple)) or len(producers) != 2:
         return None
     found = [producer_grid(p) for p in producers]
-    if any(f is None or not all(entry_for(c).grid_in_training for c in f[1]) for f in found):
+    if any(f is None or not _grid_in_training(f[1]) for f in found):
         return None
     return found[0][0], found[1][0], out
 
@@ -204,11 +209,10 @@ class PfqQuantizeWrapper(tfmot.quantization.keras.QuantizeWrapperV2):
     def _integer_add(self, inputs, sources, training, **kwargs):
         # Training keeps the float sum (its gradient, and the range update from it);
         # inference rounds as the integer file does.
-        result = super().call(inputs, training=training, **kwargs)
         if training is None:
             training = keras.backend.learning_phase()
         if isinstance(training, bool) and training:
-            return result
+            return super().call(inputs, training=training, **kwargs)
         out = sources[2]
         own = out is self.quantize_config.output_quantizer
 
@@ -225,4 +229,5 @@ class PfqQuantizeWrapper(tfmot.quantization.keras.QuantizeWrapperV2):
 
         if isinstance(training, bool):
             return integer()
+        result = super().call(inputs, training=training, **kwargs)
         return tf.cond(tf.cast(training, tf.bool), lambda: result, integer)
