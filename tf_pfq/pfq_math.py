@@ -23,6 +23,7 @@ __all__ = [
     "windows_hold_real",
     "input_constant_delta",
     "keep_indices",
+    "merge_into_carriers",
     "residual_std",
     "shift_moving_mean",
 ]
@@ -96,6 +97,39 @@ def input_constant_delta(kernel, channels: Sequence[int], values) -> np.ndarray:
     rows = kernel[..., index, :]
     spatial = tuple(range(rows.ndim - 2))
     return values @ rows.sum(axis=spatial)
+
+
+def merge_into_carriers(kernel, in_axis: int, merges) -> np.ndarray:
+    """A consumer kernel whose carrier input channels also read the removed constants.
+
+    A 'same' convolution pads its input with zeros, so a constant channel `a_c`
+    reaches output position p as `a_c * sum_{taps on the image} W_c`: the full kernel
+    sum inside, less at the border, and no bias can hold that. But padding and
+    convolution are linear and treat every channel alike, so `a_c` contributes
+    exactly what `a_c / a_k` times another constant channel `a_k` would, at every
+    position. The carrier k reads `W_k + sum_c (a_c / a_k) W_c` and channel c goes.
+    (The same holds after a ZeroPadding2D, a stride, a transposed conv: any linear
+    map applied alike to every channel.)
+
+    Args:
+      kernel: the consumer's kernel, any layout.
+      in_axis: its input-channel axis (-2 for Conv2D / Dense, -1 for Conv2DTranspose).
+      merges: (removed channel c, carrier channel k, a_c / a_k) triples, original indices.
+
+    Returns:
+      The new kernel (same shape and dtype; channels c still there, for the caller
+      to drop), summed in float64.
+
+    Example:
+      >>> w = np.arange(6.0).reshape(1, 3, 2)  # (kw=1, in=3, out=2)
+      >>> merge_into_carriers(w, -2, [(2, 0, 0.5)])[0].tolist()
+      [[2.0, 3.5], [2.0, 3.0], [4.0, 5.0]]
+    """
+    kernel = np.asarray(kernel)
+    out = np.moveaxis(kernel.astype(np.float64), in_axis, 0)  # a view: writes land in it
+    for channel, carrier, ratio in merges:
+        out[carrier] += ratio * out[channel]
+    return np.moveaxis(out, 0, in_axis).astype(kernel.dtype)
 
 
 def depthwise_constant(kernel, bias, channel: int, value: float) -> np.ndarray:
