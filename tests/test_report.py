@@ -42,7 +42,7 @@ def test_totals():
 
 
 def test_str_lists_changed_layers_reasons_and_totals():
-    text = str(_report(exact=False, max_output_change=0.0123))
+    text = str(_report(exact=False, max_output_change=0.0123, absorption="approximate"))
     assert "dead BN channels: 3, pruned 2, kept 1" in text
     assert "params: 1,000 -> 900 (10.0% less)" in text
     assert "MACs: 5,000 -> 4,000 (20.0% less)" in text
@@ -66,3 +66,23 @@ def test_dict_and_json_round_trip():
     row = data["layers"][1]
     assert row["name"] == "conv_bn" and row["kept"] == {"2": report.layer("conv_bn").kept[2]}
     assert row["removed"] == [1, 4] and row["dead"] == [1, 2, 4]
+
+
+@pytest.mark.parametrize(
+    ("absorption", "exact", "expected"),
+    [
+        ("exact", True, "absorption: exact (1 constant carrier past zero padding)"),
+        ("keep", True, "absorption: exact (dead channels that meet zero padding kept)"),
+        ("approximate", False, "absorption: approximate: exact in the interior only"),
+        ("approximate", True, "absorption: approximate, exact here"),
+        ("none", True, "absorption: none (absorb=False)"),
+    ],
+)
+def test_str_and_dict_name_the_absorption(absorption, exact, expected):
+    report = _report(exact=exact, absorption=absorption)
+    carrier = "constant carrier: holds the removed constants that meet zero padding in 'x'"
+    report.layer("conv_bn").kept[3] = carrier
+    assert expected in str(report)
+    data = report.to_dict()
+    assert data["absorption"] == absorption and data["constant_carriers"] == 1
+    assert data["exact"] is exact

@@ -6,7 +6,10 @@ import dataclasses
 import json
 from typing import Any
 
-__all__ = ["LayerReport", "PruneReport"]
+__all__ = ["CARRIER_REASON", "LayerReport", "PruneReport"]
+
+# A kept dead channel that holds other removed constants starts its reason with this.
+CARRIER_REASON = "constant carrier"
 
 
 @dataclasses.dataclass
@@ -92,10 +95,13 @@ class PruneReport:
         fixed).
       macs_after: the same for the pruned model.
       exact: True when every compensation is exact; False when a constant crosses
-        zero padding (a k x k 'same' consumer, ZeroPadding2D), where it holds in the
-        interior only.
+        zero padding (a k x k 'same' consumer, ZeroPadding2D) under
+        `padding="approximate"`, where it holds in the interior only.
       max_output_change: max |pruned(x) - model(x)| over the model outputs on the
         `calibration_data` (None without it).
+      absorption: how constants meeting zero padding were absorbed: "exact" (into
+        constant carriers), "keep" (those channels kept), "approximate" (interior
+        only), or "none" (`absorb=False`: constants dropped, not compensated).
 
     Example:
       >>> row = LayerReport("bn", "BatchNormalization", 8, 6, removed=[1, 4], dead=[1, 4])
@@ -112,6 +118,7 @@ class PruneReport:
     macs_after: int | None
     exact: bool = True
     max_output_change: float | None = None
+    absorption: str = "exact"
 
     def layer(self, name: str) -> LayerReport:
         """The row of layer `name`.
@@ -142,6 +149,33 @@ class PruneReport:
     def num_kept(self) -> int:
         """Dead BN channels kept in place, each with a reason in its `LayerReport.kept`."""
         return sum(len(r.kept) for r in self.bn_layers)
+
+    @property
+    def num_carriers(self) -> int:
+        """Dead BN channels kept as constant carriers (they hold others' constants)."""
+        return sum(
+            why.startswith(CARRIER_REASON) for r in self.bn_layers for why in r.kept.values()
+        )
+
+    @property
+    def absorption_text(self) -> str:
+        """One line: which absorption was used and whether it is exact."""
+        if self.absorption == "none":
+            return "none (absorb=False): removed constants dropped, not compensated"
+        if self.absorption == "approximate" and not self.exact:
+            return "approximate: exact in the interior only (zero-padding border effect)"
+        if self.absorption == "approximate":
+            return "approximate, exact here (no constant met zero padding)"
+        if self.absorption == "keep":
+            return "exact (dead channels that meet zero padding kept)"
+        if not self.exact:
+            return "exact mode, but a constant met zero padding (see the notes)"
+        carriers = self.num_carriers
+        return "exact" + (
+            f" ({carriers} constant carrier{'s' if carriers != 1 else ''} past zero padding)"
+            if carriers
+            else ""
+        )
 
     @property
     def max_residual_std(self) -> float:
@@ -187,6 +221,8 @@ class PruneReport:
             "macs_before": self.macs_before,
             "macs_after": self.macs_after,
             "exact": self.exact,
+            "absorption": self.absorption,
+            "constant_carriers": self.num_carriers,
             "max_residual_std": self.max_residual_std,
             "max_output_change": self.max_output_change,
             "layers": [
@@ -223,14 +259,7 @@ class PruneReport:
                 f"  MACs: {self.macs_before:,} -> {self.macs_after:,}"
                 f"{_ratio(self.macs_after, self.macs_before)}"
             )
-        lines.append(
-            "  compensation: "
-            + (
-                "exact for constant channels"
-                if self.exact
-                else "exact in the interior only (zero-padding border effect)"
-            )
-        )
+        lines.append(f"  absorption: {self.absorption_text}")
         if self.num_pruned:
             lines.append(
                 "  removed BN outputs vary by at most std "
