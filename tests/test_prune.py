@@ -143,11 +143,14 @@ def test_valid_padding_3x3_consumer_is_exact():
     assert_same_outputs(model, pruned, _x((8, 8, 3)))
 
 
-def test_same_padding_3x3_consumer_border_effect_is_measured():
+def test_same_padding_3x3_consumer_approximation_border_effect_is_measured():
     model = _chain(consumer_bias=True, consumer_bn=False, kernel=3)
     plant_dead(model, "conv1_bn", 3, beta=0.9)
     x = _x((8, 8, 3), n=8)
-    pruned, report = tf_pfq.prune(model, calibration_data=x)
+    exact, report = tf_pfq.prune(model)  # the default: a constant carrier, exact
+    assert report.exact and report.num_carriers == 1
+    assert_same_outputs(model, exact, x)
+    pruned, report = tf_pfq.prune(model, padding="approximate", calibration_data=x)
     assert not report.exact
     assert any("interior" in n for n in report.layer("conv2").notes)
     change = max_change(model, pruned, x)
@@ -161,14 +164,15 @@ def test_same_padding_3x3_consumer_border_effect_is_measured():
     assert np.max(np.abs(b - a)) > 1e-2
 
 
+@pytest.mark.parametrize("padding", ["keep", "exact"])
 @pytest.mark.parametrize("zero_pad", [False, True])
-def test_exact_only_keeps_channels_that_meet_zero_padding(zero_pad):
+def test_keep_and_exact_keep_channels_that_meet_depthwise_padding(zero_pad, padding):
     model = _separable(dw_padding="valid" if zero_pad else "same", zero_pad=zero_pad)
     plant_dead(model, "pw1_bn", 2, beta=0.8)  # border effect: kept
     plant_dead(model, "pw1_bn", 3, beta=-0.8)  # act 0: exact, removed
     plant_dead(model, "dw_bn", 4, beta=0.5)  # 1x1 consumer: exact, removed
-    pruned, report = tf_pfq.prune(model, exact_only=True)
-    assert report.exact and report.num_pruned == 2
+    pruned, report = tf_pfq.prune(model, padding=padding)
+    assert report.exact and report.num_pruned == 2 and report.absorption == padding
     assert "zero padding in " in report.layer("pw1_bn").kept[2]
     assert report.layer("pw1").removed == [3, 4]
     assert_same_outputs(model, pruned, _x((8, 8, 3)))
@@ -249,7 +253,7 @@ def test_depthwise_consumer_cascade_zero_constant_is_exact(zero_pad):
 
 
 @pytest.mark.parametrize("zero_pad", [False, True])
-def test_depthwise_cascade_nonzero_constant_has_border_effect(zero_pad):
+def test_depthwise_cascade_nonzero_constant_approximation_has_border_effect(zero_pad):
     model = _separable(dw_padding="valid" if zero_pad else "same", zero_pad=zero_pad)
     plant_dead(model, "pw1_bn", 2, beta=0.8)
     bn = model.get_layer("dw_bn")
@@ -257,10 +261,14 @@ def test_depthwise_cascade_nonzero_constant_has_border_effect(zero_pad):
     beta[2] = 3.0  # keep channel 2 inside ReLU6's linear range, so the border shows
     bn.set_weights([gamma, beta, mean, var])
     x = _x((8, 8, 3), n=8)
-    pruned, report = tf_pfq.prune(model, calibration_data=x)
+    pruned, report = tf_pfq.prune(model, padding="approximate", calibration_data=x)
     assert not report.exact
     change = max_change(model, pruned, x)
     assert 100 * ROUND_OFF < change <= report.max_output_change * (1 + 1e-6)
+    # The default keeps the channel: a depthwise conv cannot share a carrier.
+    pruned, report = tf_pfq.prune(model, calibration_data=x)
+    assert report.exact and report.num_pruned == 0 and "depthwise" in str(report)
+    assert_same_outputs(model, pruned, x)
 
 
 def test_depthwise_valid_cascade_nonzero_constant_is_exact():

@@ -68,19 +68,20 @@ def test_mobilenet_v1_exact_cases(images):
     assert_same_outputs(model, pruned, images)
 
 
-def test_mobilenet_v1_border_case_within_measured_bound(images):
+def test_mobilenet_v1_border_case_approximation_within_measured_bound(images):
     model = _mobilenet_v1()
     plant_dead(model, "conv_pw_1_bn", 2, beta=0.5)  # then ZeroPadding2D + depthwise
     plant_dead(model, "conv_dw_2_bn", 5, beta=0.3)  # an exact one beside it
-    pruned, report = tf_pfq.prune(model, calibration_data=images[:2])
+    pruned, report = tf_pfq.prune(model, padding="approximate", calibration_data=images[:2])
     assert report.num_pruned == 2 and not report.exact
     assert max_change(model, pruned, images[:2]) == pytest.approx(
         report.max_output_change, rel=1e-6
     )
     assert report.max_output_change > 0
-    pruned, report = tf_pfq.prune(model, exact_only=True)
-    assert report.num_pruned == 1 and report.num_kept == 1 and report.exact
-    assert_same_outputs(model, pruned, images[:2])
+    for padding in ("keep", "exact"):  # the depthwise conv keeps its channel in both
+        pruned, report = tf_pfq.prune(model, padding=padding)
+        assert report.num_pruned == 1 and report.num_kept == 1 and report.exact
+        assert_same_outputs(model, pruned, images[:2])
 
 
 def _v2_plants(model):

@@ -68,7 +68,7 @@ def test_mobilenet_v3_small_exact_cases():
     plant_dead(model, "Conv_1/BatchNorm", 5, beta=0.7)
     # Reaches a squeeze-excite Multiply whose other input is live: kept.
     plant_dead(model, "expanded_conv_3/depthwise/BatchNorm", 1, beta=0.5)
-    pruned, report = tf_pfq.prune(model, exact_only=True)
+    pruned, report = tf_pfq.prune(model, padding="keep")
     assert report.num_dead == 4 and report.num_pruned == 3 and report.exact
     assert report.layer("expanded_conv_3/expand").notes  # absorbed into the mean shift
     assert report.layer("Conv_1").removed == [5]
@@ -148,22 +148,27 @@ def test_conv2d_transpose_producer_and_zero_constant_consumer():
 
 
 def test_conv2d_transpose_constant_consumer():
-    # Stride 2 with a non-zero constant: each output phase sees other taps, kept.
+    # Stride 2 with a non-zero constant: each output phase sees other taps. The
+    # approximation keeps it; the default's carrier (here the channel itself) is exact.
     model = _decoder(stride=2)
     plant_dead(model, "enc_bn", 1, beta=0.5)
-    _, report = tf_pfq.prune(model)
+    _, report = tf_pfq.prune(model, padding="approximate")
     assert report.num_kept == 1 and "stride > 1" in report.layer("enc_bn").kept[1]
-    # Stride 1: exact in the interior, so inexact overall; exact_only keeps it.
+    plant_dead(model, "enc_bn", 4, beta=0.3)
+    pruned, report = tf_pfq.prune(model)
+    assert report.num_pruned == 1 and report.num_carriers == 1 and report.exact
+    assert_same_outputs(model, pruned, _images(3, 2, 6))
+    # Stride 1: exact in the interior, so inexact overall; padding="keep" keeps it.
     model = _decoder(stride=1)
     plant_dead(model, "enc_bn", 1, beta=0.5)
     data = _images(3, 2, 6)
-    pruned, report = tf_pfq.prune(model, calibration_data=data)
+    pruned, report = tf_pfq.prune(model, padding="approximate", calibration_data=data)
     assert report.num_pruned == 1 and not report.exact
     before, after = model(data).numpy(), pruned(data).numpy()
     inner = np.abs(before - after)[:, 1:-1, 1:-1]
     assert inner.max() <= ROUND_OFF * np.abs(before).max()  # interior exact
     assert report.max_output_change > 100 * ROUND_OFF * np.abs(before).max()  # border not
-    _, report = tf_pfq.prune(model, exact_only=True)
+    _, report = tf_pfq.prune(model, padding="keep")
     assert report.num_pruned == 0 and report.num_kept == 1
 
 

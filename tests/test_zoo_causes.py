@@ -51,7 +51,7 @@ def test_max_pooling_hides_zero_padding_of_a_positive_constant(pool_padding):
     model = _stem(pool_padding)
     plant_dead(model, "conv1_bn", 2, beta=0.7)  # relu(0.7) > 0 >= the padded zeros
     plant_dead(model, "conv1_bn", 4, beta=-0.5)  # relu: 0
-    pruned, report = tf_pfq.prune(model, calibration_data=_x((9, 9, 3)), exact_only=True)
+    pruned, report = tf_pfq.prune(model, calibration_data=_x((9, 9, 3)), padding="keep")
     assert report.num_pruned == 2 and report.exact
     assert report.layer("conv1").removed == [2, 4]
     assert_same_outputs(model, pruned, _x((9, 9, 3)))
@@ -61,7 +61,7 @@ def test_zero_padding_without_max_pooling_stays_a_border_effect():
     # Negative control: a pad wider than the pool leaves windows of zeros only.
     model = _stem(pad=3, pool=2, strides=2)
     plant_dead(model, "conv1_bn", 2, beta=0.7)
-    _, report = tf_pfq.prune(model, exact_only=True)
+    _, report = tf_pfq.prune(model, padding="keep")
     assert report.num_pruned == 0
     assert "zero padding in ZeroPadding2D 'pool1_pad'" in report.layer("conv1_bn").kept[2]
 
@@ -141,14 +141,18 @@ def test_constant_channel_crosses_cropping():
     randomize_bn(model)
     plant_dead(model, "conv1_bn", 1, beta=-0.6)  # relu: 0, exact across the padding
     plant_dead(model, "conv1_bn", 3, beta=0.6)  # the padded row/column: kept
-    pruned, report = tf_pfq.prune(model, exact_only=True)
+    pruned, report = tf_pfq.prune(model, padding="keep")
     assert report.layer("conv1").removed == [1]
     assert "zero padding in ZeroPadding2D 'pad'" in report.layer("conv1_bn").kept[3]
     assert report.exact
     assert_same_outputs(model, pruned, _x((8, 8, 3)))
-    # Without exact_only the positive one goes too, a border effect the report names.
-    _, report = tf_pfq.prune(model)
+    # The approximation removes the positive one too, a border effect the report names.
+    _, report = tf_pfq.prune(model, padding="approximate")
     assert report.layer("conv1").removed == [1, 3] and not report.exact
+    # The default keeps it as a constant carrier into conv2, exact.
+    pruned, report = tf_pfq.prune(model)
+    assert report.layer("conv1").removed == [1] and report.num_carriers == 1
+    assert_same_outputs(model, pruned, _x((8, 8, 3)))
 
 
 # -- ResNet50: a weight on an exact rounding tie ---------------------------------------
@@ -205,13 +209,16 @@ def test_same_conv_on_a_one_wide_axis_reads_one_tap(depthwise, size, exact):
     randomize_bn(model)
     plant_dead(model, "conv1_bn", 2, beta=0.9)
     x = 4.0 * _x((*size, 3), n=16)
-    pruned, report = tf_pfq.prune(model, calibration_data=x)
+    pruned, report = tf_pfq.prune(model, padding="approximate", calibration_data=x)
     assert report.layer("conv1").removed == [2]
     assert report.exact is exact
     if exact:
         assert_same_outputs(model, pruned, x)
     else:
         assert report.max_output_change > 1e-3
+    pruned, report = tf_pfq.prune(model)  # the default keeps the border exact
+    assert report.exact and report.layer("conv1").removed == ([2] if exact else [])
+    assert_same_outputs(model, pruned, x)
 
 
 # -- DenseNet: a max pooling read by a pre-activation BN and by a Concatenate ---------

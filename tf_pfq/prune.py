@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import warnings
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -25,7 +26,7 @@ from tf_pfq.graph import LayerGraph, call_kwargs, rebuild
 from tf_pfq.layers import op_name, split_separable
 from tf_pfq.layers.table import Absorb, Channels, LayerEntry, entry_for
 from tf_pfq.ranges import ACTIVATION_RANGES_ATTR, ActivationRange, activation_ranges_of
-from tf_pfq.report import LayerReport, PruneReport
+from tf_pfq.report import CARRIER_REASON, LayerReport, PruneReport, abbreviate
 from tf_pfq.validation import check_data
 
 __all__ = ["prune"]
@@ -36,13 +37,38 @@ __all__ = ["prune"]
 _PASSES_BACK = frozenset([Absorb.BATCHNORM, Absorb.ZERO_PADDING, Absorb.IDENTITY])
 
 
+PADDING_MODES = ("exact", "keep", "approximate")
+
+
 @dataclasses.dataclass(frozen=True)
 class _Entry:
-    """A channel removed from a layer's output: its constant (None: unused, dead code)."""
+    """A channel removed from a layer's output: its constant (None: unused, dead code).
+
+    `pattern` is () while the channel holds `value` at every position. After zero
+    padding it holds `value * S`, S a map (1 on the image, 0 on the padding, then
+    what later spatial layers make of it) shared by every channel that crossed the
+    same layers; `pattern` names those layers, and `binary` says S is still 0 / 1.
+    """
 
     value: float | None
     sources: frozenset
     exact: bool = True
+    pattern: tuple[str, ...] = ()
+    binary: bool = True
+
+
+@dataclasses.dataclass(frozen=True)
+class _Carrier:
+    """A kept dead channel that carries other constants past zero padding.
+
+    `channel` of the carrier's tensor holds `value` wherever those constants hold
+    theirs (same pattern), so a consumer reads `a_c` as `a_c / value` times it.
+    """
+
+    channel: int
+    value: float
+    sources: frozenset
+    reason: str = CARRIER_REASON
 
 
 @dataclasses.dataclass
@@ -50,6 +76,8 @@ class _Plan:
     removed: dict = dataclasses.field(default_factory=lambda: collections.defaultdict(dict))
     requesters: dict = dataclasses.field(default_factory=lambda: collections.defaultdict(set))
     deltas: dict = dataclasses.field(default_factory=dict)
+    # {consumer: [(removed input channel, carrier input channel, a_c / a_carrier)]}
+    merges: dict = dataclasses.field(default_factory=lambda: collections.defaultdict(list))
     border: set = dataclasses.field(default_factory=set)
     failures: list = dataclasses.field(default_factory=list)
 
@@ -61,8 +89,10 @@ class _Plan:
         if old is not None:
             # Two paths reach the same channel: the first constant wins (sources are
             # seeded first, so a dead BN keeps its beta); None never hides a constant.
-            value = old.value if old.value is not None else entry.value
-            entry = _Entry(value, old.sources | entry.sources, old.exact and entry.exact)
+            first = old if old.value is not None else entry
+            entry = dataclasses.replace(
+                first, sources=old.sources | entry.sources, exact=old.exact and entry.exact
+            )
         self.removed[layer][channel] = entry
 
 
@@ -92,14 +122,16 @@ class _Pruner:
         model,
         threshold,
         ranges: Mapping[str, ActivationRange],
-        exact_only: bool,
+        padding: str = "exact",
         absorb: bool = True,
     ):
         self.absorb_constants = absorb
         self.graph = LayerGraph(model)
         self.ranges = dict(ranges)
         self.threshold = threshold
-        self.exact_only = exact_only
+        self.padding = padding
+        # {(tensor, pattern): _Carrier}: chosen once, kept across re-plans.
+        self.carriers: dict[tuple[str, tuple[str, ...]], _Carrier] = {}
         self._weights: dict[str, list[np.ndarray]] = {}
 
     # -- reading the model -------------------------------------------------------
@@ -172,7 +204,15 @@ class _Pruner:
     # -- planning ----------------------------------------------------------------
 
     def emit(
-        self, plan: _Plan, name: str, channel: int, value: float | None, sources, exact
+        self,
+        plan: _Plan,
+        name: str,
+        channel: int,
+        value: float | None,
+        sources,
+        exact,
+        pattern: tuple[str, ...] = (),
+        binary: bool = True,
     ) -> None:
         if value is None:
             # Unused channel (dead code): nothing to quantize or absorb downstream.
@@ -180,9 +220,39 @@ class _Pruner:
             return
         if name in self.ranges:
             # Stage A quantized this output: the channel is the quantized constant
-            # (paper §3.2, last lines).
+            # (paper §3.2, last lines). Q(a S) = Q(a) S needs S in {0, 1} and Q(0) = 0.
+            if pattern and not (binary and self.ranges[name].quantize(np.float32(0)) == 0):
+                plan.fail(sources, f"zero padding before the quantized output {name!r}")
+                return
             value = float(self.ranges[name].quantize(np.float32(value)))
-        plan.put(name, channel, _Entry(float(value), frozenset(sources), bool(exact)))
+        if value == 0:
+            pattern, binary = (), True  # 0 * S is 0 everywhere
+        entry = _Entry(float(value), frozenset(sources), bool(exact), tuple(pattern), binary)
+        plan.put(name, channel, entry)
+
+    def emit_entry(
+        self,
+        plan: _Plan,
+        name: str,
+        channel: int,
+        value,
+        entry: _Entry,
+        *,
+        exact: bool | None = None,
+        pattern: tuple[str, ...] | None = None,
+        binary: bool | None = None,
+    ) -> None:
+        """`emit` with `entry`'s sources, exactness and pattern unless given."""
+        self.emit(
+            plan,
+            name,
+            channel,
+            value,
+            entry.sources,
+            entry.exact if exact is None else exact,
+            entry.pattern if pattern is None else pattern,
+            entry.binary if binary is None else binary,
+        )
 
     def plan(self, accepted) -> _Plan:
         plan = _Plan()
@@ -315,8 +385,6 @@ class _Pruner:
 
     def single(self, plan: _Plan, name: str, const: dict[int, _Entry]) -> None:
         layer = self.graph.layer(name)
-        channels = sorted(const)
-        values = np.array([const[c].value for c in channels])
         entry = self.entry(name)
         absorb = entry.absorb
         if absorb is Absorb.DEPTHWISE:
@@ -332,41 +400,43 @@ class _Pruner:
             if not _is_last_axis(layer.axis, len(layer.input_shape)):
                 plan.fail(_union(const), f"BN {name!r} does not normalize the last axis")
                 return
-            p = self.bn_params(name)
-            out = pfq_math.batchnorm_inference(
-                values, p["gamma"][channels], p["beta"][channels], p["mean"][channels],
-                p["variance"][channels], p["eps"],
-            )  # fmt: skip
-            self.emit_all(plan, name, const, out)
+            self.batchnorm(plan, name, const)
         elif self.elementwise(name):
-            self.emit_all(plan, name, const, _apply(self.elementwise_fn(name), values))
+            self.function(plan, name, const)
         elif absorb is Absorb.IDENTITY:
-            self.emit_all(plan, name, const, values)
+            self.identity(plan, name, const)
         elif absorb is Absorb.ZERO_PADDING:
-            # The padded border holds 0, not the constant: exact only where a_c == 0,
-            # or where max pooling reads the padding and a_c > 0 (max(a_c, 0) = a_c
-            # in every window that holds a real position, as ResNet's stem does).
-            hidden = self.max_pools_hide_padding(name)
-            exact = [v == 0 or (hidden and v > 0) for v in values]
-            for c, ok in zip(channels, exact):
-                if not ok:
-                    self.inexact(plan, name, const[c].sources)
-            self.emit_all(plan, name, const, values, exact=exact)
+            self.zero_padding(plan, name, const)
         elif absorb is Absorb.FLATTEN or (
             absorb is Absorb.RESHAPE and len(layer.target_shape) == 1
         ):
+            # Each row would need its own share of S: only uniform constants.
+            const = self.refuse_border(plan, name, const)
             shape = layer.input_shape[1:]
-            for c in channels:
+            for c in sorted(const):
                 for row in pfq_math.flatten_indices(shape, c):
                     e = const[c]
                     self.emit(plan, name, int(row), e.value, e.sources, e.exact)
         elif absorb is Absorb.RESHAPE and layer.target_shape[-1] == layer.input_shape[-1]:
-            self.emit_all(plan, name, const, values)
+            for c, e in const.items():  # moves positions alike in every channel
+                pattern = (*e.pattern, name) if e.pattern else ()
+                self.emit_entry(plan, name, c, e.value, e, pattern=pattern)
         else:
             plan.fail(
                 _union(const),
                 f"the constant reaches {self.describe_op(name)}, not supported",
             )
+
+    def batchnorm(self, plan: _Plan, name: str, const: dict[int, _Entry]) -> None:
+        # gamma (a S - mu) / s + beta is no multiple of S: only uniform constants cross.
+        const = self.refuse_border(plan, name, const)
+        channels = sorted(const)
+        p = self.bn_params(name)
+        out = pfq_math.batchnorm_inference(
+            [const[c].value for c in channels], p["gamma"][channels], p["beta"][channels],
+            p["mean"][channels], p["variance"][channels], p["eps"],
+        )  # fmt: skip
+        self.emit_all(plan, name, const, out)
 
     def max_pools_hide_padding(self, name: str) -> bool:
         """Whether only max poolings read ZeroPadding2D `name`, each window on a real position."""
@@ -392,22 +462,89 @@ class _Pruner:
     def emit_all(self, plan, name, const, values, exact=None) -> None:
         for k, c in enumerate(sorted(const)):
             ok = const[c].exact and (exact is None or exact[k])
-            self.emit(plan, name, c, values[k], const[c].sources, ok)
+            self.emit_entry(plan, name, c, values[k], const[c], exact=ok)
+
+    def refuse_border(self, plan: _Plan, name: str, const: dict[int, _Entry]) -> dict:
+        """Keeps the channels of `const` whose zero-padded border layer `name` would
+        not leave a multiple of one shared map; returns the others."""
+        bad = {c: e for c, e in const.items() if e.pattern}
+        if bad:
+            layers = sorted({layer.split(":")[0] for e in bad.values() for layer in e.pattern})
+            plan.fail(
+                _union(bad),
+                f"zero padding in {', '.join(repr(n) for n in layers)} before "
+                f"{self.describe_op(name)}, which does not keep the border a multiple",
+            )
+        return {c: e for c, e in const.items() if c not in bad}
+
+    def function(self, plan: _Plan, name: str, const: dict[int, _Entry]) -> None:
+        """An elementwise f: `f(a S) = f(a) S` when S is 0 / 1 and `f(0) = 0`."""
+        fn = self.elementwise_fn(name)
+        if any(e.pattern for e in const.values()):
+            zero = float(_apply(fn, np.zeros(1))[0])
+            bad = {c: e for c, e in const.items() if e.pattern and not (e.binary and zero == 0)}
+            self.refuse_border(plan, name, bad)
+            const = {c: e for c, e in const.items() if c not in bad}
+        channels = sorted(const)
+        values = _apply(fn, np.array([const[c].value for c in channels]))
+        self.emit_all(plan, name, const, values)
+
+    def identity(self, plan: _Plan, name: str, const: dict[int, _Entry]) -> None:
+        """Dropout, pooling, cropping: a constant stays; a border S becomes S' alike."""
+        layer = self.graph.layer(name)
+        spatial = not isinstance(layer, _POINTWISE_IDENTITIES)
+        for c in sorted(const):
+            e = const[c]
+            pattern, binary = e.pattern, e.binary
+            if pattern and spatial:
+                if isinstance(layer, _MAX_POOLS):
+                    # max over a window of a S is a max(S) for a > 0, a min(S) for a < 0.
+                    pattern += (f"{name}:{'max' if _value(e) > 0 else 'min'}",)
+                else:
+                    pattern += (name,)  # cropping and averaging: linear, alike per channel
+                    binary = binary and isinstance(layer, keras.layers.Cropping2D)
+            self.emit_entry(plan, name, c, e.value, e, pattern=pattern, binary=binary)
+
+    def zero_padding(self, plan: _Plan, name: str, const: dict[int, _Entry]) -> None:
+        """ZeroPadding2D: 0 on the border, not the constant.
+
+        Exact wherever `a_c == 0`, or where only max poolings read the padding, each
+        window on a real position, and `a_c > 0` (max(a_c, 0) = a_c, ResNet's stem).
+        Otherwise the exact mode carries `a_c S` on to a consumer that merges it into
+        a carrier; the other modes treat the border as an error of the interior fit.
+        """
+        hidden = self.max_pools_hide_padding(name)
+        for c in sorted(const):
+            e = const[c]
+            if e.value == 0 or (hidden and _value(e) > 0 and not e.pattern):
+                self.emit_entry(plan, name, c, e.value, e)
+            elif self.padding == "exact":
+                self.emit_entry(plan, name, c, e.value, e, pattern=(*e.pattern, name))
+            else:
+                self.inexact(plan, name, e.sources)
+                self.emit_entry(plan, name, c, e.value, e, exact=False)
 
     def inexact(self, plan: _Plan, name: str, sources) -> None:
-        """Notes a border effect at layer `name`, or refuses it under `exact_only`."""
-        if self.exact_only:
-            plan.fail(sources, f"zero padding in {self.describe(name)} (exact_only=True)")
+        """Notes a border effect at layer `name` (padding="approximate") or keeps the
+        channel (padding="keep")."""
+        if self.padding == "keep":
+            plan.fail(sources, f"zero padding in {self.describe(name)} (padding='keep')")
         else:
             plan.border.add(name)
 
     def absorb(self, plan: _Plan, name: str, const: dict[int, _Entry], border: bool) -> None:
-        channels = sorted(const)
-        values = np.array([const[c].value for c in channels])
         kernel = self.weights(name)[0]
         taps = _real_taps(self.graph.layer(name)) if border else None
         if taps is not None:
             kernel, border = kernel[taps], False
+        if self.padding == "exact":
+            # The bias is exact for a uniform constant away from padding; the rest
+            # goes into a carrier, exact at the border too.
+            carried = {c: e for c, e in const.items() if e.value != 0 and (border or e.pattern)}
+            self.carry(plan, name, carried)
+            const = {c: e for c, e in const.items() if c not in carried}
+        channels = sorted(const)
+        values = np.array([const[c].value for c in channels])
         delta = pfq_math.input_constant_delta(kernel, channels, values)
         plan.deltas[name] = plan.deltas.get(name, 0.0) + delta
         if border:
@@ -421,11 +558,19 @@ class _Pruner:
         With stride 1 that is the interior (the border sees fewer taps, as with zero
         padding). With a larger stride each output position sees its own subset of
         taps, so a non-zero constant gives a periodic pattern, not one value per
-        channel: such a channel is kept.
+        channel. Both are linear in the input, alike for every channel, so the exact
+        mode merges such constants into a carrier; the other modes keep a channel
+        under a stride > 1 and take the interior for stride 1.
         """
         layer = self.graph.layer(name)
         live = {c: e for c, e in const.items() if e.value != 0}
-        if live and any(s > 1 for s in layer.strides):
+        spread = any(k > 1 for k in layer.kernel_size) or any(s > 1 for s in layer.strides)
+        if self.padding == "exact":
+            carried = {c: e for c, e in live.items() if spread or e.pattern}
+            self.carry(plan, name, carried)
+            const = {c: e for c, e in const.items() if c not in carried}
+            live = {c: e for c, e in live.items() if c not in carried}
+        elif live and any(s > 1 for s in layer.strides):
             plan.fail(_union(live), f"{self.describe(name)} has stride > 1 (periodic taps)")
             return
         kernel = np.swapaxes(self.weights(name)[0], -1, -2)  # (kh, kw, in, out)
@@ -438,6 +583,12 @@ class _Pruner:
                 self.inexact(plan, name, live[c].sources)
 
     def depthwise(self, plan: _Plan, name: str, const: dict[int, _Entry]) -> None:
+        """DepthwiseConv2D: input channel c feeds only outputs c * m + j, constant too.
+
+        With zero padding (its own or before it) those outputs differ at the border,
+        each by its own kernel, and no later layer can take that back: the exact mode
+        keeps such a channel.
+        """
         layer = self.graph.layer(name)
         kernel = self.weights(name)[0]
         bias = self.weights(name)[1] if layer.use_bias else None
@@ -446,6 +597,15 @@ class _Pruner:
         taps = _real_taps(layer) if border else None
         if taps is not None:
             kernel, border = kernel[taps], False
+        if self.padding == "exact":
+            bad = {c: e for c, e in const.items() if e.value != 0 and (border or e.pattern)}
+            for e in bad.values():
+                plan.fail(
+                    e.sources,
+                    f"zero padding in {self.describe(name)}: a depthwise conv keeps "
+                    "each channel apart, so no carrier can take its border",
+                )
+            const = {c: e for c, e in const.items() if c not in bad}
         for c in sorted(const):
             entry = const[c]
             outs = _apply(
@@ -458,6 +618,59 @@ class _Pruner:
             for j in range(m):
                 self.emit(plan, name, c * m + j, outs[j], entry.sources, exact)
 
+    def carry(self, plan: _Plan, name: str, carried: dict[int, _Entry]) -> None:
+        """Merges constants that meet zero padding into one carrier channel per pattern.
+
+        Zero padding is linear, and so is the consumer: channel c reaching it as
+        `a_c S` contributes exactly what `a_c / a_k` times a channel k holding `a_k S`
+        (the same S) contributes. So one kept channel k per (tensor, S) carries all
+        of them: its kernel slice becomes `W_k + sum_c (a_c / a_k) W_c`. The first
+        time a group is met its carrier is picked and kept, and the plan is made
+        again with it live; from then on the group merges into it.
+        """
+        inbound = self.single_input(name)
+        assert inbound is not None  # convolutions and Dense have one input
+        groups: dict = collections.defaultdict(dict)
+        for c, e in carried.items():
+            groups[e.pattern][c] = e
+        for pattern, group in groups.items():
+            key = (inbound, pattern)
+            carrier = self.carriers.get(key)
+            if carrier is None:
+                carrier = self.pick_carrier(group)
+                if carrier is None:
+                    plan.fail(
+                        _union(group),
+                        f"zero padding in {self.describe(name)}: no channel can carry the "
+                        "constant (a carrier needs a BN with gamma)",
+                    )
+                    continue
+                reason = (
+                    f"{CARRIER_REASON}: holds the removed constants that meet zero padding "
+                    f"in {self.describe(name)}"
+                )
+                self.carriers[key] = dataclasses.replace(carrier, reason=reason)
+                plan.fail(carrier.sources, reason)
+                continue
+            if carrier.channel in plan.removed.get(inbound, {}):
+                plan.fail(_union(group), f"the carrier of {self.describe(name)} was removed")
+                continue
+            for c, e in group.items():
+                plan.merges[name].append((c, carrier.channel, e.value / carrier.value))
+
+    def pick_carrier(self, group: dict[int, _Entry]) -> _Carrier | None:
+        """The channel of `group` with the largest |a|, so every ratio a_c / a_k is <= 1.
+
+        A carrier must hold its constant exactly: its source BNs get gamma = 0 (their
+        output is then beta in inference and training mode alike).
+        """
+        order = sorted(group, key=lambda c: (-abs(_value(group[c])), c))
+        for c in order:
+            e = group[c]
+            if all(self.graph.layer(bn).scale for bn, _ in e.sources):
+                return _Carrier(c, _value(e), e.sources)
+        return None
+
     def concatenate(self, plan: _Plan, name: str, const) -> None:
         layer = self.graph.layer(name)
         if not _is_last_axis(layer.axis, len(layer.output_shape)):
@@ -466,11 +679,15 @@ class _Pruner:
         offset = 0
         for removed, shape in zip(const, layer.input_shape):
             for c, e in removed.items():
-                self.emit(plan, name, offset + c, e.value, e.sources, e.exact)
+                self.emit_entry(plan, name, offset + c, e.value, e)
             offset += shape[-1]
 
     def add(self, plan: _Plan, name: str, const, product: bool = False) -> None:
-        """Add (or Multiply): a channel stays constant when it is constant on every input."""
+        """Add (or Multiply): a channel stays constant when it is constant on every input.
+
+        With zero-padded inputs `a S + b S = (a + b) S`, and a product has at most
+        one factor with a border; anything else is no multiple of one map.
+        """
         if any(not r for r in const):
             common: set = set()
         else:
@@ -483,10 +700,16 @@ class _Pruner:
                         f"{self.describe(name)} has a live channel on another branch",
                     )
         for c in sorted(common):
-            values = [r[c].value for r in const]
+            entries = [r[c] for r in const]
+            values = [e.value for e in entries]
             value = float(np.prod(values)) if product else sum(values)
-            sources = frozenset().union(*(r[c].sources for r in const))
-            self.emit(plan, name, c, value, sources, all(r[c].exact for r in const))
+            sources = frozenset().union(*(e.sources for e in entries))
+            shaped = _combined_pattern(entries, product)
+            if shaped is None:
+                plan.fail(sources, f"zero padding on some inputs of {self.describe(name)} only")
+                continue
+            exact = all(e.exact for e in entries)
+            self.emit(plan, name, c, value, sources, exact, *shaped)
 
     # -- rewriting ---------------------------------------------------------------
 
@@ -507,74 +730,199 @@ class _Pruner:
         return None
 
     def rewrite(self, plan: _Plan):
-        configs, weights, notes = {}, {}, collections.defaultdict(list)
-        mean_shift = {}
+        edits = _Edits()
+        gammas, filters = self.carrier_edits()
         for name in self.graph.order:
-            layer = self.graph.layer(name)
             entry = self.entry(name)
             out_removed = set(plan.removed.get(name, {}))
             inbound = self.single_input(name)
             in_removed = set(plan.removed.get(inbound, {})) if inbound else set()
+            zero = filters.get(name, set())
             if entry.channels is Channels.DEPTHWISE:
-                if not (in_removed or out_removed):
-                    continue
-                w = list(self.weights(name))
-                keep_in = pfq_math.keep_indices(w[0].shape[2], in_removed)
-                w[0] = w[0][:, :, keep_in, :]
-                if layer.use_bias:
-                    w[1] = w[1][pfq_math.keep_indices(w[1].shape[0], out_removed)]
-                weights[name] = w
-            elif entry.channels is Channels.PRODUCER:
-                delta = plan.deltas.get(name, np.zeros(0))
-                has_delta = bool(np.any(delta != 0))
-                if not (in_removed or out_removed or has_delta):
-                    continue
-                config = layer.get_config()
-                w = list(self.weights(name))
-                kernel = w[0]
-                bias = w[1].astype(np.float64) if layer.use_bias else None
-                if has_delta:
-                    bn = None if layer.use_bias else self.bn_after(name)
-                    if bias is not None:
-                        bias = bias + delta
-                        notes[name].append("bias += removed constants (eq. 14)")
-                    elif bn is not None:
-                        mean_shift[bn] = delta
-                        notes[name].append(f"removed constants moved into {bn!r} moving mean")
-                        notes[bn].append(f"moving_mean -= constants removed before {name!r}")
-                    else:
-                        bias = delta
-                        config["use_bias"] = True
-                        notes[name].append("bias enabled to hold removed constants (eq. 14)")
+                self.rewrite_depthwise(edits, name, in_removed, out_removed, zero)
                 if name in plan.border:
-                    notes[name].append("'same' padding: exact in the interior only")
-                layout = entry.kernel
-                assert layout is not None  # producers have a kernel
-                # Axes -1 / -2 are (out, in) or, for Conv2DTranspose, (in, out).
-                keep_in = pfq_math.keep_indices(kernel.shape[layout.in_axis], in_removed)
-                keep_out = pfq_math.keep_indices(kernel.shape[layout.out_axis], out_removed)
-                w = [np.take(np.take(kernel, keep_in, layout.in_axis), keep_out, layout.out_axis)]
-                if bias is not None:
-                    w.append(bias[keep_out].astype(np.float32))
-                config["filters" if "filters" in config else "units"] = len(keep_out)
-                configs[name], weights[name] = config, w
+                    edits.notes[name].append(
+                        "'same' padding: removed outputs were constant in the interior"
+                    )
+            elif entry.channels is Channels.PRODUCER:
+                self.rewrite_producer(plan, edits, name, in_removed, out_removed, zero)
             elif entry.absorb is Absorb.BATCHNORM:
-                if not (out_removed or name in mean_shift):
-                    continue
-                w = list(self.weights(name))
-                if name in mean_shift:
-                    w[-2] = pfq_math.shift_moving_mean(w[-2], mean_shift[name]).astype(np.float32)
-                keep = pfq_math.keep_indices(w[-1].shape[0], out_removed)
-                weights[name] = [v[keep] for v in w]
+                self.rewrite_batchnorm(edits, name, out_removed, gammas.get(name, set()))
             elif entry.absorb is Absorb.RESHAPE and out_removed:
-                config = layer.get_config()
+                config = self.graph.layer(name).get_config()
                 target = list(config["target_shape"])
                 target[-1] -= len(out_removed)
                 config["target_shape"] = tuple(target)
-                configs[name] = config
-            if name in plan.border and entry.channels is Channels.DEPTHWISE:
-                notes[name].append("'same' padding: removed outputs were constant in the interior")
-        return rebuild(self.graph.model, layer_configs=configs, weights=weights), notes
+                edits.configs[name] = config
+        model = rebuild(self.graph.model, layer_configs=edits.configs, weights=edits.weights)
+        return model, edits.notes
+
+    def carrier_edits(self) -> tuple[dict, dict]:
+        """({BN: channels whose gamma becomes 0}, {producer: filters that become 0}).
+
+        gamma = 0 makes a carrier's BN output exactly beta in inference and in
+        training mode, whatever reaches it; zeroing the filter that feeds it (when
+        the BN alone reads that producer) keeps its folded weights at 0, so a
+        carrier widens no weight range in stage A or after folding.
+        """
+        gammas: dict = collections.defaultdict(set)
+        filters: dict = collections.defaultdict(set)
+        for carrier in self.carriers.values():
+            for bn, channel in carrier.sources:
+                gammas[bn].add(channel)
+                producer = self.single_input(bn)
+                if producer is not None and self.feeds_only(producer, bn):
+                    filters[producer].add(channel)
+        return gammas, filters
+
+    def feeds_only(self, producer: str, bn: str) -> bool:
+        entry = self.entry(producer)
+        return (
+            set(self.graph.consumers_of(producer)) == {bn}
+            and not self.graph.is_output(producer)
+            and entry.channels in (Channels.PRODUCER, Channels.DEPTHWISE)
+            and not _is_grouped(self.graph.layer(producer), entry)
+            and self.unsupported(producer) is None
+        )
+
+    def rewrite_depthwise(self, edits, name: str, in_removed, out_removed, zero) -> None:
+        if not (in_removed or out_removed or zero):
+            return
+        layer = self.graph.layer(name)
+        w = [np.copy(v) for v in self.weights(name)]
+        m = layer.depth_multiplier
+        for channel in sorted(zero):
+            w[0][:, :, channel // m, channel % m] = 0.0
+        if zero:
+            edits.notes[name].append(f"filters {abbreviate(zero)} zeroed: they fed carriers")
+        keep_in = pfq_math.keep_indices(w[0].shape[2], in_removed)
+        w[0] = w[0][:, :, keep_in, :]
+        if layer.use_bias:
+            w[1] = w[1][pfq_math.keep_indices(w[1].shape[0], out_removed)]
+        edits.weights[name] = w
+
+    def rewrite_producer(self, plan, edits, name: str, in_removed, out_removed, zero) -> None:
+        layer, entry = self.graph.layer(name), self.entry(name)
+        delta = plan.deltas.get(name, np.zeros(0))
+        has_delta = bool(np.any(delta != 0))
+        merges = plan.merges.get(name, [])
+        if not (in_removed or out_removed or has_delta or merges or zero):
+            return
+        config = layer.get_config()
+        w = list(self.weights(name))
+        kernel = w[0]
+        bias = w[1].astype(np.float64) if layer.use_bias else None
+        if has_delta:
+            bias = self.absorb_delta(edits, name, config, bias, delta)
+        if name in plan.border:
+            edits.notes[name].append("'same' padding: exact in the interior only")
+        layout = entry.kernel
+        assert layout is not None  # producers have a kernel
+        if merges:
+            kernel = pfq_math.merge_into_carriers(kernel, layout.in_axis, merges)
+            edits.notes[name].extend(_merge_notes(merges))
+        if zero:
+            kernel = np.copy(kernel)
+            index: list[Any] = [slice(None)] * kernel.ndim
+            index[layout.out_axis] = sorted(zero)
+            kernel[tuple(index)] = 0.0
+            edits.notes[name].append(f"filters {abbreviate(zero)} zeroed: they fed carriers")
+        # Axes -1 / -2 are (out, in) or, for Conv2DTranspose, (in, out).
+        keep_in = pfq_math.keep_indices(kernel.shape[layout.in_axis], in_removed)
+        keep_out = pfq_math.keep_indices(kernel.shape[layout.out_axis], out_removed)
+        w = [np.take(np.take(kernel, keep_in, layout.in_axis), keep_out, layout.out_axis)]
+        if bias is not None:
+            w.append(bias[keep_out].astype(np.float32))
+        config["filters" if "filters" in config else "units"] = len(keep_out)
+        edits.configs[name], edits.weights[name] = config, w
+
+    def absorb_delta(self, edits, name: str, config, bias, delta):
+        """Puts `delta` into the bias, else the next BN's moving mean, else a new bias."""
+        layer = self.graph.layer(name)
+        bn = None if layer.use_bias else self.bn_after(name)
+        if bias is not None:
+            edits.notes[name].append("bias += removed constants (eq. 14)")
+            return bias + delta
+        if bn is not None:
+            edits.mean_shift[bn] = delta
+            edits.notes[name].append(f"removed constants moved into {bn!r} moving mean")
+            edits.notes[bn].append(f"moving_mean -= constants removed before {name!r}")
+            return None
+        config["use_bias"] = True
+        edits.notes[name].append("bias enabled to hold removed constants (eq. 14)")
+        return delta
+
+    def rewrite_batchnorm(self, edits, name: str, out_removed, carriers) -> None:
+        if not (out_removed or name in edits.mean_shift or carriers):
+            return
+        w = [np.copy(v) for v in self.weights(name)]
+        if name in edits.mean_shift:
+            w[-2] = pfq_math.shift_moving_mean(w[-2], edits.mean_shift[name]).astype(np.float32)
+        if carriers:
+            w[0][sorted(carriers)] = 0.0  # gamma: a carrier's BN has a scale
+            edits.notes[name].append(
+                f"gamma[{abbreviate(carriers)}] = 0: constant carriers, output beta exactly"
+            )
+        keep = pfq_math.keep_indices(w[-1].shape[0], out_removed)
+        edits.weights[name] = [v[keep] for v in w]
+
+
+@dataclasses.dataclass
+class _Edits:
+    """What `rewrite` changes: layer configs, weights, report notes, BN mean shifts."""
+
+    configs: dict = dataclasses.field(default_factory=dict)
+    weights: dict = dataclasses.field(default_factory=dict)
+    notes: dict = dataclasses.field(default_factory=lambda: collections.defaultdict(list))
+    mean_shift: dict = dataclasses.field(default_factory=dict)
+
+
+def _merge_notes(merges) -> list[str]:
+    by_carrier: dict = collections.defaultdict(list)
+    for channel, carrier, _ in merges:
+        by_carrier[carrier].append(channel)
+    return [
+        f"input {k} carries the constants of inputs {abbreviate(cs)} past zero padding (exact)"
+        for k, cs in sorted(by_carrier.items())
+    ]
+
+
+def _value(entry: _Entry) -> float:
+    """The constant of an entry that has one (dead-code entries have None)."""
+    assert entry.value is not None
+    return entry.value
+
+
+def _combined_pattern(entries, product: bool):
+    """(pattern, binary) of a sum or product of constant channels; None when no one
+    shared map S describes it (`a S + b` is not a multiple of S)."""
+    if product and any(e.value == 0 for e in entries):
+        return (), True
+    shaped = [e for e in entries if e.pattern]
+    if not shaped:
+        return (), True
+    if product:
+        # (a S)(b S) is a b S^2: a multiple of S only for a 0 / 1 map; keep it simple.
+        return (shaped[0].pattern, shaped[0].binary) if len(shaped) == 1 else None
+    nonzero = [e for e in entries if e.value != 0]
+    if len(shaped) == len(nonzero) and len({e.pattern for e in shaped}) == 1:
+        return shaped[0].pattern, all(e.binary for e in shaped)
+    return None
+
+
+_POINTWISE_IDENTITIES = (
+    keras.layers.Dropout,
+    keras.layers.SpatialDropout2D,
+    keras.layers.GaussianDropout,
+    keras.layers.GaussianNoise,
+    keras.layers.AlphaDropout,
+)
+_MAX_POOLS = (
+    keras.layers.MaxPooling1D,
+    keras.layers.MaxPooling2D,
+    keras.layers.GlobalMaxPooling1D,
+    keras.layers.GlobalMaxPooling2D,
+)
 
 
 def _has_border(layer) -> bool:
@@ -659,6 +1007,30 @@ def _check_channel_multiple(channel_multiple) -> None:
         )
 
 
+def _padding_mode(padding, exact_only: bool | None) -> str:
+    """The padding mode, from `padding` and the deprecated `exact_only`."""
+    if not isinstance(padding, str):
+        raise TypeError(
+            f"`padding` must be one of {PADDING_MODES}. Received: padding={padding!r} of "
+            f"type {type(padding).__name__}"
+        )
+    if padding not in PADDING_MODES:
+        raise ValueError(f"`padding` must be one of {PADDING_MODES}. Received: {padding!r}")
+    if exact_only is None:
+        return padding
+    warnings.warn(
+        "`exact_only` is deprecated: prune is exact by default now (padding='exact'); "
+        "exact_only=True is padding='keep', padding='approximate' is the former default.",
+        DeprecationWarning,
+        stacklevel=3,
+    )
+    if not exact_only:
+        return padding
+    if padding == "approximate":
+        raise ValueError("`exact_only=True` contradicts padding='approximate'.")
+    return "keep"
+
+
 def _alignment_keeps(pruner: _Pruner, plan: _Plan, accepted, multiple: int) -> dict:
     """{source: reason} of dead channels to keep so that channel counts are multiples.
 
@@ -719,7 +1091,8 @@ def prune(
     threshold: float | Callable[[Any], float] | None = None,
     calibration_data=None,
     activation_ranges: Mapping[str, ActivationRange] | None = None,
-    exact_only: bool = False,
+    padding: str = "exact",
+    exact_only: bool | None = None,
     absorb: bool = True,
     channel_multiple: int | None = None,
 ):
@@ -752,14 +1125,40 @@ def prune(
       reach an Add with a live channel on another branch, a model output, a shared or
       unknown layer, or a nested model.
 
-    Zero padding ('same' k x k convolutions, ZeroPadding2D) sees 0 instead of `a_c`
-    at the border, so there the compensation is exact in the interior only (the
-    paper's "as far as possible"); `report.exact` says so and `calibration_data`
-    measures the effect. 1x1 and Dense consumers, 'valid' padding and `a_c == 0` are
-    exact to float round-off, and so are two cases where the padding cannot show: a
-    ZeroPadding2D read only by max poolings whose windows all hold a real position,
-    with `a_c > 0` (ResNet's stem: `max(a_c, 0) = a_c`), and a 'same' convolution
-    along an axis of size 1 (every window reads the image through one tap).
+    Zero padding ('same' k x k convolutions, ZeroPadding2D) puts 0, not `a_c`, at the
+    border, so there a bias cannot stand in for the channel: the output near the
+    border is `a_c` times the sum of the taps that land on the image, which changes
+    from position to position. `padding` chooses what to do:
+
+    * "exact" (default): padding and convolution are linear and treat every channel
+      alike, so `a_c` contributes exactly what `a_c / a_k` times another constant
+      channel `a_k` would, border included. For each tensor whose constants meet
+      zero padding PfQ keeps ONE of them, the carrier (largest |a_k|, so every
+      ratio is at most 1), and gives it the others' weights: the consumer's kernel
+      slice for k becomes `W_k + sum_c (a_c / a_k) W_c` and channels c go. The
+      carrier's BN gets gamma = 0 and its producer a zero filter, so it outputs
+      `beta` exactly in inference and training mode and its folded weights are 0
+      (no quantization range widens). It is an ordinary channel, so stage A, BN
+      folding and the export treat it like any other. Constants that cross
+      ZeroPadding2D first are followed as `a_c S`, S the padded map shared by
+      every channel on that path, through pooling, cropping, dropout and
+      activations with `f(0) = 0`, to the conv or Dense that merges them. A
+      depthwise conv keeps channels apart, so no carrier can stand in there: a
+      dead channel whose constant meets its padding is kept (the report says so).
+      The price against "approximate": one kept channel per such tensor, the
+      depthwise-bound channels, and a carrier weight up to the sum of the merged
+      ones (quantized with the other weights, where the bias is int32).
+    * "keep": dead channels whose constant meets zero padding are kept as they are
+      (the former `exact_only=True`): exact too, fewer channels removed.
+    * "approximate": the paper's "as far as possible": the bias absorbs the
+      interior value, the border is off by what the padding hides. `report.exact`
+      is then False and `calibration_data` measures the effect.
+
+    1x1 and Dense consumers, 'valid' padding and `a_c == 0` need none of this, and
+    neither do two cases where the padding cannot show: a ZeroPadding2D read only
+    by max poolings whose windows all hold a real position, with `a_c > 0`
+    (ResNet's stem: `max(a_c, 0) = a_c`), and a 'same' convolution along an axis of
+    size 1 (every window reads the image through one tap).
 
     Args:
       model: a tf_keras Sequential or Functional model; it is not modified.
@@ -770,8 +1169,9 @@ def prune(
       activation_ranges: {layer name: ActivationRange} of quantized layer outputs;
         defaults to the ranges `tf_pfq.strip` attached to `model`. They are attached
         to the pruned model as well.
-      exact_only: keep (with the reason in the report) the dead channels whose
-        constant would meet zero padding, so the pruned model is exact everywhere.
+      padding: "exact" (default), "keep" or "approximate": how constants that meet
+        zero padding are absorbed (above). The report's `absorption` says which.
+      exact_only: deprecated; True is `padding="keep"`, False the default.
       absorb: False removes the dead channels without absorbing their constant into
         the next layer (the paper's "PfQ w/o bias correction" ablation): the model
         changes by what the channels contributed.
@@ -793,8 +1193,9 @@ def prune(
         subclassed model's class is named), or `threshold` or `channel_multiple`
         has the wrong type.
       ValueError: `threshold` (or what the callable returns) is negative,
-        `channel_multiple` is below 1, or `calibration_data` is empty or holds
-        NaN/Inf (the first bad example is named).
+        `channel_multiple` is below 1, `padding` is not one of the three modes (or
+        contradicts `exact_only`), or `calibration_data` is empty or holds NaN/Inf
+        (the first bad example is named).
 
     Example:
       >>> inputs = keras.Input((4, 4, 2))
@@ -809,11 +1210,12 @@ def prune(
     """
     _check_threshold(threshold)
     _check_channel_multiple(channel_multiple)
+    padding = _padding_mode(padding, exact_only)
     if calibration_data is not None:
         check_data(calibration_data, "calibration_data")
     ranges = activation_ranges or activation_ranges_of(model)
     model = split_separable(model)  # the passes know its two halves
-    pruner = _Pruner(model, threshold, ranges, exact_only, absorb)
+    pruner = _Pruner(model, threshold, ranges, padding, absorb)
     candidates = pruner.dead_candidates()
     accepted = {(bn, int(c)) for bn, chans in candidates.items() for c in chans}
     kept: dict = {}
@@ -832,6 +1234,9 @@ def prune(
             for source in sources & accepted:
                 kept[source] = reason
             accepted -= sources
+    for carrier in pruner.carriers.values():
+        # Another reason to keep it may have come first; what it does now is carry.
+        kept.update(dict.fromkeys(carrier.sources, carrier.reason))
     pruned, notes = pruner.rewrite(plan)
     if pruner.ranges:
         setattr(pruned, ACTIVATION_RANGES_ATTR, dict(pruner.ranges))
@@ -845,6 +1250,8 @@ def _report(pruner: _Pruner, pruned, plan: _Plan, candidates, kept, notes) -> Pr
     before, macs_before = _costs(pruner.graph.model)
     after, macs_after = _costs(pruned)
     rows = []
+    # Carriers are set to their constant too: their residual counts like a removal's.
+    carried = {source for carrier in pruner.carriers.values() for source in carrier.sources}
     for name in pruner.graph.order:
         layer = pruner.graph.layer(name)
         entry = pruner.entry(name)
@@ -855,7 +1262,11 @@ def _report(pruner: _Pruner, pruned, plan: _Plan, candidates, kept, notes) -> Pr
             continue
         removed = sorted(plan.removed.get(name, {}))
         residual = 0.0
-        pruned_dead = [c for c in candidates.get(name, []) if (name, int(c)) not in kept]
+        pruned_dead = [
+            c
+            for c in candidates.get(name, [])
+            if (name, int(c)) not in kept or (name, int(c)) in carried
+        ]
         if pruned_dead:
             p = pruner.bn_params(name)
             stds = pfq_math.residual_std(
@@ -888,4 +1299,5 @@ def _report(pruner: _Pruner, pruned, plan: _Plan, candidates, kept, notes) -> Pr
         macs_before=macs_before,
         macs_after=macs_after,
         exact=exact,
+        absorption=pruner.padding if pruner.absorb_constants else "none",
     )
