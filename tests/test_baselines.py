@@ -29,8 +29,10 @@ def test_method_steps_structure():
     ]
     assert names["original"] == [("stage_a", "train"), ("fold", "fold"), ("stage_w", "train")]
     assert names["pfq_once"] == [("pfq_1", "prune"), ("fold", "fold"), ("stage_aw", "train")]
+    assert names["qat_once"] == [("fold", "fold"), ("stage_aw", "train")]
     assert names["dfq"] == [("fold", "fold"), ("dfq", "dfq"), ("stage_aw", "train")]
     assert names["tfmot"] == [("stage_aw", "train")]
+    assert names["tfmot_matched"] == [("stage_aw", "train")]
     # Equal epochs for all methods (paper §4.2.2: 2 x 100 vs 200).
     for method in METHODS:
         steps = method_steps(method, A, W, 3, 3)
@@ -40,6 +42,12 @@ def test_method_steps_structure():
     # Stage A quantizes activations only; the tfmot step uses tfmot's scheme.
     assert method_steps("original", A, W)[0].weight_bits is None
     assert method_steps("tfmot", A, W)[0].quantizer == "tfmot"
+    assert method_steps("tfmot_matched", A, W)[0].quantizer == "tfmot_matched"
+    # DFQ fine-tunes with the paper's DFQ settings; the control differs only in DFQ.
+    dfq_stage, once_stage = method_steps("dfq", A, W)[-1], method_steps("qat_once", A, W)[-1]
+    assert (dfq_stage.config.momentum, dfq_stage.config.weight_decay) == (0.0, 1e-4)
+    assert once_stage.config.momentum == W.momentum
+    assert dfq_stage.config.learning_rate == once_stage.config.learning_rate
     # The ablation's steps say what differs: PfQ without absorbing act(beta).
     ablation = method_steps("pfq_no_bias_correction", A, W)
     assert [s.options for s in ablation if s.kind == "prune"] == [{"absorb": False}] * 2
@@ -49,7 +57,7 @@ def test_method_steps_structure():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method", ["original", "pfq_once", "dfq", "tfmot"])
+@pytest.mark.parametrize("method", ["original", "pfq_once", "qat_once", "dfq", "tfmot_matched"])
 def test_method_runs_and_reports(method, digits):
     train, test = digits
     model = tiny_dead_model()
@@ -71,7 +79,7 @@ def test_method_runs_and_reports(method, digits):
         assert steps["dfq"].details["equalized_pairs"] >= 2
     wrappers = [type(layer).__name__ for layer in qat.layers]
     assert any("QuantizeWrapper" in name for name in wrappers)
-    if method == "tfmot":
+    if method.startswith("tfmot"):
         # tfmot's default n-bit scheme keeps BN (its transforms handle it); ours fold it.
         assert any("bn" in layer.name for layer in qat.layers)
     else:

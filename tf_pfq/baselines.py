@@ -4,26 +4,48 @@
 * "original": the same staged workflow without PfQ (Table 1's "original").
 * "pfq_once": PfQ, fold BN, then activations and weights quantized together for
   `e_A + e_W` epochs (Table 2's "fine-tune once (w/ PfQ)").
+* "qat_once": fold BN, then activations and weights quantized together for
+  `e_A + e_W` epochs, no PfQ: the control that differs from "pfq_once" only in
+  PfQ, and from "dfq" only in DFQ.
 * "dfq": fold BN, Nagel et al. 2019 DFQ (`tf_pfq.dfq`), then activations and weights
-  quantized together for `e_A + e_W` epochs (Table 3's "DFQ (w/ fine-tune)").
+  quantized together for `e_A + e_W` epochs (Table 3's "DFQ (w/ fine-tune)") with
+  the paper's settings for DFQ: plain SGD (no momentum) and weight decay 1e-4, at
+  the stage's learning rate.
 * "pfq_no_bias_correction": Algorithm 1 with PfQ removing the dead channels without
   absorbing their constants (Table 1's "PfQ w/o bias correction").
 * "tfmot": tfmot's own n-bit QAT (`DefaultNBitQuantizeScheme`, BN handled by tfmot's
-  transforms) for `e_A + e_W` epochs, the existing-library reference.
+  transforms) for `e_A + e_W` epochs, the existing-library reference, as shipped.
+  It differs from tf_pfq in more than the quantizer (`tf_pfq.backends`): input and
+  logits at n bits, ranges starting at [-6, 6] with a 0.999 moving average, BN
+  never folded.
+* "tfmot_matched": the same with 8-bit input, float logits and ranges from the
+  first batch, the closest tfmot's API comes to tf_pfq's choices (BN stays
+  unfolded: the n-bit scheme cannot fold it).
 
 All methods get the same number of training epochs, as in the paper.
 """
 
 from __future__ import annotations
 
-import dataclasses
+from dataclasses import replace
 
 from tf_pfq.training import TrainConfig
 from tf_pfq.workflow import DFQ, FoldBatchNorm, Prune, Step, Train, algorithm1_steps, run_steps
 
-__all__ = ["METHODS", "method_steps", "run_method"]
+__all__ = ["DFQ_FINE_TUNING", "METHODS", "method_steps", "run_method"]
 
-METHODS = ("pfq", "original", "pfq_once", "dfq", "tfmot", "pfq_no_bias_correction")
+METHODS = (
+    "pfq",
+    "original",
+    "pfq_once",
+    "qat_once",
+    "dfq",
+    "tfmot",
+    "tfmot_matched",
+    "pfq_no_bias_correction",
+)
+# The paper's fine-tuning after DFQ (§4.3.1): SGD without momentum, weight decay 1e-4.
+DFQ_FINE_TUNING = {"momentum": 0.0, "weight_decay": 1e-4}
 
 
 def method_steps(
@@ -42,9 +64,10 @@ def method_steps(
       stage_w: stage W hyperparameters (activations and weights).
       activation_bits: activation bit width.
       weight_bits: weight bit width.
-      combined: hyperparameters of the single stage of "pfq_once", "dfq" and
-        "tfmot"; default: `stage_w`'s with `stage_a.epochs + stage_w.epochs` epochs
-        (the paper's equal-epoch comparison, eq. 19's lambda over all of them).
+      combined: hyperparameters of the single stage of the one-stage methods;
+        default: `stage_w`'s with `stage_a.epochs + stage_w.epochs` epochs (the
+        paper's equal-epoch comparison, eq. 19's lambda over all of them), and for
+        "dfq" also `DFQ_FINE_TUNING`.
 
     Returns:
       A list of `tf_pfq.workflow.Step` objects.
@@ -55,13 +78,16 @@ def method_steps(
     Example:
       >>> [s.name for s in method_steps("dfq", TrainConfig(epochs=2), TrainConfig(epochs=3))]
       ['fold', 'dfq', 'stage_aw']
-      >>> method_steps("dfq", TrainConfig(epochs=2), TrainConfig(epochs=3))[-1].config.epochs
-      5
+      >>> stage = method_steps("dfq", TrainConfig(epochs=2), TrainConfig(epochs=3))[-1]
+      >>> stage.config.epochs, stage.config.momentum
+      (5, 0.0)
     """
     if method not in METHODS:
         raise ValueError(f"`method` must be one of {METHODS}. Received: method={method!r}")
     if combined is None:
-        combined = dataclasses.replace(stage_w, epochs=stage_a.epochs + stage_w.epochs, period=None)
+        combined = replace(stage_w, epochs=stage_a.epochs + stage_w.epochs, period=None)
+        if method == "dfq":
+            combined = replace(combined, **DFQ_FINE_TUNING)
     aw = Train("stage_aw", activation_bits, weight_bits, combined)
     if method == "pfq":
         return algorithm1_steps(stage_a, stage_w, activation_bits, weight_bits)
@@ -83,9 +109,11 @@ def method_steps(
         ]
     if method == "pfq_once":
         return [Prune("pfq_1"), FoldBatchNorm("fold"), aw]
+    if method == "qat_once":
+        return [FoldBatchNorm("fold"), aw]
     if method == "dfq":
         return [FoldBatchNorm("fold"), DFQ("dfq", weight_bits=weight_bits), aw]
-    return [Train("stage_aw", activation_bits, weight_bits, combined, quantizer="tfmot")]
+    return [Train("stage_aw", activation_bits, weight_bits, combined, quantizer=method)]
 
 
 def run_method(

@@ -17,7 +17,7 @@ __all__ = ["mobilenet_v1", "mobilenet_v2", "build"]
 L = keras.layers
 
 
-def _conv_bn_relu(x, filters, kernel, strides, name, regularizer):
+def _conv_bn_relu(x, filters, kernel, strides, name, regularizer, epsilon):
     x = L.Conv2D(
         filters,
         kernel,
@@ -27,11 +27,13 @@ def _conv_bn_relu(x, filters, kernel, strides, name, regularizer):
         kernel_regularizer=regularizer,
         name=name,
     )(x)
-    x = L.BatchNormalization(name=f"{name}_bn")(x)
+    x = L.BatchNormalization(epsilon=epsilon, name=f"{name}_bn")(x)
     return L.ReLU(6.0, name=f"{name}_relu")(x)
 
 
-def _dw_bn_relu(x, strides, name, regularizer):
+def _dw_bn_relu(x, strides, name, regularizer, epsilon):
+    # `regularizer` here is the depthwise one: MobileNet training leaves depthwise
+    # kernels undecayed (they have few weights and decay would shrink them for nothing).
     x = L.DepthwiseConv2D(
         3,
         strides=strides,
@@ -40,8 +42,17 @@ def _dw_bn_relu(x, strides, name, regularizer):
         depthwise_regularizer=regularizer,
         name=name,
     )(x)
-    x = L.BatchNormalization(name=f"{name}_bn")(x)
+    x = L.BatchNormalization(epsilon=epsilon, name=f"{name}_bn")(x)
     return L.ReLU(6.0, name=f"{name}_relu")(x)
+
+
+def _regularizers(l2: float, depthwise_l2: float | None):
+    """(conv and dense kernel regularizer, depthwise kernel regularizer)."""
+    depthwise_l2 = l2 if depthwise_l2 is None else depthwise_l2
+    return (
+        keras.regularizers.L2(l2) if l2 else None,
+        keras.regularizers.L2(depthwise_l2) if depthwise_l2 else None,
+    )
 
 
 def _head(x, num_classes, dropout, regularizer):
@@ -59,6 +70,8 @@ def mobilenet_v1(
     l2: float = 0.0,
     dropout: float = 0.0,
     name: str = "mobilenet_v1",
+    bn_epsilon: float = 1e-3,
+    depthwise_l2: float | None = None,
 ):
     """A MobileNetV1-style net: a 3x3 stem, then depthwise separable blocks.
 
@@ -71,6 +84,11 @@ def mobilenet_v1(
         value lets BN channels die during pretraining, which PfQ then removes.
       dropout: dropout rate before the classifier.
       name: model name.
+      bn_epsilon: every BatchNormalization's epsilon (Keras' default 1e-3; the
+        paper's framework, NNabla, uses 1e-5, under which a dead channel's folded
+        weights `gamma / sqrt(V + eps) * w` can grow 10x larger).
+      depthwise_l2: L2 on the depthwise kernels; None uses `l2` (MobileNet's own
+        training uses 0: no decay on depthwise kernels or BN parameters).
 
     Returns:
       A functional `tf_keras.Model` producing logits.
@@ -85,12 +103,13 @@ def mobilenet_v1(
             f"`widths` and `strides` must have the same length. Received: "
             f"{len(widths)} widths and {len(strides)} strides"
         )
-    reg = keras.regularizers.L2(l2) if l2 else None
+    reg, dw_reg = _regularizers(l2, depthwise_l2)
+    eps = bn_epsilon
     inputs = keras.Input(input_shape, name="image")
-    x = _conv_bn_relu(inputs, widths[0], 3, strides[0], "conv1", reg)
+    x = _conv_bn_relu(inputs, widths[0], 3, strides[0], "conv1", reg, eps)
     for i, (width, stride) in enumerate(zip(widths[1:], strides[1:]), start=1):
-        x = _dw_bn_relu(x, stride, f"conv_dw_{i}", reg)
-        x = _conv_bn_relu(x, width, 1, 1, f"conv_pw_{i}", reg)
+        x = _dw_bn_relu(x, stride, f"conv_dw_{i}", dw_reg, eps)
+        x = _conv_bn_relu(x, width, 1, 1, f"conv_pw_{i}", reg, eps)
     return keras.Model(inputs, _head(x, num_classes, dropout, reg), name=name)
 
 
@@ -103,6 +122,8 @@ def mobilenet_v2(
     l2: float = 0.0,
     dropout: float = 0.0,
     name: str = "mobilenet_v2",
+    bn_epsilon: float = 1e-3,
+    depthwise_l2: float | None = None,
 ):
     """A MobileNetV2-style net: inverted residual blocks with linear bottlenecks.
 
@@ -116,6 +137,11 @@ def mobilenet_v2(
       l2: L2 regularization on conv and dense kernels.
       dropout: dropout rate before the classifier.
       name: model name.
+      bn_epsilon: every BatchNormalization's epsilon (Keras' default 1e-3; the
+        paper's framework, NNabla, uses 1e-5, under which a dead channel's folded
+        weights `gamma / sqrt(V + eps) * w` can grow 10x larger).
+      depthwise_l2: L2 on the depthwise kernels; None uses `l2` (MobileNet's own
+        training uses 0: no decay on depthwise kernels or BN parameters).
 
     Returns:
       A functional `tf_keras.Model` producing logits.
@@ -125,22 +151,23 @@ def mobilenet_v2(
       >>> model.output_shape
       (None, 10)
     """
-    reg = keras.regularizers.L2(l2) if l2 else None
+    reg, dw_reg = _regularizers(l2, depthwise_l2)
+    eps = bn_epsilon
     inputs = keras.Input(input_shape, name="image")
-    x = _conv_bn_relu(inputs, stem, 3, 2 if input_shape[0] >= 64 else 1, "conv1", reg)
+    x = _conv_bn_relu(inputs, stem, 3, 2 if input_shape[0] >= 64 else 1, "conv1", reg, eps)
     channels = stem
     for i, (out, stride, expansion) in enumerate(blocks, start=1):
         shortcut = x
         prefix = f"block_{i}"
         if expansion != 1:
-            x = _conv_bn_relu(x, channels * expansion, 1, 1, f"{prefix}_expand", reg)
-        x = _dw_bn_relu(x, stride, f"{prefix}_dw", reg)
+            x = _conv_bn_relu(x, channels * expansion, 1, 1, f"{prefix}_expand", reg, eps)
+        x = _dw_bn_relu(x, stride, f"{prefix}_dw", dw_reg, eps)
         x = L.Conv2D(out, 1, use_bias=False, kernel_regularizer=reg, name=f"{prefix}_project")(x)
-        x = L.BatchNormalization(name=f"{prefix}_project_bn")(x)
+        x = L.BatchNormalization(epsilon=eps, name=f"{prefix}_project_bn")(x)
         if stride == 1 and out == channels:
             x = L.Add(name=f"{prefix}_add")([shortcut, x])
         channels = out
-    x = _conv_bn_relu(x, last, 1, 1, "conv_last", reg)
+    x = _conv_bn_relu(x, last, 1, 1, "conv_last", reg, eps)
     return keras.Model(inputs, _head(x, num_classes, dropout, reg), name=name)
 
 

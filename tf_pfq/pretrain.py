@@ -38,6 +38,7 @@ def compile_for_training(
     learning_rate: float = 0.16,
     momentum: float = 0.9,
     warmup_epochs: float = 2.0,
+    period: float | None = None,
 ) -> None:
     """Compiles `model` with momentum SGD and the eq. 19 schedule ending at lr 0.
 
@@ -48,6 +49,8 @@ def compile_for_training(
       learning_rate: the peak rate `l0`, reached after warm-up.
       momentum: SGD momentum.
       warmup_epochs: linear warm-up length in epochs.
+      period: the cosine half-period `lambda` in epochs (None: `epochs - warmup_epochs`,
+        one decay to 0; shorter: the rate rises again after each trough).
 
     Raises:
       ValueError: `epochs` is not larger than `warmup_epochs`.
@@ -67,7 +70,7 @@ def compile_for_training(
         learning_rate,
         steps_per_epoch=steps_per_epoch,
         warmup_epochs=warmup_epochs,
-        period=epochs - warmup_epochs,
+        period=epochs - warmup_epochs if period is None else period,
     )
     model.compile(
         optimizer=keras.optimizers.SGD(schedule, momentum=momentum),
@@ -85,6 +88,7 @@ def train_float(
     learning_rate: float = 0.16,
     momentum: float = 0.9,
     warmup_epochs: float = 2.0,
+    period: float | None = None,
     steps_per_epoch: int | None = None,
     callbacks: Sequence[keras.callbacks.Callback] = (),
     verbose: int | str = "auto",
@@ -103,6 +107,7 @@ def train_float(
       learning_rate: peak learning rate of the eq. 19 schedule.
       momentum: SGD momentum.
       warmup_epochs: linear warm-up epochs before the cosine decay.
+      period: the cosine half-period in epochs (see `compile_for_training`).
       steps_per_epoch: batches per epoch; read from `train_data` when None.
       callbacks: extra Keras callbacks.
       verbose: Keras `fit` verbosity (progress bars by default).
@@ -130,6 +135,7 @@ def train_float(
         learning_rate=learning_rate,
         momentum=momentum,
         warmup_epochs=warmup_epochs,
+        period=period,
     )
     return model.fit(
         train_data,

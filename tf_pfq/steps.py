@@ -38,6 +38,7 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
+from tf_pfq.backends import BACKENDS, backend
 from tf_pfq.compat import keras
 from tf_pfq.training import TrainConfig, fit
 
@@ -53,7 +54,7 @@ __all__ = [
     "Transform",
 ]
 
-QUANTIZERS = ("pfq", "tfmot")
+QUANTIZERS = tuple(BACKENDS)
 
 
 # --------------------------------------------------------------------------------------
@@ -559,9 +560,12 @@ class Train(Step):
       activation_bits: activation bit width.
       weight_bits: weight bit width; None quantizes activations only.
       config: the stage's hyperparameters (`tf_pfq.TrainConfig`).
-      quantizer: "pfq" (`tf_pfq.apply`, paper eqs. 20-21) or "tfmot" (tfmot's
-        `DefaultNBitQuantizeScheme`, the library reference; it has no strip, so a
-        "tfmot" stage must be the last step).
+      quantizer: the name of a `tf_pfq.backends.BACKENDS` entry: "pfq"
+        (`tf_pfq.apply`, paper eqs. 20-21), "tfmot" (tfmot's
+        `DefaultNBitQuantizeScheme` as shipped, the library reference) or
+        "tfmot_matched" (the same scheme with 8-bit input, float logits and ranges
+        from the first batch). tfmot's have no strip, so their stage must be the
+        last step.
       **options: further arguments of `tf_pfq.apply` ("pfq" only), e.g.
         `per_channel_weights=True`.
 
@@ -597,10 +601,7 @@ class Train(Step):
                 f"Training step {name!r} needs `config` (a TrainConfig). "
                 f"Received: config={config!r}"
             )
-        if quantizer not in QUANTIZERS:
-            raise ValueError(
-                f"`quantizer` must be 'pfq' or 'tfmot'. Received: quantizer={quantizer!r}"
-            )
+        self.backend = backend(quantizer)
         for argument, bits in (("activation_bits", activation_bits), ("weight_bits", weight_bits)):
             if bits is not None and (not isinstance(bits, int) or bits < 1):
                 raise ValueError(
@@ -608,7 +609,7 @@ class Train(Step):
                 )
         if activation_bits is None:
             raise ValueError(f"Training step {name!r} needs `activation_bits`.")
-        if options and quantizer != "pfq":
+        if options and not self.backend.takes_options:
             raise ValueError(
                 f"Options {sorted(options)} apply to the 'pfq' quantizer only. "
                 f"Received: quantizer={quantizer!r}"
@@ -635,13 +636,13 @@ class Train(Step):
 
     @property
     def exportable(self) -> bool:
-        return self.weight_bits is not None and self.quantizer == "pfq"
+        return self.weight_bits is not None and self.backend.exports
 
     def validate(self, context: StepContext) -> None:
-        if self.quantizer == "tfmot" and not context.last:
+        if not self.backend.can_strip and not context.last:
             raise ValueError(
-                f"tfmot training step {self.name!r} must be the last step: tfmot's scheme "
-                "has no strip back to a float model for the steps after it."
+                f"{self.quantizer} training step {self.name!r} must be the last step: "
+                "tfmot's scheme has no strip back to a float model for the steps after it."
             )
 
     def quantize(self, model, strategy: tf.distribute.Strategy | None = None):
@@ -652,25 +653,7 @@ class Train(Step):
             return self._quantize(model)
 
     def _quantize(self, model):
-        if self.quantizer == "tfmot":
-            import tensorflow_model_optimization as tfmot
-            from tensorflow_model_optimization.quantization.keras.experimental import (
-                default_n_bit,
-            )
-
-            scheme = default_n_bit.DefaultNBitQuantizeScheme(
-                num_bits_weight=self.weight_bits or 8, num_bits_activation=self.activation_bits
-            )
-            annotated = tfmot.quantization.keras.quantize_annotate_model(model)
-            return tfmot.quantization.keras.quantize_apply(annotated, scheme=scheme)
-        from tf_pfq.quantize import apply
-
-        return apply(
-            model,
-            activation_bits=self.activation_bits,
-            weight_bits=self.weight_bits,
-            **self.options,
-        )
+        return self.backend.quantize(model, self.activation_bits, self.weight_bits, **self.options)
 
     def strip(self, qat):
         """The float model inside `qat`, with its trained weights, for the next step."""
@@ -680,17 +663,12 @@ class Train(Step):
 
     def scope(self):
         """The custom-object scope QAT models of this quantizer load under."""
-        if self.quantizer == "tfmot":
-            import tensorflow_model_optimization as tfmot
-
-            return tfmot.quantization.keras.quantize_scope()
-        from tf_pfq.quantize import quantize_scope
-
-        return quantize_scope()
+        return self.backend.scope()
 
     def apply(self, model, context: StepContext) -> tuple[Any, dict[str, Any]]:
         """Quantizes float `model` and fine-tunes it; returns (QAT model, fields)."""
         qat = self.quantize(model, context.strategy)
+        self.backend.prepare(qat, context.train_data)
         _, epochs, reason = fit(
             qat,
             context.train_data,
