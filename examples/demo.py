@@ -23,7 +23,7 @@ FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", "runs/demo", "Cache of the pretrained model and the runs.")
 flags.DEFINE_float("width", 1.0, "Width multiplier of the MobileNetV1-style net.")
 flags.DEFINE_integer("image_size", 32, "Digits are upsampled to this size.")
-flags.DEFINE_integer("pretrain_epochs", 40, "Pretraining epochs (DESIGN §6 recipe).")
+flags.DEFINE_integer("pretrain_epochs", 40, "Pretraining epochs (the digits recipe).")
 flags.DEFINE_integer("epochs", 3, "e_A = e_W fine-tuning epochs per stage.")
 flags.DEFINE_integer("num_train", 1400, "Training images (the remaining 397 are the test set).")
 flags.DEFINE_list("methods", ["pfq", "original"], "Methods to run.")

@@ -1,6 +1,6 @@
 r"""Pretrains a float MobileNet-style classifier with the paper's recipe (§4.2.1).
 
-Defaults: the embedded digits data (offline, DESIGN §6), MobileNetV1-style, 32x32,
+Defaults: the embedded digits data (offline, from scikit-learn), MobileNetV1-style, 32x32,
 momentum SGD 0.9, peak learning rate 0.16 with the eq. 19 warm-up + cosine schedule,
 batch 32, 40 epochs, L2 4e-3 on the kernels (under which the paper's rule finds dead
 BN channels for PfQ to remove).

@@ -1,7 +1,7 @@
 r"""PfQ on a trained model: remove dead BN channels and print the report.
 
 Without --model, pretrains the demo model (a MobileNetV1-style net on the embedded
-digits data, 32x32, L2 4e-3, DESIGN §6) so that the paper's rule finds dead channels,
+digits data, 32x32, L2 4e-3) so that the paper's rule finds dead channels,
 saves it, and prunes it.
 
   python examples/prune.py --report_json=runs/prune/report.json
@@ -40,7 +40,7 @@ flags.DEFINE_integer("seed", 0, "Random seed.")
 
 
 def pretrain_demo(splits) -> keras.Model:
-    """Trains the digits demo model with the DESIGN §6 recipe."""
+    """Trains the digits demo model with the recipe of `tf_pfq.recipes.pretrain_digits`."""
     keras.utils.set_random_seed(FLAGS.seed)
     model = models.mobilenet_v1(
         input_shape=splits["train"].images.shape[1:],

@@ -343,7 +343,7 @@ def absorb_high_biases(model, calibration_data, num_std: float = 3.0):
     first layer's pre-activation output over `calibration_data` is subtracted from its
     bias and `W2 @ c` added to the second layer's bias. Exact wherever the
     pre-activation stays above `c_i` and, for a 'same' k x k second layer, away from
-    the zero-padded border (as for PfQ, DESIGN §2).
+    the zero-padded border (as for PfQ's approximate absorption).
 
     Args:
       model: a BN-folded model whose activations between pairs are plain ReLU

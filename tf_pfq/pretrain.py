@@ -93,7 +93,7 @@ def train_float(
     callbacks: Sequence[keras.callbacks.Callback] = (),
     verbose: int | str = "auto",
 ):
-    """Trains a float classifier with the paper's recipe (DESIGN §6), in place.
+    """Trains a float classifier with the paper's optimizer recipe, in place.
 
     The defaults reproduce the digits pretraining: with `tf_pfq.models.mobilenet_v1`
     built with `l2=4e-3`, batch 32 and 40 epochs, a share of the BN channels ends

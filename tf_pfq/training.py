@@ -326,7 +326,7 @@ class _null_scope:
 def clear_regularizers(model):
     """A copy of `model` without kernel/bias/activity regularizers.
 
-    The pretraining recipe's strong L2 (DESIGN §6) is what makes BN channels die;
+    The pretraining recipe's strong L2 (`tf_pfq.recipes`) is what makes BN channels die;
     during fine-tuning the paper uses a small weight decay instead, applied by the
     optimizer, so the model's own regularization terms are removed.
 
