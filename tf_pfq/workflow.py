@@ -176,8 +176,36 @@ class WorkflowSummary:
         kwargs["steps"] = [StepResult(**s) for s in values.get("steps", [])]
         return cls(**kwargs)
 
+    def prune_lines(self) -> list[str]:
+        """One line per PfQ step: the absorption it used and the output change it caused.
+
+        The change is max |pruned - input| over the outputs on the run's calibration
+        images, as the prune report measured it; a user who only exports sees it here.
+
+        Example:
+          >>> s = WorkflowSummary("pfq", 4, 4, None, 10, None, [StepResult("pfq_1",
+          ...     "prune", details={"exact": False, "max_output_change": 0.57})])
+          >>> s.prune_lines()
+          ['pfq_1: absorption approximate (exact in the interior only), max |output change| 0.57']
+        """
+        lines = []
+        for step in self.steps:
+            if step.kind != "prune":
+                continue
+            details = step.details
+            absorption = details.get("absorption") or (
+                "exact" if details.get("exact", True) else "approximate"
+            )
+            if not details.get("exact", True):
+                absorption += " (exact in the interior only)"
+            change = details.get("max_output_change")
+            measured = "not measured" if change is None else f"{change:.3g}"
+            lines.append(f"{step.name}: absorption {absorption}, max |output change| {measured}")
+        return lines
+
     def to_markdown(self) -> str:
-        """The per-step table (accuracy in %, MACs in millions)."""
+        """The per-step table (accuracy in %, MACs in millions), then how each PfQ step
+        absorbed the removed constants and how far it moved the outputs."""
         rows = [
             (
                 "| step | kind | test acc. % | val acc. % | epochs | removed channels | params "
@@ -196,6 +224,9 @@ class WorkflowSummary:
                 f"{'' if s.channels_removed is None else s.channels_removed} | {s.params} | "
                 f"{_mmacs(s.macs)} |"
             )
+        notes = self.prune_lines()
+        if notes:
+            rows += ["", *(f"- {line}" for line in notes)]
         return "\n".join(rows)
 
     def __str__(self) -> str:
