@@ -28,6 +28,7 @@ from test_prune_helpers import (
 import tf_pfq
 from tf_pfq import testing
 from tf_pfq.compat import keras
+from tf_pfq.ranges import ActivationRange
 
 L = keras.layers
 
@@ -298,6 +299,21 @@ def test_carrier_survives_qat_fold_and_export():
     assert result.prune["prune_exact"] and result.prune["prune_max_change"] < 1e-4
     assert result.max_weight_levels <= 16
     assert result.p99_steps <= 2.0, (result.p99_steps, result.max_steps)
+
+
+def test_quantized_constants_merge_with_their_quantized_ratio():
+    # A second PfQ after stage A: each constant is Q(act(beta)) on the layer's grid.
+    model = _same_conv()
+    grid = ActivationRange(0.0, 3.0, num_bits=2)  # levels 0, 1, 2, 3
+    pruned, report = tf_pfq.prune(model, activation_ranges={"conv1_act": grid})
+    swish = {c: b / (1 + np.exp(-b)) for c, b in PLANTS}
+    q = {c: float(grid.quantize(np.float32(v))) for c, v in swish.items()}
+    assert q == {1: 1.0, 4: 2.0, 6: 0.0}  # swish: 0.64, 2.31, -0.16
+    # Channel 6 is 0 on the grid: removed, nothing to carry; 1 merges into 4 at 1 / 2.
+    assert report.num_pruned == 2 and list(report.layer("conv1_bn").kept) == [4]
+    kernel = model.get_layer("conv2").kernel.numpy()
+    expected = kernel[:, :, 4] + q[1] / q[4] * kernel[:, :, 1]
+    np.testing.assert_allclose(pruned.get_layer("conv2").kernel.numpy()[:, :, 3], expected, 1e-6)
 
 
 # -- the option, its deprecated spelling, the report ----------------------------------
