@@ -94,6 +94,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -580,6 +581,25 @@ def _same_bands(size: int, k: int, stride: int) -> list[tuple[int, int, int]]:
     return [(lo, (count - 1) * stride + length, length) for lo, length, count in bands]
 
 
+def layer_scope(name: str) -> str:
+    """The TensorFlow name scope the export graph puts layer `name`'s ops under.
+
+    The TFLite converter names each tensor after the TF ops it came from (several
+    names joined by ";" where it fused ops), so every tensor of the file carries
+    the scope of each layer it computes. Characters a scope cannot hold become "_";
+    the trailing "/" makes the scope absolute, so TensorFlow never renames it
+    ("conv1_1") when another op of the graph is already called "conv1".
+
+    Example:
+      >>> layer_scope("conv1"), layer_scope("block 1:add")
+      ('conv1/', 'block_1_add/')
+    """
+    scope = re.sub(r"[^A-Za-z0-9_.\-]", "_", name)
+    if not re.match(r"[A-Za-z0-9.]", scope):
+        scope = f"x{scope}"
+    return f"{scope}/"
+
+
 class _Builder:
     """Evaluates a float model layer by layer with export-time quantization ops.
 
@@ -1036,21 +1056,24 @@ class _Builder:
                 raise ValueError(f"Layer {name!r} is shared (called more than once).")
             inbound = [tensors[n] for n in graph.inputs_of(name)]
             entry = lookup(layer, "the integer export")
-            if entry.lowering is Lowering.INPUT:
-                tensors[name] = self._input(name, x)
-            elif entry.lowering in self._handlers:
-                tensors[name] = self._handlers[entry.lowering](name, layer, inbound[0])
-            elif entry.lowering in self._merges:
-                tensors[name] = self._merges[entry.lowering](name, inbound)
-            elif entry.lowering is Lowering.CONCAT:
-                tensors[name] = self._concat(name, layer, inbound)
-            elif entry.refusal is not None:
-                raise ValueError(entry.refusal(name, layer))
-            else:
-                raise ValueError(
-                    f"Layer {name!r} of class {type(layer).__name__} is not supported by "
-                    "the integer export."
-                )
+            # The scope names the layer's ops, and so its tensors in the .tflite
+            # (`tf_pfq.export.compare_layers` maps layers to tensors by it).
+            with tf.name_scope(layer_scope(name)):
+                if entry.lowering is Lowering.INPUT:
+                    tensors[name] = self._input(name, x)
+                elif entry.lowering in self._handlers:
+                    tensors[name] = self._handlers[entry.lowering](name, layer, inbound[0])
+                elif entry.lowering in self._merges:
+                    tensors[name] = self._merges[entry.lowering](name, inbound)
+                elif entry.lowering is Lowering.CONCAT:
+                    tensors[name] = self._concat(name, layer, inbound)
+                elif entry.refusal is not None:
+                    raise ValueError(entry.refusal(name, layer))
+                else:
+                    raise ValueError(
+                        f"Layer {name!r} of class {type(layer).__name__} is not supported "
+                        "by the integer export."
+                    )
         outputs = [tensors[o.layer].value for o in graph.outputs]
         return outputs[0] if len(outputs) == 1 else outputs
 
