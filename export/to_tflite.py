@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import os
 
-from absl import app, flags, logging
+from absl import app, flags
 
 import tf_pfq
 from tf_pfq import cli, compat
@@ -57,16 +57,17 @@ def main(argv):
         images = tf_pfq.data.load_digits(image_size=height, channels=channels)["train"].images
         representative = images[: FLAGS.num_representative]
     input_range = tuple(float(v) for v in FLAGS.input_range) if FLAGS.input_range else None
-    tflite = tf_pfq.export.to_tflite(
-        qat,
-        representative_data=representative,
-        io_dtype=FLAGS.io_dtype,
-        input_range=input_range,
-        clamp_signed=FLAGS.clamp_signed,
-        weight_storage=FLAGS.weight_storage,
-    )
+    with cli.quiet_native_logs():
+        tflite = tf_pfq.export.to_tflite(
+            qat,
+            representative_data=representative,
+            io_dtype=FLAGS.io_dtype,
+            input_range=input_range,
+            clamp_signed=FLAGS.clamp_signed,
+            weight_storage=FLAGS.weight_storage,
+        )
     path = tf_pfq.export.save(tflite, FLAGS.output)
-    logging.info("wrote %s (%d bytes)", path, len(tflite))
+    print(f"wrote {path} ({len(tflite)} bytes)")
     print(tf_pfq.export.inspect(tflite))
     problems = tf_pfq.export.edgetpu_compatibility(tflite)
     print(
