@@ -4,7 +4,8 @@ One small functional model covers the mappings that matter: a convolution whose 
 the converter fuses into it, a ZeroPadding2D it folds into the next depthwise conv
 (whose signed output ends in a MAXIMUM clamp), a residual Add, a Concatenate whose
 inputs the export puts on the concat's grid, two identical max poolings (the converter
-keeps one), Dropout (no op at all), mean pooling and the logits. Its export is exact; errors are then planted on one side or the other.
+keeps one), Dropout (no op at all), mean pooling and the logits. Its export is exact;
+errors are then planted on one side or the other.
 """
 
 from __future__ import annotations
