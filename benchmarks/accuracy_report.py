@@ -1,0 +1,400 @@
+"""Tables, claims and curves of `benchmarks/accuracy.py`, from whatever runs are recorded.
+
+Every number comes from the recorded runs; a comparison lacking pairs says so. The
+claims are paired differences (same pretrained model, same fine-tuning seed and
+subset) in top-1 points with a 95 % interval; the verdicts are Holm-corrected over
+every claim of the table (`tf_pfq.stats.verdicts`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from collections import defaultdict
+
+import numpy as np
+from accuracy_runs import THRESHOLDS, Run
+
+from tf_pfq import stats
+
+KINDS = ("depthwise", "pointwise", "conv", "dense")
+LABELS = {
+    "pfq": "pfq (Algorithm 1)",
+    "original": "original (no PfQ)",
+    "pfq_no_bias_correction": "PfQ w/o bias correction",
+    "pfq_once": "pfq_once (PfQ, fold, A+W once)",
+    "qat_once": "qat_once (fold, A+W once, no PfQ)",
+    "dfq": "dfq (fold, DFQ, A+W once; SGD, no momentum)",
+    "tfmot": "tfmot as shipped",
+    "tfmot_matched": "tfmot matched",
+}
+# Every difference between each baseline and tf_pfq's own QAT, besides the thing named.
+BASELINE_NOTES = {
+    "dfq": "differs from qat_once in DFQ (equalization, bias absorption and correction) "
+    "and in its fine-tuning: plain SGD without momentum, weight decay 1e-4 (the "
+    "paper's settings for DFQ), same learning rate and epochs",
+    "tfmot": "tfmot's DefaultNBitQuantizeScheme as shipped: model input and logits at "
+    "n bits, activation ranges start at [-6, 6] and move by a 0.999 moving average, BN "
+    "kept unfolded (weights quantized before BN's scale), its own quantizers",
+    "tfmot_matched": "the same scheme with 8-bit input, float logits and ranges from the "
+    "first batch (the closest its API allows); BN still unfolded, its own quantizers",
+}
+
+
+def _pct(x) -> str:
+    return "-" if x is None else f"{100 * x:.2f}"
+
+
+def _family(p) -> str:
+    return f"{p.recipe}/{p.model}"
+
+
+def _records(state, runs, budget: int = 1) -> dict:
+    """{run: record} of the recorded runs with the given fine-tuning budget."""
+    out = {}
+    for run in runs:
+        record = state.record(run) if run.budget == budget else None
+        if record is not None:
+            out[run] = record
+    return out
+
+
+def _budget_lines(state, runs) -> list[str]:
+    """The longer runs beside the same runs at the benchmark's budget."""
+    longer = _records(state, runs, budget=2)
+    lines = [
+        "| run | top-1 % at the benchmark's budget | at twice the budget | difference |",
+        "|---|---|---|---|",
+    ]
+    for run, record in longer.items():
+        base = state.record(dataclasses.replace(run, budget=1))
+        if base is None:
+            continue
+        lines.append(
+            f"| {run.pretrained.id} {run.method} A{run.bits[0]}/W{run.bits[1]} s{run.seed} "
+            f"| {_pct(base['accuracy'])} | {_pct(record['accuracy'])} "
+            f"| {100 * (record['accuracy'] - base['accuracy']):+.2f} |"
+        )
+    return lines
+
+
+def _stage_a_end(record) -> float | None:
+    points = [p for p in record["curve"] if p["stage"] == "stage_a"]
+    return max(points, key=lambda p: p["epoch"])["accuracy"] if points else None
+
+
+def _value(record, what: str):
+    if what == "stage_a":
+        return _stage_a_end(record)
+    return record.get(what)
+
+
+def _paired(records, family, bits, a, b, what="accuracy", ta="1e-5", tb="1e-5") -> list:
+    """Differences a - b in points over the (pretrained, seed) pairs both have."""
+    by_key: dict = defaultdict(dict)
+    for run, record in records.items():
+        if _family(run.pretrained) != family or run.bits != bits:
+            continue
+        for name, method, threshold in (("a", a, ta), ("b", b, tb)):
+            if run.method == method and run.threshold == threshold:
+                value = _value(record, what)
+                if value is not None:
+                    by_key[(run.pretrained.id, run.seed)][name] = value
+    return [100 * (v["a"] - v["b"]) for v in by_key.values() if len(v) == 2]
+
+
+# (claim "a beats b", a, b, what is compared): "stage_a" is top-1 at the end of
+# activation-only fine-tuning (the paper's Table 1), "accuracy" the final QAT top-1,
+# "tflite_accuracy" the exported file's top-1 against its own Keras model's.
+CLAIMS = (
+    ("PfQ beats original, activation-only (Table 1)", "pfq", "original", "stage_a"),
+    ("PfQ w/o bias correction beats original (Table 1)", "pfq_no_bias_correction", "original",
+     "stage_a"),
+    ("bias correction helps PfQ (Table 1)", "pfq", "pfq_no_bias_correction", "stage_a"),
+    ("PfQ beats original, A+W (Tables 2-3)", "pfq", "original", "accuracy"),
+    ("PfQ helps one-stage QAT: pfq_once beats qat_once", "pfq_once", "qat_once", "accuracy"),
+    ("Algorithm 1 beats fine-tuning once w/ PfQ (Table 2)", "pfq", "pfq_once", "accuracy"),
+    ("Algorithm 1 beats tf_pfq's QAT once w/o PfQ", "pfq", "qat_once", "accuracy"),
+    ("PfQ beats DFQ, both fine-tuned (Table 3)", "pfq", "dfq", "accuracy"),
+    ("PfQ beats tfmot as shipped", "pfq", "tfmot", "accuracy"),
+    ("PfQ beats tfmot matched", "pfq", "tfmot_matched", "accuracy"),
+    ("the .tflite's top-1 equals its Keras QAT model's (pfq)", "pfq", "pfq", "tflite_accuracy"),
+)  # fmt: skip
+
+
+def _claims(records, margin: float) -> list[dict]:
+    """Every claim with at least two pairs, with its paired difference and TOST p-value."""
+    claims = []
+    for family in sorted({_family(r.pretrained) for r in records}):
+        for bits in sorted({r.bits for r in records}, reverse=True):
+            for text, a, b, what in CLAIMS:
+                if what == "tflite_accuracy":
+                    diffs = _tflite_vs_keras(records, family, bits, a)
+                else:
+                    diffs = _paired(records, family, bits, a, b, what)
+                if len(diffs) >= 2:
+                    label = f"A{bits[0]}" if what == "stage_a" else f"A{bits[0]}/W{bits[1]}"
+                    claims.append(_claim(text, family, label, diffs, margin))
+    return claims
+
+
+def _tflite_vs_keras(records, family, bits, method) -> list:
+    return [
+        100 * (r["tflite_accuracy"] - r["accuracy"])
+        for run, r in records.items()
+        if _family(run.pretrained) == family
+        and run.bits == bits
+        and run.method == method
+        and run.threshold == "1e-5"
+        and r.get("tflite_accuracy") is not None
+    ]
+
+
+def _claim(text, family, bits_label, diffs, margin) -> dict:
+    return {
+        "claim": text,
+        "family": family,
+        "bits": bits_label,
+        "difference": stats.paired_difference(diffs),
+        "equivalence_p": stats.equivalence_p(diffs, margin),
+    }
+
+
+def _claims_table(claims, margin) -> list[str]:
+    verdicts = stats.verdicts(
+        [c["difference"] for c in claims], [c["equivalence_p"] for c in claims]
+    )
+    lines = [
+        "| claim | model | bits | pairs | difference (points) | 95 % interval | p | verdict |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for c, verdict in zip(claims, verdicts):
+        d = c["difference"]
+        lines.append(
+            f"| {c['claim']} | {c['family']} | {c['bits']} | {d.n} | {d.mean:+.2f} | "
+            f"[{d.low:+.2f}, {d.high:+.2f}] | {d.p:.3g} | {verdict} |"
+        )
+    lines.append("")
+    lines.append(
+        f"'holds' / 'reversed': Holm-adjusted p < 0.05 over the {len(claims)} claims (the "
+        f"95 % interval then excludes zero); 'equal': Holm-adjusted TOST p < 0.05 with a "
+        f"margin of ±{margin} points; otherwise 'not resolved'."
+    )
+    return lines
+
+
+def _mean_ci(values) -> str:
+    values = [100 * v for v in values if v is not None]
+    if not values:
+        return "-"
+    if len(values) == 1:
+        return f"{values[0]:.2f} (1 run)"
+    d = stats.paired_difference(values)
+    return f"{d.mean:.2f} [{d.low:.2f}, {d.high:.2f}]"
+
+
+def _results_table(records) -> list[str]:
+    groups: dict = defaultdict(list)
+    for run, r in records.items():
+        groups[(_family(run.pretrained), run.bits, run.method, run.threshold)].append(r)
+    lines = [
+        (
+            "| model | bits | method | threshold | runs | stage A top-1 % | Keras QAT top-1 % "
+            "| .tflite top-1 % (XNNPACK) | agreement % | MACs (M) | params |"
+        ),
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for key in sorted(groups):
+        family, bits, method, threshold = key
+        rs = groups[key]
+        agreement = [r.get("tflite_agreement") for r in rs if r.get("tflite_agreement") is not None]
+        lines.append(
+            f"| {family} | A{bits[0]}/W{bits[1]} | {LABELS.get(method, method)} | {threshold} "
+            f"| {len(rs)} | {_mean_ci([_stage_a_end(r) for r in rs])} "
+            f"| {_mean_ci([r['accuracy'] for r in rs])} "
+            f"| {_mean_ci([r.get('tflite_accuracy') for r in rs])} "
+            f"| {_pct(np.mean(agreement)) if agreement else '-'} "
+            f"| {np.mean([r['macs'] or 0 for r in rs]) / 1e6:.2f} "
+            f"| {int(np.mean([r['params'] for r in rs]))} |"
+        )
+    return lines
+
+
+def _curves(records) -> dict:
+    """{(family, bits): {method: (epochs, mean accuracy per epoch, runs)}}."""
+    out: dict = defaultdict(dict)
+    grouped: dict = defaultdict(list)
+    for run, r in records.items():
+        if run.threshold == "1e-5":
+            grouped[(_family(run.pretrained), run.bits, run.method)].append(r["curve"])
+    for (family, bits, method), curves in grouped.items():
+        stages = list(dict.fromkeys(p["stage"] for p in curves[0]))
+        series = []
+        for curve in curves:
+            ordered = sorted(curve, key=lambda p: (stages.index(p["stage"]), p["epoch"]))
+            series.append([p["accuracy"] for p in ordered])
+        length = min(len(s) for s in series)
+        mean = np.mean([s[:length] for s in series], axis=0)
+        out[(family, bits)][method] = (np.arange(1, length + 1), mean, len(series))
+    return out
+
+
+def _plot_curves(curves, path: str) -> str | None:
+    if not curves:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys = sorted(curves)
+    fig, axes = plt.subplots(1, len(keys), figsize=(4.5 * len(keys), 3.6), squeeze=False)
+    for ax, key in zip(axes[0], keys):
+        for method, (epochs, mean, n) in sorted(curves[key].items()):
+            ax.plot(epochs, 100 * mean, marker="o", ms=3, label=f"{method} ({n})")
+        ax.set_title(f"{key[0]} A{key[1][0]}/W{key[1][1]}", fontsize=9)
+        ax.set_xlabel("fine-tuning epoch (both stages)")
+        ax.set_ylabel("test top-1 %")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def _curve_lines(curves) -> list[str]:
+    lines = []
+    for key in sorted(curves):
+        family, bits = key
+        lines += [f"**{family}, A{bits[0]}/W{bits[1]}** (mean top-1 % after each epoch)", ""]
+        for method, (_, mean, n) in sorted(curves[key].items()):
+            points = " ".join(f"{100 * v:.1f}" for v in mean)
+            tail = 100 * (mean[-1] - mean[int(0.75 * (len(mean) - 1))])
+            lines.append(f"- {method} ({n} runs): {points}  (last quarter: {tail:+.2f} points)")
+        lines.append("")
+    return lines
+
+
+def _regime_lines(pretrained: dict) -> list[str]:
+    lines = [
+        "| pretrained | BN eps | float top-1 % | dead (V < 1e-5) | "
+        + " | ".join(f"dead {k}" for k in KINDS)
+        + " | Fig. 2 median ratio | smallest ratio | weights PfQ removes |",
+        "|---|---|---|---|" + "---|" * len(KINDS) + "---|---|---|",
+    ]
+    for pid, info in pretrained.items():
+        dead = info["dead_1e-5"]
+        total = dead["all"]
+        cells = [
+            f"{dead[k][0]}/{dead[k][1]} ({100 * dead[k][0] / dead[k][1]:.0f} %)"
+            if k in dead
+            else "-"
+            for k in KINDS
+        ]
+        lines.append(
+            f"| {pid} | {info['bn_epsilon']:g} | {_pct(info['float_accuracy'])} "
+            f"| {total[0]}/{total[1]} ({100 * total[0] / total[1]:.1f} %) | "
+            + " | ".join(cells)
+            + f" | {info['median_range_ratio']:.3f} | {info['min_range_ratio']:.3g} "
+            f"| {100 * info['params_removed_1e-5'] / info['params']:.1f} % |"
+        )
+    return lines
+
+
+def _ratio_lines(pretrained: dict) -> list[str]:
+    ids = list(pretrained)
+    layers = list(dict.fromkeys(k for i in ids for k in pretrained[i]["folded_ranges"]))
+    lines = ["| layer | " + " | ".join(ids) + " |", "|---|" + "---|" * len(ids)]
+    for layer in layers:
+        cells = []
+        for i in ids:
+            r = pretrained[i]["folded_ranges"].get(layer)
+            cells.append(f"{r[1] / r[0]:.3g} ({r[0]:.3g})" if r and r[0] > 0 else "-")
+        lines.append(f"| {layer} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def _ptq_lines(ptq: dict) -> list[str]:
+    lines = [
+        "| pretrained | quantized | without PfQ % | with PfQ % | PfQ - without (points) |",
+        "|---|---|---|---|---|",
+    ]
+    for pid, rows in ptq.items():
+        by = {(r["pfq"], r["activation_bits"], r["weight_bits"]): r["accuracy"] for r in rows}
+        for (_, a, w), _acc in [(k, v) for k, v in by.items() if not k[0]]:
+            label = f"{'A' + str(a) if a else 'A float'}/{'W' + str(w) if w else 'W float'}"
+            off, on = by[(False, a, w)], by.get((True, a, w))
+            diff = f"{100 * (on - off):+.2f}" if on is not None else "-"
+            lines.append(f"| {pid} | {label} | {_pct(off)} | {_pct(on)} | {diff} |")
+    return lines
+
+
+def write(state, nets, runs, flags_, started, machine) -> None:
+    """Writes `<prefix>.md` and the curve plot from everything recorded."""
+    import time
+
+    records = _records(state, runs)
+    claims = _claims(records, flags_.margin)
+    directory = os.path.dirname(state.prefix) or "."
+    base = os.path.basename(state.prefix)
+    plot = _plot_curves(_curves(records), os.path.join(directory, f"{base}_curves.png"))
+    wall = sum(r["wall_s"] for r in records.values())
+    lines = [
+        "# Evidence benchmark: PfQ on Fashion-MNIST",
+        "",
+        (
+            f"{len(records)} of {len(runs)} planned fine-tuning runs recorded "
+            f"({'complete' if len(records) == len(runs) else 'in progress'}); "
+            f"fine-tuning time {wall / 3600:.2f} h on {machine} (this invocation "
+            f"{(time.time() - started) / 60:.0f} min)."
+        ),
+        "",
+        "Settings: " + json.dumps(state.settings, sort_keys=True),
+        "",
+        "## 1. The regime",
+        "",
+        *_regime_lines(state.summary["pretrained"]),
+        "",
+        (
+            "Figure 2 ratio: the BN-folded kernel range with PfQ (threshold 1e-5) over the "
+            "range without, per layer; below 1 means PfQ narrowed it. Per layer (ratio, and "
+            "the range without PfQ):"
+        ),
+        "",
+        *_ratio_lines(state.summary["pretrained"]),
+        "",
+        "## 2. Before any fine-tuning",
+        "",
+        *_ptq_lines(state.summary["ptq"]),
+        "",
+        "## 3. Accuracy of every method",
+        "",
+        *_results_table(records),
+        "",
+        "## 4. Learning curves",
+        "",
+        *([f"![curves]({os.path.basename(plot)})", ""] if plot else []),
+        *_curve_lines(_curves(records)),
+        "Twice the fine-tuning budget, one seed (where the curves flatten):",
+        "",
+        *_budget_lines(state, runs),
+        "",
+        "## 5. Claims",
+        "",
+        *_claims_table(claims, flags_.margin),
+        "",
+        "## 6. Baselines, named for what they are",
+        "",
+        *[f"- **{m}**: {note}." for m, note in BASELINE_NOTES.items()],
+        "",
+        (
+            "Thresholds of the weak-regime study: "
+            + ", ".join(f"{k} = {v!r}" for k, v in THRESHOLDS.items())
+        ),
+        "",
+    ]
+    with open(state.prefix + ".md", "w") as f:
+        f.write("\n".join(lines))
+    _ = Run  # the record keys

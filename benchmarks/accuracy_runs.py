@@ -1,0 +1,396 @@
+"""The work of `benchmarks/accuracy.py`: pretraining, the regime, PTQ and fine-tuning runs.
+
+Everything a run measures is written as soon as the run ends (one JSON file per
+fine-tuning run, the pretrained models' measurements in `<results>.json`), so the
+benchmark can stop at any point and continue later, on this machine or another.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+from typing import Any
+
+import numpy as np
+from absl import logging
+
+import tf_pfq
+from tf_pfq import data, plots, recipes, regime
+from tf_pfq.baselines import run_method
+from tf_pfq.compat import keras
+from tf_pfq.training import TrainConfig, evaluate_accuracy
+
+_PRETRAINED_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "pretrained")
+# Post-training grid before any fine-tuning: (activation bits, weight bits), None = float.
+PTQ_BITS = ((None, 4), (None, 3), (4, None), (3, None), (4, 4), (3, 3))
+
+
+class StdBound:
+    """PfQ threshold per BN layer: the largest variance (capped at epsilon) under which
+    every removed channel's output std `|gamma| sqrt(V / (V + eps))` stays below
+    `bound` for the layer's largest |gamma|. The default, 0.05, is an eighth of one
+    4-bit step of a ReLU6 output (6 / 15 = 0.4): such a channel is constant to the
+    quantizer. A class, not a closure, so that its repr (part of a run's
+    fingerprint) is the same in every process."""
+
+    def __init__(self, bound: float = 0.05):
+        self.bound = bound
+
+    def __call__(self, layer) -> float:
+        eps = float(layer.epsilon)
+        gamma = float(abs(layer.gamma.numpy()).max()) if layer.scale else 1.0
+        ratio = (self.bound / gamma) ** 2 if gamma > 0 else 1.0
+        return eps if ratio >= 0.5 else eps * ratio / (1.0 - ratio)
+
+    def __repr__(self) -> str:
+        return f"StdBound({self.bound})"
+
+
+# The PfQ thresholds compared: eq. 17 read with each BN's own epsilon, the paper's
+# 1e-5 (NNabla's epsilon), and the std bound.
+THRESHOLDS: dict[str, Any] = {"eps": None, "1e-5": 1e-5, "std_bound": StdBound()}
+TFMOT_METHODS = ("tfmot", "tfmot_matched")
+
+
+@dataclasses.dataclass(frozen=True)
+class Pretrained:
+    """A pretrained model: recipe (`tf_pfq.recipes.FASHION_MNIST_RECIPES`), model, seed."""
+
+    recipe: str
+    model: str
+    seed: int
+
+    @property
+    def id(self) -> str:
+        return f"{self.recipe}_{self.model}_s{self.seed}"
+
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+    """One fine-tuning run: the unit of resumption and of pairing."""
+
+    pretrained: Pretrained
+    method: str
+    bits: tuple[int, int]
+    seed: int
+    threshold: str = "1e-5"
+    budget: int = 1  # times the benchmark's epochs per stage
+
+    @property
+    def id(self) -> str:
+        a, w = self.bits
+        tail = f"_x{self.budget}" if self.budget != 1 else ""
+        return f"{self.pretrained.id}__{self.method}_a{a}w{w}_s{self.seed}_t{self.threshold}{tail}"
+
+
+class State:
+    """The recorded results: `<prefix>.json` (pretrained, PTQ) and `<prefix>_runs/`."""
+
+    def __init__(self, prefix: str, settings: dict, quick: bool = False):
+        self.prefix = prefix
+        self.settings = settings
+        self.quick = quick
+        self.runs_dir = prefix + "_runs"
+        os.makedirs(self.runs_dir, exist_ok=True)
+        self.summary: dict[str, Any] = {"pretrained": {}, "ptq": {}}
+        if os.path.exists(prefix + ".json"):
+            with open(prefix + ".json") as f:
+                previous = json.load(f)
+            self.summary["pretrained"] = previous.get("pretrained", {})
+            self.summary["ptq"] = previous.get("ptq", {})
+
+    def save(self) -> None:
+        tmp = self.prefix + ".json.tmp"
+        with open(tmp, "w") as f:
+            json.dump(self.summary, f, indent=1, sort_keys=True)
+        os.replace(tmp, self.prefix + ".json")
+
+    def run_path(self, run) -> str:
+        return os.path.join(self.runs_dir, run.id + ".json")
+
+    def record(self, run) -> dict | None:
+        """The recorded result of `run`, if it was made with the current settings."""
+        path = self.run_path(run)
+        if not os.path.exists(path):
+            return None
+        with open(path) as f:
+            record = json.load(f)
+        return record if record.get("settings") == self.settings else None
+
+    def write_record(self, run, record: dict) -> None:
+        tmp = self.run_path(run) + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump(record, f, indent=1, sort_keys=True)
+        os.replace(tmp, self.run_path(run))
+
+
+class Data:
+    """Fashion-MNIST held in memory once: all training images and the 10,000 test images."""
+
+    def __init__(self, data_dir: str | None, num_test: int | None = None):
+        splits = data.load_fashion_mnist(data_dir, num_test=num_test)
+        self.train, self.test = splits["train"], splits["test"]
+        self.test_ds = data.to_dataset(self.test, 1000)
+
+    def finetune_split(self, seed: int, size: int) -> data.Split:
+        """A random subset of the training images, drawn by the fine-tuning seed."""
+        order = np.random.default_rng(1000 + seed).permutation(len(self.train))[:size]
+        return data.Split(self.train.images[order], self.train.labels[order])
+
+
+# --------------------------------------------------------------------------------------
+# Pretraining and the regime
+
+
+def _recipe(p, quick: bool) -> dict:
+    if quick:  # a few hundred steps: well above chance, in a minute
+        return {"epochs": 4, "batch_size": 32, "learning_rate": 0.05, "bn_epsilon": 1e-5}
+    return dict(recipes.FASHION_MNIST_RECIPES[p.recipe])
+
+
+def pretrained_model(p, state: State, data_dir: str | None):
+    """Pretrains `p` (or loads it from where it is kept)."""
+    directory = os.path.join(state.prefix + "_pretrained") if state.quick else _PRETRAINED_DIR
+    path = os.path.join(directory, p.id + ".h5")
+    kwargs: dict[str, Any] = {"cache_path": path, "seed": p.seed, "verbose": 2}
+    if state.quick:
+        kwargs.update(width=0.25, num_train=2000, num_test=256)
+    model, _ = recipes.pretrain_fashion_mnist(
+        p.model, data_dir=data_dir, **kwargs, **_recipe(p, state.quick)
+    )
+    return model
+
+
+def measure_regime(p, model, test_ds, figures_dir: str) -> dict:
+    """Dead channels, Figure 2's folded ranges and float top-1 of a pretrained model."""
+    ranges = regime.folded_ranges(model, threshold=1e-5)
+    ratios = [with_ / without for without, with_ in ranges.values() if without > 0]
+    eps = min(float(layer.epsilon) for layer in model.layers if hasattr(layer, "moving_variance"))
+    fig2 = os.path.join(figures_dir, f"fig2_weight_ranges_{p.id}.png")
+    fig3 = os.path.join(figures_dir, f"fig3_bn_variance_{p.id}.png")
+    plots.plot_weight_ranges(
+        {
+            "without PfQ": {k: v[0] for k, v in ranges.items()},
+            "with PfQ": {k: v[1] for k, v in ranges.items()},
+        },
+        fig2,
+        title=f"{p.id}: BN-folded weight ranges",
+    )
+    plots.plot_bn_variances(model, fig3, title=f"{p.id}: BN moving variance")
+    _, report = tf_pfq.prune(model, threshold=1e-5)
+    return {
+        "recipe": p.recipe,
+        "model": p.model,
+        "seed": p.seed,
+        "bn_epsilon": eps,
+        "float_accuracy": evaluate_accuracy(model, test_ds),
+        "dead_1e-5": regime.dead_channels(model, 1e-5),
+        "dead_eps": regime.dead_channels(model, eps),
+        "folded_ranges": ranges,
+        "median_range_ratio": float(np.median(ratios)) if ratios else 1.0,
+        "min_range_ratio": float(np.min(ratios)) if ratios else 1.0,
+        "channels_removed_1e-5": report.num_removed,
+        "params": report.params_before,
+        "params_removed_1e-5": report.params_before - report.params_after,
+        "macs": report.macs_before,
+        "figures": [os.path.basename(fig2), os.path.basename(fig3)],
+    }
+
+
+# --------------------------------------------------------------------------------------
+# Before fine-tuning
+
+
+def _quantize_kernels(model, bits: int):
+    """A copy of float `model` whose kernels are on their per-tensor n-bit grid."""
+    from tf_pfq.layers.table import entry_for
+    from tf_pfq.quantizers import quantize_weight
+
+    out = keras.models.clone_model(model)
+    out.set_weights(model.get_weights())
+    for layer in out.layers:
+        entry = entry_for(layer)
+        if entry.kernel is None:
+            continue
+        weights = layer.get_weights()
+        depthwise = entry.channels.value == "depthwise"
+        weights[0] = quantize_weight(weights[0], bits, False, depthwise).numpy()
+        layer.set_weights(weights)
+    return out
+
+
+def post_training(model, calibration: np.ndarray, test_ds, threshold: float = 1e-5) -> list:
+    """Top-1 of the folded float model quantized without training, with and without PfQ."""
+    rows = []
+    for with_pfq in (False, True):
+        source = tf_pfq.prune(model, threshold=threshold)[0] if with_pfq else model
+        folded, _ = tf_pfq.fold_batchnorm(source)
+        for a_bits, w_bits in PTQ_BITS:
+            if a_bits is None:
+                quantized = _quantize_kernels(folded, w_bits)
+            else:
+                quantized = tf_pfq.apply(folded, activation_bits=a_bits, weight_bits=w_bits)
+                for start in range(0, len(calibration), 256):  # sets the activation ranges
+                    quantized(calibration[start : start + 256], training=True)
+            rows.append(
+                {
+                    "pfq": with_pfq,
+                    "activation_bits": a_bits,
+                    "weight_bits": w_bits,
+                    "accuracy": evaluate_accuracy(quantized, test_ds),
+                }
+            )
+    return rows
+
+
+# --------------------------------------------------------------------------------------
+# Fine-tuning runs
+
+
+class CurveRecorder(keras.callbacks.Callback):
+    """Appends (stage, epoch, test top-1) after every epoch to a list shared by the run.
+
+    It evaluates the model itself rather than through `fit`'s validation data, which
+    the workflow would also evaluate after every step (models nobody plots).
+    """
+
+    def __init__(self, points: list, stage: str, test_ds):
+        super().__init__()
+        self.points, self.stage, self.test_ds = points, stage, test_ds
+
+    def on_epoch_end(self, epoch, logs=None):
+        results = self.model.evaluate(self.test_ds, verbose=0, return_dict=True)
+        self.points.append(
+            {"stage": self.stage, "epoch": epoch + 1, "accuracy": float(results["accuracy"])}
+        )
+
+
+def _tfmot_tflite(qat) -> bytes:
+    """tfmot's own route to a file: the TFLite converter on its QAT model."""
+    import tensorflow as tf
+
+    converter = tf.lite.TFLiteConverter.from_keras_model(qat)
+    converter.optimizations = [tf.lite.Optimize.DEFAULT]
+    return converter.convert()
+
+
+def _tflite_accuracy(run, qat, calibration, data_: Data) -> dict:
+    from tf_pfq.export import litert
+
+    if run.method in TFMOT_METHODS:
+        try:
+            flat = _tfmot_tflite(qat)
+        except Exception as error:  # the converter's own refusal is the finding
+            first = str(error).strip().splitlines()[0]
+            return {"tflite_accuracy": None, "tflite_note": f"the converter refuses it: {first}"}
+    else:
+        flat = tf_pfq.export.to_tflite(qat, representative_data=calibration)
+    interpreter = litert.make_interpreter(flat)
+    logits = litert.predict(interpreter, data_.test.images)
+    keras_logits = qat.predict(data_.test.images, batch_size=500, verbose=0)
+    return {
+        "tflite_accuracy": float(np.mean(np.argmax(logits, 1) == data_.test.labels)),
+        "tflite_agreement": float(np.mean(np.argmax(logits, 1) == np.argmax(keras_logits, 1))),
+        "tflite_bytes": len(flat),
+    }
+
+
+def finetune(run, model, data_: Data, state: State) -> dict:
+    """One fine-tuning run; returns its record.
+
+    A run takes minutes, so it keeps no checkpoints: an interrupted run starts again.
+    """
+    s = state.settings
+    started = time.time()
+    keras.utils.set_random_seed(run.seed)
+    split = data_.finetune_split(run.seed, s["num_finetune"])
+    train = data.to_dataset(split, s["batch_size"], shuffle=True, seed=run.seed)
+    stage = TrainConfig(
+        epochs=s["epochs_per_stage"] * run.budget,
+        learning_rate=s["learning_rate"],
+        momentum=s["momentum"],
+        weight_decay=s["weight_decay"],
+    )
+    points: list = []
+    a_bits, w_bits = run.bits
+    qat, summary = run_method(
+        run.method,
+        model,
+        train,
+        activation_bits=a_bits,
+        weight_bits=w_bits,
+        stage_a=stage,
+        stage_w=stage,
+        prune_kwargs={"threshold": THRESHOLDS[run.threshold]},
+        callbacks=lambda step: [CurveRecorder(points, step.name, data_.test_ds)],
+        calibration_data=split.images[:256],
+        verbose=0,
+    )
+    record = {
+        "id": run.id,
+        "pretrained": run.pretrained.id,
+        "method": run.method,
+        "bits": list(run.bits),
+        "seed": run.seed,
+        "threshold": run.threshold,
+        "budget": run.budget,
+        "settings": s,
+        "curve": points,
+        "accuracy": points[-1]["accuracy"],  # the final model, evaluated after its last epoch
+        "channels_removed": summary.channels_removed,
+        "params": summary.params,
+        "macs": summary.macs,
+    }
+    record.update(_tflite_accuracy(run, qat, split.images[:256], data_))
+    record["wall_s"] = time.time() - started
+    return record
+
+
+def run_all(state: State, nets: dict, runs: list, flags_) -> None:
+    """Pretrains and measures what is missing, then the fine-tuning runs of this worker."""
+    parts = set(flags_.parts)
+    data_ = Data(flags_.data_dir, num_test=state.settings.get("num_test"))
+    figures = os.path.dirname(state.prefix) or "."
+    models: dict = {}
+
+    def model_of(p):  # pretrained (or loaded) only when something needs it
+        if p not in models:
+            models[p] = pretrained_model(p, state, flags_.data_dir)
+        return models[p]
+
+    if "regime" in parts:
+        for p in dict.fromkeys(nets["chosen"] + nets["weak"] + nets["pilots"]):
+            if p.id not in state.summary["pretrained"]:
+                logging.info("Measuring the regime of %s", p.id)
+                state.summary["pretrained"][p.id] = measure_regime(
+                    p, model_of(p), data_.test_ds, figures
+                )
+                state.save()
+    if "ptq" in parts:
+        calibration = data_.finetune_split(0, 2048).images
+        for p in nets["chosen"] + nets["weak"]:
+            if p.id not in state.summary["ptq"]:
+                logging.info("Post-training quantization of %s", p.id)
+                state.summary["ptq"][p.id] = post_training(model_of(p), calibration, data_.test_ds)
+                state.save()
+    done = 0
+    mine = [r for i, r in enumerate(runs) if i % flags_.workers == flags_.worker]
+    for index, run in enumerate(mine):
+        if state.record(run) is not None:
+            continue
+        if flags_.max_runs is not None and done >= flags_.max_runs:
+            break
+        model = model_of(run.pretrained)
+        logging.info("Run %d/%d of this worker: %s", index + 1, len(mine), run.id)
+        record = finetune(run, model, data_, state)
+        state.write_record(run, record)
+        done += 1
+        logging.info(
+            "%s: top-1 %.4f (tflite %s) in %.0f s",
+            run.id,
+            record["accuracy"],
+            record.get("tflite_accuracy"),
+            record["wall_s"],
+        )
