@@ -32,7 +32,7 @@ from dataclasses import replace
 from tf_pfq.training import TrainConfig
 from tf_pfq.workflow import DFQ, FoldBatchNorm, Prune, Step, Train, algorithm1_steps, run_steps
 
-__all__ = ["DFQ_FINE_TUNING", "METHODS", "method_steps", "run_method"]
+__all__ = ["DFQ_MOMENTUM", "DFQ_WEIGHT_DECAY", "METHODS", "method_steps", "run_method"]
 
 METHODS = (
     "pfq",
@@ -45,7 +45,7 @@ METHODS = (
     "pfq_no_bias_correction",
 )
 # The paper's fine-tuning after DFQ (§4.3.1): SGD without momentum, weight decay 1e-4.
-DFQ_FINE_TUNING = {"momentum": 0.0, "weight_decay": 1e-4}
+DFQ_MOMENTUM, DFQ_WEIGHT_DECAY = 0.0, 1e-4
 
 
 def method_steps(
@@ -67,7 +67,7 @@ def method_steps(
       combined: hyperparameters of the single stage of the one-stage methods;
         default: `stage_w`'s with `stage_a.epochs + stage_w.epochs` epochs (the
         paper's equal-epoch comparison, eq. 19's lambda over all of them), and for
-        "dfq" also `DFQ_FINE_TUNING`.
+        "dfq" also `DFQ_MOMENTUM` and `DFQ_WEIGHT_DECAY`.
 
     Returns:
       A list of `tf_pfq.workflow.Step` objects.
@@ -87,7 +87,7 @@ def method_steps(
     if combined is None:
         combined = replace(stage_w, epochs=stage_a.epochs + stage_w.epochs, period=None)
         if method == "dfq":
-            combined = replace(combined, **DFQ_FINE_TUNING)
+            combined = replace(combined, momentum=DFQ_MOMENTUM, weight_decay=DFQ_WEIGHT_DECAY)
     aw = Train("stage_aw", activation_bits, weight_bits, combined)
     if method == "pfq":
         return algorithm1_steps(stage_a, stage_w, activation_bits, weight_bits)

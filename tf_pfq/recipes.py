@@ -99,14 +99,28 @@ def scaled_model(
       40250
     """
     shape = (image_size, image_size, channels)
-    options = {"l2": l2, "bn_epsilon": bn_epsilon, "depthwise_l2": depthwise_l2}
     if name == "mobilenet_v1":
         widths = tuple(_scale(c, width) for c in _V1_WIDTHS)
-        return models.mobilenet_v1(shape, num_classes, widths, _V1_STRIDES, **options)
+        return models.mobilenet_v1(
+            shape,
+            num_classes,
+            widths,
+            _V1_STRIDES,
+            l2=l2,
+            bn_epsilon=bn_epsilon,
+            depthwise_l2=depthwise_l2,
+        )
     if name == "mobilenet_v2":
         blocks = tuple((_scale(c, width), s, e) for c, s, e in _V2_BLOCKS)
         return models.mobilenet_v2(
-            shape, num_classes, _scale(16, width), blocks, _scale(256, width), **options
+            shape,
+            num_classes,
+            _scale(16, width),
+            blocks,
+            _scale(256, width),
+            l2=l2,
+            bn_epsilon=bn_epsilon,
+            depthwise_l2=depthwise_l2,
         )
     raise ValueError(f"`name` must be 'mobilenet_v1' or 'mobilenet_v2'. Received: name={name!r}")
 
