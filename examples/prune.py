@@ -25,8 +25,12 @@ flags.DEFINE_string("workdir", "runs/prune", "Where the pretrained and pruned mo
 flags.DEFINE_string("output", None, "Pruned model path (default: <workdir>/pruned.keras).")
 flags.DEFINE_string("report_json", None, "Write the PfQ report as JSON here.")
 flags.DEFINE_float("threshold", None, "BN moving-variance threshold (default: each BN's eps).")
-flags.DEFINE_bool(
-    "exact_only", False, "Keep dead channels whose constant meets zero padding (exact result)."
+flags.DEFINE_enum(
+    "padding",
+    "exact",
+    ["exact", "keep", "approximate"],
+    "Constants that meet zero padding: merged into one carrier channel (exact), kept "
+    "(exact), or absorbed in the interior only (the paper's approximation).",
 )
 flags.DEFINE_integer("epochs", 40, "Pretraining epochs (without --model).")
 flags.DEFINE_integer("batch_size", 32, "Pretraining batch size.")
@@ -90,7 +94,7 @@ def main(argv):
         model,
         threshold=FLAGS.threshold,
         calibration_data=calibration,
-        exact_only=FLAGS.exact_only,
+        padding=FLAGS.padding,
     )
     print(report)
     if matches:

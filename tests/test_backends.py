@@ -93,7 +93,7 @@ def test_tfmot_matched_saves_loads_and_trains_as_a_workflow_step(tmp_path):
 
 
 def test_unknown_backend_is_named():
-    with pytest.raises(ValueError, match=r"tfmot_matched.*Received: 'qkeras'"):
+    with pytest.raises(ValueError, match=r"tfmot_matched.*Received: quantizer='qkeras'"):
         backends.backend("qkeras")
     with pytest.raises(ValueError, match="qkeras"):
         Train("t", 4, 4, TrainConfig(), quantizer="qkeras")

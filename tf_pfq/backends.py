@@ -238,5 +238,7 @@ def backend(name: str) -> Backend:
       ValueError: unknown name.
     """
     if name not in BACKENDS:
-        raise ValueError(f"`quantizer` must be one of {sorted(BACKENDS)}. Received: {name!r}")
+        raise ValueError(
+            f"`quantizer` must be one of {sorted(BACKENDS)}. Received: quantizer={name!r}"
+        )
     return BACKENDS[name]

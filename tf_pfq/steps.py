@@ -387,7 +387,7 @@ class Prune(Transform):
 
     Args:
       name: the step's name.
-      **options: arguments of `tf_pfq.prune` (`threshold`, `absorb`, `exact_only`,
+      **options: arguments of `tf_pfq.prune` (`threshold`, `absorb`, `padding`,
         `activation_ranges`); they override the run's `prune_kwargs`.
 
     Raises:
@@ -439,6 +439,7 @@ class Prune(Transform):
             "dead_pruned": report.num_pruned,
             "dead_kept": report.num_kept,
             "details": {
+                "absorption": report.absorption,
                 "exact": report.exact,
                 "max_output_change": report.max_output_change,
                 "bn_channels_before": report.bn_channels_before,
