@@ -279,14 +279,16 @@ def _curve_lines(curves) -> list[str]:
 
 def _regime_lines(pretrained: dict) -> list[str]:
     lines = [
-        "| pretrained | BN eps | float top-1 % | dead (V < 1e-5) | "
+        "| pretrained | BN eps | float top-1 % | dead (V < eps) | dead (V < 1e-5) | "
         + " | ".join(f"dead {k}" for k in KINDS)
-        + " | Fig. 2 median ratio | smallest ratio | weights PfQ removes |",
-        "|---|---|---|---|" + "---|" * len(KINDS) + "---|---|---|",
+        + " | largest folded range without PfQ | with PfQ | layers PfQ narrows > 2x "
+        "| weights PfQ removes |",
+        "|---|---|---|---|---|" + "---|" * len(KINDS) + "---|---|---|---|",
     ]
     for pid, info in pretrained.items():
         dead = info["dead_1e-5"]
         total = dead["all"]
+        ranges = list(info["folded_ranges"].values())
         cells = [
             f"{dead[k][0]}/{dead[k][1]} ({100 * dead[k][0] / dead[k][1]:.0f} %)"
             if k in dead
@@ -295,12 +297,25 @@ def _regime_lines(pretrained: dict) -> list[str]:
         ]
         lines.append(
             f"| {pid} | {info['bn_epsilon']:g} | {_pct(info['float_accuracy'])} "
+            f"| {info['dead_eps']['all'][0]} "
             f"| {total[0]}/{total[1]} ({100 * total[0] / total[1]:.1f} %) | "
             + " | ".join(cells)
-            + f" | {info['median_range_ratio']:.3f} | {info['min_range_ratio']:.3g} "
+            + f" | {max(r[0] for r in ranges):.3g} | {max(r[1] for r in ranges):.3g} "
+            f"| {sum(r[1] < 0.5 * r[0] for r in ranges)}/{len(ranges)} "
             f"| {100 * info['params_removed_1e-5'] / info['params']:.1f} % |"
         )
     return lines
+
+
+def _recipe_lines(pretrained: dict) -> list[str]:
+    from tf_pfq.recipes import FASHION_MNIST_RECIPES
+
+    used = sorted({info["recipe"] for info in pretrained.values()})
+    return [
+        f"- **{name}**: `{json.dumps(FASHION_MNIST_RECIPES[name], sort_keys=True)}`"
+        for name in used
+        if name in FASHION_MNIST_RECIPES
+    ]
 
 
 def _ratio_lines(pretrained: dict) -> list[str]:
@@ -341,12 +356,13 @@ def write(state, nets, runs, flags_, started, machine) -> None:
     base = os.path.basename(state.prefix)
     plot = _plot_curves(_curves(records), os.path.join(directory, f"{base}_curves.png"))
     wall = sum(r["wall_s"] for r in records.values())
+    recorded = len(records) + len(_records(state, runs, budget=2))
     lines = [
         "# Evidence benchmark: PfQ on Fashion-MNIST",
         "",
         (
-            f"{len(records)} of {len(runs)} planned fine-tuning runs recorded "
-            f"({'complete' if len(records) == len(runs) else 'in progress'}); "
+            f"{recorded} of {len(runs)} planned fine-tuning runs recorded "
+            f"({'complete' if recorded == len(runs) else 'in progress'}); "
             f"fine-tuning time {wall / 3600:.2f} h on {machine} (this invocation "
             f"{(time.time() - started) / 60:.0f} min)."
         ),
@@ -354,6 +370,13 @@ def write(state, nets, runs, flags_, started, machine) -> None:
         "Settings: " + json.dumps(state.settings, sort_keys=True),
         "",
         "## 1. The regime",
+        "",
+        (
+            "Pretraining recipes (`tf_pfq.recipes.FASHION_MNIST_RECIPES`, MobileNet-style "
+            "width 0.5, 28x28, all 60,000 training images):"
+        ),
+        "",
+        *_recipe_lines(state.summary["pretrained"]),
         "",
         *_regime_lines(state.summary["pretrained"]),
         "",

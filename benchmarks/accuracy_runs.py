@@ -286,7 +286,11 @@ def _tflite_accuracy(run, qat, calibration, data_: Data) -> dict:
             first = str(error).strip().splitlines()[0]
             return {"tflite_accuracy": None, "tflite_note": f"the converter refuses it: {first}"}
     else:
-        flat = tf_pfq.export.to_tflite(qat, representative_data=calibration)
+        try:
+            flat = tf_pfq.export.to_tflite(qat, representative_data=calibration)
+        except ValueError as error:  # a refusal is a result; it names the layers
+            logging.warning("%s: the export refused the model: %s", run.id, error)
+            return {"tflite_accuracy": None, "tflite_note": f"to_tflite refuses it: {error}"}
     interpreter = litert.make_interpreter(flat)
     logits = litert.predict(interpreter, data_.test.images)
     keras_logits = qat.predict(data_.test.images, batch_size=500, verbose=0)
@@ -345,7 +349,23 @@ def finetune(run, model, data_: Data, state: State) -> dict:
     }
     record.update(_tflite_accuracy(run, qat, split.images[:256], data_))
     record["wall_s"] = time.time() - started
+    record["code"] = _code_version()
     return record
+
+
+def _code_version() -> str:
+    """The commit the run's code came from, "+changes" when the tree differed from it."""
+    import subprocess
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+    def git(*args) -> str:
+        result = subprocess.run(["git", *args], cwd=root, capture_output=True, text=True)
+        return result.stdout.strip() if result.returncode == 0 else ""
+
+    commit = git("rev-parse", "--short", "HEAD") or "unknown"
+    changed = git("status", "--porcelain", "--untracked-files=no", "--", "tf_pfq")
+    return commit + ("+changes" if changed else "")
 
 
 def run_all(state: State, nets: dict, runs: list, flags_) -> None:
