@@ -86,8 +86,10 @@ BITS = ((4, 4), (3, 3))
 CLOSE = ("pfq", "original", "pfq_no_bias_correction", "pfq_once", "qat_once")
 CURVES = ("pfq", "original", "pfq_once", "qat_once")
 BASELINES = ("dfq", "tfmot", "tfmot_matched")
-# Weak regime: the paper's claim at the exact threshold, and the threshold study.
-WEAK_RUNS = (("original", "1e-5"), ("pfq", "1e-5"), ("pfq", "eps"), ("pfq", "std_bound"))
+# Weak regime: the paper's claim at the 1e-5 threshold, and the threshold study (each
+# BN's epsilon against 1e-5; the std bound is measured before fine-tuning, where it
+# removes what 1e-5 removes on these models, see the report).
+WEAK_RUNS = (("original", "1e-5"), ("pfq", "1e-5"), ("pfq", "eps"))
 
 
 def settings() -> dict:
@@ -120,36 +122,26 @@ def pretrained_list() -> dict[str, list[Pretrained]]:
 
 
 def plan() -> list[Run]:
-    """Every fine-tuning run, most informative first (a partial run is still useful)."""
+    """Every fine-tuning run, seed by seed across the parts, so that a partial
+    benchmark already pairs every comparison (the first seeds of each)."""
     nets = pretrained_list()
     v1 = [p for p in nets["chosen"] if p.model == V1]
-    runs: list[Run] = []
-    parts = set(FLAGS.parts)
+    v2 = [p for p in nets["chosen"] if p.model == V2]
     if FLAGS.quick:  # two pairs, the fewest a claim needs
         return [Run(v1[0], m, (4, 4), s) for s in (0, 1) for m in ("pfq", "qat_once")]
-    if "close" in parts:
-        runs += [
-            Run(p, m, bits, s)
-            for s in range(FLAGS.seeds)
-            for p in v1
-            for bits in BITS
-            for m in CLOSE
-        ]
-    if "weak" in parts:
-        weak = nets["weak"][0]
-        runs += [
-            Run(weak, m, bits, s, t)
-            for s in range(FLAGS.seeds)
-            for bits in BITS
-            for m, t in WEAK_RUNS
-        ]
-    if "baselines" in parts:
-        runs += [Run(v1[0], m, bits, s) for s in range(3) for bits in BITS for m in BASELINES]
+    parts = set(FLAGS.parts)
+    runs: list[Run] = []
     if "budget" in parts:  # does a twice longer fine-tuning still gain?
         runs += [Run(v1[0], m, bits, 0, budget=2) for bits in BITS for m in ("pfq", "qat_once")]
-    if "v2" in parts:
-        v2 = [p for p in nets["chosen"] if p.model == V2]
-        runs += [Run(p, m, bits, s) for s in range(3) for p in v2 for bits in BITS for m in CURVES]
+    for s in range(FLAGS.seeds):
+        if "close" in parts:
+            runs += [Run(p, m, bits, s) for p in v1 for bits in BITS for m in CLOSE]
+        if "weak" in parts:
+            runs += [Run(nets["weak"][0], m, bits, s, t) for bits in BITS for m, t in WEAK_RUNS]
+        if "baselines" in parts and s < 3:
+            runs += [Run(v1[0], m, bits, s) for bits in BITS for m in BASELINES]
+        if "v2" in parts and s < 3:
+            runs += [Run(p, m, bits, s) for p in v2 for bits in BITS for m in CURVES]
     return runs
 
 

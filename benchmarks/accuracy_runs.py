@@ -245,6 +245,28 @@ def post_training(model, calibration: np.ndarray, test_ds, threshold: float = 1e
     return rows
 
 
+def threshold_rows(model, data_: Data) -> list:
+    """What each PfQ threshold removes from a float model and what it costs it, untrained."""
+    calibration = data_.finetune_split(0, 256).images
+    rows = []
+    for name, threshold in THRESHOLDS.items():
+        pruned, report = tf_pfq.prune(model, threshold=threshold, calibration_data=calibration)
+        rows.append(
+            {
+                "threshold": name,
+                "dead": report.num_dead,
+                "removed": report.num_removed,
+                "removed_by_layer": {r.name: list(r.removed) for r in report.layers if r.removed},
+                "params_removed": report.params_before - report.params_after,
+                "params": report.params_before,
+                "max_removed_std": report.max_residual_std,
+                "max_output_change": report.max_output_change,
+                "float_accuracy": evaluate_accuracy(pruned, data_.test_ds),
+            }
+        )
+    return rows
+
+
 # --------------------------------------------------------------------------------------
 # Fine-tuning runs
 
@@ -389,6 +411,11 @@ def run_all(state: State, nets: dict, runs: list, flags_) -> None:
                 )
                 state.save()
     if "ptq" in parts:
+        for p in nets["weak"][:1] + nets["chosen"][:1]:
+            if p.id not in state.summary.setdefault("thresholds", {}):
+                logging.info("Thresholds before fine-tuning on %s", p.id)
+                state.summary["thresholds"][p.id] = threshold_rows(model_of(p), data_)
+                state.save()
         calibration = data_.finetune_split(0, 2048).images
         for p in nets["chosen"] + nets["weak"]:
             if p.id not in state.summary["ptq"]:
