@@ -356,16 +356,22 @@ def _threshold_lines(thresholds: dict) -> list[str]:
 
 def _ptq_lines(ptq: dict) -> list[str]:
     lines = [
-        "| pretrained | quantized | without PfQ % | with PfQ % | PfQ - without (points) |",
-        "|---|---|---|---|---|",
+        "| pretrained | quantized | weights | without PfQ % | with PfQ % | PfQ - without |",
+        "|---|---|---|---|---|---|",
     ]
     for pid, rows in ptq.items():
-        by = {(r["pfq"], r["activation_bits"], r["weight_bits"]): r["accuracy"] for r in rows}
-        for (_, a, w), _acc in [(k, v) for k, v in by.items() if not k[0]]:
+        by = {
+            (r["pfq"], r["activation_bits"], r["weight_bits"], r.get("per_channel", False)): r[
+                "accuracy"
+            ]
+            for r in rows
+        }
+        for _, a, w, per_channel in [k for k in by if not k[0]]:
             label = f"{'A' + str(a) if a else 'A float'}/{'W' + str(w) if w else 'W float'}"
-            off, on = by[(False, a, w)], by.get((True, a, w))
+            kind = "-" if w is None else ("per channel" if per_channel else "per tensor")
+            off, on = by[(False, a, w, per_channel)], by.get((True, a, w, per_channel))
             diff = f"{100 * (on - off):+.2f}" if on is not None else "-"
-            lines.append(f"| {pid} | {label} | {_pct(off)} | {_pct(on)} | {diff} |")
+            lines.append(f"| {pid} | {label} | {kind} | {_pct(off)} | {_pct(on)} | {diff} |")
     return lines
 
 

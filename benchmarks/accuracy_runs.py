@@ -203,9 +203,9 @@ def measure_regime(p, model, test_ds, figures_dir: str) -> dict:
 # Before fine-tuning
 
 
-def _quantize_kernels(model, bits: int):
-    """A copy of float `model` whose kernels are on their per-tensor n-bit grid."""
-    from tf_pfq.layers.table import entry_for
+def _quantize_kernels(model, bits: int, per_channel: bool):
+    """A copy of float `model` whose kernels are on their n-bit grid."""
+    from tf_pfq.layers.table import Channels, entry_for
     from tf_pfq.quantizers import quantize_weight
 
     out = keras.models.clone_model(model)
@@ -215,23 +215,37 @@ def _quantize_kernels(model, bits: int):
         if entry.kernel is None:
             continue
         weights = layer.get_weights()
-        depthwise = entry.channels.value == "depthwise"
-        weights[0] = quantize_weight(weights[0], bits, False, depthwise).numpy()
+        depthwise = entry.channels == Channels.DEPTHWISE
+        # Dense kernels stay per tensor, as tf_pfq.apply quantizes them.
+        channel = per_channel and hasattr(layer, "kernel_size")
+        weights[0] = quantize_weight(weights[0], bits, channel, depthwise).numpy()
         layer.set_weights(weights)
     return out
 
 
 def post_training(model, calibration: np.ndarray, test_ds, threshold: float = 1e-5) -> list:
-    """Top-1 of the folded float model quantized without training, with and without PfQ."""
+    """Top-1 of the folded float model quantized without training, with and without PfQ.
+
+    Weights per tensor (the paper's setting, where a dead channel's folded weights set
+    the range for the whole layer) and, as the alternative many targets offer, per
+    output channel (where they set only their own channel's range).
+    """
     rows = []
     for with_pfq in (False, True):
         source = tf_pfq.prune(model, threshold=threshold)[0] if with_pfq else model
         folded, _ = tf_pfq.fold_batchnorm(source)
-        for a_bits, w_bits in PTQ_BITS:
+        for (a_bits, w_bits), per_channel in [(b, False) for b in PTQ_BITS] + [
+            (b, True) for b in PTQ_BITS if b[1] is not None
+        ]:
             if a_bits is None:
-                quantized = _quantize_kernels(folded, w_bits)
+                quantized = _quantize_kernels(folded, w_bits, per_channel)
             else:
-                quantized = tf_pfq.apply(folded, activation_bits=a_bits, weight_bits=w_bits)
+                quantized = tf_pfq.apply(
+                    folded,
+                    activation_bits=a_bits,
+                    weight_bits=w_bits,
+                    per_channel_weights=per_channel,
+                )
                 for start in range(0, len(calibration), 256):  # sets the activation ranges
                     quantized(calibration[start : start + 256], training=True)
             rows.append(
@@ -239,6 +253,7 @@ def post_training(model, calibration: np.ndarray, test_ds, threshold: float = 1e
                     "pfq": with_pfq,
                     "activation_bits": a_bits,
                     "weight_bits": w_bits,
+                    "per_channel": per_channel,
                     "accuracy": evaluate_accuracy(quantized, test_ds),
                 }
             )
@@ -418,7 +433,8 @@ def run_all(state: State, nets: dict, runs: list, flags_) -> None:
                 state.save()
         calibration = data_.finetune_split(0, 2048).images
         for p in nets["chosen"] + nets["weak"]:
-            if p.id not in state.summary["ptq"]:
+            rows = state.summary["ptq"].get(p.id, [])
+            if not any(r.get("per_channel") for r in rows):  # measured before per-channel
                 logging.info("Post-training quantization of %s", p.id)
                 state.summary["ptq"][p.id] = post_training(model_of(p), calibration, data_.test_ds)
                 state.save()
