@@ -33,13 +33,19 @@ import time
 from typing import Any
 
 import numpy as np
+import tensorflow as tf
 
 from tf_pfq.compat import keras
 
 __all__ = [
     "ZOO",
     "ChainResult",
+    "ChainSettings",
+    "GraphDescription",
+    "measure_export",
+    "random_graph",
     "run_chain",
+    "run_random_graph",
     "with_dead_channels",
     "with_live_batchnorm",
     "with_preprocessing_statistics",
@@ -74,10 +80,19 @@ def _copy(model):
 def with_live_batchnorm(model, images: np.ndarray, seed: int = 0):
     """A copy of `model` with random BN scales/shifts and statistics measured on `images`.
 
-    The statistics come from one training-mode pass with momentum 0 (so the moving
-    values become the batch values); variances are floored at 10 epsilon, because an
-    untrained net has channels that are (nearly) constant on any input and only the
-    planted channels should be dead.
+    Plant dead channels first (`with_dead_channels`): their statistics are kept, and
+    every BN after them is then measured on what they output.
+
+    The statistics are measured in inference mode, layer by layer: one inference
+    pass in which each BN first sets its moving mean and variance to those of the
+    input it receives, then normalizes with them, so every BN downstream is measured
+    on the values it will see at inference. (Statistics from one training-mode pass
+    do not reproduce at inference: a channel whose variance is floored, Dropout and
+    Bessel's correction change every later BN's input, and through a deep net the
+    inference activations grow by orders of magnitude: EfficientNetB1's logits
+    reached 1e5, whose gradients overflowed.) Variances are floored at 10 epsilon,
+    because an untrained net has channels that are (nearly) constant on any input
+    and only the planted channels should be dead.
 
     Example:
       >>> inputs = keras.Input((4, 4, 3))
@@ -89,19 +104,39 @@ def with_live_batchnorm(model, images: np.ndarray, seed: int = 0):
     model = _copy(model)
     rng = np.random.default_rng(seed)
     bns = [layer for layer in model.layers if isinstance(layer, L.BatchNormalization)]
-    momenta = [layer.momentum for layer in bns]
     for layer in bns:
         c = layer.moving_variance.shape[0]
         gamma = rng.uniform(0.5, 1.5, c) if layer.scale else None
         beta = rng.normal(0.0, 0.5, c) if layer.center else None
         weights = [w for w in (gamma, beta) if w is not None]
         layer.set_weights([*weights, layer.moving_mean.numpy(), layer.moving_variance.numpy()])
-        layer.momentum = 0.0
-    model(np.asarray(images, np.float32), training=True)
-    for layer, momentum in zip(bns, momenta):
-        layer.momentum = momentum
-        layer.moving_variance.assign(np.maximum(layer.moving_variance.numpy(), 10 * layer.epsilon))
+        layer.call = _measuring_call(layer)
+    try:
+        model(np.asarray(images, np.float32), training=False)
+    finally:
+        for layer in bns:
+            if "call" in vars(layer):
+                del layer.call  # back to the class's method
     return model
+
+
+def _measuring_call(layer):
+    """`layer.call` that first sets the BN's statistics from its input (see above)."""
+    original = layer.call
+
+    # Only `with_dead_channels` puts a moving variance below epsilon (a new BN holds
+    # 1): such a planted channel keeps its statistics, so it stays dead.
+    dead = layer.moving_variance.numpy() < layer.epsilon
+
+    def call(inputs, training=None, **kwargs):
+        axes = [i for i in range(inputs.shape.rank) if i not in layer.axis]
+        mean, variance = (v.numpy() for v in tf.nn.moments(inputs, axes))
+        variance = np.maximum(variance, 10 * layer.epsilon)
+        layer.moving_mean.assign(np.where(dead, layer.moving_mean.numpy(), mean))
+        layer.moving_variance.assign(np.where(dead, layer.moving_variance.numpy(), variance))
+        return original(inputs, training=False, **kwargs)
+
+    return call
 
 
 def with_preprocessing_statistics(model):
@@ -154,7 +189,9 @@ def with_dead_channels(model, num_layers: int = 4, per_layer: int = 2, seed: int
         channels = rng.choice(bn.moving_variance.shape[0], per_layer, replace=False)
         for c in channels:
             if isinstance(producer, L.DepthwiseConv2D):
-                weights[0][:, :, c, :] = 0.0
+                # Output channel c of a depthwise conv is (input c // m, multiplier c % m).
+                m = weights[0].shape[-1]
+                weights[0][:, :, c // m, c % m] = 0.0
             else:
                 weights[0][..., c] = 0.0
         producer.set_weights(weights)
@@ -166,6 +203,35 @@ def with_dead_channels(model, num_layers: int = 4, per_layer: int = 2, seed: int
         bn.moving_variance.assign(variance)
         planted.append(bn.name)
     return model, planted
+
+
+@dataclasses.dataclass(frozen=True)
+class ChainSettings:
+    """How `run_chain` quantizes and fine-tunes.
+
+    Attributes:
+      activation_bits, weight_bits: bit widths of stage A and stage W.
+      per_channel_weights, weight_scheme: `tf_pfq.apply`'s weight options.
+      train: a short fine-tuning of both stages on `labels`, or None for one
+        training-mode pass over the calibration images (which sets the ranges, all
+        the export reads).
+      batch_size: the fine-tuning batch size.
+      second_prune: prune again after stage A (paper Algorithm 1), with the ranges
+        stage A learned.
+    """
+
+    activation_bits: int = 4
+    weight_bits: int = 4
+    per_channel_weights: bool = False
+    weight_scheme: str = "min_max"
+    train: Any = None  # a tf_pfq.TrainConfig
+    batch_size: int = 8
+    second_prune: bool = False
+
+    def stages(self) -> tuple[str, ...]:
+        if not self.second_prune:
+            return STAGES
+        return ("prune", "stage_a", "strip", "prune_2", "fold", "stage_w", "tflite")
 
 
 @dataclasses.dataclass
@@ -185,6 +251,10 @@ class ChainResult:
       max_weight_levels: the most distinct values any exported weight holds per
         quantization axis.
       seconds: wall time of the chain.
+      description: what was run, for a report (`run_random_graph` puts the graph's
+        description here).
+      qat: the stage-W QAT model the file was exported from (for
+        `tf_pfq.export.compare_layers`), or None.
     """
 
     stages: dict[str, str]
@@ -197,39 +267,97 @@ class ChainResult:
     agreement: float | None = None
     max_weight_levels: int | None = None
     seconds: float = 0.0
+    description: Any = None
+    qat: Any = dataclasses.field(default=None, repr=False)
 
     @property
     def ok(self) -> bool:
         return all(v == "ok" for v in self.stages.values())
+
+    @property
+    def failed_stage(self) -> str | None:
+        return next((s for s, v in self.stages.items() if v not in ("ok", "not run")), None)
 
 
 def _error(e: BaseException) -> str:
     return f"{type(e).__name__}: {str(e).splitlines()[0][:160]}" if str(e) else type(e).__name__
 
 
-def run_chain(model, images: np.ndarray, bits: int = 4, num_test: int = 16) -> ChainResult:
-    """prune -> stage A -> strip -> fold -> stage W -> to_tflite with defaults, measured.
+def measure_export(qat, tflite: bytes, images: np.ndarray) -> dict[str, float]:
+    """How far the integer file on LiteRT's XNNPACK path is from the Keras QAT model.
 
-    Never raises for a failing stage: the result records it (`stages`, `error`).
-
-    Args:
-      model: a float model (e.g. from `with_dead_channels`).
-      images: inputs; the first 16 calibrate prune, the QAT ranges and the export,
-        the last `num_test` measure fidelity.
-      bits: activation and weight bit width.
-      num_test: images that measure the export's fidelity.
+    Returns:
+      {"p99_steps", "max_steps": 99th percentile and maximum of |XNNPACK - Keras|
+      over every output value, in int8 output steps; "agreement": top-1 agreement;
+      "max_weight_levels": the most distinct values an exported weight holds per
+      quantization axis}.
     """
     import tf_pfq  # the package imports this module's neighbours; import late
     from tf_pfq.export import litert
     from tf_pfq.export.summary import inspect
 
+    keras_out = qat.predict(images, verbose=0)
+    out = litert.predict(litert.make_interpreter(tflite), images)
+    scale = inspect(tflite).outputs[0].scales[0]
+    err = np.abs(out - keras_out).reshape(-1) / scale
+    levels = tf_pfq.export.weight_levels(tflite).values()
+    return {
+        "p99_steps": float(np.percentile(err, 99)),
+        "max_steps": float(err.max()),
+        "agreement": float(np.mean(out.argmax(-1) == keras_out.argmax(-1))),
+        "max_weight_levels": max(levels, default=0),
+    }
+
+
+def _fine_tune(qat, images: np.ndarray, labels, settings: ChainSettings) -> None:
+    if settings.train is None:
+        qat(images, training=True)
+        return
+    import tensorflow as tf
+
+    from tf_pfq.training import fit
+
+    data = tf.data.Dataset.from_tensor_slices((images, labels)).batch(settings.batch_size)
+    fit(qat, data, settings.train, verbose=0)
+
+
+def run_chain(
+    model,
+    images: np.ndarray,
+    bits: int = 4,
+    num_test: int = 16,
+    *,
+    settings: ChainSettings | None = None,
+    labels: np.ndarray | None = None,
+) -> ChainResult:
+    """prune -> stage A -> strip -> fold -> stage W -> to_tflite, measured.
+
+    Never raises for a failing stage: the result records it (`stages`, `error`).
+
+    Args:
+      model: a float model (e.g. from `with_dead_channels`).
+      images: inputs; the first 16 calibrate prune, all but the last `num_test`
+        calibrate (or fine-tune) the QAT ranges, all of them the export's int8 ranges
+        of the tensors QAT leaves in float, and the last `num_test` measure fidelity.
+      bits: activation and weight bit width, when `settings` is None.
+      num_test: images that measure the export's fidelity.
+      settings: bit widths, weight options, fine-tuning; default: `bits` for both,
+        `tf_pfq.apply`'s defaults, no training.
+      labels: integer class labels of the calibration images (needed to fine-tune).
+    """
+    import tf_pfq  # the package imports this module's neighbours; import late
+
+    settings = settings or ChainSettings(activation_bits=bits, weight_bits=bits)
     images = np.asarray(images, np.float32)
     if len(images) <= num_test:
         raise ValueError(
             f"`images` must hold more than num_test={num_test} images. Received: {len(images)}"
         )
+    if settings.train is not None and labels is None:
+        raise ValueError("Fine-tuning (`settings.train`) needs `labels`.")
     calibration, test = images[:-num_test], images[-num_test:]
-    result = ChainResult(stages=dict.fromkeys(STAGES, "not run"))
+    train_labels = None if labels is None else np.asarray(labels)[: len(calibration)]
+    result = ChainResult(stages=dict.fromkeys(settings.stages(), "not run"))
     started = time.time()
     stage = "prune"
     try:
@@ -243,12 +371,16 @@ def run_chain(model, images: np.ndarray, bits: int = 4, num_test: int = 16) -> C
         }
         result.stages[stage] = "ok"
         stage = "stage_a"
-        qat = tf_pfq.apply(pruned, activation_bits=bits)
-        qat(calibration, training=True)
+        qat = tf_pfq.apply(pruned, activation_bits=settings.activation_bits)
+        _fine_tune(qat, calibration, train_labels, settings)
         result.stages[stage] = "ok"
         stage = "strip"
         current = tf_pfq.strip(qat)
         result.stages[stage] = "ok"
+        if settings.second_prune:
+            stage = "prune_2"
+            current, _ = tf_pfq.prune(current, calibration_data=calibration[:16])
+            result.stages[stage] = "ok"
         stage = "fold"
         current, fold_report = tf_pfq.fold_batchnorm(current)
         result.fold = {
@@ -257,25 +389,30 @@ def run_chain(model, images: np.ndarray, bits: int = 4, num_test: int = 16) -> C
         }
         result.stages[stage] = "ok"
         stage = "stage_w"
-        qat = tf_pfq.apply(current, activation_bits=bits, weight_bits=bits)
-        qat(calibration, training=True)
+        qat = tf_pfq.apply(
+            current,
+            activation_bits=settings.activation_bits,
+            weight_bits=settings.weight_bits,
+            per_channel_weights=settings.per_channel_weights,
+            weight_scheme=settings.weight_scheme,
+        )
+        _fine_tune(qat, calibration, train_labels, settings)
+        result.qat = qat
         result.stages[stage] = "ok"
         stage = "tflite"
-        result.tflite = tf_pfq.export.to_tflite(qat, representative_data=calibration)
+        # The test images too: the logits QAT leaves in float get an int8 range from
+        # this data, and a test logit beyond it would saturate, which measures how
+        # well the data covers the inputs, not how the file rounds.
+        result.tflite = tf_pfq.export.to_tflite(qat, representative_data=images)
+        for key, value in measure_export(qat, result.tflite, test).items():
+            setattr(result, key, value)  # a file XNNPACK cannot run fails this stage
         result.stages[stage] = "ok"
     except Exception as e:  # recorded: the caller decides (a benchmark row or an assert)
         result.stages[stage] = _error(e)
         result.error = e
-        result.seconds = time.time() - started
-        return result
-    keras_out = qat.predict(test, verbose=0)
-    out = litert.predict(litert.make_interpreter(result.tflite), test)
-    scale = inspect(result.tflite).outputs[0].scales[0]
-    err = np.abs(out - keras_out).reshape(-1) / scale
-    result.p99_steps = float(np.percentile(err, 99))
-    result.max_steps = float(err.max())
-    result.agreement = float(np.mean(out.argmax(-1) == keras_out.argmax(-1)))
-    levels = tf_pfq.export.weight_levels(result.tflite).values()
-    result.max_weight_levels = max(levels, default=0)
     result.seconds = time.time() - started
     return result
+
+
+# The random graphs live in a module of their own, which builds on this one.
+from tf_pfq.testing_graphs import GraphDescription, random_graph, run_random_graph  # noqa: E402
