@@ -197,6 +197,38 @@ def test_activation_quantizer_moving_average():
     assert grid.min == pytest.approx(-0.6 * w) and grid.max == pytest.approx(3.9 * w)
 
 
+def test_a_batch_of_zeros_leaves_the_range_as_it_is():
+    # A dead branch (a ReLU whose inputs are all negative) is 0 on a batch: averaging
+    # that in would shrink the range to zero width, whose step 0 the integer
+    # arithmetic of the next layer divides by.
+    w = np.float32(1.0 + OFF_LATTICE)
+    layer = keras.layers.Layer()
+    quantizer = PfqActivationQuantizer(4, ema_decay=0.5, non_negative=True)
+    weights = quantizer.build(tf.TensorShape([None, 2]), "output", layer)
+    quantizer(tf.zeros([2, 2]), True, weights)  # first batch: nothing to take
+    assert [weights["min"].numpy(), weights["max"].numpy()] == [-6.0, 6.0]
+    assert weights["seen"].numpy() == 0.0
+    quantizer(tf.constant([[0.0, 2.0]]), True, weights)  # the first informative batch
+    np.testing.assert_allclose([weights["min"].numpy(), weights["max"].numpy()], [0.0, 2.0 * w])
+    quantizer(tf.zeros([2, 2]), True, weights)
+    np.testing.assert_allclose([weights["min"].numpy(), weights["max"].numpy()], [0.0, 2.0 * w])
+    assert float(quantizers.activation_step(quantizer)) == pytest.approx(2.0 * w / 15)
+
+
+def test_a_range_of_zero_width_has_the_exporters_step():
+    layer = keras.layers.Layer()
+    quantizer = PfqActivationQuantizer(3)
+    quantizer.build(tf.TensorShape([None]), "output", layer)
+    quantizer.min_var.assign(0.0)
+    quantizer.max_var.assign(0.0)
+    assert float(quantizers.activation_step(quantizer)) == np.float32(quantizers.EMPTY_RANGE_STEP)
+    from tf_pfq.export.convert import _usable
+
+    grid = _usable(nudge(0.0, 0.0, 3))
+    assert float(grid.scale) == pytest.approx(quantizers.EMPTY_RANGE_STEP, rel=1e-6)
+    assert int(grid.zero_point) == 0
+
+
 def test_activation_range_keeps_lattice_values_off_rounding_ties():
     # A ReLU conv output lies on the accumulator lattice k * unit; with the range set
     # to its batch maximum (a lattice value) the step max/15 would put every

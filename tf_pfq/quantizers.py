@@ -46,6 +46,8 @@ from tf_pfq.layers.table import entry_for
 __all__ = [
     "MIN_BITS",
     "OFF_LATTICE",
+    "INT32_BIAS_RANGE",
+    "EMPTY_RANGE_STEP",
     "MAX_BITS",
     "WEIGHT_SCHEMES",
     "check_weight_scheme",
@@ -72,8 +74,9 @@ __all__ = [
 
 MIN_BITS = 2
 MAX_BITS = 8
-_INT32_MIN = -(2.0**31)
-_INT32_MAX = 2.0**31 - 1
+# The int32 values a bias may take, as float32 holds them: 2^31 - 1 is not a float32
+# (it rounds up to 2^31, which int32 cannot hold), 2^31 - 128 is the largest below.
+INT32_BIAS_RANGE = (-(2.0**31), 2.0**31 - 128)
 # Weight grids: "min_max" is the paper's `[min(w, 0), max(w, 0)]` with 2^n levels
 # below 8 bits (the finest grid n bits hold; its zero point moves with the range)
 # and symmetric narrow-range at 8 bits; "symmetric" is `[-|w|max, |w|max]` with
@@ -87,6 +90,9 @@ WEIGHT_SCHEMES = ("min_max", "symmetric")
 # on Xception and RegNet; 2^-8 moved the flips to other models, it did not remove
 # them). Only integer-exact QAT arithmetic would.
 OFF_LATTICE = 2.0**-12
+# The step of an activation range of zero width (see `activation_step`); the
+# exporter's int8 grid for such a tensor has the same step.
+EMPTY_RANGE_STEP = 1e-6
 
 
 def _step(width, intervals: int):
@@ -385,7 +391,7 @@ def quantize_bias(bias, scale):
 
 @tf.custom_gradient
 def _bias_on_grid(bias, scale):
-    steps = tf.clip_by_value(tf.round(bias / scale), _INT32_MIN, _INT32_MAX)
+    steps = tf.clip_by_value(tf.round(bias / scale), *INT32_BIAS_RANGE)
 
     def grad(dy):
         return dy, tf.zeros_like(scale)
@@ -448,9 +454,14 @@ def activation_step(quantizer) -> Any:
 
     The same float32 expression as TensorFlow's fake-quant kernel (the zero-point
     nudge moves the range, not the step), so a value the quantizer wrote divided by
-    it is within float rounding of an integer.
+    it is within float rounding of an integer. A range of zero width (a tensor that
+    was 0 on every batch seen) makes TF's fake-quant write 0 whatever its input; any
+    step then puts that 0 on the grid, and `EMPTY_RANGE_STEP` is the one the
+    exporter gives such a tensor, so that the layers reading it divide by a positive
+    step and their bias grids agree with the file's.
     """
-    return _step(quantizer.max_var - quantizer.min_var, 2**quantizer.num_bits - 1)
+    step = _step(quantizer.max_var - quantizer.min_var, 2**quantizer.num_bits - 1)
+    return tf.where(step > 0.0, step, tf.constant(EMPTY_RANGE_STEP, tf.float32))
 
 
 class PfqActivationQuantizer(_Serializable):
@@ -464,6 +475,8 @@ class PfqActivationQuantizer(_Serializable):
     min/max is widened by the relative `OFF_LATTICE` before averaging (see the
     comment in `__call__`; the average of widened extremes does not compound).
     Inference uses the stored range. Before any training step the range is [-6, 6].
+    A batch that is 0 everywhere leaves the range as it is, so training never makes
+    a range of zero width (which would have no step to divide by).
 
     Args:
       num_bits: bit width n, 2..8 (2^n levels).
@@ -537,14 +550,19 @@ class PfqActivationQuantizer(_Serializable):
             batch_min = batch_min * (1.0 + OFF_LATTICE)
             batch_max = batch_max * (1.0 + OFF_LATTICE)
             seen = weights["seen"]
-            decay = self.ema_decay * seen  # 0 on the first batch: take it as is
+            # A batch that is 0 everywhere (a ReLU'd tensor whose channels are all
+            # negative on it, a dead squeeze-excite branch) says nothing about the
+            # range; averaging it in would shrink the range towards zero width, and a
+            # first batch would set it there. It leaves the range as it is.
+            informative = batch_max > batch_min
+            decay = tf.where(informative, self.ema_decay * seen, 1.0)  # first batch: 0
             # stop_gradient: backpropagating through reduce_min/max would cost a
             # second pass over the activation for a gradient the range never uses.
             new_min = tf.stop_gradient(decay * weights["min"] + (1.0 - decay) * batch_min)
             new_max = tf.stop_gradient(decay * weights["max"] + (1.0 - decay) * batch_max)
             weights["min"].assign(new_min)
             weights["max"].assign(new_max)
-            seen.assign(1.0)
+            seen.assign(tf.where(informative, 1.0, seen))
             return fake_quant(inputs, new_min, new_max, self.num_bits)
         return fake_quant(inputs, weights["min"], weights["max"], self.num_bits)
 
