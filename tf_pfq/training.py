@@ -18,6 +18,7 @@ import tensorflow as tf
 from absl import logging
 
 from tf_pfq.compat import keras
+from tf_pfq.nonfinite import StopOnNonFinite
 from tf_pfq.schedules import WarmupCosine
 
 __all__ = [
@@ -283,7 +284,7 @@ def fit(
     scope = strategy.scope() if strategy is not None else _null_scope()
     with scope:
         compile_model(model, make_optimizer(config, steps), loss=loss)
-    all_callbacks = list(callbacks)
+    all_callbacks = [StopOnNonFinite(), *callbacks]  # a NaN stops the stage, layer named
     stopper = None
     if wants_stop:
         stopper = AccuracyTargetStopping(

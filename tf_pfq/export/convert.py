@@ -107,8 +107,16 @@ from tf_pfq.export.summary import inspect
 from tf_pfq.graph import LayerGraph
 from tf_pfq.layers.ops import ElementwiseOp
 from tf_pfq.layers.table import Lowering, activation_name, entry_for, lookup
+from tf_pfq.nonfinite import describe as describe_nonfinite
+from tf_pfq.nonfinite import nonfinite_variables
 from tf_pfq.quantize import concat_shared_ranges
-from tf_pfq.quantizers import SWISH_GATE_RANGE, QuantParams, nudge
+from tf_pfq.quantizers import (
+    EMPTY_RANGE_STEP,
+    INT32_BIAS_RANGE,
+    SWISH_GATE_RANGE,
+    QuantParams,
+    nudge,
+)
 from tf_pfq.validation import check_finite
 
 __all__ = [
@@ -193,11 +201,24 @@ def _grid8(lo: float, hi: float) -> QuantParams:
     return nudge(np.float32(lo), np.float32(hi), 8)
 
 
+def _holds_values(lo: float, hi: float) -> bool:
+    """Whether a calibrated range is one an int8 grid can be built on.
+
+    A tensor that was 0 on every representative input (a dead branch at 2 bits)
+    calibrates to [0, 0]; a grid of almost no width on it makes the requantization
+    ratio of its producer too large for XNNPACK, which then refuses to prepare the
+    file. The guaranteed interval bound of the tensor is used instead.
+    """
+    return bool(np.isfinite(lo) and np.isfinite(hi) and max(hi, 0.0) - min(lo, 0.0) > 0.0)
+
+
 def _usable(grid: QuantParams | None) -> QuantParams | None:
     """A grid with a positive step: a dead (all-zero) tensor trained to [0, 0] gets a tiny one.
 
     TF's fake-quant maps everything to 0 on a zero-width range; TFLite needs a
-    positive scale. A 1e-6 step keeps 0 exact and changes nothing measurable.
+    positive scale. `EMPTY_RANGE_STEP` keeps 0 exact, changes nothing measurable,
+    and is the step the QAT model's integer arithmetic divides such a tensor by
+    (`tf_pfq.quantizers.activation_step`), so the bias grids of its readers agree.
     """
     if grid is None:
         return None
@@ -205,7 +226,8 @@ def _usable(grid: QuantParams | None) -> QuantParams | None:
     if np.all(np.isfinite(scale)) and np.all(scale > 0):
         return grid
     lo = np.minimum(np.asarray(grid.min, np.float32), 0.0)
-    hi = np.maximum(np.asarray(grid.max, np.float32), lo + np.float32(1e-6 * grid.quant_max))
+    width = np.float32(EMPTY_RANGE_STEP * (grid.quant_max - grid.quant_min))
+    hi = np.maximum(np.asarray(grid.max, np.float32), lo + width)
     return nudge(lo, hi, grid.num_bits, grid.narrow_range)
 
 
@@ -649,15 +671,14 @@ class _Builder:
         self.policy.record(name, t.value)
         if not needs_range or not self.policy.rounds_float_tensors():
             return t
-        if name in self.ranges:
+        lo, hi = float(t.lo), float(t.hi)
+        if name in self.ranges and _holds_values(*self.ranges[name]):
             lo, hi = self.ranges[name]
             if self.graph.is_output(name):
                 # Saturated logits tie at 127 and lose the argmax; data outside the
                 # representative set gets room at the price of a coarser step.
                 pad = OUTPUT_MARGIN * (hi - lo)
                 lo, hi = lo - pad, hi + pad
-        else:
-            lo, hi = float(t.lo), float(t.hi)
         grid8 = _grid8(lo, hi)
         value = tf.quantization.fake_quant_with_min_max_vars(
             t.value, _scalar(grid8.min), _scalar(grid8.max), num_bits=8
@@ -742,7 +763,10 @@ class _Builder:
                 quant.bias_scale, step, rtol=1e-5, atol=0.0
             ):
                 step = np.asarray(quant.bias_scale, np.float32)
-            bias = (np.round(bias / step) * step).astype(np.float32)
+            # Clipped as QAT clips it (`tf_pfq.quantizers.quantize_bias`): a bias
+            # beyond int32 on a very fine grid (a kernel of zeros) saturates in both.
+            units = np.clip(np.round(bias / step), *INT32_BIAS_RANGE)
+            bias = (units * step).astype(np.float32)
 
         k = self.policy.kernel(kernel_n, grid, depthwise, dense)
 
@@ -1205,6 +1229,13 @@ def plan_to_tflite(
     if input_range is not None:
         lo, hi = input_range
         ranges[LayerGraph(plan.model).input_names[0]] = (float(lo), float(hi))
+    try:
+        return _convert(plan, ranges, io_dtype, clamp_signed)
+    except Exception as e:  # ConverterError and friends: say which layer
+        raise ValueError(converter_failure(e, plan, ranges, clamp_signed)) from e
+
+
+def _convert(plan: ExportPlan, ranges, io_dtype: str, clamp_signed: bool) -> bytes:
     function = build_function(plan, ranges=ranges, clamp_signed=clamp_signed)
     concrete = function.get_concrete_function()
     module = tf.Module()
@@ -1214,6 +1245,63 @@ def plan_to_tflite(
     converter.inference_input_type = IO_DTYPES[io_dtype]
     converter.inference_output_type = IO_DTYPES[io_dtype]
     return converter.convert()
+
+
+def converter_failure(
+    error: BaseException, plan: ExportPlan, ranges=None, clamp_signed: bool = True
+) -> str:
+    """The message for a TFLite converter error: which layer, then the converter's words.
+
+    The converter locates its errors by the Python line that built an op, which
+    says nothing about the layer. So the layer is found by converting prefixes of
+    the graph (a layer with everything before it in graph order): the first prefix
+    that fails ends with the layer whose ops the converter cannot take. That costs
+    a few conversions (a bisection), paid only when the export fails.
+    """
+    text = str(error)
+    lines = [line.strip() for line in text.splitlines() if "error:" in line]
+    reason = (lines[0].split("error:", 1)[1].strip() if lines else text.strip()) or repr(error)
+    layer = _first_failing_layer(plan, ranges or {}, clamp_signed)
+    if layer is None:
+        return (
+            f"The TFLite converter failed on model {plan.model.name!r}, and no prefix of "
+            f"its graph fails alone: {reason[:400]}. Please report the model."
+        )
+    return (
+        f"The TFLite converter failed on layer {layer.name!r} ({type(layer).__name__}), the "
+        f"first layer in graph order whose int8 ops it cannot convert: {reason[:400]}"
+    )
+
+
+def _first_failing_layer(plan: ExportPlan, ranges, clamp_signed: bool):
+    graph = LayerGraph(plan.model)
+    order = [n for n in graph.order if n not in graph.input_names]
+
+    def fails(k: int) -> bool:
+        kept = set(order[: k + 1])
+        ends = [
+            n
+            for n in order[: k + 1]
+            if n == order[k] or any(c not in kept for c in graph.consumers_of(n))
+        ]
+        outputs = [plan.model.get_layer(n).output for n in ends]
+        prefix = keras.Model(plan.model.inputs, outputs, name=plan.model.name)
+        try:
+            _convert(dataclasses.replace(plan, model=prefix), ranges, "float32", clamp_signed)
+        except Exception:
+            return True
+        return False
+
+    if not order or not fails(len(order) - 1):
+        return None
+    lo, hi = 0, len(order) - 1
+    while lo < hi:  # the first prefix that fails
+        mid = (lo + hi) // 2
+        if fails(mid):
+            hi = mid
+        else:
+            lo = mid + 1
+    return plan.model.get_layer(order[lo])
 
 
 def plan_from_qat(qat_model) -> ExportPlan:
@@ -1320,7 +1408,9 @@ def to_tflite(
       >>> sorted({t.dtype for t in summary.tensors}), max(summary.weight_levels().values())
       (['int32', 'int8'], 16)
     """
+    check_finite_model(qat_model)
     plan = plan_from_qat(qat_model)
+    check_plan_scales(plan)
     int4.check_plan(plan, weight_storage)  # before the (slow) conversion
     tflite = plan_to_tflite(
         plan,
@@ -1331,6 +1421,53 @@ def to_tflite(
     )
     check_integer(tflite)
     return int4.apply_storage(tflite, weight_storage)
+
+
+def check_finite_model(qat_model) -> None:
+    """Raises when a weight or an activation range of the QAT model is NaN or infinite.
+
+    Such a model has no integer form, and its NaN scales make the TFLite converter
+    fail deep inside (or crash the process), so it is refused before conversion.
+
+    Raises:
+      ValueError: naming the first layer whose range and whose weights are not finite.
+    """
+    found = nonfinite_variables(qat_model)
+    if found:
+        raise ValueError(
+            f"`qat_model` ({qat_model.name}) is not finite: {describe_nonfinite(found)}. "
+            "Its training diverged (tf_pfq.training.fit stops at the first such step); "
+            "fine-tune again from the last good weights with a lower learning rate."
+        )
+
+
+# TFLite stores scales as float32 and its converter refuses those outside the normal
+# float32 range; an int32 bias step below it is an underflowed product s_in * s_w.
+_SMALLEST_SCALE = float(np.finfo(np.float32).tiny)
+
+
+def check_plan_scales(plan: ExportPlan) -> None:
+    """Raises when a grid of the plan has a step TFLite cannot store (0, NaN, Inf, denormal).
+
+    Raises:
+      ValueError: naming the layer, the tensor (output, kernel or bias) and the step.
+    """
+    grids = [("input", plan.model.layers[0].name, plan.input)]
+    for name, quant in plan.layers.items():
+        grids += [("output", name, quant.output), ("kernel", name, quant.kernel)]
+        if quant.bias_scale is not None:
+            grids.append(("bias", name, quant.bias_scale))
+    for tensor, name, grid in grids:
+        if grid is None:
+            continue
+        scale = np.asarray(getattr(grid, "scale", grid), np.float64)
+        bad = ~np.isfinite(scale) | (scale < _SMALLEST_SCALE) | (scale > np.finfo(np.float32).max)
+        if np.any(bad):
+            raise ValueError(
+                f"Layer {name!r}: its {tensor} step {float(scale.reshape(-1)[np.argmax(bad)])!r} "
+                "is outside what TFLite can store (a positive normal float32); the QAT "
+                "model's range or weights there are degenerate."
+            )
 
 
 def check_integer(tflite: bytes) -> None:
