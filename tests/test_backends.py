@@ -97,3 +97,9 @@ def test_unknown_backend_is_named():
         backends.backend("qkeras")
     with pytest.raises(ValueError, match="qkeras"):
         Train("t", 4, 4, TrainConfig(), quantizer="qkeras")
+
+
+def test_a_train_step_takes_a_backend_object():
+    step = Train("t", 4, 4, TrainConfig(), quantizer=backends.BACKENDS["tfmot_matched"])
+    assert step.quantizer == "tfmot_matched" and step.run_settings()["quantizer"] == "tfmot_matched"
+    assert step == Train("t", 4, 4, TrainConfig(), quantizer="tfmot_matched")

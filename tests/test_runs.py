@@ -14,7 +14,7 @@ from test_prune_helpers import tiny_dead_model
 
 from tf_pfq import data
 from tf_pfq.compat import keras
-from tf_pfq.steps import _load_checkpoint
+from tf_pfq.step_context import load_checkpoint
 from tf_pfq.training import TrainConfig
 from tf_pfq.workflow import (
     SETTINGS_FILE,
@@ -116,7 +116,7 @@ def test_truncated_step_checkpoint_falls_back_to_the_last_good_step(digits, tmp_
     weights = tmp_path / "04_stage_w" / "qat_weights.h5"
     _truncate(weights)
     with pytest.raises(ValueError, match=f"{re.escape(str(weights))} is corrupt or truncated"):
-        _load_checkpoint(str(weights), lambda: qat.load_weights(str(weights)))
+        load_checkpoint(str(weights), lambda: qat.load_weights(str(weights)))
     # Stage W is redone from the fold checkpoint, which is intact.
     qat2, second = _workflow(train, test, tmp_path)
     assert [s.name for s in second.steps] == [s.name for s in first.steps]

@@ -29,17 +29,21 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import os
-import shutil
-import warnings
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any, ClassVar
 
-import numpy as np
 import tensorflow as tf
 from absl import logging
 
-from tf_pfq.backends import BACKENDS, backend
-from tf_pfq.compat import keras
+from tf_pfq.backends import BACKENDS, Backend, backend
+from tf_pfq.compat import keras  # noqa: F401  (the docstring examples use it)
+from tf_pfq.step_context import (
+    CorruptCheckpointError,
+    StepContext,
+    StepOutput,
+    check_backup,
+    costs,
+)
 from tf_pfq.training import TrainConfig, fit
 
 __all__ = [
@@ -55,197 +59,6 @@ __all__ = [
 ]
 
 QUANTIZERS = tuple(BACKENDS)
-
-
-# --------------------------------------------------------------------------------------
-# Checkpoint files
-
-
-class CorruptCheckpointError(ValueError):
-    """A checkpoint file that is missing, truncated or otherwise unreadable."""
-
-
-def _load_checkpoint(path: str, load: Callable[[], Any]):
-    if not os.path.exists(path):
-        raise CorruptCheckpointError(f"Checkpoint {path} is missing.")
-    try:
-        return load()
-    except Exception as e:  # h5py, Keras and TF raise many types for damaged files
-        raise CorruptCheckpointError(
-            f"Checkpoint {path} is corrupt or truncated ({type(e).__name__}: {e})."
-        ) from e
-
-
-def _check_backup(backup_dir: str) -> None:
-    """Drops a damaged `BackupAndRestore` checkpoint so the stage restarts cleanly.
-
-    Every tensor is read once: a truncated data file is otherwise only noticed by
-    `fit`, as a low-level read error naming no file.
-    """
-    if not os.path.isdir(backup_dir):
-        return
-    for root, _, files in os.walk(backup_dir):
-        if "checkpoint" not in files:
-            continue
-        try:
-            prefix = tf.train.latest_checkpoint(root)
-            if prefix is None:
-                raise ValueError("its `checkpoint` index names no checkpoint")
-            reader = tf.train.load_checkpoint(prefix)
-            for key in reader.get_variable_to_shape_map():
-                reader.get_tensor(key)
-        except Exception as e:  # TF raises many types for damaged checkpoints
-            logging.warning(
-                "The epoch checkpoint in %s is corrupt or truncated (%s: %s); the "
-                "stage restarts from its first epoch.",
-                root,
-                type(e).__name__,
-                e,
-            )
-            shutil.rmtree(backup_dir)
-            return
-
-
-def _costs(model) -> dict[str, Any]:
-    """The `params` and `macs` fields of a `StepResult` (MACs None where not countable)."""
-    from tf_pfq.cost import count_macs, count_params
-
-    try:
-        macs = count_macs(model)
-    except ValueError:
-        macs = None
-    return {"params": count_params(model), "macs": macs}
-
-
-# --------------------------------------------------------------------------------------
-# What steps get and give back
-
-
-@dataclasses.dataclass(frozen=True)
-class StepContext:
-    """What a step needs besides its model: the run's data, settings and its directory.
-
-    `run_steps` builds one per step. Without an output directory `step_dir` is None
-    and the checkpoint methods do nothing (`save_*`) or are not called (`load_*`).
-
-    Attributes:
-      train_data: batched (image, label) training dataset.
-      validation_data: batched dataset for per-epoch validation and early stopping.
-      calibration_data: images for PfQ's output-change check and DFQ's statistics.
-      strategy: `tf.distribute.Strategy` the training stages build and train under.
-      callbacks: Keras callbacks for every training stage, or a function of the step
-        returning them.
-      loss: Keras loss (None: sparse categorical cross-entropy from logits).
-      verbose: Keras progress-bar setting.
-      reference_accuracy: the float model's validation accuracy (appendix A.1 target).
-      prune_kwargs: run-wide `tf_pfq.prune` arguments; a `Prune` step's own win.
-      dfq_kwargs: run-wide `tf_pfq.dfq.dfq` arguments; a `DFQ` step's own win.
-      custom_objects: for loading checkpoints of models with custom layers.
-      step_dir: this step's checkpoint folder, None without `output_dir`.
-      tensorboard_dir: where this step writes TensorBoard logs, None for none.
-      last: whether this is the run's last step (its QAT model is the result).
-
-    Example:
-      >>> StepContext(step_dir="run/00_fold").backup_dir
-      'run/00_fold/backup'
-      >>> StepContext().path("model.h5") is None
-      True
-    """
-
-    train_data: tf.data.Dataset | None = None
-    validation_data: tf.data.Dataset | None = None
-    calibration_data: np.ndarray | None = None
-    strategy: tf.distribute.Strategy | None = None
-    callbacks: Sequence[Any] | Callable[[Step], Sequence[Any]] = ()
-    loss: Any = None
-    verbose: int | str = "auto"
-    reference_accuracy: float | None = None
-    prune_kwargs: Mapping[str, Any] = dataclasses.field(default_factory=dict)
-    dfq_kwargs: Mapping[str, Any] = dataclasses.field(default_factory=dict)
-    custom_objects: Mapping[str, Any] = dataclasses.field(default_factory=dict)
-    step_dir: str | None = None
-    tensorboard_dir: str | None = None
-    last: bool = True
-
-    @property
-    def backup_dir(self) -> str | None:
-        """Where a training stage keeps its per-epoch `BackupAndRestore` state."""
-        return self.path("backup")
-
-    def path(self, filename: str) -> str | None:
-        """`filename` inside `step_dir` (None without one)."""
-        return None if self.step_dir is None else os.path.join(self.step_dir, filename)
-
-    def callbacks_for(self, step: Step) -> Sequence[Any]:
-        """The Keras callbacks of training step `step`."""
-        return self.callbacks(step) if callable(self.callbacks) else self.callbacks
-
-    def save_model(self, model, filename: str) -> None:
-        """Writes `model` (no optimizer) to `step_dir/filename`, atomically."""
-        path = self.path(filename)
-        if path is None:
-            return
-        # HDF5 stores weights by layer name and order, which survives the config
-        # rewrites (pruned widths, folded biases) that the .keras format's
-        # variable-path matching trips over. Written under a temporary name and
-        # renamed, so a killed run never leaves a half-written checkpoint.
-        tmp = f"{path[:-3]}.tmp.h5"
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", UserWarning)
-            model.save(tmp, include_optimizer=False)
-        os.replace(tmp, path)
-
-    def save_weights(self, model, filename: str) -> None:
-        """Writes `model`'s weights to `step_dir/filename`, atomically."""
-        path = self.path(filename)
-        if path is None:
-            return
-        tmp = f"{path[:-3]}.tmp.h5"
-        model.save_weights(tmp)
-        os.replace(tmp, path)
-
-    def load_model(self, filename: str):
-        """The model in `step_dir/filename`; `CorruptCheckpointError` if unreadable."""
-        path = self._existing_path(filename)
-        return _load_checkpoint(
-            path,
-            lambda: keras.models.load_model(
-                path, custom_objects=dict(self.custom_objects), compile=False
-            ),
-        )
-
-    def load_weights(self, model, filename: str) -> None:
-        """Loads `step_dir/filename` into `model`; `CorruptCheckpointError` if unreadable."""
-        path = self._existing_path(filename)
-        _load_checkpoint(path, lambda: model.load_weights(path))
-
-    def _existing_path(self, filename: str) -> str:
-        path = self.path(filename)
-        if path is None:
-            raise ValueError(f"No step directory to load {filename!r} from.")
-        return path
-
-
-@dataclasses.dataclass
-class StepOutput:
-    """A step's result: the float model the next step starts from, and the QAT model.
-
-    Attributes:
-      model: the float model for the next step (a training stage's is its stripped
-        QAT model, or its input when it is the last step).
-      qat: the QAT model a training stage trained; None after a transform.
-      fields: `tf_pfq.workflow.StepResult` fields the step fills (params, macs,
-        epochs, channels_removed, details, ...).
-    """
-
-    model: Any
-    qat: Any = None
-    fields: dict[str, Any] = dataclasses.field(default_factory=dict)
-
-    @property
-    def result(self):
-        """The model the step's accuracy is measured on: the QAT model if any."""
-        return self.model if self.qat is None else self.qat
 
 
 def _keyword_options(function, options: Mapping[str, Any], argument: str, exclude=()) -> None:
@@ -365,7 +178,7 @@ class Transform(Step):
     def run(self, model, context: StepContext) -> StepOutput:
         out, fields = self.apply(model, context)
         context.save_model(out, "model.h5")
-        return StepOutput(out, None, {**_costs(out), **fields})
+        return StepOutput(out, None, {**costs(out), **fields})
 
     def restore(self, context: StepContext) -> StepOutput:
         return StepOutput(context.load_model("model.h5"))
@@ -561,7 +374,7 @@ class Train(Step):
       activation_bits: activation bit width.
       weight_bits: weight bit width; None quantizes activations only.
       config: the stage's hyperparameters (`tf_pfq.TrainConfig`).
-      quantizer: the name of a `tf_pfq.backends.BACKENDS` entry: "pfq"
+      quantizer: a `tf_pfq.backends.Backend`, or the name of a `BACKENDS` entry: "pfq"
         (`tf_pfq.apply`, paper eqs. 20-21), "tfmot" (tfmot's
         `DefaultNBitQuantizeScheme` as shipped, the library reference) or
         "tfmot_matched" (the same scheme with 8-bit input, float logits and ranges
@@ -593,7 +406,7 @@ class Train(Step):
         activation_bits: int,
         weight_bits: int | None = None,
         config: TrainConfig | None = None,
-        quantizer: str = "pfq",
+        quantizer: str | Backend = "pfq",
         **options,
     ):
         super().__init__(name)
@@ -602,7 +415,7 @@ class Train(Step):
                 f"Training step {name!r} needs `config` (a TrainConfig). "
                 f"Received: config={config!r}"
             )
-        self.backend = backend(quantizer)
+        self.backend = quantizer if isinstance(quantizer, Backend) else backend(quantizer)
         for argument, bits in (("activation_bits", activation_bits), ("weight_bits", weight_bits)):
             if bits is not None and (not isinstance(bits, int) or bits < 1):
                 raise ValueError(
@@ -623,7 +436,7 @@ class Train(Step):
         self.activation_bits = activation_bits
         self.weight_bits = weight_bits
         self.config = config
-        self.quantizer = quantizer
+        self.quantizer = self.backend.name
         self.options = dict(options)
 
     def arguments(self) -> dict[str, Any]:
@@ -688,10 +501,10 @@ class Train(Step):
     def run(self, model, context: StepContext) -> StepOutput:
         context.save_model(model, "input.h5")
         if context.backup_dir is not None:
-            _check_backup(context.backup_dir)
+            check_backup(context.backup_dir)
         qat, fields = self.apply(model, context)
         context.save_weights(qat, "qat_weights.h5")
-        return StepOutput(self._next(qat, model, context), qat, {**_costs(model), **fields})
+        return StepOutput(self._next(qat, model, context), qat, {**costs(model), **fields})
 
     def restore(self, context: StepContext) -> StepOutput:
         with self.scope():

@@ -41,6 +41,7 @@ from tf_pfq.run_state import (
     run_settings,
     sha256,
 )
+from tf_pfq.step_context import costs
 from tf_pfq.steps import (
     DFQ,
     CorruptCheckpointError,
@@ -51,7 +52,6 @@ from tf_pfq.steps import (
     StepOutput,
     Train,
     Transform,
-    _costs,
 )
 from tf_pfq.summary import StepResult, WorkflowSummary
 from tf_pfq.training import TrainConfig, clear_regularizers, evaluate_accuracy
@@ -169,14 +169,14 @@ def _load_or_start(run: RunDirectory, steps, method: str, input_model, test_data
             )
         return state
     trained = [s for s in steps if s.trains]
-    costs = _costs(input_model)
+    size = costs(input_model)
     summary = WorkflowSummary(
         method,
         getattr(trained[-1], "activation_bits", None) if trained else None,
         getattr(trained[-1], "weight_bits", None) if trained else None,
         _evaluate(input_model, test_data),
-        costs["params"],
-        costs["macs"],
+        size["params"],
+        size["macs"],
     )
     state = {"steps": names, "summary": summary.to_dict(), "done": 0}
     run.save_state(state)
