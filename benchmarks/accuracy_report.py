@@ -195,6 +195,13 @@ def _mean_ci(values) -> str:
     return f"{d.mean:.2f} [{d.low:.2f}, {d.high:.2f}]"
 
 
+def _steps(records) -> str:
+    """The file's worst logit differences from Keras, in output steps, over the runs."""
+    p99 = [r["tflite_logit_steps_p99"] for r in records if "tflite_logit_steps_p99" in r]
+    worst = [r["tflite_logit_steps_max"] for r in records if "tflite_logit_steps_max" in r]
+    return f"{max(p99):.2f} / {max(worst):.2f}" if p99 else "-"
+
+
 def _results_table(records) -> list[str]:
     groups: dict = defaultdict(list)
     for run, r in records.items():
@@ -202,9 +209,9 @@ def _results_table(records) -> list[str]:
     lines = [
         (
             "| model | bits | method | threshold | runs | stage A top-1 % | Keras QAT top-1 % "
-            "| .tflite top-1 % (XNNPACK) | agreement % | MACs (M) | params |"
+            "| .tflite top-1 % (XNNPACK) | agreement % | logit steps p99 / max | MACs (M) | params |"
         ),
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for key in sorted(groups):
         family, bits, method, threshold = key
@@ -215,7 +222,7 @@ def _results_table(records) -> list[str]:
             f"| {len(rs)} | {_mean_ci([_stage_a_end(r) for r in rs])} "
             f"| {_mean_ci([r['accuracy'] for r in rs])} "
             f"| {_mean_ci([r.get('tflite_accuracy') for r in rs])} "
-            f"| {_pct(np.mean(agreement)) if agreement else '-'} "
+            f"| {_pct(np.mean(agreement)) if agreement else '-'} | {_steps(rs)} "
             f"| {np.mean([r['macs'] or 0 for r in rs]) / 1e6:.2f} "
             f"| {int(np.mean([r['params'] for r in rs]))} |"
         )

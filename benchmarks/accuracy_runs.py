@@ -331,9 +331,13 @@ def _tflite_accuracy(run, qat, calibration, data_: Data) -> dict:
     interpreter = litert.make_interpreter(flat)
     logits = litert.predict(interpreter, data_.test.images)
     keras_logits = qat.predict(data_.test.images, batch_size=500, verbose=0)
+    step = float(interpreter.get_output_details()[0]["quantization"][0]) or 1.0
+    steps = np.abs(logits - keras_logits) / step  # in the file's output steps
     return {
         "tflite_accuracy": float(np.mean(np.argmax(logits, 1) == data_.test.labels)),
         "tflite_agreement": float(np.mean(np.argmax(logits, 1) == np.argmax(keras_logits, 1))),
+        "tflite_logit_steps_p99": float(np.percentile(steps, 99)),
+        "tflite_logit_steps_max": float(steps.max()),
         "tflite_bytes": len(flat),
     }
 
