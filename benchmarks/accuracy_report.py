@@ -209,7 +209,8 @@ def _results_table(records) -> list[str]:
     lines = [
         (
             "| model | bits | method | threshold | runs | stage A top-1 % | Keras QAT top-1 % "
-            "| .tflite top-1 % (XNNPACK) | agreement % | logit steps p99 / max | MACs (M) | params |"
+            "| .tflite top-1 % (XNNPACK) | agreement % | logit steps p99 / max | MACs (M) "
+            "| params |"
         ),
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
