@@ -31,16 +31,32 @@ def _is_depthwise(config) -> bool:
 
 
 class _Rescaled:
-    """`activation(acc * scale)`: the one float rounding after an integer accumulation."""
+    """`activation(acc * scale)`: the one float rounding after an integer accumulation.
 
-    def __init__(self, activation, scale):
+    With `rounding` (a function of the accumulator, `tf_pfq.wrapper.requantize` on
+    the output grid), inference rounds as the integer file does instead; training
+    keeps the product, whose output quantizer also sets the range.
+    """
+
+    def __init__(self, activation, scale, rounding=None, training=None):
         self.activation = activation
         self.scale = scale
+        self.rounding = rounding
+        self.training = training
         self.__name__ = getattr(activation, "__name__", "linear")
 
     def __call__(self, acc):
         y = acc * self.scale
+        if self.rounding is not None:
+            y = _unless_training(self.training, y, lambda: self.rounding(acc))
         return y if self.activation is None else self.activation(y)
+
+
+def _unless_training(training, value, inference):
+    """`value` in training, `inference()` otherwise; `training` a bool or a bool tensor."""
+    if isinstance(training, bool):
+        return value if training else inference()
+    return tf.cond(tf.cast(training, tf.bool), lambda: value, inference)
 
 
 _QUANTIZERS = {
@@ -106,10 +122,13 @@ class PfqQuantizeConfig(tfmot.quantization.keras.QuantizeConfig):
         # (input step, weight step) while `tf_pfq.wrapper.PfqQuantizeWrapper` feeds
         # the layer integers; None otherwise (never serialized).
         self._integer_steps: tuple[Any, Any] | None = None
+        self._rounding: tuple[Any, Any] = (None, None)
         self._float_weights: list[Any] | None = None
 
     @contextlib.contextmanager
-    def integer_arithmetic(self, layer, input_step, weight_step) -> Iterator[None]:
+    def integer_arithmetic(
+        self, layer, input_step, weight_step, rounding=None, training=None
+    ) -> Iterator[None]:
         """Within: the layer computes on integers, and rescales once before its activation.
 
         While the scope is open, `set_quantize_weights` hands the layer the integer
@@ -123,9 +142,12 @@ class PfqQuantizeConfig(tfmot.quantization.keras.QuantizeConfig):
           layer: the wrapped layer.
           input_step: `s_in`, the step of the grid its input is on.
           weight_step: `s_w`, the kernel's step (scalar or per output channel).
+          rounding: how inference rounds the accumulator (see `_Rescaled`), or None.
+          training: the call's training flag (for `rounding`).
         """
         activation = getattr(layer, "activation", None)
         self._integer_steps = (input_step, weight_step)
+        self._rounding = (rounding, training)
         try:
             yield
         finally:
@@ -186,7 +208,10 @@ class PfqQuantizeConfig(tfmot.quantization.keras.QuantizeConfig):
             layer.activation = swish_with_int8_gate
         if self._integer_steps is not None:
             input_step, weight_step = self._integer_steps
-            layer.activation = _Rescaled(layer.activation, input_step * weight_step)
+            rounding, training = self._rounding
+            layer.activation = _Rescaled(
+                layer.activation, input_step * weight_step, rounding, training
+            )
 
     def get_output_quantizers(self, layer):
         return [self.output_quantizer] if self.output_quantizer is not None else []

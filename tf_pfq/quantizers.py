@@ -68,6 +68,9 @@ __all__ = [
     "input_quantizer_path",
     "producer_grid",
     "SWISH_GATE_RANGE",
+    "SWISH_GATE_STEP",
+    "IDENTITY_MEAN_STEP",
+    "swish_gate",
     "swish_with_int8_gate",
     "to_integers",
 ]
@@ -722,6 +725,15 @@ class PfqBiasQuantizer(_Serializable):
 
 # TFLite's int8 LOGISTIC output grid: scale 1/256, zero point -128, i.e. [0, 255/256].
 SWISH_GATE_RANGE = (0.0, 255.0 / 256.0)
+SWISH_GATE_STEP = 1.0 / 256.0
+# The weight step of the 1x1 depthwise conv (weight 127, i.e. 1) the export writes for
+# a mean over a single position (see `tf_pfq.export.convert.Export.global_mean`).
+IDENTITY_MEAN_STEP = 1.0 / 127.0
+
+
+def swish_gate(x):
+    """`sigmoid(x)` rounded onto TFLite's int8 LOGISTIC grid (straight-through gradient)."""
+    return _gate_on_grid(tf.math.sigmoid(x))
 
 
 def swish(x):
@@ -743,7 +755,7 @@ def swish(x):
       >>> bool(float(y[0]) == np.round(256 / (1 + np.exp(-1.0))) / 256)
       True
     """
-    return x * _gate_on_grid(tf.math.sigmoid(x))
+    return x * swish_gate(x)
 
 
 swish_with_int8_gate = swish

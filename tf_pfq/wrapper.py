@@ -44,18 +44,33 @@ import tensorflow as tf
 import tensorflow_model_optimization as tfmot
 
 from tf_pfq.compat import keras
-from tf_pfq.layers.table import entry_for
+from tf_pfq.layers.ops import ElementwiseOp
+from tf_pfq.layers.table import activation_name, entry_for
 from tf_pfq.quantize_configs import PfqQuantizeConfig
 from tf_pfq.quantizers import (
+    IDENTITY_MEAN_STEP,
+    SWISH_GATE_STEP,
     PfqActivationQuantizer,
     activation_step,
     fake_quant,
     input_quantizer_path,
     producer_grid,
+    swish_gate,
     to_integers,
 )
 
-__all__ = ["PfqQuantizeWrapper", "integer_source", "add_sources", "int8_add"]
+__all__ = [
+    "PfqQuantizeWrapper",
+    "integer_source",
+    "add_sources",
+    "multiply_sources",
+    "output_grid",
+    "int8_add",
+    "int8_mul",
+    "requantize",
+    "requantize_edge",
+    "requantized_input",
+]
 
 # XNNPACK's int8 ADD keeps its larger input-to-output scale ratio with this many
 # fraction bits (the ratio in [2^20, 2^21) after the shift).
@@ -128,6 +143,184 @@ def add_sources(wrapper):
     return found[0][0], found[1][0], out
 
 
+def _pfq_wrapper(layer) -> bool:
+    return isinstance(layer, tfmot.quantization.keras.QuantizeWrapper) and isinstance(
+        layer.quantize_config, PfqQuantizeConfig
+    )
+
+
+def _only_consumer(layer):
+    return layer.outbound_nodes[0].outbound_layer if len(layer.outbound_nodes) == 1 else None
+
+
+@tf.autograph.experimental.do_not_convert
+def output_grid(wrapper):
+    """The activation quantizer whose grid the integer file rounds `wrapper`'s output onto.
+
+    Its own output quantizer; else, for an output integer inference fuses away, the
+    grid of the op it is fused into: a ReLU consumer's (CONV_2D with a fused RELU),
+    or the Concatenate it feeds alone, through grid-preserving layers (the export
+    puts a concat's sources on the concat's grid). None where the output stays
+    float (logits) or goes to several readers without a grid of its own.
+    """
+    config = wrapper.quantize_config
+    if isinstance(config, PfqQuantizeConfig) and config.output_quantizer is not None:
+        return config.output_quantizer
+    current = wrapper
+    while True:
+        consumer = _only_consumer(current)
+        if consumer is None:
+            return None
+        wrapped = _pfq_wrapper(consumer)
+        inner = consumer.layer if wrapped else consumer
+        out = consumer.quantize_config.output_quantizer if wrapped else None
+        # Only a ReLU / ReLU6 fuses into the producing op in the file (ELU and a
+        # linear Activation do not: there the producer keeps a grid of its own).
+        fuses = activation_name(inner) in ("relu", "relu6") and entry_for(inner).fuses(inner)
+        if isinstance(inner, keras.layers.Concatenate) or (fuses and out is not None):
+            return out if isinstance(out, PfqActivationQuantizer) else None
+        if not fuses and not entry_for(inner).preserves_grid(inner):
+            return None
+        current = consumer
+
+
+def _binary_grids(wrapper):
+    """The grids of a two-input layer's inputs, or None when either is off every grid."""
+    producers = wrapper.inbound_nodes[0].inbound_layers if wrapper.inbound_nodes else None
+    if not isinstance(producers, (list, tuple)) or len(producers) != 2:
+        return None
+    found = [producer_grid(p) for p in producers]
+    if any(f is None or not _grid_in_training(f[1]) for f in found):
+        return None
+    return found[0][0], found[1][0]
+
+
+@tf.autograph.experimental.do_not_convert
+def _identity_mean(wrapper) -> bool:
+    """Whether `wrapper` is a global average pooling of one position, on known grids."""
+    config = wrapper.quantize_config
+    layer = wrapper.layer
+    if not isinstance(layer, keras.layers.GlobalAveragePooling2D) or not wrapper.inbound_nodes:
+        return False
+    if not isinstance(config, PfqQuantizeConfig) or config.output_quantizer is None:
+        return False
+    shape = wrapper.input_shape
+    if layer.data_format != "channels_last" or shape[1] != 1 or shape[2] != 1:
+        return False
+    try:
+        found = input_quantizer_path(wrapper)
+    except RuntimeError:
+        return False
+    return found is not None and _grid_in_training(found[1])
+
+
+def _input_grid(wrapper):
+    """The grid `wrapper`'s single input is on, if it keeps it in training; else None."""
+    try:
+        found = input_quantizer_path(wrapper)
+    except RuntimeError:  # an input off every grid
+        return None
+    return found[0] if found is not None and _grid_in_training(found[1]) else None
+
+
+@tf.autograph.experimental.do_not_convert
+def requantized_input(wrapper):
+    """The grid of a ReLU layer's input that the file requantizes onto the ReLU's, or None.
+
+    A ReLU / ReLU6 layer with a quantizer of its own whose input is on another grid
+    (NASNet's ReLU after an Add read by several layers: 8 -> 4 bits) is written as a
+    1x1 depthwise conv of weight 1 with the ReLU fused (`Export.requantize`), which
+    rounds as `requantize` does.
+    """
+    config = wrapper.quantize_config
+    if not isinstance(config, PfqQuantizeConfig) or config.output_quantizer is None:
+        return None
+    if activation_name(wrapper.layer) not in ("relu", "relu6") or not wrapper.inbound_nodes:
+        return None
+    return _input_grid(wrapper)
+
+
+def requantize_edge(x, step_in, step_out):
+    """`x` on the grid `step_in` moved onto `step_out` as `Export.requantize`'s conv rounds it."""
+    weight_step = tf.constant(IDENTITY_MEAN_STEP, tf.float32)
+    acc = to_integers(x / step_in) * 127.0
+    return requantize(acc, step_in * weight_step, step_out)
+
+
+@tf.autograph.experimental.do_not_convert
+def multiply_sources(wrapper):
+    """(grid of a, grid of b, output grid) of a product of two tensors the file computes
+    as int8 MUL (a Multiply layer, or `x * y` in functional code), or None."""
+    config = wrapper.quantize_config
+    if not isinstance(config, PfqQuantizeConfig) or config.weight_quantizer is not None:
+        return None
+    layer = wrapper.layer
+    product = isinstance(layer, keras.layers.Multiply) or (
+        isinstance(layer, ElementwiseOp) and layer.kind == "multiply" and layer.tensors == 2
+    )
+    out = config.output_quantizer
+    if not product or not isinstance(out, PfqActivationQuantizer):
+        return None
+    grids = _binary_grids(wrapper)
+    return None if grids is None else (*grids, out)
+
+
+def _float32(x):
+    return tf.cast(x, tf.float32)
+
+
+def int8_mul(a, b, step_a, step_b, step_out):
+    """`a * b` rounded onto the grid `step_out` as XNNPACK's int8 MUL rounds it.
+
+    XNNPACK multiplies the integers exactly, `acc = a_int * b_int`, and rounds once,
+    `rint(float(acc) * scale)` (ties to even), with the float32 `scale = (s_a * s_b) /
+    s_out` computed in that order. The Keras product of the two fake-quantized floats
+    rounds `a * b` and then `(a * b - min) / s_out` instead: the same value up to
+    float32 noise, which flips a product that sits near a rounding tie. A squeeze-
+    excite gate on LOGISTIC's 256-level grid times a 4-bit tensor makes thousands of
+    distinct products, enough for a few to sit there, and each flip repeats at every
+    position with that pair (EfficientNet, RegNetY: tens of output steps). Computing
+    XNNPACK's integers makes the two agree. Hand-written after XNNPACK's
+    `qs8-vmul` fp32 kernels (`minmax-fp32-scalar`).
+
+    Args:
+      a, b: float tensors on the grids of step `step_a`, `step_b` (zero on the grid).
+      step_a, step_b, step_out: float32 scalar steps.
+
+    Returns:
+      The float values `out_int * step_out` (before the output range's clamp).
+
+    Example:
+      >>> float(int8_mul(0.75, 0.5, 0.25, 0.125, 0.0625))
+      0.375
+    """
+    scale = (_float32(step_a) * _float32(step_b)) / _float32(step_out)
+    acc = to_integers(_float32(a) / _float32(step_a)) * to_integers(_float32(b) / _float32(step_b))
+    return tf.round(acc * scale) * _float32(step_out)
+
+
+def requantize(acc, input_weight_step, step_out):
+    """A weighted layer's int32 accumulator rounded onto `step_out` as XNNPACK rounds it.
+
+    XNNPACK's CONV_2D, DEPTHWISE_CONV_2D, FULLY_CONNECTED and TRANSPOSE_CONV compute
+    `rint(float(acc) * scale)` (ties to even) with the float32 `scale = (s_in * s_w)
+    / s_out` per output channel; Keras' `fake_quant(acc * s_in * s_w)` rounds the
+    product, then `(y - min) / s_out`. Where the accumulator takes many values (wide
+    layers) a few land within float32 noise of a tie and round one step apart; later
+    layers carry the step to the logits (Xception, RegNetX002: 14-19 output steps).
+
+    Args:
+      acc: the float32 accumulator (integers: `tf_pfq.wrapper`'s integer arithmetic).
+      input_weight_step: `s_in * s_w`, a scalar or per output channel (last axis).
+      step_out: the output grid's step.
+
+    Returns:
+      `rint(acc * scale) * step_out`, on the output grid before its clamps.
+    """
+    scale = _float32(input_weight_step) / _float32(step_out)
+    return tf.round(acc * scale) * _float32(step_out)
+
+
 def int8_add(a, b, step_a, step_b, step_out):
     """`a + b` rounded onto the grid `step_out` as XNNPACK's int8 ADD rounds it.
 
@@ -185,7 +378,19 @@ class PfqQuantizeWrapper(tfmot.quantization.keras.QuantizeWrapperV2):
     def call(self, inputs, training=None, **kwargs):
         sources = add_sources(self)
         if sources is not None:
-            return self._integer_add(inputs, sources, training, **kwargs)
+            return self._integer_binary(inputs, sources, int8_add, training, **kwargs)
+        sources = multiply_sources(self)
+        if sources is not None:
+            return self._integer_binary(inputs, sources, int8_mul, training, **kwargs)
+        if self.quantize_config.swish_gate:
+            return self._swish(inputs, training, **kwargs)
+        if _identity_mean(self):
+            return self._identity_mean(inputs, training, **kwargs)
+        grid = requantized_input(self)
+        if grid is not None:
+            return self._requantized_relu(inputs, grid, training, **kwargs)
+        if isinstance(self.layer, keras.layers.Concatenate):
+            return self._concat(inputs, training, **kwargs)
         source = integer_source(self)
         if source is None:
             return super().call(inputs, training=training, **kwargs)
@@ -203,21 +408,24 @@ class PfqQuantizeWrapper(tfmot.quantization.keras.QuantizeWrapperV2):
             integers = tf.cond(
                 tf.cast(training, tf.bool), lambda: scaled, lambda: to_integers(scaled)
             )
-        with config.integer_arithmetic(self.layer, input_step, weight_step):
+        rounding = None
+        out = output_grid(self)
+        if out is not None:
+            # Inference rounds onto the output grid as XNNPACK does (`requantize`).
+            def rounding(acc):
+                return requantize(acc, input_step * weight_step, activation_step(out))
+
+        with config.integer_arithmetic(self.layer, input_step, weight_step, rounding, training):
             return super().call(integers, training=training, **kwargs)
 
-    def _integer_add(self, inputs, sources, training, **kwargs):
-        # Training keeps the float sum (its gradient, and the range update from it);
+    def _integer_binary(self, inputs, sources, op, training, **kwargs):
+        # Training keeps the float op (its gradient, and the range update from it);
         # inference rounds as the integer file does.
-        if training is None:
-            training = keras.backend.learning_phase()
-        if isinstance(training, bool) and training:
-            return super().call(inputs, training=training, **kwargs)
         out = sources[2]
         own = out is self.quantize_config.output_quantizer
 
         def integer():
-            value = int8_add(
+            value = op(
                 inputs[0],
                 inputs[1],
                 activation_step(sources[0]),
@@ -227,7 +435,85 @@ class PfqQuantizeWrapper(tfmot.quantization.keras.QuantizeWrapperV2):
             # A fused consumer's ReLU and quantizer clamp the value themselves.
             return fake_quant(value, out.min_var, out.max_var, out.num_bits) if own else value
 
+        return self._at_inference(inputs, integer, training, **kwargs)
+
+    def _identity_mean(self, inputs, training, **kwargs):
+        # The file writes the mean of one position as a 1x1 depthwise conv of weight 1
+        # (the converter would drop a MEAN over 1x1 with its requantization).
+        out = self.quantize_config.output_quantizer
+        found = input_quantizer_path(self)
+        step = activation_step(found[0])
+        weight_step = tf.constant(IDENTITY_MEAN_STEP, tf.float32)
+
+        def integer():
+            acc = to_integers(inputs / step) * 127.0
+            value = requantize(acc, step * weight_step, activation_step(out))
+            value = fake_quant(value, out.min_var, out.max_var, out.num_bits)
+            keepdims = self.layer.get_config().get("keepdims", False)
+            return value if keepdims else tf.reshape(value, [-1, value.shape[-1]])
+
+        return self._at_inference(inputs, integer, training, **kwargs)
+
+    def _requantized_relu(self, inputs, grid, training, **kwargs):
+        out = self.quantize_config.output_quantizer
+
+        def integer():
+            value = requantize_edge(inputs, activation_step(grid), activation_step(out))
+            value = self.layer.call(value)  # the ReLU's clamps, on grid values
+            return fake_quant(value, out.min_var, out.max_var, out.num_bits)
+
+        return self._at_inference(inputs, integer, training, **kwargs)
+
+    def _concat(self, inputs, training, **kwargs):
+        # The inputs on the concat's grid (its sources) go in as they are; the file
+        # requantizes every other one on its edge (`Export.requantize`).
+        out = self.quantize_config.output_quantizer
+        producers = self.inbound_nodes[0].inbound_layers if self.inbound_nodes else None
+        if out is None or not isinstance(producers, (list, tuple)):
+            return super().call(inputs, training=training, **kwargs)
+        grids = []
+        for producer in producers:
+            found = producer_grid(producer)
+            usable = found is not None and _grid_in_training(found[1]) and found[0] is not out
+            grids.append(found[0] if usable else None)
+        if all(g is None for g in grids):
+            return super().call(inputs, training=training, **kwargs)
+
+        def integer():
+            step = activation_step(out)
+            values = [
+                x if g is None else requantize_edge(x, activation_step(g), step)
+                for x, g in zip(inputs, grids)
+            ]
+            value = self.layer.call(values)
+            return fake_quant(value, out.min_var, out.max_var, out.num_bits)
+
+        return self._at_inference(inputs, integer, training, **kwargs)
+
+    def _at_inference(self, inputs, integer, training, **kwargs):
+        """The wrapped layer in training, `integer()` (the file's rounding) otherwise."""
+        if training is None:
+            training = keras.backend.learning_phase()
         if isinstance(training, bool):
-            return integer()
+            return super().call(inputs, training=training, **kwargs) if training else integer()
         result = super().call(inputs, training=training, **kwargs)
         return tf.cond(tf.cast(training, tf.bool), lambda: result, integer)
+
+    def _swish(self, inputs, training, **kwargs):
+        # The file computes swish as LOGISTIC (onto 1/256) then MUL: at inference the
+        # product rounds as XNNPACK's int8 MUL does (`int8_mul`).
+        out = self.quantize_config.output_quantizer
+        try:
+            found = input_quantizer_path(self)
+        except RuntimeError:  # an input off every grid: the float path
+            found = None
+        if found is None or out is None or not _grid_in_training(found[1]):
+            return super().call(inputs, training=training, **kwargs)
+
+        def integer():
+            gate = swish_gate(inputs)
+            step = activation_step(found[0])
+            value = int8_mul(inputs, gate, step, SWISH_GATE_STEP, activation_step(out))
+            return fake_quant(value, out.min_var, out.max_var, out.num_bits)
+
+        return self._at_inference(inputs, integer, training, **kwargs)

@@ -101,7 +101,7 @@ from typing import Any
 import numpy as np
 import tensorflow as tf
 
-from tf_pfq.compat import keras
+from tf_pfq.compat import check_model, keras
 from tf_pfq.export import int4
 from tf_pfq.export.summary import inspect
 from tf_pfq.graph import LayerGraph
@@ -112,6 +112,7 @@ from tf_pfq.nonfinite import nonfinite_variables
 from tf_pfq.quantize import concat_shared_ranges
 from tf_pfq.quantizers import (
     EMPTY_RANGE_STEP,
+    IDENTITY_MEAN_STEP,
     INT32_BIAS_RANGE,
     SWISH_GATE_RANGE,
     QuantParams,
@@ -407,6 +408,9 @@ class Simulate:
         """`v` about to move onto another grid by an activation layer (identity here)."""
         return v
 
+    def global_mean(self, x, keepdims: bool):
+        return tf.reduce_mean(x, axis=[1, 2], keepdims=keepdims)
+
     def average_pool(self, name: str, x, config: Mapping[str, Any]):
         padding = config["padding"].upper()
         return tf.nn.avg_pool2d(x, config["pool_size"], config["strides"], padding)
@@ -480,16 +484,22 @@ class Export(Simulate):
         # ReLU after an Add with several readers, 8 -> 4 bits) is off by one step
         # on ~6 % of values on XNNPACK. A 1x1 depthwise conv of weight 1 (int8 127
         # at 1/127) with the ReLU fused rounds once, like every conv here.
-        if v.shape.rank != 4:
-            return v
-        step = np.float32(1.0 / 127.0)
-        kernel = tf.quantization.fake_quant_with_min_max_vars(
-            tf.constant(np.ones((1, 1, v.shape[-1], 1), np.float32)),
-            -127.0 * step,
-            127.0 * step,
-            narrow_range=True,
-        )
-        return tf.nn.depthwise_conv2d(v, kernel, [1, 1, 1, 1], "VALID")
+        # The QAT model rounds the same way (`tf_pfq.wrapper.requantized_input`).
+        # A vector (after pooling) is the same conv on a 1x1 image.
+        rank4 = v if v.shape.rank == 4 else tf.reshape(v, [-1, 1, 1, v.shape[-1]])
+        y = _integer_depthwise(rank4, np.full((1, 1), 127.0), IDENTITY_MEAN_STEP)
+        return y if v.shape.rank == 4 else tf.reshape(y, [-1, *v.shape[1:]])
+
+    def global_mean(self, x, keepdims: bool):
+        # The mean of a single position is the identity, and the converter removes a
+        # MEAN over 1x1 together with its requantization onto the output grid, which
+        # QAT applies (RegNetY002 at 32x32: 1 step at its SE squeeze, 26 at the
+        # logits). The 1x1 depthwise conv of weight 1 keeps that rounding in the file
+        # (`tf_pfq.wrapper.PfqQuantizeWrapper` rounds it the same way).
+        if x.shape[1] * x.shape[2] != 1:
+            return super().global_mean(x, keepdims)
+        y = _integer_depthwise(x, np.full((1, 1), 127.0), IDENTITY_MEAN_STEP)
+        return y if keepdims else tf.reshape(y, [-1, x.shape[-1]])
 
     def average_pool(self, name: str, x, config: Mapping[str, Any]):
         # TFLite's int8 AVERAGE_POOL_2D needs equal input and output scales, so the
@@ -964,7 +974,7 @@ class _Builder:
     def _pool(self, name: str, layer, x: _Tensor) -> _Tensor:
         config = layer.get_config()
         if isinstance(layer, L.GlobalAveragePooling2D):
-            y = tf.reduce_mean(x.value, axis=[1, 2], keepdims=config.get("keepdims", False))
+            y = self.policy.global_mean(x.value, config.get("keepdims", False))
         else:
             y = self.policy.average_pool(name, x.value, config)
         t = _Tensor(y, x.lo, x.hi, None, x.nonneg)
@@ -1046,18 +1056,18 @@ class _Builder:
                 exporting
                 and grid is not None
                 and t.grid is not None
-                and (t.nonneg or clamp_inputs)
                 and not _same_grid(t.grid, grid)
             ):
                 # An input on another grid is requantized to the concat's. The
                 # converter does that where the grid was set, above any
                 # grid-preserving ops (max pooling, padding) in between, so their
                 # other readers (DenseNet's pre-activation BN after pool1) would read
-                # the concat's grid instead of their own. The input's own grid and a
-                # requantizing op (`Export.requantize`, or a RELU: no-ops on these
-                # non-negative values) keep the requantization on this edge.
+                # the concat's grid instead of their own; and its own requantizing op
+                # rounds in fixed point, which QAT does not model (an 8-bit concat of
+                # a signed input: 1 step). The input's own grid and `Export.requantize`
+                # (which QAT models) keep the requantization on this edge.
                 v = self.policy.quantize_activation(v, t.grid, t.nonneg, self.clamp_signed)
-                v = self.policy.requantize(v) if v.shape.rank == 4 else tf.nn.relu(v)
+                v = self.policy.requantize(v)
             if clamp_inputs and not t.nonneg:
                 v = tf.maximum(v, bottom)
             values.append(v)
@@ -1432,6 +1442,7 @@ def check_finite_model(qat_model) -> None:
     Raises:
       ValueError: naming the first layer whose range and whose weights are not finite.
     """
+    check_model(qat_model, "qat_model")
     found = nonfinite_variables(qat_model)
     if found:
         raise ValueError(
