@@ -156,3 +156,53 @@ def test_add_concat_net_reproduced(digits):
     assert agreement >= 0.98
     assert np.percentile(err, 99) <= 2.0
     assert err.max() <= 4.0
+
+
+def _concat_branches_net(residual: bool):
+    """The digits net whose exports were 12-52 steps off: stem, optional residual Add,
+    a strided 3x3 and a strided 1x1 Conv-BN-ReLU branch concatenated, pooling, Dense."""
+    L = keras.layers
+
+    def conv_bn(x, filters, kernel, name, strides=1, relu=True):
+        x = L.Conv2D(filters, kernel, strides, padding="same", use_bias=False, name=name)(x)
+        x = L.BatchNormalization(name=f"{name}_bn")(x)
+        return L.ReLU(name=f"{name}_relu")(x) if relu else x
+
+    inputs = keras.Input((16, 16, 3), name="image")
+    x = conv_bn(inputs, 12, 3, "stem")
+    if residual:
+        y = conv_bn(conv_bn(x, 12, 3, "res_a"), 12, 3, "res_b", relu=False)
+        x = L.Add(name="res_add")([x, y])
+    a = conv_bn(x, 8, 3, "branch_a", strides=2)
+    b = conv_bn(x, 6, 1, "branch_b", strides=2)
+    x = L.Concatenate(name="concat")([a, b])
+    x = L.GlobalAveragePooling2D(name="pool")(x)
+    return keras.Model(inputs, L.Dense(10, name="logits")(x), name="concat_branches")
+
+
+@pytest.mark.parametrize("residual", [False, True])
+@pytest.mark.parametrize("bits", [4, 3])
+def test_concatenated_branches_export_exactly_through_the_whole_chain(digits, bits, residual):
+    from tf_pfq import testing
+    from tf_pfq.training import TrainConfig
+
+    keras.utils.set_random_seed(3)
+    model = _concat_branches_net(residual)
+    train = tf_pfq.data.to_dataset(digits["train"], 32, shuffle=True)
+    train_float(model, train, epochs=4, learning_rate=0.1, warmup_epochs=1, verbose=0)
+    test = digits["test"]
+    images = np.concatenate([digits["train"].images, test.images[:64]])
+    settings = testing.ChainSettings(
+        activation_bits=bits,
+        weight_bits=bits,
+        train=TrainConfig(epochs=1, learning_rate=0.01),
+        batch_size=32,
+        second_prune=True,
+    )
+    result = testing.run_chain(
+        model, images, num_test=64, settings=settings, labels=digits["train"].labels
+    )
+    if result.error is not None:
+        raise AssertionError(result.stages) from result.error
+    assert result.p99_steps <= 0.5 + 1e-3, (result.p99_steps, result.max_steps)
+    assert result.max_steps <= 1.0 + 1e-3, (result.p99_steps, result.max_steps)

@@ -41,11 +41,11 @@ __all__ = [
     "ZOO",
     "ChainResult",
     "ChainSettings",
-    "GraphDescription",
+    "GraphDescription",  # noqa: F822 (module __getattr__)
     "measure_export",
-    "random_graph",
+    "random_graph",  # noqa: F822
     "run_chain",
-    "run_random_graph",
+    "run_random_graph",  # noqa: F822
     "with_dead_channels",
     "with_live_batchnorm",
     "with_preprocessing_statistics",
@@ -414,5 +414,14 @@ def run_chain(
     return result
 
 
-# The random graphs live in a module of their own, which builds on this one.
-from tf_pfq.testing_graphs import GraphDescription, random_graph, run_random_graph  # noqa: E402
+# The random graphs live in a module of their own, which builds on this one (so it is
+# imported on first use: importing it from here would be circular).
+_GRAPH_NAMES = frozenset(["GraphDescription", "random_graph", "run_random_graph"])
+
+
+def __getattr__(name: str):
+    if name in _GRAPH_NAMES:
+        from tf_pfq import testing_graphs
+
+        return getattr(testing_graphs, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
