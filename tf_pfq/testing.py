@@ -15,13 +15,15 @@ training would:
   layers (a non-trivial per-channel affine for the fold to handle).
 
 `run_chain` then runs prune -> apply (stage A) -> strip -> fold_batchnorm -> apply
-(stage W) -> to_tflite with default arguments and measures what a deployment needs:
-whether the pruned model computes the same function, how many values each exported
-weight holds, and how far the integer file on LiteRT's XNNPACK path is from the Keras
-QAT model, in int8 output steps. No training happens: a training-mode pass sets the
-QAT ranges, which is all the export reads, so the numbers measure the conversion,
-not accuracy. `benchmarks/zoo.py` tabulates it for the `tf_keras.applications` zoo;
-the tests assert it.
+(stage W) -> to_tflite and measures what a deployment needs: whether the pruned model
+computes the same function, how many values each exported weight holds, and how far
+the integer file on LiteRT's XNNPACK path is from the Keras QAT model, in int8 output
+steps (`measure_export`). By default no training happens: a training-mode pass sets
+the QAT ranges, which is all the export reads, so the numbers measure the conversion,
+not accuracy; `ChainSettings` adds short fine-tunings, a second PfQ and other bits.
+`benchmarks/zoo.py` tabulates it for the `tf_keras.applications` zoo; the tests assert
+it. `random_graph` / `run_random_graph` (`tf_pfq.testing_graphs`) do the same on
+random graphs of every exportable layer (`benchmarks/export_fuzz.py`).
 
 Every helper returns a new model; the model passed in is not changed.
 """
@@ -55,7 +57,9 @@ L = keras.layers
 STAGES = ("prune", "stage_a", "strip", "fold", "stage_w", "tflite")
 # The `tf_keras.applications` models every release is checked on (tests/test_zoo.py,
 # benchmarks/zoo.py): depthwise, squeeze-excite and hard-swish, preprocessing layers,
-# bottleneck residuals, pre-activation BN with dense concatenation, separable convs.
+# bottleneck residuals, pre-activation BN with dense concatenation, separable convs;
+# sigmoid squeeze-excite with a 1x1 last stage at 32x32 (EfficientNetB1 and V2B0,
+# RegNetY002: a mean over one position, products on LOGISTIC's grid).
 ZOO = (
     "MobileNet",
     "MobileNetV2",
@@ -65,6 +69,9 @@ ZOO = (
     "ResNet50",
     "DenseNet121",
     "NASNetMobile",
+    "EfficientNetB1",
+    "EfficientNetV2B0",
+    "RegNetY002",
 )
 # ImageNet's per-channel statistics, as the EfficientNets' pretrained weights hold them.
 _IMAGENET_MEAN = (0.485, 0.456, 0.406)

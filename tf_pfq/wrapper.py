@@ -36,6 +36,15 @@ the training pass feeds `x / s_in` unrounded. No maintained library computes QAT
 this way (tfmot, AIMET and QKeras all simulate in float), hence the hand-written
 wrapper; it changes no variable and no config, so a saved model holds the same
 weights as with tfmot's wrapper.
+
+At inference the wrapper also rounds as XNNPACK's int8 kernels round, where their
+float32 arithmetic differs from TF's fake-quant near rounding ties (and ties to
+even where fake-quant rounds half up): a weighted layer requantizes its accumulator
+onto the grid the file rounds it to (`requantize`, `output_grid`), an Add and a
+product of two tensors (squeeze-excite, swish) are XNNPACK's ADD and MUL (`int8_add`,
+`int8_mul`), and a ReLU or Concatenate input that moves to another grid is the 1x1
+conv the export writes for it (`requantize_edge`). Training keeps the float
+arithmetic (its gradients, and the range updates that read it).
 """
 
 from __future__ import annotations

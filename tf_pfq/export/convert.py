@@ -1463,15 +1463,17 @@ def check_plan_scales(plan: ExportPlan) -> None:
     Raises:
       ValueError: naming the layer, the tensor (output, kernel or bias) and the step.
     """
-    grids = [("input", plan.model.layers[0].name, plan.input)]
+    steps: list[tuple[str, str, Any]] = [
+        ("input", plan.model.layers[0].name, plan.input and plan.input.scale)
+    ]
     for name, quant in plan.layers.items():
-        grids += [("output", name, quant.output), ("kernel", name, quant.kernel)]
-        if quant.bias_scale is not None:
-            grids.append(("bias", name, quant.bias_scale))
-    for tensor, name, grid in grids:
-        if grid is None:
+        steps.append(("output", name, quant.output and quant.output.scale))
+        steps.append(("kernel", name, quant.kernel and quant.kernel.scale))
+        steps.append(("bias", name, quant.bias_scale))
+    for tensor, name, step in steps:
+        if step is None:
             continue
-        scale = np.asarray(getattr(grid, "scale", grid), np.float64)
+        scale = np.asarray(step, np.float64)
         bad = ~np.isfinite(scale) | (scale < _SMALLEST_SCALE) | (scale > np.finfo(np.float32).max)
         if np.any(bad):
             raise ValueError(
