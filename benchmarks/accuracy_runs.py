@@ -94,12 +94,10 @@ class State:
         self.quick = quick
         self.runs_dir = prefix + "_runs"
         os.makedirs(self.runs_dir, exist_ok=True)
-        self.summary: dict[str, Any] = {"pretrained": {}, "ptq": {}}
+        self.summary: dict[str, Any] = {"pretrained": {}, "ptq": {}, "thresholds": {}}
         if os.path.exists(prefix + ".json"):
             with open(prefix + ".json") as f:
-                previous = json.load(f)
-            self.summary["pretrained"] = previous.get("pretrained", {})
-            self.summary["ptq"] = previous.get("ptq", {})
+                self.summary.update(json.load(f))
 
     def save(self) -> None:
         tmp = self.prefix + ".json.tmp"
