@@ -48,9 +48,20 @@ class StdBound:
         return f"StdBound({self.bound})"
 
 
+class EachEpsilon:
+    """PfQ threshold per BN layer: its own epsilon (eq. 17 read with Keras' 1e-3)."""
+
+    def __call__(self, layer) -> float:
+        return float(layer.epsilon)
+
+    def __repr__(self) -> str:
+        return "EachEpsilon()"
+
+
 # The PfQ thresholds compared: eq. 17 read with each BN's own epsilon, the paper's
-# 1e-5 (NNabla's epsilon), and the std bound.
-THRESHOLDS: dict[str, Any] = {"eps": None, "1e-5": 1e-5, "std_bound": StdBound()}
+# 1e-5 (NNabla's epsilon), and the std bound. Explicit, so that prune's default
+# (whatever it is) never changes what a recorded run measured.
+THRESHOLDS: dict[str, Any] = {"eps": EachEpsilon(), "1e-5": 1e-5, "std_bound": StdBound()}
 TFMOT_METHODS = ("tfmot", "tfmot_matched")
 
 
