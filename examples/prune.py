@@ -24,7 +24,9 @@ flags.DEFINE_string("model", None, "Trained tf_keras model (.keras, .h5 or Saved
 flags.DEFINE_string("workdir", "runs/prune", "Where the pretrained and pruned models go.")
 flags.DEFINE_string("output", None, "Pruned model path (default: <workdir>/pruned.keras).")
 flags.DEFINE_string("report_json", None, "Write the PfQ report as JSON here.")
-flags.DEFINE_float("threshold", None, "BN moving-variance threshold (default: each BN's eps).")
+flags.DEFINE_float(
+    "threshold", None, "BN moving-variance threshold (default: 1e-5, or a BN's epsilon if smaller)."
+)
 flags.DEFINE_enum(
     "padding",
     "exact",
