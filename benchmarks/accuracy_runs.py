@@ -337,7 +337,13 @@ def _tflite_accuracy(run, qat, calibration, data_: Data) -> dict:
         except ValueError as error:  # a refusal is a result; it names the layers
             logging.warning("%s: the export refused the model: %s", run.id, error)
             return {"tflite_accuracy": None, "tflite_note": f"to_tflite refuses it: {error}"}
-    interpreter = litert.make_interpreter(flat)
+    note = {}
+    try:
+        interpreter = litert.make_interpreter(flat)
+    except RuntimeError as error:  # XNNPACK refuses some layers (e.g. its scale limits)
+        logging.warning("%s: XNNPACK refuses the file (%s); builtin kernels", run.id, error)
+        note = {"tflite_note": f"XNNPACK refuses it ({error}); measured on builtin kernels"}
+        interpreter = litert.make_interpreter(flat, backend="builtin")
     logits = litert.predict(interpreter, data_.test.images)
     keras_logits = qat.predict(data_.test.images, batch_size=500, verbose=0)
     step = float(interpreter.get_output_details()[0]["quantization"][0]) or 1.0
@@ -348,6 +354,7 @@ def _tflite_accuracy(run, qat, calibration, data_: Data) -> dict:
         "tflite_logit_steps_p99": float(np.percentile(steps, 99)),
         "tflite_logit_steps_max": float(steps.max()),
         "tflite_bytes": len(flat),
+        **note,
     }
 
 
