@@ -186,7 +186,9 @@ def test_concatenated_branches_export_exactly_through_the_whole_chain(digits, bi
     from tf_pfq import testing
     from tf_pfq.training import TrainConfig
 
-    keras.utils.set_random_seed(3)
+    # Seed 4 without the Add at A4/W4 was 3.2 / 4.3 steps off before the export and
+    # QAT rounded every concat input and conv as XNNPACK does.
+    keras.utils.set_random_seed(4)
     model = _concat_branches_net(residual)
     train = tf_pfq.data.to_dataset(digits["train"], 32, shuffle=True)
     train_float(model, train, epochs=4, learning_rate=0.1, warmup_epochs=1, verbose=0)

@@ -148,3 +148,17 @@ def test_a_converter_error_names_the_first_layer_it_cannot_convert(monkeypatch):
     message = str(error.value)
     assert "layer 'se_excite' (Multiply)" in message
     assert "'tfl.mul' op quantization parameters violate the same scale constraint" in message
+
+
+def test_a_range_xnnpack_cannot_take_is_refused_naming_the_layer():
+    # A range far narrower than the values it holds (weights that moved faster than
+    # the moving-average range followed): XNNPACK's CONV_2D needs s_in*s_w/s_out < 256.
+    images, _ = _data(8)
+    qat = _stage_w(_se_net(dead_reduce=False), images, bits=4)
+    quantizer = qat.get_layer("quant_relu").quantize_config.output_quantizer
+    quantizer.min_var.assign(0.0)
+    quantizer.max_var.assign(1e-7)
+    with pytest.raises(
+        ValueError, match=r"Layer 'conv' \(CONV_2D.*scale ratio .* outside \[0, 256\)"
+    ):
+        tf_pfq.export.to_tflite(qat, representative_data=images)

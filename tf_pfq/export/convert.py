@@ -1430,6 +1430,7 @@ def to_tflite(
         clamp_signed=clamp_signed,
     )
     check_integer(tflite)
+    check_xnnpack_limits(tflite)
     return int4.apply_storage(tflite, weight_storage)
 
 
@@ -1480,6 +1481,62 @@ def check_plan_scales(plan: ExportPlan) -> None:
                 f"Layer {name!r}: its {tensor} step {float(scale.reshape(-1)[np.argmax(bad)])!r} "
                 "is outside what TFLite can store (a positive normal float32); the QAT "
                 "model's range or weights there are degenerate."
+            )
+
+
+# The scale ratios XNNPACK's int8 kernels accept (`xnn_create_*_qs8`): a weighted op's
+# requantization scale s_in * s_w / s_out below 2^8; MUL's s_a * s_b / s_out and each
+# ADD input's s_in / s_out in [2^-16, 2^8) and [2^-10, 2^8).
+_WEIGHTED_OPS = ("CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED", "TRANSPOSE_CONV")
+_RATIO_LIMITS = {"weighted": (0.0, 2.0**8), "MUL": (2.0**-16, 2.0**8), "ADD": (2.0**-10, 2.0**8)}
+
+
+def _scale_ratios(op) -> tuple[str, np.ndarray] | None:
+    inputs = [t for t in op.inputs if t is not None and t.scales]
+    if not op.outputs or not op.outputs[0].scales:
+        return None
+    out = np.float32(op.outputs[0].scales[0])
+    if op.op in _WEIGHTED_OPS and len(inputs) >= 2:
+        # TRANSPOSE_CONV's inputs are (output shape, weights, data): the shape has no scale.
+        w, x = inputs[:2] if op.op == "TRANSPOSE_CONV" else inputs[1::-1]
+        return "weighted", np.float32(x.scales[0]) * np.asarray(w.scales, np.float32) / out
+    if op.op == "MUL" and len(inputs) == 2:
+        product = np.float32(inputs[0].scales[0]) * np.float32(inputs[1].scales[0])
+        return "MUL", np.asarray([product / out])
+    if op.op in ("ADD", "SUB"):
+        return "ADD", np.asarray([np.float32(t.scales[0]) / out for t in inputs])
+    return None
+
+
+def check_xnnpack_limits(tflite: bytes) -> None:
+    """Raises when an op's scales are outside what XNNPACK's int8 kernel accepts.
+
+    XNNPACK (LiteRT's default CPU path) refuses such a conv (the interpreter then
+    fails to prepare) or leaves such an ADD or MUL to TFLite's builtin kernel, which
+    rounds otherwise than the QAT model (which rounds as XNNPACK does). It happens
+    when a range is far from the values it holds: a fine-tuning that moved the
+    weights faster than the moving-average ranges followed.
+
+    Raises:
+      ValueError: naming the op, the layers in its tensor's name, the ratio and the
+        limits.
+    """
+    for op in inspect(tflite).ops:
+        found = _scale_ratios(op)
+        if found is None:
+            continue
+        kind, ratios = found
+        lo, hi = _RATIO_LIMITS[kind]
+        bad = (ratios < lo) | (ratios >= hi) | ~np.isfinite(ratios)
+        if np.any(bad):
+            ratio = float(ratios[np.argmax(bad)])
+            layers = sorted({part.split("/")[0] for part in op.outputs[0].name.split(";")})
+            raise ValueError(
+                f"Layer {layers[0]!r} ({op.op}, tensor {op.outputs[0].name!r}): its scale "
+                f"ratio {ratio:.3g} is outside [{lo:g}, {hi:g}), which XNNPACK's int8 "
+                f"{op.op} needs (it would refuse the file or leave the op to a kernel that "
+                "rounds otherwise). The output range there is far from the values the "
+                "layer computes; fine-tune until the ranges follow the weights."
             )
 
 
