@@ -211,7 +211,8 @@ def _stats_lines(label: str, stats: dict) -> list[str]:
         f"### {label}",
         "",
         (
-            f"{stats['graphs']} graphs: {cats}. Time {stats['seconds_total'] / 60:.0f} min summed over graphs "
+            f"{stats['graphs']} graphs: {cats}. "
+            f"Time {stats['seconds_total'] / 60:.0f} min summed over graphs "
             f"(median {stats['seconds_median']:.1f} s per graph)."
         ),
         "",
