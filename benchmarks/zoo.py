@@ -17,7 +17,8 @@ numbers measure the conversion, not accuracy.
 Resumable: each model's row is written to --workdir as soon as it is done, and a
 rerun skips finished models. Writes benchmarks/results/zoo.{md,json}.
 
-  python benchmarks/zoo.py                        # the 8 default architectures
+  python benchmarks/zoo.py                        # the default architectures
+  python benchmarks/zoo.py --train_batches=1 --results=benchmarks/results/zoo_trained
   python benchmarks/zoo.py --models=ResNet50V2,Xception --image_size=71
 """
 
@@ -32,6 +33,7 @@ import traceback
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import numpy as np
+import tensorflow as tf
 from absl import app, flags, logging
 
 import tf_pfq
@@ -51,6 +53,13 @@ flags.DEFINE_integer("bits", 4, "Activation and weight bit width.")
 flags.DEFINE_integer("classes", 10, "Classifier outputs.")
 flags.DEFINE_integer("dead_per_layer", 2, "Channels planted dead in each chosen BN layer.")
 flags.DEFINE_integer("planted_layers", 4, "BN layers that get planted dead channels.")
+flags.DEFINE_integer(
+    "train_batches",
+    0,
+    "Fine-tuning batches (of 8 random images, random labels, lr 1e-3) after each "
+    "stage's training-mode pass: trained weights and ranges move off their initial "
+    "grids, which is where some rounding differences show. 0: no training.",
+)
 flags.DEFINE_string("workdir", "runs/zoo", "Per-model results (resume).")
 flags.DEFINE_string(
     "results", os.path.join(os.path.dirname(__file__), "results", "zoo"), "Output prefix."
@@ -79,6 +88,17 @@ def _error(e: BaseException) -> str:
     return f"{type(e).__name__}: {str(e).splitlines()[0][:160]}" if str(e) else type(e).__name__
 
 
+def _fine_tune(qat, images: np.ndarray) -> None:
+    """--train_batches steps of tf_pfq's fine-tuning on random labels."""
+    if not FLAGS.train_batches:
+        return
+    from tf_pfq.training import fit
+
+    labels = np.random.default_rng(1).integers(0, FLAGS.classes, len(images))
+    data = tf.data.Dataset.from_tensor_slices((images, labels)).batch(8)
+    fit(qat, data.take(FLAGS.train_batches), tf_pfq.TrainConfig(epochs=1), verbose=0)
+
+
 def run_chain(name: str) -> dict:
     """One architecture through the chain; never raises (failures are recorded)."""
     keras.utils.set_random_seed(0)
@@ -86,6 +106,7 @@ def run_chain(name: str) -> dict:
     size = FLAGS.image_size
     images = rng.uniform(0, 1, (48, size, size, 3)).astype(np.float32)
     row: dict = {"model": name, "image_size": size, "bits": FLAGS.bits}
+    row["train_batches"] = FLAGS.train_batches
     row.update(dict.fromkeys(STAGES, "not run"))
     started = time.time()
     try:
@@ -118,6 +139,7 @@ def run_chain(name: str) -> dict:
         )
         qat = tf_pfq.apply(current, activation_bits=bits)
         qat(images, training=True)
+        _fine_tune(qat, images)
         row["stage_a"] = "ok"
         current = tf_pfq.strip(qat)
         row["strip"] = "ok"
@@ -129,6 +151,7 @@ def run_chain(name: str) -> dict:
         )
         qat = tf_pfq.apply(current, activation_bits=bits, weight_bits=bits)
         qat(images[:32], training=True)
+        _fine_tune(qat, images[:32])
         row["stage_w"] = "ok"
         tflite = tf_pfq.export.to_tflite(qat, representative_data=images[:32])
         row["tflite"] = "ok"
@@ -165,7 +188,8 @@ def _cell(value: str) -> str:
 def _command() -> str:
     """The command line that writes this table (the flags that differ from default)."""
     parts = ["python benchmarks/zoo.py"]
-    for name in ("models", "image_size", "bits", "classes", "dead_per_layer", "planted_layers"):
+    names = ("models", "image_size", "bits", "classes", "dead_per_layer", "planted_layers")
+    for name in (*names, "train_batches"):
         flag = FLAGS[name]
         if flag.value != flag.default:
             value = ",".join(flag.value) if isinstance(flag.value, list) else flag.value
@@ -173,6 +197,15 @@ def _command() -> str:
     if FLAGS.results != FLAGS["results"].default:
         parts.append(f"--results={os.path.relpath(FLAGS.results)}")
     return " ".join(parts)
+
+
+def _training() -> str:
+    if not FLAGS.train_batches:
+        return "no training (one training-mode pass sets the ranges)"
+    return (
+        f"one training-mode pass, then {FLAGS.train_batches} fine-tuning batch(es) of 8 "
+        "images on random labels, in each stage"
+    )
 
 
 def write(rows: list[dict]) -> None:
@@ -183,8 +216,8 @@ def write(rows: list[dict]) -> None:
             f"Each model: weights=None, {FLAGS.image_size}x{FLAGS.image_size} input, "
             f"{FLAGS.classes} classes, random BN statistics, {FLAGS.dead_per_layer} dead "
             f"channels planted in each of {FLAGS.planted_layers} BN layers; A{FLAGS.bits}/"
-            f"W{FLAGS.bits} with `tf_pfq.apply`'s defaults; no training (one training-mode "
-            "pass sets the ranges). Fidelity: |XNNPACK - Keras QAT| logits in int8 output "
+            f"W{FLAGS.bits} with `tf_pfq.apply`'s defaults; {_training()}. "
+            "Fidelity: |XNNPACK - Keras QAT| logits in int8 output "
             f"steps over 16 random images. Generated by `{_command()}` on "
             f"{platform.machine()}, {os.cpu_count()} CPU cores."
         ),
@@ -244,7 +277,8 @@ def main(argv):
     os.makedirs(FLAGS.workdir, exist_ok=True)
     rows = []
     for i, name in enumerate(FLAGS.models):
-        path = os.path.join(FLAGS.workdir, f"{name}_{FLAGS.image_size}_a{FLAGS.bits}.json")
+        trained = f"_t{FLAGS.train_batches}" if FLAGS.train_batches else ""
+        path = os.path.join(FLAGS.workdir, f"{name}_{FLAGS.image_size}_a{FLAGS.bits}{trained}.json")
         if os.path.exists(path) and not FLAGS.overwrite:
             with open(path) as f:
                 rows.append(json.load(f))
