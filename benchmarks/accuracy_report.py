@@ -196,10 +196,18 @@ def _mean_ci(values) -> str:
 
 
 def _steps(records) -> str:
-    """The file's worst logit differences from Keras, in output steps, over the runs."""
+    """The file's worst logit differences from Keras in output steps, over the runs.
+
+    Logits beyond the file's calibrated output range saturate there; runs that
+    measured it give the saturated share apart ('sat.'), older runs counted it in.
+    """
     p99 = [r["tflite_logit_steps_p99"] for r in records if "tflite_logit_steps_p99" in r]
     worst = [r["tflite_logit_steps_max"] for r in records if "tflite_logit_steps_max" in r]
-    return f"{max(p99):.2f} / {max(worst):.2f}" if p99 else "-"
+    if not p99:
+        return "-"
+    saturated = [r["tflite_saturated"] for r in records if "tflite_saturated" in r]
+    tail = f", sat. {100 * max(saturated):.3f} %" if saturated else ""
+    return f"{max(p99):.2f} / {max(worst):.2f}{tail}"
 
 
 def _results_table(records) -> list[str]:

@@ -31,8 +31,11 @@ def test_quick_benchmark_records_runs_resumes_and_reports(tmp_path):
             assert stages == ["stage_aw", "stage_aw"]  # the same budget in one stage
         assert record["accuracy"] == record["curve"][-1]["accuracy"]
         # The deployed file computes what the QAT model computes: it only rounds the
-        # logits, which QAT leaves in float, to int8 (half an output step).
+        # logits, which QAT leaves in float, to int8 (half an output step), and
+        # saturates those beyond the range calibrated on training images.
         assert record["tflite_logit_steps_p99"] <= 0.5 + 1e-3
+        assert record["tflite_logit_steps_max"] <= 0.5 + 1e-3
+        assert 0.0 <= record["tflite_saturated"] < 0.01
         # So top-1 changes only where the two best logits are within about a step of
         # each other, which a briefly trained model's are on a few images.
         assert record["tflite_agreement"] >= 0.95

@@ -47,6 +47,9 @@ def test_a_random_graph_exports_exactly(seed):
         return
     assert result.p99_steps <= 0.5 + NOISE_STEPS, (where, result.p99_steps, result.max_steps)
     assert result.max_steps <= 1.0 + NOISE_STEPS, (where, result.p99_steps, result.max_steps)
+    # The test images are calibration data too: no logit may fall outside the
+    # file's range (that would be a wrong range, which the clipped steps hide).
+    assert result.saturated == 0.0, (where, result.saturated)
 
 
 def test_a_seed_builds_the_same_graph_every_time():

@@ -254,6 +254,8 @@ class ChainResult:
       tflite: the integer file, or None.
       p99_steps, max_steps: 99th percentile and maximum of |XNNPACK - Keras QAT|
         logits over the test images, in int8 output steps.
+      saturated: the share of Keras logits beyond the file's calibrated output range
+        (the test images are calibration data too, so 0 unless a range is wrong).
       agreement: top-1 agreement of the two.
       max_weight_levels: the most distinct values any exported weight holds per
         quantization axis.
@@ -271,6 +273,7 @@ class ChainResult:
     tflite: bytes | None = None
     p99_steps: float | None = None
     max_steps: float | None = None
+    saturated: float | None = None
     agreement: float | None = None
     max_weight_levels: int | None = None
     seconds: float = 0.0
@@ -295,7 +298,10 @@ def measure_export(qat, tflite: bytes, images: np.ndarray) -> dict[str, float]:
 
     Returns:
       {"p99_steps", "max_steps": 99th percentile and maximum of |XNNPACK - Keras|
-      over every output value, in int8 output steps; "agreement": top-1 agreement;
+      over every output value, in int8 output steps, with the Keras values clipped
+      to the file's output range; "saturated": the share of Keras output values
+      beyond that range (calibrated on the export's representative data, so the
+      file saturates them); "agreement": top-1 agreement;
       "max_weight_levels": the most distinct values an exported weight holds per
       quantization axis}.
     """
@@ -305,10 +311,20 @@ def measure_export(qat, tflite: bytes, images: np.ndarray) -> dict[str, float]:
 
     keras_out = qat.predict(images, verbose=0)
     out = litert.predict(litert.make_interpreter(tflite), images)
-    scale = inspect(tflite).outputs[0].scales[0]
-    err = np.abs(out - keras_out).reshape(-1) / scale
+    output = inspect(tflite).outputs[0]
+    if output.scales:
+        scale, zero_point = output.scales[0], output.zero_points[0]
+        info = np.iinfo(output.dtype)
+        lo, hi = scale * (info.min - zero_point), scale * (info.max - zero_point)
+    else:  # a float output: no grid, nothing saturates
+        scale, lo, hi = 1.0, -np.inf, np.inf
+    # QAT leaves the logits in float; the file's 8-bit range for them is calibrated,
+    # and a value beyond it saturates. That is counted apart from the arithmetic.
+    saturated = (keras_out < lo - scale / 2) | (keras_out > hi + scale / 2)
+    err = np.abs(out - np.clip(keras_out, lo, hi)).reshape(-1) / scale
     levels = tf_pfq.export.weight_levels(tflite).values()
     return {
+        "saturated": float(np.mean(saturated)),
         "p99_steps": float(np.percentile(err, 99)),
         "max_steps": float(err.max()),
         "agreement": float(np.mean(out.argmax(-1) == keras_out.argmax(-1))),
