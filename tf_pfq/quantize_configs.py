@@ -3,7 +3,10 @@
 One config class covers every case (`num_bits` and the pieces are parameters, not
 a forked class per bit width): an optional kernel quantizer, an optional bias
 quantizer and an optional output quantizer. `tf_pfq.apply` builds one per layer it
-quantizes; tfmot's `QuantizeWrapperV2` calls it.
+quantizes; tfmot's `QuantizeWrapperV2` calls it. Saved QAT models name the class
+and its `get_config` keys (resolved on load through `tf_pfq.quantize_scope`), so
+both stay fixed; the quantizers it holds come from `tf_pfq.quantizers`, the integer
+roundings it applies from `tf_pfq.quant_math`.
 """
 
 from __future__ import annotations
@@ -15,13 +18,8 @@ from typing import Any
 import tensorflow as tf
 import tensorflow_model_optimization as tfmot
 
-from tf_pfq.quantizers import (
-    PfqActivationQuantizer,
-    PfqBiasQuantizer,
-    PfqWeightQuantizer,
-    swish_with_int8_gate,
-    to_integers,
-)
+from tf_pfq.quant_math import swish_with_int8_gate, to_integers
+from tf_pfq.quantizers import PfqActivationQuantizer, PfqBiasQuantizer, PfqWeightQuantizer
 
 __all__ = ["PfqQuantizeConfig"]
 
@@ -94,7 +92,7 @@ class PfqQuantizeConfig(tfmot.quantization.keras.QuantizeConfig):
       kernel_attr: the layer attribute holding the kernel ("kernel" or
         "depthwise_kernel").
       swish_gate: the layer is a swish activation: compute it with its sigmoid gate
-        on TFLite's int8 LOGISTIC grid (`tf_pfq.quantizers.swish_with_int8_gate`),
+        on TFLite's int8 LOGISTIC grid (`tf_pfq.quant_math.swish_with_int8_gate`),
         as the integer file does between its LOGISTIC and MUL ops.
 
     Example:
