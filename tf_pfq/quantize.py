@@ -5,6 +5,12 @@ quantized layers, tfmot `QuantizeLayer` after the input), built by
 `quantize_annotate_layer` + `quantize_apply` with tf_pfq's own `PfqQuantizeConfig`
 per layer and `PfqQuantizeScheme` (whose layout transform replaces no config).
 
+This module holds the public entry points (`apply`, `strip`,
+`quantization_params`, `quantize_scope`): it builds QAT models and reads them
+back. Which layer gets which quantizer, the rules below, is decided in
+`tf_pfq.quant_plan` (a function of the layer graph alone, which the exporter also
+asks); the quantizers are `tf_pfq.quantizers`, their math `tf_pfq.quant_math`.
+
 Which tensors carry which quantizer (the contract the TFLite exporter relies on):
 
 * Model input: `QuantizeLayer` named `quant_<input>` with a
@@ -15,9 +21,10 @@ Which tensors carry which quantizer (the contract the TFLite exporter relies on)
   - activation layers (ReLU, ReLU(6), Activation, LeakyReLU, PReLU, ELU, swish);
     a swish layer (`Activation("swish")`, "silu", `tf.nn.silu`) also has its sigmoid
     gate rounded to TFLite's int8 LOGISTIC grid (1/256) before the product, as the
-    integer file's LOGISTIC then MUL does (`tf_pfq.quantizers.swish_with_int8_gate`);
+    integer file's LOGISTIC then MUL does (`tf_pfq.quant_math.swish_with_int8_gate`);
     softmax, sigmoid, hard_sigmoid and tanh outputs get TFLite's fixed 8-bit grid
-    instead (`FIXED_RANGES`: [0, 255/256] or [-1, 127/128]), on the model output too;
+    instead (`tf_pfq.quant_plan.FIXED_RANGES`: [0, 255/256] or [-1, 127/128]), on
+    the model output too;
   - Conv2D / DepthwiseConv2D / Conv2DTranspose / Dense / BatchNormalization
     outputs, unless the layer's only consumer is a BatchNormalization or a ReLU-type
     activation (then the tensor is fused away in integer inference and only the
@@ -88,26 +95,18 @@ from tf_pfq import ranges
 from tf_pfq.compat import check_model, keras, prepare_model
 from tf_pfq.graph import LayerGraph, model_from_config, own_layer_classes
 from tf_pfq.layers.ops import replace_op_layers
-from tf_pfq.layers.table import (
-    FUSED_ACTIVATIONS,
-    MODELLED_OPS,
-    Quant,
-    activation_name,
-    by_name,
-    entry_for,
-    op_refusal,
+from tf_pfq.layers.table import activation_name
+from tf_pfq.quant_math import QuantParams, check_bits, check_weight_scheme, nudge
+from tf_pfq.quant_plan import FIXED_RANGES as FIXED_RANGES
+from tf_pfq.quant_plan import (
+    concat_shared_ranges,
+    plan_configs,
+    quantized_tensors,
+    split_activations,
+    validate_graph,
 )
 from tf_pfq.quantize_configs import PfqQuantizeConfig
-from tf_pfq.quantizers import (
-    PfqActivationQuantizer,
-    PfqBiasQuantizer,
-    PfqWeightQuantizer,
-    QuantParams,
-    check_bits,
-    check_weight_scheme,
-    nudge,
-    preserves_grid,
-)
+from tf_pfq.quantizers import PfqActivationQuantizer, PfqBiasQuantizer, PfqWeightQuantizer
 from tf_pfq.scheme import PfqQuantizeScheme, quantize_layer_class
 from tf_pfq.wrapper import PfqQuantizeWrapper
 
@@ -124,9 +123,9 @@ __all__ = [
 ]
 
 _qkeras = tfmot.quantization.keras
-L = keras.layers
-# Which layer gets which quantizer is `tf_pfq.layers.table`'s `quant` field (and
-# `kernel` for weights); this module turns it into tfmot configs.
+# tfmot's wrapper base class (tfmot's `QuantizeWrapperV2` and tf_pfq's
+# `PfqQuantizeWrapper` derive from it): the layers of a QAT model that hold a
+# quantize config (`tf_pfq.export` imports it from here).
 _WRAPPERS = (_qkeras.QuantizeWrapper,)
 
 
@@ -149,401 +148,6 @@ def quantize_scope() -> Iterator[None]:
     }
     with _qkeras.quantize_scope(objects):
         yield
-
-
-def _kernel_attr(layer) -> str:
-    kernel = entry_for(layer).kernel
-    return kernel.attr if kernel is not None else "kernel"
-
-
-def _is_linear(layer) -> bool:
-    activation = getattr(layer, "activation", None)
-    return activation is None or getattr(activation, "__name__", "") == "linear"
-
-
-def _is_weighted(layer) -> bool:
-    return entry_for(layer).quant is Quant.WEIGHTS
-
-
-def _validate_graph(graph: LayerGraph, weight_bits) -> None:
-    for name in graph.order:
-        layer = graph.layer(name)
-        if graph.is_nested_model(name):
-            raise ValueError(
-                f"Layer {name!r} is a nested model; flatten it into one Functional model "
-                "before tf_pfq.apply."
-            )
-        if graph.is_shared(name):
-            raise ValueError(
-                f"Layer {name!r} is called {graph.num_calls(name)} times (shared weights); "
-                "tf_pfq.apply needs each layer called once."
-            )
-        entry = entry_for(layer)
-        if entry.quant is Quant.REFUSED:
-            # An op layer: its class does not say what it computes.
-            raise ValueError(
-                op_refusal(
-                    name,
-                    layer,
-                    f"tf_pfq.apply cannot quantize: {MODELLED_OPS}; write it with Keras "
-                    "layers (Add, Multiply, ReLU, Activation, ...).",
-                )
-            )
-        if weight_bits is None:
-            continue
-        if entry.quant is Quant.PREPROCESSING:
-            raise ValueError(
-                f"Layer {name!r} ({type(layer).__name__}) is a preprocessing layer that "
-                "stage W would leave in float; fold it first with "
-                "`tf_pfq.fold_batchnorm(model)`, which folds it into the next conv where "
-                "that is exact, else rewrites it as a per-channel affine (a 1x1 "
-                "DepthwiseConv2D) that stage W quantizes."
-            )
-        if entry.quant is Quant.NORMALIZATION:
-            producers = [graph.layer(p) for p in graph.inputs_of(name)]
-            if any(_is_weighted(p) for p in producers):
-                hint = (
-                    "fold it into the kernel first with `tf_pfq.fold_batchnorm(model)`"
-                    if all(_is_linear(p) for p in producers)
-                    else "it follows a fused activation, so it cannot be folded: move the "
-                    "activation after the BN, then call `tf_pfq.fold_batchnorm(model)`"
-                )
-                raise ValueError(
-                    f"BatchNormalization {name!r} follows {graph.inputs_of(name)[0]!r}: {hint} "
-                    "(paper §3.3: stage W quantizes folded weights)."
-                )
-            raise ValueError(
-                f"BatchNormalization {name!r} follows no Conv2D/DepthwiseConv2D/Dense, so "
-                "it cannot be folded, and stage W would leave its gamma and beta in "
-                "float; fold or remove it before tf_pfq.apply(..., weight_bits=n)."
-            )
-        elif layer.weights and entry.kernel is None:
-            raise ValueError(
-                f"Layer {name!r} ({type(layer).__name__}) has weights tf_pfq cannot "
-                "quantize; stage W quantizes Conv2D, DepthwiseConv2D, Conv2DTranspose "
-                "and Dense kernels only, and leaves no weight in float."
-            )
-
-
-def split_activations(model):
-    """`model` with each non-fusable fused activation moved into an Activation layer.
-
-    Integer inference fuses ReLU and ReLU6 into a conv or dense op; softmax,
-    sigmoid, tanh, swish, ... are ops of their own whose input needs a grid, so
-    `Dense(10, activation="softmax", name="predictions")` (the head of the
-    `tf_keras.applications` models) becomes a linear `predictions` followed by an
-    `Activation("softmax", name="predictions_softmax")`. Other layers keep their
-    names; the model is returned unchanged when there is nothing to split.
-
-    Example:
-      >>> x = keras.Input((4,), name="x")
-      >>> m = keras.Model(x, keras.layers.Dense(3, activation="softmax", name="p")(x))
-      >>> [layer.name for layer in split_activations(m).layers]
-      ['x', 'p', 'p_softmax']
-    """
-    config = copy.deepcopy(model.get_config())
-    layers, renames = [], {}
-    for layer_config in config["layers"]:
-        layers.append(layer_config)
-        activation = layer_config["config"].get("activation")
-        entry = by_name(layer_config["class_name"])
-        if (
-            entry is not None
-            and entry.splits_activation
-            and isinstance(activation, str)
-            and activation not in FUSED_ACTIVATIONS
-        ):
-            layer_config["config"]["activation"] = "linear"
-            name = layer_config["name"]
-            new = f"{name}_{activation}"
-            renames[name] = new
-            layers.append(
-                {
-                    "class_name": "Activation",
-                    "config": {
-                        "name": new,
-                        "trainable": True,
-                        "dtype": layer_config["config"].get("dtype", "float32"),
-                        "activation": activation,
-                    },
-                    "name": new,
-                    "inbound_nodes": [[[name, 0, 0, {}]]],
-                }
-            )
-    if not renames:
-        return model
-    for layer_config in layers:
-        if layer_config["name"] in renames.values():
-            continue
-        layer_config["inbound_nodes"] = [
-            [[renames.get(item[0], item[0]), *item[1:]] for item in node]
-            for node in layer_config["inbound_nodes"]
-        ]
-    config["layers"] = layers
-    config["output_layers"] = [
-        [renames.get(item[0], item[0]), *item[1:]] for item in config["output_layers"]
-    ]
-    result = model_from_config(config, model)
-    for layer in model.layers:
-        if layer.weights:
-            result.get_layer(layer.name).set_weights(layer.get_weights())
-    return result
-
-
-def _is_terminal(graph: LayerGraph, name: str, memo: dict[str, bool]) -> bool:
-    if name not in memo:
-        consumers = graph.consumers_of(name)
-        memo[name] = graph.is_output(name) or bool(
-            consumers
-            and all(
-                preserves_grid(graph.layer(c)) and _is_terminal(graph, c, memo) for c in consumers
-            )
-        )
-    return memo[name]
-
-
-# Outputs whose int8 grid TFLite fixes (LOGISTIC and SOFTMAX: scale 1/256 from 0,
-# TANH: scale 1/128 around 0); hard_sigmoid lands on [0, 1] like sigmoid. They are
-# quantized with that 8-bit grid whatever `activation_bits` is, so the file holds
-# exactly what QAT trained with.
-FIXED_RANGES = {
-    "softmax": (0.0, 255.0 / 256.0),
-    "sigmoid": (0.0, 255.0 / 256.0),
-    "hard_sigmoid": (0.0, 255.0 / 256.0),
-    "tanh": (-1.0, 127.0 / 128.0),
-}
-
-
-def _fuses_into_producer(layer) -> bool:
-    return entry_for(layer).fuses(layer)
-
-
-def _concat_sources(graph: LayerGraph, name: str) -> list[str]:
-    """Layers whose output reaches Concatenate `name` and nothing else.
-
-    Walks back from each input through grid-preserving layers with one consumer.
-    Giving those layers the concat's range (instead of a range of their own) makes
-    every input of the concat share one grid, as TFLite's int8 CONCATENATION and the
-    Edge TPU require; quantizing the concat output once then equals quantizing each
-    input with that grid, so the integer file needs no requantization.
-    """
-    sources = []
-    for producer in graph.inputs_of(name):
-        current = producer
-        while (
-            len(graph.consumers_of(current)) == 1
-            and preserves_grid(graph.layer(current))
-            and len(graph.inputs_of(current)) == 1
-        ):
-            current = graph.inputs_of(current)[0]
-        if (
-            current not in graph.input_names
-            and len(graph.consumers_of(current)) == 1
-            and not graph.is_output(current)
-        ):
-            sources.append(current)
-    return sources
-
-
-def concat_shared_ranges(
-    model, *, activation_bits: int, add_bits: int | None = 8
-) -> dict[str, str]:
-    """{layer name: Concatenate whose output range that layer's output uses} (see `apply`).
-
-    Args:
-      model: a Functional or Sequential tf_keras model.
-      activation_bits: bit width of activations.
-      add_bits: bit width of Add outputs, or None.
-
-    Returns:
-      The layers that carry no quantizer of their own because their output reaches
-      only a Concatenate, mapped to the (outermost) Concatenate whose range they use.
-
-    Example:
-      >>> x = keras.Input((4, 4, 1))
-      >>> a = keras.layers.ReLU(name="a")(x)
-      >>> b = keras.layers.Conv2D(2, 1, name="b")(x)
-      >>> c = keras.layers.Concatenate(name="c")([a, b])
-      >>> m = keras.Model(x, keras.layers.Conv2D(1, 1, name="out")(c))
-      >>> concat_shared_ranges(m, activation_bits=4)
-      {'a': 'c', 'b': 'c'}
-    """
-    return _select(LayerGraph(model), activation_bits, add_bits)[1]
-
-
-def _select(graph: LayerGraph, activation_bits: int, add_bits: int | None):
-    memo: dict[str, bool] = {}
-    selected: dict[str, int] = {}
-    for name in graph.order:
-        layer = graph.layer(name)
-        act = activation_name(layer)
-        if act in FIXED_RANGES:
-            if name not in graph.input_names:
-                selected[name] = 8
-            continue
-        if name in graph.input_names or _is_terminal(graph, name, memo):
-            continue
-        consumers = graph.consumers_of(name)
-        quant = entry_for(layer).quant
-        if quant is Quant.ADD:
-            fused = len(consumers) == 1 and _fuses_into_producer(graph.layer(consumers[0]))
-            if add_bits is not None and not fused:
-                selected[name] = add_bits
-            continue
-        if quant is Quant.CONCAT:
-            selected[name] = activation_bits  # widened below to its inputs' bits
-            continue
-        if isinstance(layer, L.Activation) and _is_linear(layer):
-            continue
-        # Activations, and outputs off their input's grid (a mean, an interpolation, a
-        # product): the next layer's bias grid needs an input scale.
-        if quant is Quant.OUTPUT and not preserves_grid(layer):
-            selected[name] = activation_bits
-        elif quant in (Quant.WEIGHTS, Quant.NORMALIZATION):
-            fused = (
-                _is_linear(layer)
-                and len(consumers) == 1
-                and (
-                    entry_for(graph.layer(consumers[0])).quant is Quant.NORMALIZATION
-                    or _fuses_into_producer(graph.layer(consumers[0]))
-                )
-            )
-            if fused:
-                continue
-            # Logits feeding only an output softmax/sigmoid: the paper leaves the last
-            # layer's output in float; 8 bits is the closest an integer file holds.
-            last = bool(consumers) and all(
-                activation_name(graph.layer(c)) is not None and _is_terminal(graph, c, memo)
-                for c in consumers
-            )
-            selected[name] = 8 if last else activation_bits
-    shared: dict[str, str] = {}
-    for name in graph.order:  # inner concats first: an outer one takes their sources
-        if entry_for(graph.layer(name)).quant is not Quant.CONCAT or name not in selected:
-            continue
-        for source in _concat_sources(graph, name):
-            if activation_name(graph.layer(source)) in FIXED_RANGES:
-                continue  # TFLite fixes that grid; the concat requantizes it
-            selected[name] = max(selected[name], selected.pop(source, 0))
-            shared[source] = name
-    # A nested concat's sources share the outer range: resolve chains.
-    for source, target in list(shared.items()):
-        while target in shared:
-            target = shared[target]
-        shared[source] = target
-    return selected, shared
-
-
-def quantized_tensors(model, *, activation_bits: int, add_bits: int | None = 8) -> dict[str, int]:
-    """Which layer outputs `apply` quantizes, and with how many bits (see module doc).
-
-    Args:
-      model: a Functional or Sequential tf_keras model.
-      activation_bits: bit width of activations.
-      add_bits: bit width of Add outputs; None leaves them float (paper §4.1).
-
-    Returns:
-      {layer name: bits} for every layer whose output gets a quantizer (model
-      inputs excluded).
-
-    Example:
-      >>> from tf_pfq import models
-      >>> m = models.mobilenet_v1(input_shape=(8, 8, 3), widths=(4, 8), strides=(1, 2))
-      >>> sorted(quantized_tensors(m, activation_bits=4))
-      ['conv1_relu', 'conv_dw_1_relu', 'conv_pw_1_relu', 'pool']
-    """
-    return _select(
-        LayerGraph(replace_op_layers(LayerGraph(model).model)), activation_bits, add_bits
-    )[0]
-
-
-_NON_NEGATIVE = frozenset(["relu", "relu6", "softmax", "sigmoid"])
-
-
-def _is_non_negative(layer) -> bool:
-    """True when the layer's output is >= 0 whatever its input (a ReLU, ReLU6, ...)."""
-    if isinstance(layer, L.ReLU):
-        slope = float(np.asarray(layer.negative_slope))
-        return slope == 0.0 and float(np.asarray(layer.threshold)) >= 0.0
-    if isinstance(layer, L.Softmax):
-        return True
-    if activation_name(layer) in ("relu", "relu6"):  # tf.nn.relu / relu6 op layers
-        return True
-    name = getattr(getattr(layer, "activation", None), "__name__", "")
-    return name in _NON_NEGATIVE
-
-
-def _input_is_quantized(graph, name, outputs, input_bits) -> bool:
-    current = name
-    while True:
-        producers = graph.inputs_of(current)
-        if len(producers) != 1:
-            return False
-        producer = producers[0]
-        if producer in graph.input_names:
-            return input_bits is not None
-        if producer in outputs:
-            return True
-        if not preserves_grid(graph.layer(producer)):
-            return False
-        current = producer
-
-
-def _plan(
-    graph, activation_bits, weight_bits, per_channel_weights, add_bits, input_bits, weight_scheme
-):
-    outputs = _select(graph, activation_bits, add_bits)[0]
-    configs = {}
-    for name in graph.order:
-        layer = graph.layer(name)
-        output_quantizer = None
-        if name in outputs:
-            output_quantizer = PfqActivationQuantizer(
-                outputs[name],
-                non_negative=_is_non_negative(layer),
-                fixed_range=FIXED_RANGES.get(activation_name(layer) or ""),
-            )
-        weight_quantizer = bias_quantizer = None
-        attr = _kernel_attr(layer)
-        if weight_bits is not None and _is_weighted(layer):
-            # Dense and Conv2DTranspose stay per tensor: TFLite's FULLY_CONNECTED rejects
-            # per-axis weights and a transposed kernel's output axis is not last.
-            kernel = entry_for(layer).kernel
-            assert kernel is not None  # Quant.WEIGHTS entries have one
-            per_channel = per_channel_weights and kernel.per_channel
-            depthwise = kernel.depthwise
-            weight_quantizer = PfqWeightQuantizer(
-                weight_bits, per_channel, depthwise, weight_scheme
-            )
-            if layer.use_bias and _input_is_quantized(graph, name, outputs, input_bits):
-                bias_quantizer = PfqBiasQuantizer(
-                    weight_bits, per_channel, depthwise, attr, weight_scheme
-                )
-        swish = activation_name(layer) == "swish"
-        if output_quantizer or weight_quantizer or swish:
-            configs[name] = PfqQuantizeConfig(
-                weight_quantizer,
-                bias_quantizer,
-                output_quantizer,
-                kernel_attr=attr,
-                swish_gate=swish,
-            )
-        elif _is_fused_add(graph, name, outputs):
-            # No grid of its own, but at inference it rounds onto its ReLU's grid as
-            # integer inference does (`tf_pfq.wrapper.add_sources`): a bare wrapper.
-            configs[name] = PfqQuantizeConfig(None, None, None)
-    return configs
-
-
-def _is_fused_add(graph, name: str, outputs) -> bool:
-    consumers = graph.consumers_of(name)
-    return (
-        isinstance(graph.layer(name), L.Add)
-        and len(graph.inputs_of(name)) == 2
-        and len(consumers) == 1
-        and consumers[0] in outputs
-        and _fuses_into_producer(graph.layer(consumers[0]))
-    )
 
 
 def apply(
@@ -615,8 +219,8 @@ def apply(
     check_weight_scheme(weight_scheme, "weight_scheme")
     model = prepare_model(model)
     graph = LayerGraph(split_activations(replace_op_layers(LayerGraph(model).model)))
-    _validate_graph(graph, weight_bits)
-    configs = _plan(
+    validate_graph(graph, weight_bits)
+    configs = plan_configs(
         graph,
         activation_bits,
         weight_bits,
@@ -811,7 +415,7 @@ def quantization_params(qat_model) -> dict[str, LayerQuantParams]:
     """Effective quantization parameters of a QAT model, by original layer name.
 
     The grids are those TensorFlow's fake-quant ops use after zero-point nudging
-    (`tf_pfq.quantizers.nudge`): an integer model with these scales and zero points
+    (`tf_pfq.quant_math.nudge`): an integer model with these scales and zero points
     reproduces the QAT model's inference-mode outputs. Model inputs appear under
     the input layer's name with an `output` grid.
 
