@@ -46,7 +46,10 @@ def test_quick_benchmark_records_runs_resumes_and_reports(tmp_path):
         v[1] for k, v in regime["dead_1e-5"].items() if k != "all"
     )
     (ptq,) = summary["ptq"].values()
-    assert len(ptq) == 12 and {row["pfq"] for row in ptq} == {False, True}
+    # Per tensor: W4, W3, A4, A3, A4/W4, A3/W3; per channel: the four with weights;
+    # each with and without PfQ.
+    assert len(ptq) == 20 and {row["pfq"] for row in ptq} == {False, True}
+    assert sum(row["per_channel"] for row in ptq) == 8
     report = (tmp_path / "accuracy_quick.md").read_text()
     for section in ("## 1. The regime", "## 2. Before any fine-tuning", "## 5. Claims"):
         assert section in report
