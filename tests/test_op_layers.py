@@ -221,3 +221,19 @@ def test_unmodelled_op_is_refused_by_apply_and_export_and_kept_by_prune():
     row = next(r for r in report.layers if r.name == "bn")
     assert row.removed == [] and pruned.get_layer("conv").filters == 4
     assert "cumsum" in row.kept[1], row.kept
+
+
+def test_a_qat_model_with_op_layers_saves_and_loads(tmp_path):
+    keras.utils.set_random_seed(0)
+    model = op_net()
+    folded, _ = tf_pfq.fold_batchnorm(model)
+    qat = tf_pfq.apply(folded, activation_bits=4, weight_bits=4)
+    x = np.random.default_rng(0).uniform(0, 1, (8, *SHAPE)).astype(np.float32)
+    qat(x, training=True)
+    assert any(
+        type(layer.layer).__name__ == "ElementwiseOp"
+        for layer in qat.layers
+        if hasattr(layer, "layer")
+    )
+    loaded = tf_pfq.load(tf_pfq.save(qat, str(tmp_path / "qat.h5")))
+    np.testing.assert_array_equal(loaded.predict(x, verbose=0), qat.predict(x, verbose=0))

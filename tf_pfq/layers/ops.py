@@ -208,6 +208,12 @@ class ElementwiseOp(keras.layers.Layer):
         return {**super().get_config(), "kind": self.kind, "scalar": self.scalar}
 
 
+# HDF5 model configs name a wrapped layer by its bare class name, while
+# `register_keras_serializable` files it as "tf_pfq>ElementwiseOp"; registering the
+# bare name too lets a saved QAT (or stripped) model with op layers load.
+keras.utils.get_custom_objects().setdefault("ElementwiseOp", ElementwiseOp)
+
+
 def _modelled(layer_config: dict, names: set) -> tuple[str, float | None, list] | None:
     """(kind, scalar, inbound records) of a TFOpLambda config `ElementwiseOp` computes."""
     if layer_config["class_name"] != "TFOpLambda" or len(layer_config["inbound_nodes"]) != 1:
