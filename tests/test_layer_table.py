@@ -36,6 +36,8 @@ PASSES = [
         "dfq",
         "export.convert",
         "plots",
+        # The export's lowering moved out of export.convert into it.
+        "export.lowering",
     )
 ]
 prune_lib, convert = PASSES[0], PASSES[6]
