@@ -36,8 +36,9 @@ PASSES = [
         "dfq",
         "export.convert",
         "plots",
-        # The export's lowering moved out of export.convert into it.
+        # The export's lowering moved out of export.convert into these.
         "export.lowering",
+        "export.weighted",
     )
 ]
 prune_lib, convert = PASSES[0], PASSES[6]

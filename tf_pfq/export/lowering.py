@@ -22,7 +22,8 @@ the QAT model rounds:
   float), nearest UpSampling2D to RESIZE_NEAREST_NEIGHBOR, bilinear UpSampling2D to
   RESIZE_NEAREST_NEIGHBOR and an integer-weight depthwise conv (`_bilinear`: int8
   RESIZE_BILINEAR must keep its input's scale, so it cannot round onto the grid QAT
-  trained for its output), Multiply to MUL.
+  trained for its output), Multiply to MUL; the weighted layers are
+  `tf_pfq.export.weighted`.
 * op layers (`tf_pfq.layers.ops.ElementwiseOp`, which `tf_pfq.apply` makes of
   the op layers it models) lower like the Keras layer doing the same: `x + c`,
   `x - c`, `x + y`, `x - y` to ADD / SUB (a ReLU consumer fused in, so
@@ -51,6 +52,8 @@ export graph and the QAT arithmetic differ the builder asks its policy
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import tensorflow as tf
@@ -63,15 +66,20 @@ from tf_pfq.export.grids import (
     _same_grid,
     _scalar,
     _Tensor,
-    _weight_values,
 )
 from tf_pfq.export.int8_ops import _bilinear
 from tf_pfq.export.plan import ExportPlan, LayerQuantization
 from tf_pfq.export.policies import Simulate
+from tf_pfq.export.weighted import (
+    _WeightedLayer,
+    bias_on_grid,
+    kernel_grid,
+    kernel_on_grid,
+    weighted_op,
+)
 from tf_pfq.graph import LayerGraph
 from tf_pfq.layers.ops import ElementwiseOp
 from tf_pfq.layers.table import Lowering, activation_name, entry_for, lookup
-from tf_pfq.quantizers import INT32_BIAS_RANGE
 
 # Calibrated output (logit) ranges are widened by this share of their width on each side.
 OUTPUT_MARGIN = 0.1
@@ -80,8 +88,6 @@ L = keras.layers
 # Handlers whose last TFLite op takes a fused ReLU (CONV_2D, DEPTHWISE_CONV_2D,
 # FULLY_CONNECTED, ADD, MUL, swish's MUL); MEAN, CONCATENATION, RESIZE_* do not.
 _FUSES_RELU = frozenset([Lowering.WEIGHTED, Lowering.ADD, Lowering.MULTIPLY, Lowering.ACTIVATION])
-# Activations lowered to TFLite's int8 lookup-style kernels (not fused into a conv).
-_LUT_ACTIVATIONS = frozenset(["softmax", "sigmoid", "tanh", "hard_sigmoid", "swish"])
 
 
 def _activation_fn(name: str, layer_name: str):
@@ -136,17 +142,28 @@ class _Builder:
         self.graph = LayerGraph(plan.model)
         # Read eagerly: inside the traced function Keras cannot fetch variable values.
         self.weights = {layer.name: layer.get_weights() for layer in self.graph.model.layers}
-        self._handlers = {
+        # One handler per `Lowering` of the layer table but INPUT (which reads the
+        # function's argument): each takes (name, layer, inbound tensors).
+        self._lowerings: dict[Lowering, Callable[[str, Any, list[_Tensor]], _Tensor]] = {
             Lowering.WEIGHTED: self._weighted,
             Lowering.ACTIVATION: self._activation,
             Lowering.AVERAGE: self._pool,
             Lowering.RESIZE: self._upsample,
             Lowering.PASS_THROUGH: self._pass_through,
-        }
-        self._merges = {
             Lowering.ADD: self._add,
             Lowering.MULTIPLY: self._multiply,
             Lowering.OP: self._op,
+            Lowering.CONCAT: self._concat,
+        }
+        # Activations lowered to TFLite's int8 lookup-style kernels (not fused into a
+        # conv), by name: each gives (output, lo, hi) of (name, layer, input).
+        self._lut_activations: dict[str, Callable[[str, Any, _Tensor], tuple[Any, float, float]]]
+        self._lut_activations = {
+            "softmax": self._softmax,
+            "sigmoid": lambda name, layer, x: (tf.math.sigmoid(x.value), 0.0, 1.0),
+            "tanh": lambda name, layer, x: (tf.math.tanh(x.value), -1.0, 1.0),
+            "hard_sigmoid": self._hard_sigmoid,
+            "swish": self._swish,
         }
 
     # --- helpers -----------------------------------------------------------------
@@ -218,103 +235,37 @@ class _Builder:
         )
         return _Tensor(value, grid.min, grid.max, grid)
 
-    def _weighted(self, name: str, layer, x: _Tensor) -> _Tensor:
+    def _weighted(self, name: str, layer, inputs: list[_Tensor]) -> _Tensor:
+        """Conv2D, DepthwiseConv2D, Conv2DTranspose, Dense (`tf_pfq.export.weighted`)."""
+        x = inputs[0]
         config = layer.get_config()
         quant = self.plan.layers.get(name, LayerQuantization())
-        if quant.kernel is None:
-            raise ValueError(
-                f"Layer {name!r} ({type(layer).__name__}) has no weight quantizer: the "
-                "integer export needs a stage-W model. Fold batch normalization with "
-                "tf_pfq.fold_batchnorm and quantize weights with "
-                "tf_pfq.apply(..., weight_bits=n) first."
-            )
-        if config.get("data_format", "channels_last") != "channels_last":
-            raise ValueError(f"Layer {name!r}: only channels_last is supported.")
+        grid = kernel_grid(name, layer, quant, config)
         weights = self.weights[name]
         kernel = weights[0].astype(np.float32)
         bias = weights[1].astype(np.float32) if len(weights) > 1 else None
-        grid = quant.kernel
         entry = entry_for(layer)
         layout = entry.kernel
         assert layout is not None  # Lowering.WEIGHTED entries have a kernel
         depthwise = layout.depthwise
         dense = entry.tflite == "FULLY_CONNECTED"
         per_channel = np.asarray(grid.scale).size > 1
-        if depthwise:
-            kh, kw, cin, mult = kernel.shape
-        if quant.kernel_values is not None and quant.kernel_values.shape == kernel.shape:
-            kernel_n = np.asarray(quant.kernel_values, np.float32)
-        elif depthwise:
-            flat = _weight_values(kernel.reshape(kh, kw, cin * mult), grid)
-            kernel_n = flat.reshape(kernel.shape)
-        else:
-            kernel_n = _weight_values(kernel, grid)
-        # Bias on the int32 grid s_in * s_w (what TFLite stores).
-        s_in = _scalar(x.grid.scale) if x.grid is not None else None
-        if bias is not None and s_in is not None:
-            step = np.float32(s_in) * np.asarray(grid.scale, np.float32)
-            if quant.bias_scale is not None and np.allclose(
-                quant.bias_scale, step, rtol=1e-5, atol=0.0
-            ):
-                step = np.asarray(quant.bias_scale, np.float32)
-            # Clipped as QAT clips it (`tf_pfq.quantizers.quantize_bias`): a bias
-            # beyond int32 on a very fine grid (a kernel of zeros) saturates in both.
-            units = np.clip(np.round(bias / step), *INT32_BIAS_RANGE)
-            bias = (units * step).astype(np.float32)
-
+        kernel_n = kernel_on_grid(kernel, quant, grid, depthwise)
+        bias = bias_on_grid(bias, x.grid, grid, quant)
         k = self.policy.kernel(kernel_n, grid, depthwise, dense)
-
-        v = x.value
-        if dense:
-            if v.shape.rank != 2:
-                raise ValueError(f"Layer {name!r}: Dense on a rank-{v.shape.rank} input.")
-            if self.policy.dense_as_conv(per_channel):
-                # TFLite's FULLY_CONNECTED takes per-tensor weights only; a 1x1 CONV_2D
-                # carries the per-channel grid.
-                y = tf.nn.conv2d(tf.reshape(v, [-1, 1, 1, v.shape[-1]]), k, 1, "VALID")
-                y = tf.reshape(y, [-1, kernel.shape[1]])
-            else:
-                y = tf.matmul(v, k)
-            k2d = kernel_n
-        elif depthwise:
-            if config["dilation_rate"] not in ((1, 1), [1, 1]):
-                raise ValueError(f"Layer {name!r}: dilation is not supported by the export.")
-            strides = [1, *config["strides"], 1]
-            y = tf.nn.depthwise_conv2d(v, k, strides, config["padding"].upper())
-            k2d = kernel_n.reshape(kh * kw, cin * mult)
-        elif entry.tflite == "TRANSPOSE_CONV":
-            # The kernel is (kh, kw, out, in).
-            if config["dilation_rate"] not in ((1, 1), [1, 1]) or config.get("output_padding"):
-                raise ValueError(
-                    f"Layer {name!r}: Conv2DTranspose with dilation or output_padding is "
-                    "not supported by the integer export."
-                )
-            out_shape = layer.compute_output_shape(v.shape)
-            y = tf.nn.conv2d_transpose(
-                v, k, [v.shape[0], *out_shape[1:]], config["strides"], config["padding"].upper()
-            )
-            # Each output sums at most every (tap, input channel) pair once.
-            k2d = kernel_n.transpose(0, 1, 3, 2).reshape(-1, kernel_n.shape[2])
-        elif entry.tflite == "CONV_2D" and type(layer) is entry.cls:
-            # A grouped kernel (kh, kw, cin / groups, cout) converts to a grouped
-            # CONV_2D, which TFLite's builtin kernels and XNNPACK run.
-            y = tf.nn.conv2d(
-                v,
-                k,
-                config["strides"],
-                config["padding"].upper(),
-                dilations=config["dilation_rate"],
-            )
-            k2d = kernel_n.reshape(-1, kernel_n.shape[-1])
-        else:
-            raise ValueError(f"Layer {name!r}: unsupported weighted layer {type(layer).__name__}.")
+        weighted = _WeightedLayer(name, layer, config, kernel_n, per_channel)
+        y, k2d = weighted_op(entry, weighted, x.value, k, self.policy)
         if bias is not None:
             y = y + bias
         # Interval bound of the output (used only when QAT left it in float).
         lo, hi = _interval_linear(k2d, bias, float(x.lo), float(x.hi))
+        return self._weighted_activation(name, entry.tflite, config, y, lo, hi)
+
+    def _weighted_activation(self, name: str, tflite: str, config, y, lo: float, hi: float):
+        """The weighted layer's fused activation, then its output grid."""
         activation, nonneg = _activation_fn(config.get("activation"), name)
         fuses_relu = None
-        if entry.tflite == "TRANSPOSE_CONV" and self._grid_applies_relu(name, activation):
+        if tflite == "TRANSPOSE_CONV" and self._grid_applies_relu(name, activation):
             # The converter fuses a ReLU into TRANSPOSE_CONV only behind a bias add;
             # with a zero bias (folded away) it keeps the op in float. Quantize the
             # raw output on the int8 grid and clamp with a separate RELU on that
@@ -327,11 +278,11 @@ class _Builder:
         t = _Tensor(y, np.float32(lo), np.float32(hi), None, nonneg)
         return self._quantize_output(name, t, self._needs_range(name), fuses_relu)
 
-    def _activation(self, name: str, layer, x: _Tensor) -> _Tensor:
+    def _activation(self, name: str, layer, inputs: list[_Tensor]) -> _Tensor:
         act = activation_name(layer)
-        if act in _LUT_ACTIVATIONS:
-            return self._lut_activation(name, act, layer, x)
-        return self._relu(name, layer, x)
+        if act in self._lut_activations:
+            return self._lut_activation(name, act, layer, inputs[0])
+        return self._relu(name, layer, inputs[0])
 
     def _lut_activation(self, name: str, act: str, layer, x: _Tensor) -> _Tensor:
         """softmax, sigmoid, tanh, hard_sigmoid and swish on int8 inputs.
@@ -344,31 +295,33 @@ class _Builder:
         swish `x * sigmoid(x)` is LOGISTIC then MUL; the sigmoid is rounded to its
         1/256 grid in between, as QAT does (`tf_pfq.quantizers.swish_with_int8_gate`).
         """
-        v = x.value
         if x.grid is None:
             raise ValueError(
                 f"Layer {name!r} ({act}): its input has no quantization grid; the "
                 "integer export needs the input of a softmax/sigmoid/tanh/swish quantized."
             )
-        if act == "softmax":
-            axis = layer.get_config().get("axis", -1) if isinstance(layer, L.Softmax) else -1
-            if axis not in (-1, v.shape.rank - 1, [-1]):
-                raise ValueError(
-                    f"Layer {name!r}: softmax over axis {axis} is not supported by the "
-                    "integer export (TFLite's SOFTMAX works on the last axis)."
-                )
-            y, lo, hi = tf.nn.softmax(v), 0.0, 1.0
-        elif act == "sigmoid":
-            y, lo, hi = tf.math.sigmoid(v), 0.0, 1.0
-        elif act == "tanh":
-            y, lo, hi = tf.math.tanh(v), -1.0, 1.0
-        elif act == "hard_sigmoid":
-            y, lo, hi = self.policy.hard_sigmoid(v, x.grid), 0.0, 1.0
-        else:  # swish
-            y = v * self.policy.swish_gate(tf.math.sigmoid(v))
-            lo, hi = min(-0.2785, float(x.lo)), max(float(x.hi), 0.0)
+        y, lo, hi = self._lut_activations[act](name, layer, x)
         t = _Tensor(y, np.float32(lo), np.float32(hi), None, act != "tanh" and act != "swish")
         return self._quantize_output(name, t, needs_range=True)
+
+    def _softmax(self, name: str, layer, x: _Tensor):
+        v = x.value
+        axis = layer.get_config().get("axis", -1) if isinstance(layer, L.Softmax) else -1
+        if axis not in (-1, v.shape.rank - 1, [-1]):
+            raise ValueError(
+                f"Layer {name!r}: softmax over axis {axis} is not supported by the "
+                "integer export (TFLite's SOFTMAX works on the last axis)."
+            )
+        return tf.nn.softmax(v), 0.0, 1.0
+
+    def _hard_sigmoid(self, name: str, layer, x: _Tensor):
+        assert x.grid is not None  # `_lut_activation` refuses an input without one
+        return self.policy.hard_sigmoid(x.value, x.grid), 0.0, 1.0
+
+    def _swish(self, name: str, layer, x: _Tensor):
+        v = x.value
+        y = v * self.policy.swish_gate(tf.math.sigmoid(v))
+        return y, min(-0.2785, float(x.lo)), max(float(x.hi), 0.0)
 
     def _relu(self, name: str, layer, x: _Tensor) -> _Tensor:
         config = layer.get_config()
@@ -408,7 +361,7 @@ class _Builder:
         t = _Tensor(y, np.float32(0.0), np.float32(max(hi, 0.0)), x.grid, True)
         return self._quantize_output(name, t, needs_range=False)
 
-    def _add(self, name: str, inputs: list[_Tensor]) -> _Tensor:
+    def _add(self, name: str, layer, inputs: list[_Tensor]) -> _Tensor:
         y = inputs[0].value
         for t in inputs[1:]:
             y = y + t.value
@@ -419,13 +372,13 @@ class _Builder:
         # fused into ADD and rounds once, as in the QAT model.
         return self._quantize_output(name, t, needs_range=self._needs_range(name))
 
-    def _op(self, name: str, inputs: list[_Tensor]) -> _Tensor:
+    def _op(self, name: str, layer, inputs: list[_Tensor]) -> _Tensor:
         """An ElementwiseOp: the op in float, then its output grid (one rounding).
 
         `+` / `-` feeding only a quantized ReLU get no grid of their own (the ReLU is
         fused into ADD / SUB, as in the QAT model); products always need one.
         """
-        op = self.graph.layer(name)
+        op = layer
         x = inputs[0]
         lo, hi = float(x.lo), float(x.hi)
         if op.tensors == 2:
@@ -455,7 +408,8 @@ class _Builder:
         sums = op.kind in ("add", "subtract")
         return self._quantize_output(name, t, self._needs_range(name) if sums else True)
 
-    def _pool(self, name: str, layer, x: _Tensor) -> _Tensor:
+    def _pool(self, name: str, layer, inputs: list[_Tensor]) -> _Tensor:
+        x = inputs[0]
         config = layer.get_config()
         if isinstance(layer, L.GlobalAveragePooling2D):
             y = self.policy.global_mean(x.value, config.get("keepdims", False))
@@ -464,7 +418,8 @@ class _Builder:
         t = _Tensor(y, x.lo, x.hi, None, x.nonneg)
         return self._quantize_output(name, t, needs_range=True)
 
-    def _pass_through(self, name: str, layer, x: _Tensor) -> _Tensor:
+    def _pass_through(self, name: str, layer, inputs: list[_Tensor]) -> _Tensor:
+        x = inputs[0]
         config = layer.get_config()
         v = x.value
         if isinstance(layer, (L.Dropout, L.SpatialDropout2D, L.InputLayer)):
@@ -488,7 +443,8 @@ class _Builder:
         t = _Tensor(y, x.lo, x.hi, x.grid, x.nonneg)
         return self._quantize_output(name, t, needs_range=self.graph.is_output(name))
 
-    def _upsample(self, name: str, layer, x: _Tensor) -> _Tensor:
+    def _upsample(self, name: str, layer, inputs: list[_Tensor]) -> _Tensor:
+        x = inputs[0]
         # RESIZE_NEAREST_NEIGHBOR keeps the grid. Bilinear is not RESIZE_BILINEAR:
         # TFLite's int8 kernel must keep its input's scale and rounds its ties its
         # own way, while QAT gives the interpolation a grid of its own (one
@@ -507,7 +463,7 @@ class _Builder:
         t = _Tensor(y, x.lo, x.hi, None, x.nonneg)
         return self._quantize_output(name, t, needs_range=True)
 
-    def _multiply(self, name: str, inputs: list[_Tensor]) -> _Tensor:
+    def _multiply(self, name: str, layer, inputs: list[_Tensor]) -> _Tensor:
         # MUL rescales the int32 product once onto the output grid, as QAT rounds.
         y, lo, hi = inputs[0].value, float(inputs[0].lo), float(inputs[0].hi)
         for t in inputs[1:]:
@@ -579,18 +535,19 @@ class _Builder:
             with tf.name_scope(layer_scope(name)):
                 if entry.lowering is Lowering.INPUT:
                     tensors[name] = self._input(name, x)
-                elif entry.lowering in self._handlers:
-                    tensors[name] = self._handlers[entry.lowering](name, layer, inbound[0])
-                elif entry.lowering in self._merges:
-                    tensors[name] = self._merges[entry.lowering](name, inbound)
-                elif entry.lowering is Lowering.CONCAT:
-                    tensors[name] = self._concat(name, layer, inbound)
-                elif entry.refusal is not None:
-                    raise ValueError(entry.refusal(name, layer))
                 else:
-                    raise ValueError(
-                        f"Layer {name!r} of class {type(layer).__name__} is not supported "
-                        "by the integer export."
-                    )
+                    tensors[name] = self._lower(name, layer, entry, inbound)
         outputs = [tensors[o.layer].value for o in graph.outputs]
         return outputs[0] if len(outputs) == 1 else outputs
+
+    def _lower(self, name: str, layer, entry, inbound: list[_Tensor]) -> _Tensor:
+        """The layer's handler for its `entry.lowering`, or its refusal."""
+        handler = self._lowerings.get(entry.lowering)
+        if handler is not None:
+            return handler(name, layer, inbound)
+        if entry.refusal is not None:
+            raise ValueError(entry.refusal(name, layer))
+        raise ValueError(
+            f"Layer {name!r} of class {type(layer).__name__} is not supported "
+            "by the integer export."
+        )
