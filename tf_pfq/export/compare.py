@@ -7,19 +7,11 @@ int8 grid. Reading the layers in graph order, the first one whose difference is 
 than rounding is where the export (or the runtime) computes something else; the
 layers before it are cleared.
 
-How layers find their tensors: the exporter builds its TensorFlow graph with each
-layer's ops under the layer's name scope (`tf_pfq.export.convert.layer_scope`), and
-the TFLite converter names every tensor after the ops it came from, joining the
-names with ";" where it fused several ops into one. So the tensor that holds a
-layer's output is the last one (in execution order) that names the layer, and no
-name has to be guessed:
-
-* a layer whose op the converter fused into a later layer's (a Conv2D followed by
-  its ReLU becomes one CONV_2D with a fused RELU) has no tensor of its own: it maps
-  to the fused op's output and is measured against the later layer's output
-  (`LayerDiff.fused_into`), the only value the file has for it;
-* a layer no tensor names (Dropout, an identity at inference; an op the converter
-  folded away) is listed as unmapped, with the reason.
+How layers find their tensors: from the names the exporter gives each layer's ops
+(`tf_pfq.export.compare_map`), so no name has to be guessed; a layer the converter
+fused into a later one is measured against that layer's output, and a layer with no
+tensor of its own is listed as unmapped, with the reason. The rows, table and plot
+are `tf_pfq.export.compare_table`; this module runs both sides and measures.
 
 The file is run with the compared tensors marked as model outputs, which every
 runtime must write back, delegates included: a delegate such as XNNPACK computes a
@@ -33,7 +25,6 @@ from __future__ import annotations
 import dataclasses
 import os
 from collections.abc import Iterator, Sequence
-from typing import Any
 
 import numpy as np
 import tensorflow as tf
@@ -41,437 +32,21 @@ from ai_edge_litert.tools import flatbuffer_utils
 
 from tf_pfq.compat import keras
 from tf_pfq.export import litert
-from tf_pfq.export.convert import layer_scope, plan_from_qat
-from tf_pfq.export.summary import TensorInfo, inspect, read_model
-from tf_pfq.graph import LayerGraph
+from tf_pfq.export.compare_map import _Mapping, _qat_layers
+from tf_pfq.export.compare_map import _value_tensors as _value_tensors
+from tf_pfq.export.compare_table import NOISE_STEPS as NOISE_STEPS
+from tf_pfq.export.compare_table import LayerComparison, LayerDiff
+from tf_pfq.export.plan import plan_from_qat
+from tf_pfq.export.summary import inspect, read_model
+
+# The names above imported "as" themselves are re-exported: they were defined here
+# before the mapping and the table had modules of their own, and tests read them here.
 
 __all__ = ["LayerComparison", "LayerDiff", "compare_layers"]
 
 STATISTICS = ("max", "p99")
-# The Keras side is float32: a value k steps from zero comes with about k * 6e-8
-# steps of error, so "1 step apart" reads 1.00001. Differences within this of the
-# threshold count as at the threshold.
-NOISE_STEPS = 1e-3
-# Layers that are the identity at inference: the file has no op for them.
-_IDENTITIES = ("Dropout", "SpatialDropout1D", "SpatialDropout2D", "GaussianNoise", "AlphaDropout")
 # Images per Keras call: the per-layer outputs of a batch are held at once.
 _BATCH = 16
-
-
-@dataclasses.dataclass(frozen=True)
-class LayerDiff:
-    """One layer of `compare_layers`: its TFLite tensor and how far apart the two are.
-
-    Attributes:
-      layer: the layer's name (the name before `tf_pfq.apply`; the input layer
-        stands for the model input after its quantizer).
-      class_name: the layer's Keras class.
-      tensor: the name of the TFLite tensor holding its output, or None (unmapped).
-      tensor_index: that tensor's index in the file's subgraph, or None.
-      scale: the tensor's quantization scale, the unit of the two statistics.
-      p99_steps: 99th percentile of |TFLite - Keras| over all values, in steps.
-      max_steps: the largest |TFLite - Keras|, in steps.
-      fused_into: the later layer whose output the tensor holds, when the converter
-        fused this layer's op into that layer's (both rows show the same numbers).
-      reason: why the layer is unmapped; None when it is mapped.
-    """
-
-    layer: str
-    class_name: str
-    tensor: str | None = None
-    tensor_index: int | None = None
-    scale: float | None = None
-    p99_steps: float | None = None
-    max_steps: float | None = None
-    fused_into: str | None = None
-    reason: str | None = None
-
-    @property
-    def mapped(self) -> bool:
-        return self.tensor is not None
-
-    def statistic(self, name: str) -> float | None:
-        """`max_steps` for "max", `p99_steps` for "p99"."""
-        return self.max_steps if name == "max" else self.p99_steps
-
-
-@dataclasses.dataclass(frozen=True)
-class LayerComparison:
-    """The table `compare_layers` returns: one `LayerDiff` per layer, in graph order.
-
-    Attributes:
-      rows: every layer of the QAT model (input quantizers folded into the input's row).
-      threshold: a layer parts when its `statistic` exceeds this many steps.
-      statistic: "max" or "p99".
-      num_examples: images compared.
-      backend: the LiteRT backend that ran the file.
-
-    Example:
-      >>> table = LayerComparison(
-      ...     rows=(LayerDiff("conv", "Conv2D", "conv/Conv2D", 0, 0.1, 0.2, 3.0),),
-      ...     threshold=1.0, statistic="max", num_examples=4, backend="xnnpack")
-      >>> table.first_divergence.layer, table.row("conv").scale
-      ('conv', 0.1)
-    """
-
-    rows: tuple[LayerDiff, ...]
-    threshold: float
-    statistic: str
-    num_examples: int
-    backend: str
-
-    @property
-    def first_divergence(self) -> LayerDiff | None:
-        """The first mapped row, in graph order, whose statistic exceeds the threshold.
-
-        A difference within `NOISE_STEPS` of the threshold (float32 noise on the
-        Keras side) does not exceed it: one value rounded the other way is 1 step.
-        """
-        for row in self.rows:
-            value = row.statistic(self.statistic)
-            if value is not None and value > self.threshold + NOISE_STEPS:
-                return row
-        return None
-
-    @property
-    def mapped(self) -> tuple[LayerDiff, ...]:
-        return tuple(r for r in self.rows if r.mapped)
-
-    @property
-    def unmapped(self) -> tuple[LayerDiff, ...]:
-        return tuple(r for r in self.rows if not r.mapped)
-
-    def row(self, layer: str) -> LayerDiff:
-        """The row of `layer`.
-
-        Raises:
-          KeyError: no such layer.
-        """
-        for row in self.rows:
-            if row.layer == layer:
-                return row
-        raise KeyError(
-            f"No layer {layer!r} in the comparison; layers: {[r.layer for r in self.rows]}"
-        )
-
-    def verdict(self) -> str:
-        """One sentence: where the file first parts from the QAT model, or that it does not."""
-        first = self.first_divergence
-        measured = f"{self.num_examples} images, {self.backend}"
-        if first is None:
-            return (
-                f"No divergence: every mapped layer is within {self.threshold:g} step(s) "
-                f"({self.statistic}) of the QAT model ({measured})."
-            )
-        fused = f", fused into {first.fused_into}" if first.fused_into else ""
-        return (
-            f"First divergence at layer {first.layer!r} (tensor {first.tensor!r}{fused}): "
-            f"{self.statistic} {first.statistic(self.statistic):.2f} steps > "
-            f"{self.threshold:g} ({measured})."
-        )
-
-    def to_markdown(self) -> str:
-        """The table as Markdown, the verdict first."""
-        first = self.first_divergence
-        lines = [
-            self.verdict(),
-            "",
-            "| # | layer | class | TFLite tensor | scale | p99 steps | max steps | note |",
-            "|---:|---|---|---|---:|---:|---:|---|",
-        ]
-        for k, row in enumerate(self.rows):
-            note = row.reason or ""
-            if row.fused_into:
-                note = f"fused into {row.fused_into}"
-            if first is not None and row.layer == first.layer:
-                note = f"**first divergence** {note}".strip()
-            lines.append(
-                f"| {k} | {row.layer} | {row.class_name} | {_cell(row.tensor)} | "
-                f"{_number(row.scale, '.4g')} | {_number(row.p99_steps, '.2f')} | "
-                f"{_number(row.max_steps, '.2f')} | {_cell(note)} |"
-            )
-        return "\n".join(lines)
-
-    def __str__(self) -> str:
-        return self.to_markdown()
-
-    def plot(self, path: str | os.PathLike, title: str = "") -> str:
-        """Draws p99 and max steps per mapped layer, in graph order, to a PNG file.
-
-        The dashed line is the threshold, the dotted one half a step (the rounding
-        of a tensor QAT leaves in float); a red line marks the first divergence.
-        The step axis is linear up to 1 and logarithmic above (symlog), so both
-        half-step rounding and a 40-step error read off the same plot.
-
-        Returns:
-          `path` as a string.
-        """
-        from tf_pfq.plots import _pyplot
-
-        plt = _pyplot()
-        rows = self.mapped
-        names = [r.layer for r in rows]
-        fig, ax = plt.subplots(figsize=(max(6, 0.35 * len(rows)), 4))
-        x = np.arange(len(rows))
-        ax.plot(x, [r.max_steps for r in rows], marker="o", label="max")
-        ax.plot(x, [r.p99_steps for r in rows], marker="s", label="p99")
-        ax.axhline(self.threshold, color="gray", linestyle="dashed", lw=0.8, label="threshold")
-        first = self.first_divergence
-        if first is not None:
-            ax.axvline(names.index(first.layer), color="tab:red", lw=0.8, label="first divergence")
-        ax.axhline(0.5, color="gray", linestyle="dotted", lw=0.8, label="half a step")
-        ax.set_xticks(x)
-        ax.set_xticklabels(names, rotation=90, fontsize=7)
-        ax.set_yscale("symlog", linthresh=1.0)
-        top = max([self.threshold, *(r.max_steps or 0.0 for r in rows)])
-        ticks = [t for t in (0, 0.5, 1, 2, 5, 10, 20, 50, 100, 200, 500, 1000) if t <= 1.5 * top]
-        ax.set_yticks(ticks)
-        ax.set_yticklabels([f"{t:g}" for t in ticks])
-        ax.set_ylabel("|TFLite - Keras QAT| in output steps")
-        ax.set_title(title or f"Per-layer difference, {self.num_examples} images ({self.backend})")
-        ax.legend()
-        fig.tight_layout()
-        path = os.fspath(path)
-        fig.savefig(path, dpi=120)
-        plt.close(fig)
-        return path
-
-
-def _cell(text: str | None) -> str:
-    return "" if text is None else text.replace("|", "\\|")
-
-
-def _number(value: float | None, spec: str) -> str:
-    return "" if value is None else format(value, spec)
-
-
-# --- mapping layers to tensors ---------------------------------------------------------
-
-
-@dataclasses.dataclass(frozen=True)
-class _Layer:
-    name: str  # the name before tf_pfq.apply
-    layer: Any  # the plain Keras layer (unwrapped)
-    output_layer: Any  # the QAT layer whose output is this layer's (the input: its quantizer)
-    shape: tuple  # per-example output shape (None for unknown dimensions)
-    inputs: tuple[str, ...]  # the layers feeding it
-
-    @property
-    def class_name(self) -> str:
-        return type(self.layer).__name__
-
-    @property
-    def quantized_input(self) -> bool:
-        """An input layer whose values the QAT model quantizes first."""
-        return (
-            isinstance(self.layer, keras.layers.InputLayer) and self.output_layer is not self.layer
-        )
-
-
-def _qat_layers(qat_model) -> list[_Layer]:
-    """The QAT model's layers in graph order, under the names the exporter uses.
-
-    Input quantizers get no row of their own: the input's row stands for the
-    quantized input, which is what the file's input tensor holds.
-    """
-    from tf_pfq.quantize import _WRAPPERS, _is_input_quantizer, _original_name
-
-    graph = LayerGraph(qat_model)
-    quantizers = {
-        graph.inputs_of(name)[0]: graph.layer(name)
-        for name in graph.order
-        if _is_input_quantizer(graph.layer(name))
-    }
-
-    def original(name: str) -> str:
-        layer = graph.layer(name)
-        if _is_input_quantizer(layer):
-            return original(graph.inputs_of(name)[0])
-        return _original_name(layer)
-
-    layers = []
-    for name in graph.order:
-        layer = graph.layer(name)
-        if _is_input_quantizer(layer):
-            continue
-        output_layer = quantizers.get(name, layer)
-        layers.append(
-            _Layer(
-                name=original(name),
-                layer=layer.layer if isinstance(layer, _WRAPPERS) else layer,
-                output_layer=output_layer,
-                shape=tuple(output_layer.output.shape)[1:],
-                inputs=tuple(original(n) for n in graph.inputs_of(name)),
-            )
-        )
-    return layers
-
-
-def _scopes(tensor_name: str) -> set[str]:
-    """The layer scopes a tensor name holds ("b/Relu;a/Conv2D" -> {"a/", "b/"})."""
-    return {part.split("/", 1)[0] + "/" for part in tensor_name.split(";") if "/" in part}
-
-
-def _value_tensors(summary) -> list[TensorInfo]:
-    """The file's non-constant tensors in the order they are computed."""
-    return [tensor for tensor, _ in _produced(summary)]
-
-
-def _produced(summary) -> list[tuple[TensorInfo, bool]]:
-    """(tensor, whether it requantizes an integer tensor) for each non-constant tensor.
-
-    The converter adds a QUANTIZE where a consumer wants a tensor on another grid
-    (a Concatenate input that other layers read too) and names it after the
-    producer's op ("add" -> "add1"); it holds the consumer's grid, not the layer's.
-    """
-    produced = {t.index: (t, False) for t in summary.inputs}
-    for op in summary.ops:
-        requantizes = op.op == "QUANTIZE" and all(
-            t is not None and t.dtype in ("int8", "uint8") for t in op.inputs
-        )
-        for t in op.outputs:
-            produced.setdefault(t.index, (t, requantizes))
-    return [(t, requantizes) for t, requantizes in produced.values() if not t.is_constant]
-
-
-def _same_size(layer_shape: tuple, tensor_shape: tuple) -> bool:
-    if any(d is None for d in layer_shape):  # dynamic: checked by size when it runs
-        return True
-    return int(np.prod(layer_shape, dtype=np.int64)) == int(
-        np.prod(tensor_shape[1:], dtype=np.int64)
-    )
-
-
-class _Mapping:
-    """Which tensor of the file holds which layer's output, read from the tensor names."""
-
-    def __init__(self, layers: Sequence[_Layer], summary):
-        self.layers = {layer.name: layer for layer in layers}
-        self.position = {layer.name: k for k, layer in enumerate(layers)}
-        self.by_scope: dict[str, list[str]] = {}
-        for layer in layers:
-            self.by_scope.setdefault(layer_scope(layer.name), []).append(layer.name)
-        self.last: dict[str, TensorInfo] = {}  # layer -> the last tensor naming it
-        self.merged: dict[str, str] = {}  # layer -> the twin the converter kept instead
-        self.configs: dict[str, dict] = {}
-        for tensor, requantizes in _produced(summary):
-            for name in self.named_in(tensor):
-                if not (requantizes and name in self.last):
-                    self.last[name] = tensor
-        if not self.last:
-            raise ValueError(
-                "No tensor of the .tflite file is named after a layer of `qat_model`: the "
-                "file was not written by tf_pfq.export.to_tflite from this model (or by a "
-                "tf_pfq older than the layer-named export). Export the model again."
-            )
-
-    def named_in(self, tensor: TensorInfo) -> list[str]:
-        return [n for scope in _scopes(tensor.name) for n in self.by_scope.get(scope, ())]
-
-    def ends_at(self, name: str, tensor: TensorInfo) -> bool:
-        return name in self.last and self.last[name].index == tensor.index
-
-    def row(self, layer: _Layer) -> LayerDiff:
-        """The layer's unmeasured `LayerDiff`: its tensor, or why it has none.
-
-        Called in graph order (a layer's inputs first: twins are found through them).
-        """
-
-        def unmapped(reason: str) -> LayerDiff:
-            return LayerDiff(layer.name, layer.class_name, reason=reason)
-
-        shared = [n for n in self.by_scope[layer_scope(layer.name)] if n != layer.name]
-        if shared:
-            return unmapped(f"its name and {shared[0]!r}'s give the same TensorFlow scope")
-        tensor = self.last.get(layer.name)
-        if tensor is None:
-            return unmapped(self.why_no_tensor(layer))
-        if tensor.dtype not in ("int8", "uint8") or not tensor.scales:
-            return unmapped(f"its tensor {tensor.name!r} is {tensor.dtype}, not quantized")
-        # The tensor is the last one of every layer in `holders`: the latest of them
-        # (of the right size) is the layer whose output it holds, the earlier ones
-        # were fused into its op. A later layer that goes on past this tensor
-        # (`partial`) took part of its own work into the op: the tensor is none of them.
-        later = sorted(
-            (n for n in self.named_in(tensor) if self.position[n] >= self.position[layer.name]),
-            key=self.position.__getitem__,
-        )
-        holders = [n for n in later if self.ends_at(n, tensor)]
-        partial = [n for n in later if not self.ends_at(n, tensor)]
-        holder = next(
-            (n for n in reversed(holders) if _same_size(self.layers[n].shape, tensor.shape)),
-            None,
-        )
-        if holder is None or any(self.position[n] > self.position[holder] for n in partial):
-            if partial:
-                return unmapped(
-                    f"the converter fused its op into the op of {partial[-1]!r} (tensor "
-                    f"{tensor.name!r}): the file has no tensor with its own output"
-                )
-            return unmapped(
-                f"its tensor {tensor.name!r} has shape {list(tensor.shape)}, the layer "
-                f"outputs {list(layer.shape)}"
-            )
-        return LayerDiff(
-            layer.name,
-            layer.class_name,
-            tensor=tensor.name,
-            tensor_index=tensor.index,
-            scale=float(tensor.scales[0]),
-            fused_into=holder if holder != layer.name else None,
-        )
-
-    def why_no_tensor(self, layer: _Layer) -> str:
-        """Why no tensor of the file names `layer`, as precisely as the graph tells."""
-        if _is_identity(layer):
-            return "identity at inference: the file has no op for it"
-        # The converter merges ops that compute the same thing from the same tensors
-        # (NASNet's twin ReLUs and poolings), keeping one name.
-        twin = self.twin(layer)
-        if twin is not None:
-            self.merged[layer.name] = twin
-            return (
-                f"the converter merged it with {twin!r}, the same op on the same input: "
-                "see that row"
-            )
-        if len(layer.inputs) == 1 and self.layers[layer.inputs[0]].shape == layer.shape:
-            return (
-                "the converter removed its op as a no-op: its output is "
-                f"{layer.inputs[0]!r}'s tensor (e.g. a ReLU of values already >= 0)"
-            )
-        return "no tensor of the file is named after it (the converter folded its op away)"
-
-    def twin(self, layer: _Layer) -> str | None:
-        """An earlier layer of the same class and config on the same inputs, if any."""
-        inputs = self.sources(layer)
-        for other in self.layers.values():
-            if self.position[other.name] >= self.position[layer.name]:
-                return None
-            if (
-                type(other.layer) is type(layer.layer)
-                and self.sources(other) == inputs
-                and self.config(other) == self.config(layer)
-            ):
-                return self.merged.get(other.name, other.name)
-        return None
-
-    def config(self, layer: _Layer) -> dict:
-        if layer.name not in self.configs:
-            config = layer.layer.get_config()
-            self.configs[layer.name] = {k: v for k, v in config.items() if k != "name"}
-        return self.configs[layer.name]
-
-    def sources(self, layer: _Layer) -> tuple[str, ...]:
-        return tuple(self.merged.get(n, n) for n in layer.inputs)
-
-
-def _is_identity(layer: _Layer) -> bool:
-    if layer.class_name in _IDENTITIES:
-        return True
-    return layer.class_name == "Activation" and layer.layer.get_config()["activation"] == "linear"
-
-
-# --- running both ----------------------------------------------------------------------
 
 
 def _with_outputs(tflite: bytes, indices: Sequence[int]) -> bytes:
@@ -623,7 +198,7 @@ def compare_layers(
 
     Runs `qat_model` in inference mode and the file on LiteRT (`backend`) on the
     same images, maps every layer to the TFLite tensor that holds its output (from
-    the names the exporter gives each layer's ops; see the module docstring) and
+    the names the exporter gives each layer's ops; see `tf_pfq.export.compare_map`) and
     reports, per layer, the 99th percentile and the maximum of |TFLite - Keras|
     over all values of all images, in steps of that tensor's own scale.
 
