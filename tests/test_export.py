@@ -84,14 +84,20 @@ def test_all_ops_integer_and_static(exported4):
 def test_weight_grid_survives(exported4):
     qat, _, tflite = exported4
     levels = inspect(tflite).weight_levels()
-    kernels = {
-        name: t
-        for name, t in ((t.name, t) for t in inspect(tflite).tensors)
-        if name in levels and len(t.shape) >= 2
+    weighted = {n for n, p in tf_pfq.quantization_params(qat).items() if p.kernel is not None}
+    pools = {
+        layer.name.removeprefix("quant_")
+        for layer in qat.layers
+        if isinstance(getattr(layer, "layer", layer), keras.layers.GlobalAveragePooling2D)
     }
-    assert len(kernels) == sum(
-        1 for p in tf_pfq.quantization_params(qat).values() if p.kernel is not None
-    )
+    constant = {
+        t.name: t for t in inspect(tflite).tensors if t.name in levels and len(t.shape) >= 2
+    }
+    kernels = {n: t for n, t in constant.items() if n.split("/")[0] in weighted}
+    assert {n.split("/")[0] for n in kernels} == weighted
+    # The rest are the global mean's constant weights (a depthwise conv of 1/count).
+    for name in set(constant) - set(kernels):
+        assert name.split("/")[0] in pools and levels[name] == 1, name
     for name in kernels:
         assert levels[name] <= 2**4, (name, levels[name])
     # The grid is used, not collapsed onto fewer bits.

@@ -228,10 +228,13 @@ def swish_pool_net():
 
 @pytest.mark.parametrize("seed", range(3))
 def test_signed_mean_with_range_from_zero_matches(seed):
-    """Within half an output step (16-30 steps when the RELU requantized MEAN's output)."""
+    """Within half an output step (16-30 steps when a RELU requantized MEAN's output)."""
     p99, worst, _, tflite = fidelity(swish_pool_net, seed=seed)
     assert p99 <= 1.0 and worst <= 1.0, (p99, worst)
-    assert {"MEAN", "RELU"} <= set(inspect(tflite).op_counts())
+    # The mean is a depthwise conv over every position, which rounds once (TFLite's
+    # int8 MEAN rounds twice), and its ReLU (the range starts at zero) is fused.
+    ops = set(inspect(tflite).op_counts())
+    assert "DEPTHWISE_CONV_2D" in ops and not {"MEAN", "RELU"} & ops, ops
 
 
 def test_swish_gate_is_rounded_in_qat_and_strip_gives_swish_back():

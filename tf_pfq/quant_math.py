@@ -52,6 +52,7 @@ __all__ = [
     "SWISH_GATE_RANGE",
     "SWISH_GATE_STEP",
     "IDENTITY_MEAN_STEP",
+    "mean_weight",
     "check_bits",
     "check_weight_scheme",
     "QuantParams",
@@ -97,6 +98,21 @@ SWISH_GATE_STEP = 1.0 / 256.0
 # The weight step of the 1x1 depthwise conv (weight 127, i.e. 1) the export writes for
 # a mean over a single position (see `tf_pfq.export.convert.Export.global_mean`).
 IDENTITY_MEAN_STEP = 1.0 / 127.0
+
+
+def mean_weight(positions: int) -> tuple[float, float]:
+    """(integer weight, weight step) of the depthwise conv a global mean is written as.
+
+    TFLite's int8 MEAN rounds twice (the sum times `s_in / s_out` to an integer,
+    then the division by the count), which QAT cannot follow without modelling that
+    kernel; a depthwise conv over all positions accumulates `sum(x_int) * w` in int32
+    and rounds once, `rint(acc * s_in * w_step / s_out)`, as every weighted layer.
+    The weight is 127 (the finest int8 grid of `1 / positions`) while the sums stay
+    exact in float32 (`positions * 255 * 127 < 2**24`), else 1.
+    """
+    if positions * 255 * 127 < 2**24:
+        return 127.0, 1.0 / (127.0 * positions)
+    return 1.0, 1.0 / positions
 
 
 def _step(width, intervals: int):

@@ -42,8 +42,10 @@ float32 arithmetic differs from TF's fake-quant near rounding ties (and ties to
 even where fake-quant rounds half up): a weighted layer requantizes its accumulator
 onto the grid the file rounds it to (`requantize`, `output_grid`), an Add and a
 product of two tensors (squeeze-excite, swish) are XNNPACK's ADD and MUL (`int8_add`,
-`int8_mul`), and a ReLU or Concatenate input that moves to another grid is the 1x1
-conv the export writes for it (`requantize_edge`). Training keeps the float
+`int8_mul`), a global average pooling is the depthwise conv over every position the
+export writes for it (TFLite's int8 MEAN rounds twice), and a ReLU or Concatenate
+input that moves to another grid is the 1x1 conv the export writes for it
+(`requantize_edge`). Training keeps the float
 arithmetic (its gradients, and the range updates that read it).
 """
 
@@ -55,6 +57,7 @@ import tensorflow_model_optimization as tfmot
 from tf_pfq.compat import keras
 from tf_pfq.layers.ops import ElementwiseOp
 from tf_pfq.layers.table import activation_name, entry_for
+from tf_pfq.quant_math import mean_weight
 from tf_pfq.quantize_configs import PfqQuantizeConfig
 from tf_pfq.quantizers import (
     IDENTITY_MEAN_STEP,
@@ -205,8 +208,8 @@ def _binary_grids(wrapper):
 
 
 @tf.autograph.experimental.do_not_convert
-def _identity_mean(wrapper) -> bool:
-    """Whether `wrapper` is a global average pooling of one position, on known grids."""
+def _integer_mean(wrapper) -> bool:
+    """Whether `wrapper` is a global average pooling of a static extent on known grids."""
     config = wrapper.quantize_config
     layer = wrapper.layer
     if not isinstance(layer, keras.layers.GlobalAveragePooling2D) or not wrapper.inbound_nodes:
@@ -214,7 +217,7 @@ def _identity_mean(wrapper) -> bool:
     if not isinstance(config, PfqQuantizeConfig) or config.output_quantizer is None:
         return False
     shape = wrapper.input_shape
-    if layer.data_format != "channels_last" or shape[1] != 1 or shape[2] != 1:
+    if layer.data_format != "channels_last" or shape[1] is None or shape[2] is None:
         return False
     try:
         found = input_quantizer_path(wrapper)
@@ -393,8 +396,8 @@ class PfqQuantizeWrapper(tfmot.quantization.keras.QuantizeWrapperV2):
             return self._integer_binary(inputs, sources, int8_mul, training, **kwargs)
         if self.quantize_config.swish_gate:
             return self._swish(inputs, training, **kwargs)
-        if _identity_mean(self):
-            return self._identity_mean(inputs, training, **kwargs)
+        if _integer_mean(self):
+            return self._integer_mean(inputs, training, **kwargs)
         grid = requantized_input(self)
         if grid is not None:
             return self._requantized_relu(inputs, grid, training, **kwargs)
@@ -446,17 +449,20 @@ class PfqQuantizeWrapper(tfmot.quantization.keras.QuantizeWrapperV2):
 
         return self._at_inference(inputs, integer, training, **kwargs)
 
-    def _identity_mean(self, inputs, training, **kwargs):
-        # The file writes the mean of one position as a 1x1 depthwise conv of weight 1
-        # (the converter would drop a MEAN over 1x1 with its requantization).
+    def _integer_mean(self, inputs, training, **kwargs):
+        # The file writes a global mean as a depthwise conv over every position
+        # (`tf_pfq.quant_math.mean_weight`: TFLite's MEAN rounds twice, and the
+        # converter drops a MEAN over 1x1 with its requantization); this rounds as
+        # that conv does.
         out = self.quantize_config.output_quantizer
         found = input_quantizer_path(self)
         step = activation_step(found[0])
-        weight_step = tf.constant(IDENTITY_MEAN_STEP, tf.float32)
+        weight, weight_step = mean_weight(inputs.shape[1] * inputs.shape[2])
+        weight_step = tf.constant(weight_step, tf.float32)
 
         def integer():
-            acc = to_integers(inputs / step) * 127.0
-            value = requantize(acc, step * weight_step, activation_step(out))
+            sums = tf.reduce_sum(to_integers(inputs / step), axis=[1, 2], keepdims=True)
+            value = requantize(sums * weight, step * weight_step, activation_step(out))
             value = fake_quant(value, out.min_var, out.max_var, out.num_bits)
             keepdims = self.layer.get_config().get("keepdims", False)
             return value if keepdims else tf.reshape(value, [-1, value.shape[-1]])

@@ -27,6 +27,7 @@ import tensorflow as tf
 from tf_pfq.export.grids import _fq_activation, _fq_weight, _scalar
 from tf_pfq.export.int8_ops import _int8_hard_sigmoid, _integer_depthwise, _mean_conv, _same_bands
 from tf_pfq.layers.ops import ElementwiseOp
+from tf_pfq.quant_math import mean_weight
 from tf_pfq.quantizers import IDENTITY_MEAN_STEP, SWISH_GATE_RANGE, QuantParams
 
 __all__ = ["Calibrate", "Export", "Simulate"]
@@ -174,14 +175,14 @@ class Export(Simulate):
         return y if v.shape.rank == 4 else tf.reshape(y, [-1, *v.shape[1:]])
 
     def global_mean(self, x, keepdims: bool):
-        # The mean of a single position is the identity, and the converter removes a
-        # MEAN over 1x1 together with its requantization onto the output grid, which
-        # QAT applies (RegNetY002 at 32x32: 1 step at its SE squeeze, 26 at the
-        # logits). The 1x1 depthwise conv of weight 1 keeps that rounding in the file
-        # (`tf_pfq.wrapper.PfqQuantizeWrapper` rounds it the same way).
-        if x.shape[1] * x.shape[2] != 1:
-            return super().global_mean(x, keepdims)
-        y = _integer_depthwise(x, np.full((1, 1), 127.0), IDENTITY_MEAN_STEP)
+        # TFLite's int8 MEAN rounds twice (the sum times s_in / s_out to an integer,
+        # then the division by the count: a digits net's pooled value 5.499995 steps
+        # came out 6, 4.3 steps at the logits), and the converter removes a MEAN over
+        # 1x1 together with its requantization (RegNetY002 at 32x32: 26 steps). A
+        # depthwise conv over every position rounds once, as QAT does
+        # (`tf_pfq.wrapper.PfqQuantizeWrapper`, `tf_pfq.quant_math.mean_weight`).
+        weight, step = mean_weight(x.shape[1] * x.shape[2])
+        y = _integer_depthwise(x, np.full((x.shape[1], x.shape[2]), weight), step)
         return y if keepdims else tf.reshape(y, [-1, x.shape[-1]])
 
     def average_pool(self, name: str, x, config: Mapping[str, Any]):
