@@ -242,3 +242,21 @@ def test_errors(exported):
     other_file = tf_pfq.export.to_tflite(other_qat, input_range=(0.0, 1.0))
     with pytest.raises(ValueError, match="named after a layer"):
         tf_pfq.export.compare_layers(qat, other_file, test)
+
+
+def test_logits_beyond_the_calibrated_range_are_counted_as_saturated(exported):
+    qat, _, test = exported
+    # Calibrated on a quarter of the images' contrast, the file's logit range is too
+    # narrow for the test images: the file saturates some logits at its ends.
+    narrow = tf_pfq.export.to_tflite(qat, representative_data=0.5 + 0.25 * (test - 0.5))
+    table = tf_pfq.export.compare_layers(qat, narrow, test)
+    logits = table.row("logits")
+    assert logits.saturated > 0.0
+    assert "saturated" in table.to_markdown()
+    # Where the values fit, the file rounds the float logits (half a step); the
+    # saturated ones sit at the range's end, which the clipped comparison reads as 0.
+    assert logits.max_steps <= 0.5 + NOISE, table.to_markdown()
+    assert table.first_divergence is None, table.to_markdown()
+    for row in table.mapped:
+        if row.layer != "logits":
+            assert row.saturated == 0.0, row

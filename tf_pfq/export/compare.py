@@ -95,7 +95,8 @@ def _batches(data, input_shape: tuple, max_examples: int | None) -> Iterator[np.
 
 
 def _measure(rows, layers, qat_model, interpreter, data, max_examples):
-    """{(tensor index, layer): steps of |TFLite - Keras| over every value}, and the image count.
+    """{(tensor index, layer): steps of |TFLite - Keras| over every value}, the same
+    with where the file saturates, and the image count.
 
     `layer` is the one whose output the tensor holds (a fused row's `fused_into`).
     The file is fed the QAT model's own quantized input where it has one: both
@@ -112,6 +113,7 @@ def _measure(rows, layers, qat_model, interpreter, data, max_examples):
     (inp,) = interpreter.get_input_details()
     details = {d["index"]: d for d in interpreter.get_output_details()}
     steps: dict[tuple[int, str], list[np.ndarray]] = {pair: [] for pair in pairs}
+    saturated: dict[tuple[int, str], list[np.ndarray]] = {pair: [] for pair in pairs}
     count = 0
     for images in _batches(data, tuple(inp["shape"][1:]), max_examples):
         expected = keras_model(images, training=False)
@@ -126,11 +128,17 @@ def _measure(rows, layers, qat_model, interpreter, data, max_examples):
             interpreter.invoke()
             for (index, name), want in zip(pairs, expected):
                 got = interpreter.get_tensor(index)
-                steps[(index, name)].append(_steps(got, details[index], want[k]))
+                diff, beyond = _steps(got, details[index], want[k])
+                steps[(index, name)].append(diff)
+                saturated[(index, name)].append(beyond)
         count += len(images)
     if not count:
         raise ValueError("`data` holds no images.")
-    return {pair: np.concatenate(s) for pair, s in steps.items()}, count
+    return (
+        {pair: np.concatenate(s) for pair, s in steps.items()},
+        {pair: np.concatenate(s) for pair, s in saturated.items()},
+        count,
+    )
 
 
 def _borrowed_grids(qat_model) -> dict:
@@ -161,17 +169,26 @@ def _on_grid(values: np.ndarray, grid) -> np.ndarray:
     ).numpy()
 
 
-def _steps(got: np.ndarray, detail: dict, want) -> np.ndarray:
-    """|got - want| in steps of got's scale: `(q - zero point) - want / scale`."""
+def _steps(got: np.ndarray, detail: dict, want) -> tuple[np.ndarray, np.ndarray]:
+    """|got - want| in steps of got's scale, `(q - zero point) - want / scale`, with
+    `want` clipped to the tensor's range; and where `want` lies beyond that range.
+
+    The file saturates a value beyond its tensor's integer range at that end, which
+    is a property of the range (calibrated, for what QAT keeps in float), not of
+    the arithmetic; it is counted apart (`LayerDiff.saturated`).
+    """
     scale, zero_point = detail["quantization"]
-    want = np.asarray(want, np.float64).reshape(-1)
+    want = np.asarray(want, np.float64).reshape(-1) / scale
     q = got.astype(np.float64).reshape(-1) - zero_point
     if q.size != want.size:
         raise ValueError(
             f"Tensor {detail['name']!r} holds {q.size} values per image, the Keras layer "
             f"{want.size}."
         )
-    return np.abs(q - want / scale).astype(np.float32)
+    info = np.iinfo(detail["dtype"])
+    lo, hi = info.min - zero_point, info.max - zero_point
+    steps = np.abs(q - np.clip(want, lo, hi)).astype(np.float32)
+    return steps, (want < lo - 0.5) | (want > hi + 0.5)
 
 
 def _read(tflite) -> bytes:
@@ -214,10 +231,13 @@ def compare_layers(
     one rounding per tensor, where QAT rounds, so on an exact file every mapped
     layer is within half a step, and the first one beyond is where the two part.
 
-    Two choices keep the comparison about the file: it is fed the QAT model's own
-    quantized input (the same integers; how a caller rounds float images is not
-    the file's business), and a tensor the export puts on a later layer's grid
-    (the inputs of a Concatenate) is compared with the QAT output on that grid.
+    Three choices keep the comparison about the file's arithmetic: it is fed the QAT
+    model's own quantized input (the same integers; how a caller rounds float images
+    is not the file's business); a tensor the export puts on a later layer's grid
+    (the inputs of a Concatenate) is compared with the QAT output on that grid; and
+    a Keras value beyond the range of its file tensor, which the file saturates
+    (logits beyond the range calibrated on `representative_data`), is counted in
+    `LayerDiff.saturated` and compared after clipping to that range.
 
     Args:
       qat_model: the stage-W QAT model (from `tf_pfq.apply`, or loaded under
@@ -274,15 +294,17 @@ def compare_layers(
         num_threads=num_threads,
         delegate_library=delegate_library,
     )
-    steps, count = _measure(rows, layers, qat_model, interpreter, data, max_examples)
+    steps, beyond, count = _measure(rows, layers, qat_model, interpreter, data, max_examples)
     measured = []
     for row in rows:
         if row.mapped:
-            values = steps[(row.tensor_index, row.fused_into or row.layer)]
+            key = (row.tensor_index, row.fused_into or row.layer)
+            values, saturated = steps[key], beyond[key]
             row = dataclasses.replace(
                 row,
                 p99_steps=float(np.percentile(values, 99)),
                 max_steps=float(values.max()),
+                saturated=float(saturated.mean()),
             )
         measured.append(row)
     return LayerComparison(tuple(measured), float(threshold), statistic, count, backend)

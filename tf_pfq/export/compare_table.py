@@ -38,6 +38,11 @@ class LayerDiff:
       scale: the tensor's quantization scale, the unit of the two statistics.
       p99_steps: 99th percentile of |TFLite - Keras| over all values, in steps.
       max_steps: the largest |TFLite - Keras|, in steps.
+      saturated: the share of Keras values beyond the range of the file's tensor,
+        which the file saturates at its end (the two statistics compare the file
+        with the Keras values clipped to that range). Non-zero only where QAT keeps
+        the values in float (logits, Add outputs without `add_bits`) and the file's
+        8-bit range was calibrated on data that did not reach them.
       fused_into: the later layer whose output the tensor holds, when the converter
         fused this layer's op into that layer's (both rows show the same numbers).
       reason: why the layer is unmapped; None when it is mapped.
@@ -50,6 +55,7 @@ class LayerDiff:
     scale: float | None = None
     p99_steps: float | None = None
     max_steps: float | None = None
+    saturated: float | None = None
     fused_into: str | None = None
     reason: str | None = None
 
@@ -150,6 +156,8 @@ class LayerComparison:
             note = row.reason or ""
             if row.fused_into:
                 note = f"fused into {row.fused_into}"
+            if row.saturated:
+                note = f"{note}; {100 * row.saturated:.2g} % saturated".lstrip("; ")
             if first is not None and row.layer == first.layer:
                 note = f"**first divergence** {note}".strip()
             lines.append(
