@@ -183,7 +183,9 @@ def _load_or_start(run: RunDirectory, steps, method: str, input_model, test_data
     return state
 
 
-def _restore(steps, done: int, step_context, start: StepOutput) -> tuple[int, StepOutput]:
+def _restore(
+    steps, done: int, step_context, start: StepOutput, root: str | None = None
+) -> tuple[int, StepOutput]:
     """(steps finished, the last finished step's output) from the step checkpoints."""
     while done:
         try:
@@ -194,7 +196,7 @@ def _restore(steps, done: int, step_context, start: StepOutput) -> tuple[int, St
             logging.warning("%s Redoing step %r.", e, steps[done - 1].name)
             done -= 1
             continue
-        logging.info("Resuming after step %r.", steps[done - 1].name)
+        logging.info("Resuming from %s after step %r.", root, steps[done - 1].name)
         return done, output
     return 0, start
 
@@ -345,6 +347,26 @@ def run_steps(
         ),
         reference_accuracy=_evaluate(input_model, validation_data),
     )
+    final = _run_remaining(
+        run,
+        state,
+        steps,
+        context,
+        StepOutput(input_model),
+        test_data,
+        validation_data,
+        tensorboard,
+    )
+    if run.root:
+        # Under MultiWorkerMirroredStrategy saving is collective: every worker saves
+        # (non-chief workers into their workertemp_* folder), or the chief's save aborts.
+        _write_final(run.root, final, context.calibration_data, export and is_chief(strategy))
+    return final, WorkflowSummary.from_dict(state["summary"])
+
+
+def _run_remaining(run, state, steps, context, start, test_data, validation_data, tensorboard):
+    """Restores the finished steps, runs the rest in order, saving the state after each;
+    returns the last step's model (`state` holds the summary)."""
 
     def step_context(index: int) -> StepContext:
         name = steps[index].name
@@ -357,7 +379,7 @@ def run_steps(
         )
 
     summary = WorkflowSummary.from_dict(state["summary"])
-    done, output = _restore(steps, state["done"], step_context, StepOutput(input_model))
+    done, output = _restore(steps, state["done"], step_context, start, run.root)
     del summary.steps[done:]
     for index in range(done, len(steps)):
         logging.info(
@@ -369,12 +391,8 @@ def run_steps(
         summary.steps.append(result)
         state.update(summary=summary.to_dict(), done=index + 1)
         run.save_state(state)
-    final = output.result
-    if run.root:
-        # Under MultiWorkerMirroredStrategy saving is collective: every worker saves
-        # (non-chief workers into their workertemp_* folder), or the chief's save aborts.
-        _write_final(run.root, final, context.calibration_data, export and is_chief(strategy))
-    return final, summary
+    state["summary"] = summary.to_dict()
+    return output.result
 
 
 def _write_final(root: str, model, calibration, export: bool) -> None:
