@@ -116,8 +116,8 @@ class Problem:
 
 
 def _check_tensor(t: TensorInfo, op: OpInfo, is_weight: bool) -> list[Problem]:
-    problems = []
     where: dict[str, Any] = {"op_index": op.index, "op": op.op}
+    problems = []
     if t.is_dynamic:
         problems.append(
             Problem(
@@ -140,22 +140,25 @@ def _check_tensor(t: TensorInfo, op: OpInfo, is_weight: bool) -> list[Problem]:
             )
         )
     if t.is_constant:
-        allowed = _INTEGER_TYPES + (("int32",) if not is_weight else ())
-        if is_weight and t.dtype not in _INTEGER_TYPES:
-            problems.append(
-                Problem(
-                    "integer",
-                    f"weight tensor {t.name!r} is {t.dtype}; the Edge TPU needs 8-bit "
-                    "integer weights"
-                    + (" (export with weight_storage='int8')." if t.dtype == "int4" else "."),
-                    **where,
-                )
-            )
-        elif not is_weight and t.dtype not in allowed:
-            problems.append(
-                Problem("integer", f"constant tensor {t.name!r} is {t.dtype}.", **where)
-            )
-        return problems
+        return problems + _check_constant(t, is_weight, where)
+    return problems + _check_activation(t, where)
+
+
+def _check_constant(t: TensorInfo, is_weight: bool, where: dict) -> list[Problem]:
+    if is_weight and t.dtype not in _INTEGER_TYPES:
+        storage = " (export with weight_storage='int8')." if t.dtype == "int4" else "."
+        message = (
+            f"weight tensor {t.name!r} is {t.dtype}; the Edge TPU needs 8-bit integer "
+            f"weights{storage}"
+        )
+        return [Problem("integer", message, **where)]
+    if not is_weight and t.dtype not in (*_INTEGER_TYPES, "int32"):
+        return [Problem("integer", f"constant tensor {t.name!r} is {t.dtype}.", **where)]
+    return []
+
+
+def _check_activation(t: TensorInfo, where: dict) -> list[Problem]:
+    problems = []
     if t.dtype not in _INTEGER_TYPES:
         problems.append(
             Problem(
@@ -178,8 +181,7 @@ def _check_tensor(t: TensorInfo, op: OpInfo, is_weight: bool) -> list[Problem]:
                 **where,
             )
         )
-    big = [d for d in t.shape[:-3] if d > 1]
-    if big:
+    if any(d > 1 for d in t.shape[:-3]):
         problems.append(
             Problem(
                 "rank",
@@ -196,107 +198,126 @@ def _axes(op: OpInfo) -> list[int]:
     return list(axes_tensor.shape) if axes_tensor is not None else []
 
 
-def _op_constraints(op: OpInfo, read_const) -> list[Problem]:
-    where: dict[str, Any] = {"op_index": op.index, "op": op.op}
+# One check per documented op constraint: (op, read_const) -> problem messages.
+def _no_fused_activation(op: OpInfo, read_const) -> list[str]:
+    if not op.fused_activation:
+        return []
+    return [
+        f"{op.op} has a fused activation ({op.fused_activation}); the Edge TPU supports none here."
+    ]
+
+
+def _same_dilation(op: OpInfo, read_const) -> list[str]:
+    dh, dw = op.options.get("dilationHFactor", 1), op.options.get("dilationWFactor", 1)
+    return [f"dilation differs in y ({dh}) and x ({dw}); it must be the same."] if dh != dw else []
+
+
+def _default_weights_format(op: OpInfo, read_const) -> list[str]:
+    if op.options.get("weightsFormat", 0) == 0:
+        return []
+    return ["only the default fully-connected weights format is supported."]
+
+
+def _mean(op: OpInfo, read_const) -> list[str]:
+    data = op.inputs[0]
+    axes = read_const(op.inputs[1]) if len(op.inputs) > 1 else None
+    if axes is None:
+        return ["reduction axes are not constant."]
+    if data is None:
+        return []
+    rank = len(data.shape)
+    axes = [int(a) % rank for a in np.ravel(axes)]
+    messages = []
+    if 0 in axes and rank > 1:
+        messages.append("MEAN reduces the batch dimension.")
+    if rank > 1 and rank - 1 in axes and data.shape[-1] % 4:
+        messages.append(f"MEAN over z needs a depth that is a multiple of 4; got {data.shape[-1]}.")
+    return messages
+
+
+def _pad(op: OpInfo, read_const) -> list[str]:
+    pads = read_const(op.inputs[1]) if len(op.inputs) > 1 else None
+    if pads is not None and np.any(np.asarray(pads).reshape(-1, 2)[0] != 0):
+        return ["PAD pads the batch dimension."]
+    return []
+
+
+def _pack(op: OpInfo, read_const) -> list[str]:
+    return ["PACK along the batch dimension."] if op.options.get("axis", 0) == 0 else []
+
+
+def _softmax(op: OpInfo, read_const) -> list[str]:
+    if not op.inputs or op.inputs[0] is None:
+        return []
+    shape = op.inputs[0].shape
+    if sum(d > 1 for d in shape) > 1 or int(np.prod(shape)) > _SOFTMAX_MAX_ELEMENTS:
+        return [
+            (
+                f"SOFTMAX input {list(shape)} must be 1-D with at most "
+                f"{_SOFTMAX_MAX_ELEMENTS} elements."
+            )
+        ]
+    return []
+
+
+def _all_zero(t: TensorInfo, read_const) -> bool:
+    values = read_const(t)
+    zero = t.zero_points[0] if t.zero_points else 0
+    return values is not None and not np.any(values != zero)
+
+
+def _concatenation(op: OpInfo, read_const) -> list[str]:
+    constants = [t for t in op.inputs if t is not None and t.is_constant]
+    if constants and (len(op.inputs) != 2 or not all(_all_zero(t, read_const) for t in constants)):
+        return [
+            (
+                "a constant CONCATENATION input is allowed only as an all-zero tensor in "
+                "a 2-input concatenation."
+            )
+        ]
+    return []
+
+
+_OP_CONSTRAINTS: dict[str, tuple] = {
+    "AVERAGE_POOL_2D": (_no_fused_activation,),
+    "MAX_POOL_2D": (_no_fused_activation,),
+    "CONCATENATION": (_no_fused_activation, _concatenation),
+    "CONV_2D": (_same_dilation,),
+    "DEPTHWISE_CONV_2D": (_same_dilation,),
+    "FULLY_CONNECTED": (_default_weights_format,),
+    "MEAN": (_mean,),
+    "PAD": (_pad,),
+    "PACK": (_pack,),
+    "SOFTMAX": (_softmax,),
+}
+
+
+def _constant_parameters(op: OpInfo) -> list[Problem]:
+    """Weights and biases of a weighted op must be compile-time constants."""
+    if op.op not in _WEIGHT_OPS:
+        return []
     problems = []
-    options = op.options
-    if op.op in ("AVERAGE_POOL_2D", "MAX_POOL_2D", "CONCATENATION") and op.fused_activation:
-        problems.append(
-            Problem(
-                "op_constraint",
-                f"{op.op} has a fused activation ({op.fused_activation}); the Edge TPU "
-                "supports none here.",
-                **where,
-            )
-        )
-    if op.op in ("CONV_2D", "DEPTHWISE_CONV_2D"):
-        dh, dw = options.get("dilationHFactor", 1), options.get("dilationWFactor", 1)
-        if dh != dw:
+    for k in (1, 2) if op.op != "TRANSPOSE_CONV" else (1, 3):
+        param = op.inputs[k] if k < len(op.inputs) else None
+        if param is not None and not param.is_constant:
             problems.append(
                 Problem(
-                    "op_constraint",
-                    f"dilation differs in y ({dh}) and x ({dw}); it must be the same.",
-                    **where,
+                    "constant_parameters",
+                    f"input {k} ({param.name!r}) is not a compile-time constant.",
+                    op_index=op.index,
+                    op=op.op,
                 )
             )
-    if op.op in _WEIGHT_OPS:
-        weight_positions = (1, 2) if op.op != "TRANSPOSE_CONV" else (1, 3)
-        for k in weight_positions:
-            param = op.inputs[k] if k < len(op.inputs) else None
-            if param is not None and not param.is_constant:
-                problems.append(
-                    Problem(
-                        "constant_parameters",
-                        f"input {k} ({param.name!r}) is not a compile-time constant.",
-                        **where,
-                    )
-                )
-    if op.op == "FULLY_CONNECTED" and options.get("weightsFormat", 0) != 0:
-        problems.append(
-            Problem(
-                "op_constraint",
-                "only the default fully-connected weights format is supported.",
-                **where,
-            )
-        )
-    if op.op == "MEAN":
-        data = op.inputs[0]
-        axes = read_const(op.inputs[1]) if len(op.inputs) > 1 else None
-        if axes is None:
-            problems.append(Problem("op_constraint", "reduction axes are not constant.", **where))
-        elif data is not None:
-            rank = len(data.shape)
-            axes = [int(a) % rank for a in np.ravel(axes)]
-            if 0 in axes and rank > 1:
-                problems.append(
-                    Problem("op_constraint", "MEAN reduces the batch dimension.", **where)
-                )
-            if rank > 1 and rank - 1 in axes and data.shape[-1] % 4:
-                problems.append(
-                    Problem(
-                        "op_constraint",
-                        f"MEAN over z needs a depth that is a multiple of 4; got {data.shape[-1]}.",
-                        **where,
-                    )
-                )
-    if op.op in ("PAD", "PACK"):
-        if op.op == "PAD" and len(op.inputs) > 1:
-            pads = read_const(op.inputs[1])
-            if pads is not None and np.any(np.asarray(pads).reshape(-1, 2)[0] != 0):
-                problems.append(Problem("op_constraint", "PAD pads the batch dimension.", **where))
-        if op.op == "PACK" and options.get("axis", 0) == 0:
-            problems.append(Problem("op_constraint", "PACK along the batch dimension.", **where))
-    if op.op == "SOFTMAX" and op.inputs and op.inputs[0] is not None:
-        shape = op.inputs[0].shape
-        size = int(np.prod(shape))
-        if sum(d > 1 for d in shape) > 1 or size > _SOFTMAX_MAX_ELEMENTS:
-            problems.append(
-                Problem(
-                    "op_constraint",
-                    f"SOFTMAX input {list(shape)} must be 1-D with at most "
-                    f"{_SOFTMAX_MAX_ELEMENTS} elements.",
-                    **where,
-                )
-            )
-    if op.op == "CONCATENATION":
-        constants = [t for t in op.inputs if t is not None and t.is_constant]
-        if constants:
-            zeros = all(
-                (v := read_const(t)) is not None and not np.any(v != t.zero_points[0])
-                if t.zero_points
-                else (v := read_const(t)) is not None and not np.any(v)
-                for t in constants
-            )
-            if len(op.inputs) != 2 or not zeros:
-                problems.append(
-                    Problem(
-                        "op_constraint",
-                        "a constant CONCATENATION input is allowed only as an all-zero "
-                        "tensor in a 2-input concatenation.",
-                        **where,
-                    )
-                )
     return problems
+
+
+def _op_constraints(op: OpInfo, read_const) -> list[Problem]:
+    problems = [
+        Problem("op_constraint", message, op_index=op.index, op=op.op)
+        for check in _OP_CONSTRAINTS.get(op.op, ())
+        for message in check(op, read_const)
+    ]
+    return problems + _constant_parameters(op)
 
 
 def edgetpu_compatibility(model: bytes | str | os.PathLike) -> list[Problem]:
@@ -351,39 +372,42 @@ def edgetpu_compatibility(model: bytes | str | os.PathLike) -> list[Problem]:
     for op in summary.ops:
         boundary = summary.is_io_conversion(op)
         if op.op not in SUPPORTED_OPS and not (op.op == "DEQUANTIZE" and boundary):
+            tail = (
+                "."
+                if first_unsupported is not None
+                else ("; it and every op after it would run on the CPU.")
+            )
             problems.append(
                 Problem(
                     "supported_op",
-                    f"{op.op} is not supported by the Edge TPU"
-                    + (
-                        "; it and every op after it would run on the CPU."
-                        if first_unsupported is None
-                        else "."
-                    ),
+                    f"{op.op} is not supported by the Edge TPU{tail}",
                     op_index=op.index,
                     op=op.op,
                 )
             )
             first_unsupported = first_unsupported or op.index
-        weight_inputs = {1} if op.op in _WEIGHT_OPS else set()
-        for k, t in enumerate(op.inputs):
-            if t is None:
-                continue
-            if boundary and op.op == "QUANTIZE" and k == 0:
-                if t.is_dynamic:
-                    problems.extend(_check_tensor(t, op, False)[:1])
-                continue
-            problems.extend(_check_tensor(t, op, k in weight_inputs))
-        for t in op.outputs:
-            if boundary and op.op == "DEQUANTIZE":
-                continue
-            problems.extend(_check_tensor(t, op, False))
+        problems.extend(_tensor_problems(op, boundary))
         problems.extend(_op_constraints(op, read_const))
     # The same tensor is seen as the output of one op and the input of the next.
-    unique, seen = [], set()
+    unique: dict[tuple[str, str], Problem] = {}
     for p in problems:
-        key = (p.rule, p.message)
-        if key not in seen:
-            seen.add(key)
-            unique.append(p)
-    return unique
+        unique.setdefault((p.rule, p.message), p)
+    return list(unique.values())
+
+
+def _tensor_problems(op: OpInfo, boundary: bool) -> list[Problem]:
+    """The tensor rules on `op`'s inputs and outputs (model I/O conversions exempt)."""
+    problems = []
+    weight_inputs = {1} if op.op in _WEIGHT_OPS else set()
+    for k, t in enumerate(op.inputs):
+        if t is None:
+            continue
+        if boundary and op.op == "QUANTIZE" and k == 0:
+            if t.is_dynamic:
+                problems.extend(_check_tensor(t, op, False)[:1])
+            continue
+        problems.extend(_check_tensor(t, op, k in weight_inputs))
+    if not (boundary and op.op == "DEQUANTIZE"):
+        for t in op.outputs:
+            problems.extend(_check_tensor(t, op, False))
+    return problems
