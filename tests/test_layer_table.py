@@ -20,7 +20,7 @@ from tf_pfq import cost, quantizers
 from tf_pfq.compat import keras
 from tf_pfq.layers import table
 from tf_pfq.layers.ops import ElementwiseOp
-from tf_pfq.layers.table import Absorb, Channels, Lowering, Quant
+from tf_pfq.layers.table import Absorb, Channels, Family, Lowering, Quant
 
 L = keras.layers
 H, W, C = 6, 6, 4
@@ -39,6 +39,17 @@ PASSES = [
         # The export's lowering moved out of export.convert into these.
         "export.lowering",
         "export.weighted",
+        # Pruning, quantization and export split into modules by job.
+        "pruning.plan",
+        "pruning.rules",
+        "pruning.rewrite",
+        "pruning.padding",
+        "pruning.context",
+        "quant_plan",
+        "quant_math",
+        "export.plan",
+        "export.policies",
+        "export.checks",
     )
 ]
 prune_lib, convert = PASSES[0], PASSES[6]
@@ -281,5 +292,60 @@ def test_passes_keep_no_class_list_of_their_own(module: types.ModuleType):
         return isinstance(name, str) and table.by_name(name) is not None
 
     for attr, value in vars(module).items():
-        if isinstance(value, (tuple, list, set, frozenset)):
+        # A dict keyed by class names is such a list too (a registry keys by `Family`).
+        if isinstance(value, (tuple, list, set, frozenset, dict)):
             assert not any(names_a_layer(v) for v in value), f"{module.__name__}.{attr}"
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_family_is_found_for_its_sample(name):
+    _, layer, _ = _sample(name)
+    family = table.by_name(name).family
+    assert family is not Family.OTHER
+    assert table.family_of(layer) is table.exact_family(layer) is table.family_named(name) is family
+
+
+def test_every_family_names_some_layer():
+    used = {e.family for e in table.entries()} | {e.family for e in table.op_entries()}
+    assert used == set(Family) - {Family.OTHER}
+    assert table.UNKNOWN.family is Family.OTHER
+    assert {e.family for e in table.op_entries()} == {Family.ELEMENTWISE_OP}
+
+
+def test_family_agrees_with_the_fields_passes_read_it_from():
+    # Passes ask the family where they used to infer it from another pass's field.
+    for e in table.entries():
+        assert (e.absorb is Absorb.BATCHNORM) == (e.family is Family.BATCHNORM), e
+        assert (e.absorb is Absorb.ZERO_PADDING) == (e.family is Family.PADDING), e
+        preprocessing = e.family in (Family.RESCALING, Family.NORMALIZATION)
+        assert (e.quant is Quant.PREPROCESSING) == preprocessing, e
+        transposed = e.kernel is not None and e.kernel.out_axis == -2
+        assert transposed == (e.family is Family.TRANSPOSED_CONV), e
+        assert (e.tflite == "FULLY_CONNECTED") == (e.family is Family.DENSE), e
+        assert (e.tflite == "TRANSPOSE_CONV") == (e.family is Family.TRANSPOSED_CONV), e
+
+
+def test_export_registries_cover_their_lowering():
+    lowering = importlib.import_module("tf_pfq.export.lowering")
+    weighted = importlib.import_module("tf_pfq.export.weighted")
+    for e in table.entries():
+        if e.lowering is Lowering.WEIGHTED:
+            assert e.family in weighted._OPS, e
+        if e.lowering is Lowering.PASS_THROUGH:
+            assert e.family in lowering._PASS_THROUGH, e
+
+
+def test_exact_family_ignores_subclasses_family_of_does_not():
+    class MyPool(L.MaxPooling2D):
+        pass
+
+    class MyDropout(L.SpatialDropout2D):
+        pass
+
+    assert table.family_of(MyPool()) is Family.POOL_MAX
+    assert table.exact_family(MyPool()) is Family.OTHER
+    # The nearest listed class decides: SpatialDropout2D is a Dropout too.
+    assert table.family_of(MyDropout(0.5)) is Family.DROPOUT
+    assert table.family_of(L.Conv2DTranspose(2, 1)) is Family.TRANSPOSED_CONV
+    assert table.family_of(L.LayerNormalization()) is Family.OTHER
+    assert table.family_named("MyPool") is Family.OTHER

@@ -58,7 +58,6 @@ from typing import Any
 import numpy as np
 import tensorflow as tf
 
-from tf_pfq.compat import keras
 from tf_pfq.export.grids import (
     _grid8,
     _holds_values,
@@ -78,16 +77,44 @@ from tf_pfq.export.weighted import (
     weighted_op,
 )
 from tf_pfq.graph import LayerGraph
-from tf_pfq.layers.ops import ElementwiseOp
-from tf_pfq.layers.table import Lowering, activation_name, entry_for, lookup
+from tf_pfq.layers.table import Family, Lowering, activation_name, entry_for, family_of, lookup
 
 # Calibrated output (logit) ranges are widened by this share of their width on each side.
 OUTPUT_MARGIN = 0.1
 
-L = keras.layers
 # Handlers whose last TFLite op takes a fused ReLU (CONV_2D, DEPTHWISE_CONV_2D,
 # FULLY_CONNECTED, ADD, MUL, swish's MUL); MEAN, CONCATENATION, RESIZE_* do not.
 _FUSES_RELU = frozenset([Lowering.WEIGHTED, Lowering.ADD, Lowering.MULTIPLY, Lowering.ACTIVATION])
+
+
+def _max_pool(v, config):
+    return tf.nn.max_pool2d(v, config["pool_size"], config["strides"], config["padding"].upper())
+
+
+def _zero_pad(v, config):
+    (top, bottom), (left, right) = config["padding"]
+    return tf.pad(v, [[0, 0], [top, bottom], [left, right], [0, 0]])
+
+
+def _crop(v, config):
+    (top, bottom), (left, right) = config["cropping"]
+    return v[:, top : v.shape[1] - bottom, left : v.shape[2] - right, :]
+
+
+# What each `Lowering.PASS_THROUGH` layer computes on its input (values on the
+# input's grid stay on it), by its family: (input, layer config) -> output.
+_PASS_THROUGH: dict[Family, Callable[[Any, dict], Any]] = {
+    Family.INPUT: lambda v, config: v,
+    Family.DROPOUT: lambda v, config: v,
+    Family.FLATTEN: lambda v, config: tf.reshape(v, [v.shape[0], -1]),
+    Family.RESHAPE: lambda v, config: tf.reshape(v, [v.shape[0], *config["target_shape"]]),
+    Family.POOL_MAX: _max_pool,
+    Family.GLOBAL_POOL_MAX: lambda v, config: tf.reduce_max(
+        v, axis=[1, 2], keepdims=config.get("keepdims", False)
+    ),
+    Family.PADDING: _zero_pad,
+    Family.CROPPING: _crop,
+}
 
 
 def _activation_fn(name: str, layer_name: str):
@@ -248,7 +275,7 @@ class _Builder:
         layout = entry.kernel
         assert layout is not None  # Lowering.WEIGHTED entries have a kernel
         depthwise = layout.depthwise
-        dense = entry.tflite == "FULLY_CONNECTED"
+        dense = entry.family is Family.DENSE
         per_channel = np.asarray(grid.scale).size > 1
         kernel_n = kernel_on_grid(kernel, quant, grid, depthwise)
         bias = bias_on_grid(bias, x.grid, grid, quant)
@@ -259,13 +286,13 @@ class _Builder:
             y = y + bias
         # Interval bound of the output (used only when QAT left it in float).
         lo, hi = _interval_linear(k2d, bias, float(x.lo), float(x.hi))
-        return self._weighted_activation(name, entry.tflite, config, y, lo, hi)
+        return self._weighted_activation(name, entry.family, config, y, lo, hi)
 
-    def _weighted_activation(self, name: str, tflite: str, config, y, lo: float, hi: float):
+    def _weighted_activation(self, name: str, family: Family, config, y, lo: float, hi: float):
         """The weighted layer's fused activation, then its output grid."""
         activation, nonneg = _activation_fn(config.get("activation"), name)
         fuses_relu = None
-        if tflite == "TRANSPOSE_CONV" and self._grid_applies_relu(name, activation):
+        if family is Family.TRANSPOSED_CONV and self._grid_applies_relu(name, activation):
             # The converter fuses a ReLU into TRANSPOSE_CONV only behind a bias add;
             # with a zero bias (folded away) it keeps the op in float. Quantize the
             # raw output on the int8 grid and clamp with a separate RELU on that
@@ -306,7 +333,7 @@ class _Builder:
 
     def _softmax(self, name: str, layer, x: _Tensor):
         v = x.value
-        axis = layer.get_config().get("axis", -1) if isinstance(layer, L.Softmax) else -1
+        axis = layer.get_config().get("axis", -1) if family_of(layer) is Family.SOFTMAX else -1
         if axis not in (-1, v.shape.rank - 1, [-1]):
             raise ValueError(
                 f"Layer {name!r}: softmax over axis {axis} is not supported by the "
@@ -325,10 +352,11 @@ class _Builder:
 
     def _relu(self, name: str, layer, x: _Tensor) -> _Tensor:
         config = layer.get_config()
-        if isinstance(layer, ElementwiseOp):  # tf.nn.relu / tf.nn.relu6
+        family = family_of(layer)
+        if family is Family.ELEMENTWISE_OP:  # tf.nn.relu / tf.nn.relu6
             max_value = 6.0 if layer.kind == "relu6" else None
             fn = tf.nn.relu6 if layer.kind == "relu6" else tf.nn.relu
-        elif isinstance(layer, L.Activation):
+        elif family is Family.ACTIVATION:
             fn, _ = _activation_fn(config["activation"], name)
             fn = fn or (lambda v: v)
             max_value = 6.0 if config["activation"] == "relu6" else None
@@ -411,7 +439,7 @@ class _Builder:
     def _pool(self, name: str, layer, inputs: list[_Tensor]) -> _Tensor:
         x = inputs[0]
         config = layer.get_config()
-        if isinstance(layer, L.GlobalAveragePooling2D):
+        if family_of(layer) is Family.GLOBAL_POOL_AVERAGE:
             y = self.policy.global_mean(x.value, config.get("keepdims", False))
         else:
             y = self.policy.average_pool(name, x.value, config)
@@ -420,26 +448,7 @@ class _Builder:
 
     def _pass_through(self, name: str, layer, inputs: list[_Tensor]) -> _Tensor:
         x = inputs[0]
-        config = layer.get_config()
-        v = x.value
-        if isinstance(layer, (L.Dropout, L.SpatialDropout2D, L.InputLayer)):
-            y = v
-        elif isinstance(layer, L.Flatten):
-            y = tf.reshape(v, [v.shape[0], -1])
-        elif isinstance(layer, L.Reshape):
-            y = tf.reshape(v, [v.shape[0], *config["target_shape"]])
-        elif isinstance(layer, L.MaxPooling2D):
-            y = tf.nn.max_pool2d(
-                v, config["pool_size"], config["strides"], config["padding"].upper()
-            )
-        elif isinstance(layer, L.GlobalMaxPooling2D):
-            y = tf.reduce_max(v, axis=[1, 2], keepdims=config.get("keepdims", False))
-        elif isinstance(layer, L.ZeroPadding2D):
-            (top, bottom), (left, right) = config["padding"]
-            y = tf.pad(v, [[0, 0], [top, bottom], [left, right], [0, 0]])
-        else:  # Cropping2D
-            (top, bottom), (left, right) = config["cropping"]
-            y = v[:, top : v.shape[1] - bottom, left : v.shape[2] - right, :]
+        y = _PASS_THROUGH[family_of(layer)](x.value, layer.get_config())
         t = _Tensor(y, x.lo, x.hi, x.grid, x.nonneg)
         return self._quantize_output(name, t, needs_range=self.graph.is_output(name))
 

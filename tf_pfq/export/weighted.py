@@ -5,8 +5,8 @@ Conv2D, DepthwiseConv2D, Conv2DTranspose and Dense lower alike
 bias snapped onto the int32 grid `s_in * s_w` TFLite stores, then the layer's
 TensorFlow op, which the converter turns into the TFLite op the layer table names
 (`LayerEntry.tflite`). What differs between the four lives here, one function per
-TFLite op, each also returning the kernel as a (taps, outputs) matrix for the
-interval bound of the output.
+layer family (`LayerEntry.family`), each also returning the kernel as a (taps,
+outputs) matrix for the interval bound of the output.
 
 Biases: tf_pfq's stage W already trains them on the grid `s_in * s_w`, so snapping
 them is exact and the converter's own bias rounding changes nothing. Conv2DTranspose
@@ -26,6 +26,7 @@ import tensorflow as tf
 from tf_pfq.export.grids import _scalar, _weight_values
 from tf_pfq.export.plan import LayerQuantization
 from tf_pfq.export.policies import Simulate
+from tf_pfq.layers.table import Family, exact_family
 from tf_pfq.quantizers import INT32_BIAS_RANGE, QuantParams
 
 
@@ -132,12 +133,13 @@ def _conv(w: _WeightedLayer, v, k, policy: Simulate):
     return y, w.kernel_n.reshape(-1, w.kernel_n.shape[-1])
 
 
-# The TensorFlow op of each weighted layer, by the TFLite op its table entry names.
-_OPS: dict[str, Callable[[_WeightedLayer, Any, Any, Simulate], tuple[Any, np.ndarray]]] = {
-    "FULLY_CONNECTED": _dense,
-    "DEPTHWISE_CONV_2D": _depthwise,
-    "TRANSPOSE_CONV": _transpose,
-    "CONV_2D": _conv,
+# The TensorFlow op of each weighted layer, by its table entry's family; the
+# converter turns it into the TFLite op the entry names (`LayerEntry.tflite`).
+_OPS: dict[Family, Callable[[_WeightedLayer, Any, Any, Simulate], tuple[Any, np.ndarray]]] = {
+    Family.DENSE: _dense,
+    Family.DEPTHWISE_CONV: _depthwise,
+    Family.TRANSPOSED_CONV: _transpose,
+    Family.CONV: _conv,
 }
 
 
@@ -147,7 +149,7 @@ def weighted_op(entry, w: _WeightedLayer, v, k, policy: Simulate):
     The table matches subclasses too; a subclass of Conv2D may compute something
     else, so only Conv2D itself lowers to CONV_2D.
     """
-    op = _OPS.get(entry.tflite)
-    if op is None or (op is _conv and type(w.layer) is not entry.cls):
+    op = _OPS.get(entry.family)
+    if op is None or (op is _conv and exact_family(w.layer) is not Family.CONV):
         raise ValueError(f"Layer {w.name!r}: unsupported weighted layer {type(w.layer).__name__}.")
     return op(w, v, k, policy)

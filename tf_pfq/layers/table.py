@@ -16,9 +16,17 @@ A layer matters to five passes, each asking its own question:
   TFLite op (`Lowering`), or why it is refused.
 * cost (`tf_pfq.cost`): its multiply-accumulates per sample.
 
+Every entry first says what the layer is, its `Family` (a BN, a transposed conv, a
+global average pooling, ...): a pass that needs to know that asks `family_of`
+(`exact_family` where a subclass must not count, `family_named` for a config's
+class name) rather than testing classes or inferring it from another pass's field.
+
 Before this table each pass kept its own tuple of classes, and the tuples drifted
 apart. Now every pass asks `entry_for(layer)` (or `lookup`, which refuses unknown
-layers) and reads the field it needs; what stays in a pass is the arithmetic.
+layers) and reads the field it needs; what stays in a pass is the arithmetic. No
+module outside this table and `tf_pfq.compat.keras3` tests a layer's class
+(`tests/test_architecture_rules.py`).
+
 Adding a layer is one `LayerEntry` in `_ENTRIES` plus one equivalence test (float
 vs pruned / folded / exported model) next to the pass that gains it;
 `tests/test_layer_table.py` checks that the table stays consistent with the passes.
@@ -57,6 +65,7 @@ from tf_pfq.layers.ops import ElementwiseOp, elementwise_op
 __all__ = [
     "Absorb",
     "Channels",
+    "Family",
     "Kernel",
     "LayerEntry",
     "Lowering",
@@ -67,12 +76,66 @@ __all__ = [
     "by_name",
     "entries",
     "entry_for",
+    "exact_family",
+    "family_named",
+    "family_of",
     "lookup",
     "op_entries",
     "op_refusal",
 ]
 
 L = keras.layers
+
+
+class Family(enum.Enum):
+    """What the layer is: the question every pass asks first (`family_of`).
+
+    One family per kind of computation; the Keras classes of a family are the ones
+    the table lists with it (a subclass takes its nearest listed base class's). The
+    other fields say how each pass treats the family; a pass that needs to know what
+    a layer is (a BN to fold, a global average pooling to export as one conv, a max
+    pooling hiding zero padding) reads this field instead of testing classes.
+    """
+
+    INPUT = "input"  # InputLayer
+    CONV = "conv"  # Conv2D
+    TRANSPOSED_CONV = "transposed-conv"  # Conv2DTranspose: kernel (kh, kw, out, in)
+    DEPTHWISE_CONV = "depthwise-conv"  # DepthwiseConv2D
+    SEPARABLE_CONV = "separable-conv"  # SeparableConv2D (split before the passes)
+    DENSE = "dense"  # Dense
+    BATCHNORM = "batchnorm"  # BatchNormalization
+    RESCALING = "rescaling"  # Rescaling: x * scale + offset
+    NORMALIZATION = "normalization"  # Normalization: (x - mean) / std
+    RELU = "relu"  # ReLU (with its max_value, negative_slope and threshold)
+    LEAKY_RELU = "leaky-relu"  # LeakyReLU
+    ELU = "elu"  # ELU
+    THRESHOLDED_RELU = "thresholded-relu"  # ThresholdedReLU
+    PRELU = "prelu"  # PReLU (a slope per channel, trained)
+    ACTIVATION = "activation"  # Activation(fn): the function is in its config
+    SOFTMAX = "softmax"  # Softmax
+    ADD = "add"  # Add
+    MULTIPLY = "multiply"  # Multiply
+    CONCAT = "concat"  # Concatenate
+    POOL_MAX = "max-pool"  # MaxPooling2D
+    POOL_AVERAGE = "average-pool"  # AveragePooling2D
+    GLOBAL_POOL_MAX = "global-max-pool"  # GlobalMaxPooling2D
+    GLOBAL_POOL_AVERAGE = "global-average-pool"  # GlobalAveragePooling2D
+    POOL_MAX_1D = "max-pool-1d"  # MaxPooling1D
+    POOL_AVERAGE_1D = "average-pool-1d"  # AveragePooling1D
+    GLOBAL_POOL_MAX_1D = "global-max-pool-1d"  # GlobalMaxPooling1D
+    GLOBAL_POOL_AVERAGE_1D = "global-average-pool-1d"  # GlobalAveragePooling1D
+    PADDING = "zero-padding"  # ZeroPadding2D
+    CROPPING = "cropping"  # Cropping2D
+    FLATTEN = "flatten"  # Flatten
+    RESHAPE = "reshape"  # Reshape
+    RESIZE = "resize"  # UpSampling2D
+    # The identity at inference: Dropout, SpatialDropout2D, GaussianDropout,
+    # GaussianNoise, AlphaDropout.
+    DROPOUT = "dropout"
+    TF_OP = "tf-op"  # TFOpLambda, SlicingOpLambda: an op of functional code (`x + 3.0`)
+    LAMBDA = "lambda"  # Lambda: a Python function
+    ELEMENTWISE_OP = "elementwise-op"  # tf_pfq's ElementwiseOp (`replace_op_layers`)
+    OTHER = "other"  # a class the table does not list (`UNKNOWN`)
 
 
 class Channels(enum.Enum):
@@ -123,7 +186,7 @@ class Quant(enum.Enum):
 
 
 class Lowering(enum.Enum):
-    """The exporter's handler for the layer (`tf_pfq.export.convert._Builder`)."""
+    """The exporter's handler for the layer (`tf_pfq.export.lowering._Builder`)."""
 
     INPUT = "input"
     WEIGHTED = "weighted"
@@ -264,6 +327,7 @@ class LayerEntry:
     Attributes:
       name: the class name (the key; op layers are matched by it).
       cls: the tf_keras class, or None for op layers matched by name and `UNKNOWN`.
+      family: what the layer is (`Family`); `Family.OTHER` only for `UNKNOWN`.
       channels: its role for pruning.
       absorb: how pruning carries a constant input channel across it.
       kernel: its weights' layout, or None for a layer without a kernel.
@@ -296,6 +360,7 @@ class LayerEntry:
 
     name: str
     cls: type | None
+    family: Family
     channels: Channels = Channels.STOP
     absorb: Absorb = Absorb.NONE
     kernel: Kernel | None = None
@@ -407,6 +472,7 @@ _ELEMENTWISE: dict[str, Any] = {
 _OP_ADD = LayerEntry(
     "ElementwiseOp(add)",
     ElementwiseOp,
+    Family.ELEMENTWISE_OP,
     **_ELEMENTWISE,
     quant=Quant.ADD,
     lowering=Lowering.OP,
@@ -415,6 +481,7 @@ _OP_ADD = LayerEntry(
 _OP_RELU = LayerEntry(
     "ElementwiseOp(relu)",
     ElementwiseOp,
+    Family.ELEMENTWISE_OP,
     **_ELEMENTWISE,
     quant=Quant.OUTPUT,
     fuses=_always,
@@ -449,15 +516,18 @@ def op_entries() -> tuple[LayerEntry, ...]:
     return (_BY_NAME["ElementwiseOp"], _OP_PRODUCT, _OP_ADD, _OP_SUM, _OP_RELU)
 
 
-def _entry(cls, **fields) -> LayerEntry:
-    return LayerEntry(cls.__name__, cls, **fields)
+def _entry(cls, family: Family, **fields) -> LayerEntry:
+    return LayerEntry(cls.__name__, cls, family, **fields)
 
 
 _ENTRIES: tuple[LayerEntry, ...] = (
-    _entry(L.InputLayer, quant=Quant.INPUT, lowering=Lowering.INPUT, tflite="(input)"),
+    _entry(
+        L.InputLayer, Family.INPUT, quant=Quant.INPUT, lowering=Lowering.INPUT, tflite="(input)"
+    ),
     # -- weighted layers ------------------------------------------------------------
     _entry(
         L.Conv2D,
+        Family.CONV,
         channels=Channels.PRODUCER,
         absorb=Absorb.KERNEL_SUM,
         kernel=_CONV,
@@ -469,6 +539,7 @@ _ENTRIES: tuple[LayerEntry, ...] = (
     ),
     _entry(
         L.Conv2DTranspose,
+        Family.TRANSPOSED_CONV,
         channels=Channels.PRODUCER,
         absorb=Absorb.TRANSPOSED_KERNEL_SUM,
         kernel=_TRANSPOSED,
@@ -479,6 +550,7 @@ _ENTRIES: tuple[LayerEntry, ...] = (
     ),
     _entry(
         L.DepthwiseConv2D,
+        Family.DEPTHWISE_CONV,
         channels=Channels.DEPTHWISE,
         absorb=Absorb.DEPTHWISE,
         kernel=_DEPTHWISE,
@@ -490,6 +562,7 @@ _ENTRIES: tuple[LayerEntry, ...] = (
     ),
     _entry(
         L.Dense,
+        Family.DENSE,
         channels=Channels.PRODUCER,
         absorb=Absorb.KERNEL_SUM,
         kernel=_DENSE,
@@ -501,9 +574,10 @@ _ENTRIES: tuple[LayerEntry, ...] = (
     ),
     # Two kernels; `split_separable` rewrites it into DepthwiseConv2D + 1x1 Conv2D
     # before pruning and folding, so only its MACs are read from here.
-    _entry(L.SeparableConv2D, macs=_separable_macs),
+    _entry(L.SeparableConv2D, Family.SEPARABLE_CONV, macs=_separable_macs),
     _entry(
         L.BatchNormalization,
+        Family.BATCHNORM,
         channels=Channels.PASS_THROUGH,
         absorb=Absorb.BATCHNORM,
         quant=Quant.NORMALIZATION,
@@ -512,16 +586,33 @@ _ENTRIES: tuple[LayerEntry, ...] = (
     # Preprocessing (`y = a_c x + b_c` per channel): `tf_pfq.fold_batchnorm` folds it
     # into the next conv where that is exact, else writes it as a 1x1 DepthwiseConv2D.
     # Pruning stops at it (it sits at the model input, where nothing is pruned).
-    _entry(L.Rescaling, quant=Quant.PREPROCESSING, refusal=_export_preprocessing_refusal),
-    _entry(L.Normalization, quant=Quant.PREPROCESSING, refusal=_export_preprocessing_refusal),
+    _entry(
+        L.Rescaling,
+        Family.RESCALING,
+        quant=Quant.PREPROCESSING,
+        refusal=_export_preprocessing_refusal,
+    ),
+    _entry(
+        L.Normalization,
+        Family.NORMALIZATION,
+        quant=Quant.PREPROCESSING,
+        refusal=_export_preprocessing_refusal,
+    ),
     # -- activations ----------------------------------------------------------------
-    _entry(L.ReLU, **_RELU_KIND, lowering=Lowering.ACTIVATION, tflite="RELU / RELU6 (fused)"),
-    _entry(L.LeakyReLU, **_RELU_KIND),
-    _entry(L.ELU, **_RELU_KIND),
-    _entry(L.ThresholdedReLU, **_RELU_KIND),
-    _entry(L.PReLU, quant=Quant.OUTPUT, fuses=_always),
+    _entry(
+        L.ReLU,
+        Family.RELU,
+        **_RELU_KIND,
+        lowering=Lowering.ACTIVATION,
+        tflite="RELU / RELU6 (fused)",
+    ),
+    _entry(L.LeakyReLU, Family.LEAKY_RELU, **_RELU_KIND),
+    _entry(L.ELU, Family.ELU, **_RELU_KIND),
+    _entry(L.ThresholdedReLU, Family.THRESHOLDED_RELU, **_RELU_KIND),
+    _entry(L.PReLU, Family.PRELU, quant=Quant.OUTPUT, fuses=_always),
     _entry(
         L.Activation,
+        Family.ACTIVATION,
         channels=Channels.PASS_THROUGH,
         absorb=Absorb.FUNCTION,
         elementwise=_activation_fn,
@@ -531,10 +622,17 @@ _ENTRIES: tuple[LayerEntry, ...] = (
         tflite="fused RELU / SOFTMAX / LOGISTIC / TANH / hard_sigmoid as DEPTHWISE_CONV_2D "
         "/ swish as LOGISTIC + MUL",
     ),
-    _entry(L.Softmax, quant=Quant.OUTPUT, lowering=Lowering.ACTIVATION, tflite="SOFTMAX"),
+    _entry(
+        L.Softmax,
+        Family.SOFTMAX,
+        quant=Quant.OUTPUT,
+        lowering=Lowering.ACTIVATION,
+        tflite="SOFTMAX",
+    ),
     # -- merges -----------------------------------------------------------------------
     _entry(
         L.Add,
+        Family.ADD,
         channels=Channels.MERGE,
         absorb=Absorb.SUM,
         quant=Quant.ADD,
@@ -543,6 +641,7 @@ _ENTRIES: tuple[LayerEntry, ...] = (
     ),
     _entry(
         L.Multiply,
+        Family.MULTIPLY,
         channels=Channels.MERGE,
         absorb=Absorb.PRODUCT,
         quant=Quant.OUTPUT,
@@ -551,6 +650,7 @@ _ENTRIES: tuple[LayerEntry, ...] = (
     ),
     _entry(
         L.Concatenate,
+        Family.CONCAT,
         channels=Channels.CONCAT,
         absorb=Absorb.CONCAT,
         quant=Quant.CONCAT,
@@ -560,6 +660,7 @@ _ENTRIES: tuple[LayerEntry, ...] = (
     # -- pooling ('same' max/avg pooling in TF ignores padded positions) -----------------
     _entry(
         L.MaxPooling2D,
+        Family.POOL_MAX,
         **_IDENTITY,
         **_PRESERVES,
         lowering=Lowering.PASS_THROUGH,
@@ -568,6 +669,7 @@ _ENTRIES: tuple[LayerEntry, ...] = (
     ),
     _entry(
         L.GlobalMaxPooling2D,
+        Family.GLOBAL_POOL_MAX,
         **_IDENTITY,
         **_PRESERVES,
         lowering=Lowering.PASS_THROUGH,
@@ -576,6 +678,7 @@ _ENTRIES: tuple[LayerEntry, ...] = (
     ),
     _entry(
         L.AveragePooling2D,
+        Family.POOL_AVERAGE,
         **_IDENTITY,
         quant=Quant.OUTPUT,
         lowering=Lowering.AVERAGE,
@@ -584,19 +687,21 @@ _ENTRIES: tuple[LayerEntry, ...] = (
     ),
     _entry(
         L.GlobalAveragePooling2D,
+        Family.GLOBAL_POOL_AVERAGE,
         **_IDENTITY,
         quant=Quant.OUTPUT,
         lowering=Lowering.AVERAGE,
         tflite="MEAN",
         cle=True,
     ),
-    _entry(L.MaxPooling1D, **_IDENTITY),
-    _entry(L.AveragePooling1D, **_IDENTITY),
-    _entry(L.GlobalMaxPooling1D, **_IDENTITY),
-    _entry(L.GlobalAveragePooling1D, **_IDENTITY),
+    _entry(L.MaxPooling1D, Family.POOL_MAX_1D, **_IDENTITY),
+    _entry(L.AveragePooling1D, Family.POOL_AVERAGE_1D, **_IDENTITY),
+    _entry(L.GlobalMaxPooling1D, Family.GLOBAL_POOL_MAX_1D, **_IDENTITY),
+    _entry(L.GlobalAveragePooling1D, Family.GLOBAL_POOL_AVERAGE_1D, **_IDENTITY),
     # -- shape and identity layers --------------------------------------------------------
     _entry(
         L.ZeroPadding2D,
+        Family.PADDING,
         channels=Channels.PASS_THROUGH,
         absorb=Absorb.ZERO_PADDING,
         **_PRESERVES,  # 0 is on every grid
@@ -606,6 +711,7 @@ _ENTRIES: tuple[LayerEntry, ...] = (
     ),
     _entry(
         L.Cropping2D,
+        Family.CROPPING,
         **_IDENTITY,  # a crop of a constant channel is the constant (NASNet's adjust path)
         **_PRESERVES,
         lowering=Lowering.PASS_THROUGH,
@@ -613,6 +719,7 @@ _ENTRIES: tuple[LayerEntry, ...] = (
     ),
     _entry(
         L.Flatten,
+        Family.FLATTEN,
         channels=Channels.RESHAPE,
         absorb=Absorb.FLATTEN,
         **_PRESERVES,
@@ -621,6 +728,7 @@ _ENTRIES: tuple[LayerEntry, ...] = (
     ),
     _entry(
         L.Reshape,
+        Family.RESHAPE,
         channels=Channels.RESHAPE,
         absorb=Absorb.RESHAPE,
         **_PRESERVES,
@@ -629,6 +737,7 @@ _ENTRIES: tuple[LayerEntry, ...] = (
     ),
     _entry(
         L.UpSampling2D,
+        Family.RESIZE,
         quant=Quant.OUTPUT,
         grid=_nearest,  # nearest copies values; bilinear interpolates off the grid
         lowering=Lowering.RESIZE,
@@ -637,6 +746,7 @@ _ENTRIES: tuple[LayerEntry, ...] = (
     # Identity at inference time.
     _entry(
         L.Dropout,
+        Family.DROPOUT,
         **_IDENTITY,
         **_PRESERVES,
         grid_in_training=False,
@@ -646,19 +756,21 @@ _ENTRIES: tuple[LayerEntry, ...] = (
     ),
     _entry(
         L.SpatialDropout2D,
+        Family.DROPOUT,
         **_IDENTITY,
         **_PRESERVES,
         grid_in_training=False,
         lowering=Lowering.PASS_THROUGH,
         tflite="(none)",
     ),
-    _entry(L.GaussianDropout, **_IDENTITY),
-    _entry(L.GaussianNoise, **_IDENTITY),
-    _entry(L.AlphaDropout, **_IDENTITY),
+    _entry(L.GaussianDropout, Family.DROPOUT, **_IDENTITY),
+    _entry(L.GaussianNoise, Family.DROPOUT, **_IDENTITY),
+    _entry(L.AlphaDropout, Family.DROPOUT, **_IDENTITY),
     # -- op layers from functional code (`x + 3.0`, `tf.nn.relu6(x)`), see layers.ops ----
     LayerEntry(
         "TFOpLambda",
         None,
+        Family.TF_OP,
         **_OP_PRUNING,
         quant=Quant.REFUSED,
         refusal=_export_op_refusal,
@@ -666,15 +778,17 @@ _ENTRIES: tuple[LayerEntry, ...] = (
     LayerEntry(
         "SlicingOpLambda",
         None,
+        Family.TF_OP,
         **_OP_PRUNING,
         quant=Quant.REFUSED,
         refusal=_export_op_refusal,
     ),
-    LayerEntry("Lambda", L.Lambda, quant=Quant.REFUSED, refusal=_export_op_refusal),
+    LayerEntry("Lambda", L.Lambda, Family.LAMBDA, quant=Quant.REFUSED, refusal=_export_op_refusal),
     # What `replace_op_layers` makes of the op layers it models; this is the entry of
     # its products (`*`, `/`), `_resolve_op` gives the others theirs.
     _entry(
         ElementwiseOp,
+        Family.ELEMENTWISE_OP,
         **_ELEMENTWISE,
         quant=Quant.OUTPUT,
         lowering=Lowering.OP,
@@ -691,7 +805,7 @@ _OP_PRODUCT = dataclasses.replace(
     resolve=None,
 )
 
-UNKNOWN = LayerEntry("unknown", None)
+UNKNOWN = LayerEntry("unknown", None, Family.OTHER)
 """The entry of a layer class the table does not list: every pass treats it as opaque.
 
 Pruning keeps the channels that reach it (the report names the layer and its
@@ -741,6 +855,54 @@ def entry_for(layer) -> LayerEntry:
         if entry is not None:
             return entry.resolve(layer) if entry.resolve is not None else entry
     return UNKNOWN
+
+
+def family_of(layer) -> Family:
+    """What the layer is: its entry's family (`Family.OTHER` for an unlisted class).
+
+    A subclass of a listed class is of that class's family, as for `entry_for`.
+
+    Example:
+      >>> family_of(keras.layers.GlobalAveragePooling2D())
+      <Family.GLOBAL_POOL_AVERAGE: 'global-average-pool'>
+      >>> family_of(keras.layers.LayerNormalization())
+      <Family.OTHER: 'other'>
+    """
+    return entry_for(layer).family
+
+
+def exact_family(layer) -> Family:
+    """The layer's family when its own class is the listed one, else `Family.OTHER`.
+
+    For the checks that want the exact class rather than a subclass, which may
+    compute something else (e.g. only MaxPooling2D itself is known to skip padded
+    positions). Op layers are matched by their class name, as in `entry_for`.
+
+    Example:
+      >>> class MyPool(keras.layers.MaxPooling2D):
+      ...     pass
+      >>> family_of(MyPool()), exact_family(MyPool())
+      (<Family.POOL_MAX: 'max-pool'>, <Family.OTHER: 'other'>)
+    """
+    entry = entry_for(layer)
+    cls = type(layer)
+    exact = cls is entry.cls if entry.cls is not None else cls.__name__ == entry.name
+    return entry.family if exact else Family.OTHER
+
+
+def family_named(class_name: str) -> Family:
+    """The family of the class named exactly `class_name` (a model config's class_name).
+
+    `Family.OTHER` for a name the table does not list (a subclass under its own name).
+
+    Example:
+      >>> family_named("Conv2DTranspose")
+      <Family.TRANSPOSED_CONV: 'transposed-conv'>
+      >>> family_named("MyLayer")
+      <Family.OTHER: 'other'>
+    """
+    entry = _BY_NAME.get(class_name)
+    return Family.OTHER if entry is None else entry.family
 
 
 def lookup(layer, purpose: str = "tf_pfq") -> LayerEntry:

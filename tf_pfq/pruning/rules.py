@@ -19,7 +19,7 @@ import numpy as np
 import tensorflow as tf
 
 from tf_pfq import pfq_math
-from tf_pfq.layers.table import Absorb
+from tf_pfq.layers.table import Absorb, Family
 from tf_pfq.pruning import padding
 from tf_pfq.pruning.context import (
     Entry,
@@ -211,28 +211,23 @@ def _border_averaged(name: str, e: Entry) -> tuple[tuple[str, ...], bool]:
     return (*e.pattern, name), False  # linear, alike per channel, no longer 0 / 1
 
 
-# What a border map S becomes across each `Absorb.IDENTITY` layer, by the name of
-# its table entry (the nearest listed class, as isinstance would match): the table
-# says only that the constant crosses unchanged. Dropout and noise act per position;
-# pooling and cropping move S alike in every channel. Others average: S' is linear
-# in S and no longer 0 / 1.
-IDENTITY_BORDERS: dict[str, Callable[[str, Entry], tuple[tuple[str, ...], bool]]] = {
-    "Dropout": _border_unchanged,
-    "SpatialDropout2D": _border_unchanged,
-    "GaussianDropout": _border_unchanged,
-    "GaussianNoise": _border_unchanged,
-    "AlphaDropout": _border_unchanged,
-    "MaxPooling1D": _border_max,
-    "MaxPooling2D": _border_max,
-    "GlobalMaxPooling1D": _border_max,
-    "GlobalMaxPooling2D": _border_max,
-    "Cropping2D": _border_cropped,
+# What a border map S becomes across each `Absorb.IDENTITY` layer, by its family:
+# the table says only that the constant crosses unchanged. Dropout and noise act per
+# position; max pooling and cropping move S alike in every channel. Others (average
+# pooling) average: S' is linear in S and no longer 0 / 1.
+IDENTITY_BORDERS: dict[Family, Callable[[str, Entry], tuple[tuple[str, ...], bool]]] = {
+    Family.DROPOUT: _border_unchanged,
+    Family.POOL_MAX_1D: _border_max,
+    Family.POOL_MAX: _border_max,
+    Family.GLOBAL_POOL_MAX_1D: _border_max,
+    Family.GLOBAL_POOL_MAX: _border_max,
+    Family.CROPPING: _border_cropped,
 }
 
 
 def _identity(ctx: PruneContext, plan: Plan, name: str, const: Const) -> None:
     """Dropout, pooling, cropping: a constant stays; a border S becomes S' alike."""
-    border = IDENTITY_BORDERS.get(ctx.entry(name).name, _border_averaged)
+    border = IDENTITY_BORDERS.get(ctx.entry(name).family, _border_averaged)
     for c in sorted(const):
         e = const[c]
         pattern, binary = border(name, e) if e.pattern else (e.pattern, e.binary)
