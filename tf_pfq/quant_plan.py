@@ -23,16 +23,18 @@ import copy
 
 import numpy as np
 
-from tf_pfq.compat import keras
+from tf_pfq.compat import keras  # noqa: F401  (the docstring examples use it)
 from tf_pfq.graph import LayerGraph, model_from_config
 from tf_pfq.layers.ops import replace_op_layers
 from tf_pfq.layers.table import (
     FUSED_ACTIVATIONS,
     MODELLED_OPS,
+    Family,
     Quant,
     activation_name,
     by_name,
     entry_for,
+    family_of,
     op_refusal,
 )
 from tf_pfq.quantize_configs import PfqQuantizeConfig
@@ -52,7 +54,6 @@ __all__ = [
     "plan_configs",
 ]
 
-L = keras.layers
 # Outputs whose int8 grid TFLite fixes (LOGISTIC and SOFTMAX: scale 1/256 from 0,
 # TANH: scale 1/128 around 0); hard_sigmoid lands on [0, 1] like sigmoid. They are
 # quantized with that 8-bit grid whatever `activation_bits` is, so the file holds
@@ -326,7 +327,7 @@ def _output_bits(
         return None if fused else add_bits
     if quant is Quant.CONCAT:
         return activation_bits  # widened by `_share_concat_ranges` to its inputs' bits
-    if isinstance(layer, L.Activation) and _is_linear(layer):
+    if family_of(layer) is Family.ACTIVATION and _is_linear(layer):
         return None
     # Activations, and outputs off their input's grid (a mean, an interpolation, a
     # product): the next layer's bias grid needs an input scale.
@@ -413,10 +414,11 @@ _NON_NEGATIVE = frozenset(["relu", "relu6", "softmax", "sigmoid"])
 
 def _is_non_negative(layer) -> bool:
     """True when the layer's output is >= 0 whatever its input (a ReLU, ReLU6, ...)."""
-    if isinstance(layer, L.ReLU):
+    family = family_of(layer)
+    if family is Family.RELU:
         slope = float(np.asarray(layer.negative_slope))
         return slope == 0.0 and float(np.asarray(layer.threshold)) >= 0.0
-    if isinstance(layer, L.Softmax):
+    if family is Family.SOFTMAX:
         return True
     if activation_name(layer) in ("relu", "relu6"):  # tf.nn.relu / relu6 op layers
         return True
@@ -517,7 +519,7 @@ def _kernel_quantizers(
 def _is_fused_add(graph, name: str, outputs) -> bool:
     consumers = graph.consumers_of(name)
     return (
-        isinstance(graph.layer(name), L.Add)
+        family_of(graph.layer(name)) is Family.ADD
         and len(graph.inputs_of(name)) == 2
         and len(consumers) == 1
         and consumers[0] in outputs

@@ -55,8 +55,7 @@ import tensorflow as tf
 import tensorflow_model_optimization as tfmot
 
 from tf_pfq.compat import keras
-from tf_pfq.layers.ops import ElementwiseOp
-from tf_pfq.layers.table import activation_name, entry_for
+from tf_pfq.layers.table import Family, activation_name, entry_for, family_of
 from tf_pfq.quant_math import mean_weight
 from tf_pfq.quantize_configs import PfqQuantizeConfig
 from tf_pfq.quantizers import (
@@ -134,7 +133,7 @@ def add_sources(wrapper):
     config = wrapper.quantize_config
     if not isinstance(config, PfqQuantizeConfig) or config.weight_quantizer is not None:
         return None
-    if not isinstance(wrapper.layer, keras.layers.Add) or not wrapper.inbound_nodes:
+    if family_of(wrapper.layer) is not Family.ADD or not wrapper.inbound_nodes:
         return None
     out = config.output_quantizer
     if out is None and len(wrapper.outbound_nodes) == 1:
@@ -189,7 +188,7 @@ def output_grid(wrapper):
         # Only a ReLU / ReLU6 fuses into the producing op in the file (ELU and a
         # linear Activation do not: there the producer keeps a grid of its own).
         fuses = activation_name(inner) in ("relu", "relu6") and entry_for(inner).fuses(inner)
-        if isinstance(inner, keras.layers.Concatenate) or (fuses and out is not None):
+        if family_of(inner) is Family.CONCAT or (fuses and out is not None):
             return out if isinstance(out, PfqActivationQuantizer) else None
         if not fuses and not entry_for(inner).preserves_grid(inner):
             return None
@@ -212,7 +211,7 @@ def _integer_mean(wrapper) -> bool:
     """Whether `wrapper` is a global average pooling of a static extent on known grids."""
     config = wrapper.quantize_config
     layer = wrapper.layer
-    if not isinstance(layer, keras.layers.GlobalAveragePooling2D) or not wrapper.inbound_nodes:
+    if family_of(layer) is not Family.GLOBAL_POOL_AVERAGE or not wrapper.inbound_nodes:
         return False
     if not isinstance(config, PfqQuantizeConfig) or config.output_quantizer is None:
         return False
@@ -267,8 +266,9 @@ def multiply_sources(wrapper):
     if not isinstance(config, PfqQuantizeConfig) or config.weight_quantizer is not None:
         return None
     layer = wrapper.layer
-    product = isinstance(layer, keras.layers.Multiply) or (
-        isinstance(layer, ElementwiseOp) and layer.kind == "multiply" and layer.tensors == 2
+    family = family_of(layer)
+    product = family is Family.MULTIPLY or (
+        family is Family.ELEMENTWISE_OP and layer.kind == "multiply" and layer.tensors == 2
     )
     out = config.output_quantizer
     if not product or not isinstance(out, PfqActivationQuantizer):
@@ -401,7 +401,7 @@ class PfqQuantizeWrapper(tfmot.quantization.keras.QuantizeWrapperV2):
         grid = requantized_input(self)
         if grid is not None:
             return self._requantized_relu(inputs, grid, training, **kwargs)
-        if isinstance(self.layer, keras.layers.Concatenate):
+        if family_of(self.layer) is Family.CONCAT:
             return self._concat(inputs, training, **kwargs)
         source = integer_source(self)
         if source is None:
