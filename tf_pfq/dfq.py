@@ -34,7 +34,7 @@ import tensorflow as tf
 
 from tf_pfq.compat import keras
 from tf_pfq.graph import LayerGraph, rebuild
-from tf_pfq.layers.table import Kernel, by_name
+from tf_pfq.layers.table import Family, Kernel, by_name, family_named
 
 __all__ = [
     "DfqReport",
@@ -49,14 +49,28 @@ __all__ = [
 ]
 
 
-def _is_weighted(class_name: str) -> bool:
-    """A layer CLE can rescale: a kernel whose output channels are its last axis.
+# The layers CLE rescales: a kernel whose output channels are its last axis
+# (Conv2DTranspose, whose kernel is (kh, kw, out, in), is not rescaled).
+_WEIGHTED = frozenset([Family.CONV, Family.DEPTHWISE_CONV, Family.DENSE])
+# What may sit between the two layers of a pair ending in a Dense layer (no Flatten;
+# of the dropout family only Dropout gets between a pair: its entry alone has `cle`).
+_BEFORE_DENSE = frozenset(
+    [
+        Family.GLOBAL_POOL_AVERAGE,
+        Family.GLOBAL_POOL_MAX,
+        Family.RELU,
+        Family.ACTIVATION,
+        Family.DROPOUT,
+    ]
+)
 
-    Matched on the exact class name (a subclass may compute something else);
-    Conv2DTranspose, whose kernel is (kh, kw, out, in), is not rescaled.
+
+def _is_weighted(class_name: str) -> bool:
+    """A layer CLE can rescale (`_WEIGHTED`).
+
+    Matched on the exact class name (a subclass may compute something else).
     """
-    entry = by_name(class_name)
-    return entry is not None and entry.kernel is not None and entry.kernel.out_axis == -1
+    return family_named(class_name) in _WEIGHTED
 
 
 def _passes_scales(class_name: str) -> bool:
@@ -165,7 +179,8 @@ def _is_relu_like(graph: LayerGraph, name: str, replace_relu6: bool) -> tuple[bo
     """(positively homogeneous, needs ReLU6 -> ReLU) for a layer between a pair."""
     cls = graph.class_name(name)
     config = graph.layer_config(name)["config"]
-    if cls == "ReLU":
+    family = family_named(cls)
+    if family is Family.RELU:
         plain = (
             config.get("max_value") is None
             and not config.get("negative_slope")
@@ -176,7 +191,7 @@ def _is_relu_like(graph: LayerGraph, name: str, replace_relu6: bool) -> tuple[bo
         if config.get("max_value") is not None and not config.get("negative_slope"):
             return replace_relu6, replace_relu6
         return False, False
-    if cls == "Activation":
+    if family is Family.ACTIVATION:
         if config["activation"] in ("relu", "linear"):
             return True, False
         if config["activation"] == "relu6":
@@ -197,18 +212,18 @@ def find_equalization_pairs(model, replace_relu6: bool = True):
     """
     graph = LayerGraph(model)
     for name in graph.order:
-        if graph.class_name(name) == "BatchNormalization":
+        if family_named(graph.class_name(name)) is Family.BATCHNORM:
             raise ValueError(
                 f"DFQ works on a BN-folded model; layer {name!r} is BatchNormalization. "
                 "Call `tf_pfq.fold_batchnorm` first."
             )
     pairs = []
     for name in graph.order:
-        cls = graph.class_name(name)
-        if cls not in ("Conv2D", "DepthwiseConv2D") or graph.is_shared(name):
+        family = family_named(graph.class_name(name))
+        if family not in (Family.CONV, Family.DEPTHWISE_CONV) or graph.is_shared(name):
             continue
         if (
-            cls == "DepthwiseConv2D"
+            family is Family.DEPTHWISE_CONV
             and graph.layer_config(name)["config"].get("depth_multiplier", 1) != 1
         ):
             continue
@@ -229,16 +244,8 @@ def find_equalization_pairs(model, replace_relu6: bool = True):
             current = nxt
         if not ok or graph.is_shared(nxt):
             continue
-        if graph.class_name(nxt) == "Dense" and any(
-            graph.class_name(b)
-            not in (
-                "GlobalAveragePooling2D",
-                "GlobalMaxPooling2D",
-                "ReLU",
-                "Activation",
-                "Dropout",
-            )
-            for b in between
+        if family_named(graph.class_name(nxt)) is Family.DENSE and any(
+            family_named(graph.class_name(b)) not in _BEFORE_DENSE for b in between
         ):
             continue
         pairs.append((name, nxt, between))
@@ -312,7 +319,7 @@ def _relu6_replacements(graph: LayerGraph, pairs, replace_relu6: bool):
             _, needs = _is_relu_like(graph, name, replace_relu6)
             if needs:
                 config = dict(graph.layer_config(name)["config"])
-                if graph.class_name(name) == "ReLU":
+                if family_named(graph.class_name(name)) is Family.RELU:
                     config["max_value"] = None
                 else:
                     config["activation"] = "relu"
@@ -360,7 +367,7 @@ def absorb_high_biases(model, calibration_data, num_std: float = 3.0):
         for a, b, between in find_equalization_pairs(model, replace_relu6=False)
         if between
         and all(_is_plain_relu(graph, n) for n in between)
-        and graph.class_name(b) != "Dense"
+        and family_named(graph.class_name(b)) is not Family.DENSE
     ]
     if not pairs:
         return rebuild(model), {}
@@ -381,12 +388,12 @@ def absorb_high_biases(model, calibration_data, num_std: float = 3.0):
 
 def _is_plain_relu(graph: LayerGraph, name: str) -> bool:
     homogeneous, needs = _is_relu_like(graph, name, False)
-    cls = graph.class_name(name)
+    family = family_named(graph.class_name(name))
     return (
         homogeneous
         and not needs
-        and cls in ("ReLU", "Activation")
-        and (cls == "ReLU" or graph.layer_config(name)["config"]["activation"] == "relu")
+        and family in (Family.RELU, Family.ACTIVATION)
+        and (family is Family.RELU or graph.layer_config(name)["config"]["activation"] == "relu")
     )
 
 

@@ -40,7 +40,7 @@ import numpy as np
 from tf_pfq.compat import keras
 from tf_pfq.graph import LayerGraph, model_from_config, rebuild
 from tf_pfq.layers import split_separable
-from tf_pfq.layers.table import Absorb, Kernel, Quant, entry_for
+from tf_pfq.layers.table import Family, Kernel, entry_for, family_of
 
 __all__ = ["fold_batchnorm", "fold_weights", "FoldReport", "WeightRange", "preprocessing_affine"]
 
@@ -51,7 +51,7 @@ def _kernel(layer) -> Kernel | None:
 
 
 def _is_batchnorm(layer) -> bool:
-    return entry_for(layer).absorb is Absorb.BATCHNORM
+    return family_of(layer) is Family.BATCHNORM
 
 
 def fold_weights(
@@ -222,8 +222,15 @@ def _as_affine(model, affines: dict[str, tuple[np.ndarray, np.ndarray]]):
     return new_model
 
 
+# The per-channel affine preprocessing layers `fold_batchnorm` canonicalizes.
+_PREPROCESSING = frozenset([Family.RESCALING, Family.NORMALIZATION])
+# The layers an affine before them folds into: a kernel whose output channels are
+# its last axis (not Conv2DTranspose's (kh, kw, out, in)).
+_AFFINE_TARGETS = frozenset([Family.CONV, Family.DEPTHWISE_CONV, Family.DENSE])
+
+
 def _is_preprocessing(layer) -> bool:
-    return entry_for(layer).quant is Quant.PREPROCESSING
+    return family_of(layer) in _PREPROCESSING
 
 
 def preprocessing_affine(layer) -> tuple[np.ndarray, np.ndarray]:
@@ -256,7 +263,7 @@ def preprocessing_affine(layer) -> tuple[np.ndarray, np.ndarray]:
     rank = len(shape)
     channels = shape[-1]
     kind = type(layer).__name__
-    if isinstance(layer, keras.layers.Normalization):
+    if family_of(layer) is Family.NORMALIZATION:
         axes = tuple(a % rank for a in layer.axis)
         if axes != (rank - 1,):
             raise ValueError(
@@ -337,14 +344,14 @@ def _fold_target(graph: LayerGraph, last: str, offset: np.ndarray):
             return None, f"{current!r} has {len(consumers)} consumers or is a model output"
         nxt = consumers[0]
         entry = entry_for(graph.layer(nxt))
-        if entry.absorb is Absorb.ZERO_PADDING and not graph.is_shared(nxt):
+        if entry.family is Family.PADDING and not graph.is_shared(nxt):
             padded.append(nxt)
             current = nxt
             continue
         break
     target = graph.layer(nxt)
     kernel = entry.kernel
-    if kernel is None or kernel.out_axis != -1 or entry.quant is not Quant.WEIGHTS:
+    if kernel is None or entry.family not in _AFFINE_TARGETS:
         return None, f"it feeds {type(target).__name__} {nxt!r}, not a conv or dense layer"
     if graph.is_shared(nxt) or len(graph.inputs_of(nxt)) != 1:
         return None, f"{nxt!r} is shared"
@@ -488,7 +495,7 @@ def fold_batchnorm(model, *, per_channel_affine: bool = True):
             bn.moving_variance.numpy(),
             bn.epsilon,
             layout.depthwise,
-            transpose=layout.out_axis == -2,  # (kh, kw, out, in)
+            transpose=family_of(producer) is Family.TRANSPOSED_CONV,  # (kh, kw, out, in)
         )
         config = producer.get_config()
         config["use_bias"] = True
