@@ -6,6 +6,8 @@ import dataclasses
 import json
 from typing import Any
 
+from tf_pfq.layers.table import Family, family_named
+
 __all__ = ["CARRIER_REASON", "LayerReport", "PruneReport"]
 
 # A kept dead channel that holds other removed constants starts its reason with this.
@@ -75,6 +77,11 @@ def abbreviate(channels, limit: int = 6) -> str:
     return ", ".join(text)
 
 
+def _is_batchnorm(row: LayerReport) -> bool:
+    # By the row's exact class name, as the rows record it.
+    return family_named(row.class_name) is Family.BATCHNORM
+
+
 def _ratio(after: int | None, before: int | None) -> str:
     if not before or after is None:
         return ""
@@ -133,7 +140,7 @@ class PruneReport:
 
     @property
     def bn_layers(self) -> list[LayerReport]:
-        return [r for r in self.layers if r.class_name == "BatchNormalization"]
+        return [r for r in self.layers if _is_batchnorm(r)]
 
     @property
     def num_dead(self) -> int:
@@ -194,11 +201,11 @@ class PruneReport:
     @property
     def channels_before(self) -> int:
         """Output channels of all Conv2D, DepthwiseConv2D and Dense layers."""
-        return sum(r.channels_before for r in self.layers if r.class_name != "BatchNormalization")
+        return sum(r.channels_before for r in self.layers if not _is_batchnorm(r))
 
     @property
     def channels_after(self) -> int:
-        return sum(r.channels_after for r in self.layers if r.class_name != "BatchNormalization")
+        return sum(r.channels_after for r in self.layers if not _is_batchnorm(r))
 
     @property
     def num_removed(self) -> int:

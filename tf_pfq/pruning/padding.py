@@ -21,7 +21,7 @@ import collections
 import dataclasses
 
 from tf_pfq import pfq_math
-from tf_pfq.compat import keras
+from tf_pfq.layers.table import Family, exact_family
 from tf_pfq.pruning.context import Carrier, Entry, Plan, PruneContext, union, value_of
 from tf_pfq.report import CARRIER_REASON
 
@@ -115,7 +115,8 @@ def max_pools_hide_padding(ctx: PruneContext, name: str) -> bool:
     height, width = graph.layer(name).input_shape[1:3]
     for consumer in consumers:
         pool = graph.layer(consumer)
-        if type(pool) is not keras.layers.MaxPooling2D or ctx.unsupported(consumer):
+        # MaxPooling2D itself: a subclass may pool otherwise.
+        if exact_family(pool) is not Family.POOL_MAX or ctx.unsupported(consumer):
             return False
         for size, before, after, k, s in (
             (height, top, bottom, pool.pool_size[0], pool.strides[0]),
