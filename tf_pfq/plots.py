@@ -14,8 +14,8 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from tf_pfq.compat import keras
-from tf_pfq.layers.table import entry_for
+from tf_pfq.compat import keras  # noqa: F401  (the docstring examples use it)
+from tf_pfq.layers.table import Family, entry_for, family_of
 
 __all__ = ["weight_ranges", "bn_variances", "plot_weight_ranges", "plot_bn_variances"]
 
@@ -49,7 +49,7 @@ def bn_variances(model) -> dict[str, tuple[np.ndarray, float]]:
     return {
         layer.name: (np.asarray(layer.moving_variance.numpy()), float(layer.epsilon))
         for layer in model.layers
-        if isinstance(layer, keras.layers.BatchNormalization)
+        if family_of(layer) is Family.BATCHNORM
     }
 
 

@@ -26,9 +26,8 @@ from typing import Any
 import numpy as np
 
 from tf_pfq import plots
-from tf_pfq.compat import keras
 from tf_pfq.graph import LayerGraph
-from tf_pfq.layers.table import Channels, entry_for
+from tf_pfq.layers.table import Channels, Family, entry_for, family_of
 
 __all__ = ["dead_channels", "folded_ranges", "producer_kind"]
 
@@ -57,7 +56,7 @@ def _bn_producers(model) -> dict[str, Any]:
     graph = LayerGraph(model)
     out = {}
     for name in graph.order:
-        if not isinstance(graph.layer(name), keras.layers.BatchNormalization):
+        if family_of(graph.layer(name)) is not Family.BATCHNORM:
             continue
         sources = graph.inputs_of(name)
         out[name] = graph.layer(sources[0]) if len(sources) == 1 else None

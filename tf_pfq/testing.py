@@ -38,6 +38,7 @@ import numpy as np
 import tensorflow as tf
 
 from tf_pfq.compat import keras
+from tf_pfq.layers.table import Family, family_of
 
 __all__ = [
     "ZOO",
@@ -53,7 +54,6 @@ __all__ = [
     "with_preprocessing_statistics",
 ]
 
-L = keras.layers
 STAGES = ("prune", "stage_a", "strip", "fold", "stage_w", "tflite")
 # The `tf_keras.applications` models every release is checked on (tests/test_zoo.py,
 # benchmarks/zoo.py): depthwise, squeeze-excite and hard-swish, preprocessing layers,
@@ -110,7 +110,7 @@ def with_live_batchnorm(model, images: np.ndarray, seed: int = 0):
     """
     model = _copy(model)
     rng = np.random.default_rng(seed)
-    bns = [layer for layer in model.layers if isinstance(layer, L.BatchNormalization)]
+    bns = [layer for layer in model.layers if family_of(layer) is Family.BATCHNORM]
     for layer in bns:
         c = layer.moving_variance.shape[0]
         gamma = rng.uniform(0.5, 1.5, c) if layer.scale else None
@@ -156,7 +156,7 @@ def with_preprocessing_statistics(model):
     """
     model = _copy(model)
     for layer in model.layers:
-        if isinstance(layer, L.Normalization) and len(layer.get_weights()) == 3:
+        if family_of(layer) is Family.NORMALIZATION and len(layer.get_weights()) == 3:
             count = layer.get_weights()[2]
             layer.set_weights([np.array(_IMAGENET_MEAN), np.array(_IMAGENET_VARIANCE), count])
     return model
@@ -180,12 +180,10 @@ def with_dead_channels(model, num_layers: int = 4, per_layer: int = 2, seed: int
     rng = np.random.default_rng(seed)
     candidates = []
     for layer in model.layers:
-        if not isinstance(layer, L.BatchNormalization):
+        if family_of(layer) is not Family.BATCHNORM:
             continue
         producer = layer.inbound_nodes[0].inbound_layers
-        if isinstance(producer, L.DepthwiseConv2D | L.Conv2D) and not isinstance(
-            producer, L.Conv2DTranspose | L.SeparableConv2D
-        ):
+        if family_of(producer) in (Family.CONV, Family.DEPTHWISE_CONV):
             candidates.append((layer, producer))
     if not candidates:
         raise ValueError(f"Model {model.name!r} has no BatchNormalization after a convolution.")
@@ -195,7 +193,7 @@ def with_dead_channels(model, num_layers: int = 4, per_layer: int = 2, seed: int
         weights = producer.get_weights()
         channels = rng.choice(bn.moving_variance.shape[0], per_layer, replace=False)
         for c in channels:
-            if isinstance(producer, L.DepthwiseConv2D):
+            if family_of(producer) is Family.DEPTHWISE_CONV:
                 # Output channel c of a depthwise conv is (input c // m, multiplier c % m).
                 m = weights[0].shape[-1]
                 weights[0][:, :, c // m, c % m] = 0.0

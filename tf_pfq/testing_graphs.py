@@ -34,6 +34,7 @@ import numpy as np
 
 from tf_pfq import testing
 from tf_pfq.compat import keras
+from tf_pfq.layers.table import Family, family_of
 from tf_pfq.quantizers import MAX_BITS, MIN_BITS, WEIGHT_SCHEMES
 
 __all__ = ["GraphDescription", "random_graph", "run_random_graph", "BLOCKS", "ACTIVATIONS"]
@@ -308,7 +309,7 @@ def _plant_dead(model, rng: np.random.Generator, seed: int):
     sizes = [
         int(layer.moving_variance.shape[0])
         for layer in model.layers
-        if isinstance(layer, L.BatchNormalization)
+        if family_of(layer) is Family.BATCHNORM
     ]
     if not sizes:
         return model, []

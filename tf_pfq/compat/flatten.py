@@ -76,7 +76,7 @@ class _Flattener:
         for depth in depths:
             for node in model._nodes_by_depth[depth]:
                 layer = node.layer
-                if isinstance(layer, keras.layers.InputLayer):
+                if node.is_input:  # an InputLayer's node: its tensor is `inputs`
                     continue
                 args = tf.nest.map_structure(lookup, node.call_args)
                 kwargs = tf.nest.map_structure(lookup, node.call_kwargs)

@@ -25,14 +25,11 @@ from typing import Any
 
 import numpy as np
 
-from tf_pfq.compat import keras
 from tf_pfq.export.compare_table import LayerDiff
 from tf_pfq.export.lowering import layer_scope
 from tf_pfq.export.summary import TensorInfo
 from tf_pfq.graph import LayerGraph
-
-# Layers that are the identity at inference: the file has no op for them.
-_IDENTITIES = ("Dropout", "SpatialDropout1D", "SpatialDropout2D", "GaussianNoise", "AlphaDropout")
+from tf_pfq.layers.table import Family, exact_family, family_of
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,9 +47,7 @@ class _Layer:
     @property
     def quantized_input(self) -> bool:
         """An input layer whose values the QAT model quantizes first."""
-        return (
-            isinstance(self.layer, keras.layers.InputLayer) and self.output_layer is not self.layer
-        )
+        return family_of(self.layer) is Family.INPUT and self.output_layer is not self.layer
 
 
 def _qat_layers(qat_model) -> list[_Layer]:
@@ -253,6 +248,11 @@ class _Mapping:
 
 
 def _is_identity(layer: _Layer) -> bool:
-    if layer.class_name in _IDENTITIES:
+    """The identity at inference (dropout, a linear Activation): the file has no op for it.
+
+    Matched on the exact class (a subclass may compute something at inference).
+    """
+    family = exact_family(layer.layer)
+    if family is Family.DROPOUT:
         return True
-    return layer.class_name == "Activation" and layer.layer.get_config()["activation"] == "linear"
+    return family is Family.ACTIVATION and layer.layer.get_config()["activation"] == "linear"

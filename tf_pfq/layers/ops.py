@@ -66,7 +66,6 @@ _BINARY = frozenset(
         "math.minimum",
     ]
 )
-_OP_LAYERS = ("TFOpLambda", "SlicingOpLambda")
 
 
 def op_name(layer) -> str | None:
@@ -79,7 +78,10 @@ def op_name(layer) -> str | None:
       >>> op_name(model.layers[-1]), op_name(model.layers[0])
       ('nn.relu6', None)
     """
-    if type(layer).__name__ not in _OP_LAYERS:
+    # Here, not at the top: the layer table imports this module.
+    from tf_pfq.layers.table import Family, exact_family
+
+    if exact_family(layer) is not Family.TF_OP:  # TFOpLambda, SlicingOpLambda themselves
         return None
     return str(layer.get_config().get("function"))
 
@@ -216,7 +218,11 @@ keras.utils.get_custom_objects().setdefault("ElementwiseOp", ElementwiseOp)
 
 def _modelled(layer_config: dict, names: set) -> tuple[str, float | None, list] | None:
     """(kind, scalar, inbound records) of a TFOpLambda config `ElementwiseOp` computes."""
-    if layer_config["class_name"] != "TFOpLambda" or len(layer_config["inbound_nodes"]) != 1:
+    from tf_pfq.layers.table import Family, family_named
+
+    # An op layer of functional code (a SlicingOpLambda's slicing is no modelled op).
+    op_layer = family_named(layer_config["class_name"]) is Family.TF_OP
+    if not op_layer or len(layer_config["inbound_nodes"]) != 1:
         return None
     kind = _MODELLED.get(str(layer_config["config"].get("function")))
     node = layer_config["inbound_nodes"][0]

@@ -13,8 +13,9 @@ import copy
 
 import numpy as np
 
-from tf_pfq.compat import keras
+from tf_pfq.compat import keras  # noqa: F401  (the docstring examples use it)
 from tf_pfq.graph import LayerGraph, model_from_config
+from tf_pfq.layers.table import Family, family_of
 
 __all__ = ["split_separable", "DEPTHWISE_SUFFIX"]
 
@@ -111,7 +112,7 @@ def split_separable(model):
       True
     """
     graph = LayerGraph(model)
-    separable = [n for n in graph.order if isinstance(graph.layer(n), keras.layers.SeparableConv2D)]
+    separable = [n for n in graph.order if family_of(graph.layer(n)) is Family.SEPARABLE_CONV]
     if not separable:
         return graph.model
     config = copy.deepcopy(graph.config)
