@@ -342,6 +342,25 @@ def _fine_tune(qat, images: np.ndarray, labels, settings: ChainSettings) -> None
     fit(qat, data, settings.train, verbose=0)
 
 
+def _check_chain_arguments(images, num_test: int, settings, labels) -> None:
+    if len(images) <= num_test:
+        raise ValueError(
+            f"`images` must hold more than num_test={num_test} images. Received: {len(images)}"
+        )
+    if settings.train is not None and labels is None:
+        raise ValueError("Fine-tuning (`settings.train`) needs `labels`.")
+
+
+def _prune_record(report) -> dict:
+    return {
+        "channels_removed": report.num_removed,
+        "dead_found": report.num_dead,
+        "prune_exact": report.exact,
+        "prune_max_change": report.max_output_change,
+        "macs_after_prune": report.macs_after,
+    }
+
+
 def run_chain(
     model,
     images: np.ndarray,
@@ -370,12 +389,7 @@ def run_chain(
 
     settings = settings or ChainSettings(activation_bits=bits, weight_bits=bits)
     images = np.asarray(images, np.float32)
-    if len(images) <= num_test:
-        raise ValueError(
-            f"`images` must hold more than num_test={num_test} images. Received: {len(images)}"
-        )
-    if settings.train is not None and labels is None:
-        raise ValueError("Fine-tuning (`settings.train`) needs `labels`.")
+    _check_chain_arguments(images, num_test, settings, labels)
     calibration, test = images[:-num_test], images[-num_test:]
     train_labels = None if labels is None else np.asarray(labels)[: len(calibration)]
     result = ChainResult(stages=dict.fromkeys(settings.stages(), "not run"))
@@ -383,13 +397,7 @@ def run_chain(
     stage = "prune"
     try:
         pruned, report = tf_pfq.prune(model, calibration_data=calibration[:16])
-        result.prune = {
-            "channels_removed": report.num_removed,
-            "dead_found": report.num_dead,
-            "prune_exact": report.exact,
-            "prune_max_change": report.max_output_change,
-            "macs_after_prune": report.macs_after,
-        }
+        result.prune = _prune_record(report)
         result.stages[stage] = "ok"
         stage = "stage_a"
         qat = tf_pfq.apply(pruned, activation_bits=settings.activation_bits)

@@ -50,6 +50,10 @@ SeparableConv2D is split into its two halves by `split_separable` before pruning
 and folding see it.
 """
 
+# Long: one entry per Keras layer class, each with every pass's fields side by side, so
+# that what a layer means is read in one place; splitting the entries from the
+# enums would put half of each entry's meaning in another file.
+
 from __future__ import annotations
 
 import dataclasses
