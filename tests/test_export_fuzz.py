@@ -19,7 +19,7 @@ import pytest
 
 from tf_pfq import testing
 from tf_pfq.compat import keras
-from tf_pfq.testing_graphs import BLOCKS
+from tf_pfq.testing.graphs import BLOCKS
 
 L = keras.layers
 # The first 50 seeds, and four that draw what they draw rarely: a depth multiplier

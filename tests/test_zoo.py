@@ -40,6 +40,11 @@ def test_chain_is_exact_on_the_zoo(name):
     assert result.prune["dead_found"] >= 2 * len(planted) - 2, result.prune
     calibration = images[:16]
     tolerance = 1e-4 * max(1.0, float(np.abs(model.predict(calibration, verbose=0)).max()))
+    # Exact up to float32 round-off, which a deep net with random BN statistics can
+    # amplify: EfficientNetV2B0's logits move by 0.011 when its stem kernel moves by
+    # one ulp, and by 0.004 when PfQ merges a stem channel into a carrier. The bound
+    # is the model's own response to one-ulp changes of the kernels PfQ rewrote.
+    tolerance = max(tolerance, 2.0 * _ulp_sensitivity(model, calibration))
     if result.prune["prune_exact"]:
         assert result.prune["prune_max_change"] <= tolerance, result.prune
     else:
@@ -51,6 +56,31 @@ def test_chain_is_exact_on_the_zoo(name):
     assert result.max_weight_levels <= 2**BITS
     assert result.p99_steps <= 2.0, (result.p99_steps, result.max_steps)
     assert result.max_steps <= 4.0, (result.p99_steps, result.max_steps)
+
+
+def _ulp_sensitivity(model, images) -> float:
+    """Largest logit change when the kernels PfQ rewrites move by one float32 ulp."""
+    pruned, _ = tf_pfq.prune(model, calibration_data=images)
+    names = {layer.name for layer in model.layers}
+    rewritten = [
+        layer.name
+        for layer in pruned.layers
+        if layer.name in names
+        and layer.weights
+        and any(
+            a.shape != b.shape or not np.array_equal(a, b)
+            for a, b in zip(layer.get_weights(), model.get_layer(layer.name).get_weights())
+        )
+    ]
+    before = model.predict(images, verbose=0)
+    copy = keras.models.clone_model(model)
+    copy.set_weights(model.get_weights())
+    rng = np.random.default_rng(1)
+    for name in rewritten:
+        weights = copy.get_layer(name).get_weights()
+        ulp = 1.0 + rng.choice([-1.0, 1.0], weights[0].shape) * 2.0**-23
+        copy.get_layer(name).set_weights([(weights[0] * ulp).astype(np.float32), *weights[1:]])
+    return float(np.abs(copy.predict(images, verbose=0) - before).max())
 
 
 def test_helpers_leave_the_model_alone_and_plant_constant_channels():

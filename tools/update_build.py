@@ -169,6 +169,13 @@ def is_enclosing_package(init_path: str, rel_path: str) -> bool:
     return rel_path != init_path and rel_path.startswith(package_dir)
 
 
+def _is_type_checking(test: ast.expr) -> bool:
+    """`TYPE_CHECKING` or `typing.TYPE_CHECKING`."""
+    if isinstance(test, ast.Name):
+        return test.id == "TYPE_CHECKING"
+    return isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING"
+
+
 def imported_modules(source: str, this_module: str, is_package: bool) -> set[str]:
     """Dotted names a module imports, with relative imports resolved.
 
@@ -184,7 +191,17 @@ def imported_modules(source: str, this_module: str, is_package: bool) -> set[str
     tree = ast.parse(source)
     package = this_module if is_package else this_module.rpartition(".")[0]
     names: set[str] = set()
+    # Imports under `if TYPE_CHECKING:` never run (annotations only): no dependency.
+    skipped = {
+        id(inner)
+        for node in ast.walk(tree)
+        if isinstance(node, ast.If) and _is_type_checking(node.test)
+        for stmt in node.body
+        for inner in ast.walk(stmt)
+    }
     for node in ast.walk(tree):
+        if id(node) in skipped:
+            continue
         if isinstance(node, ast.Import):
             names.update(alias.name for alias in node.names)
         elif isinstance(node, ast.ImportFrom):

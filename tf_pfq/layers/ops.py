@@ -78,10 +78,10 @@ def op_name(layer) -> str | None:
       >>> op_name(model.layers[-1]), op_name(model.layers[0])
       ('nn.relu6', None)
     """
-    # Here, not at the top: the layer table imports this module.
-    from tf_pfq.layers.table import Family, exact_family
-
-    if exact_family(layer) is not Family.TF_OP:  # TFOpLambda, SlicingOpLambda themselves
+    # The op layers of functional code (TFOpLambda, SlicingOpLambda) are the layers
+    # that carry the TF symbol they call; asked by that attribute rather than through
+    # the layer table, which imports this module.
+    if not isinstance(getattr(layer, "symbol", None), str):
         return None
     return str(layer.get_config().get("function"))
 
@@ -218,13 +218,11 @@ keras.utils.get_custom_objects().setdefault("ElementwiseOp", ElementwiseOp)
 
 def _modelled(layer_config: dict, names: set) -> tuple[str, float | None, list] | None:
     """(kind, scalar, inbound records) of a TFOpLambda config `ElementwiseOp` computes."""
-    from tf_pfq.layers.table import Family, family_named
-
-    # An op layer of functional code (a SlicingOpLambda's slicing is no modelled op).
-    op_layer = family_named(layer_config["class_name"]) is Family.TF_OP
-    if not op_layer or len(layer_config["inbound_nodes"]) != 1:
-        return None
+    # Only op layers of functional code name a TF function in their config (a
+    # Lambda's is code, a SlicingOpLambda's slicing is no modelled op).
     kind = _MODELLED.get(str(layer_config["config"].get("function")))
+    if len(layer_config["inbound_nodes"]) != 1:
+        return None
     node = layer_config["inbound_nodes"][0]
     if kind is None or not node or not isinstance(node[0], str) or node[0] not in names:
         return None  # e.g. `3.0 - x`: the first operand is a constant

@@ -32,10 +32,10 @@ from typing import Any
 
 import numpy as np
 
-from tf_pfq import testing
 from tf_pfq.compat import keras
 from tf_pfq.layers.table import Family, family_of
 from tf_pfq.quantizers import MAX_BITS, MIN_BITS, WEIGHT_SCHEMES
+from tf_pfq.testing import chain as testing
 
 __all__ = ["GraphDescription", "random_graph", "run_random_graph", "BLOCKS", "ACTIVATIONS"]
 
