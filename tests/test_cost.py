@@ -58,3 +58,14 @@ def test_unknown_spatial_size_names_the_layer():
     model = keras.Model(inputs, L.Conv2D(2, 3, name="conv")(inputs))
     with pytest.raises(ValueError, match="'conv'"):
         cost.count_macs(model)
+
+
+def test_calls_by_another_model_do_not_count():
+    # tfmot's wrappers call the layers of the model they quantize: those calls belong
+    # to the other model and must not double its MACs.
+    model = _model()
+    before = cost.count_macs(model)
+    other = keras.Input((16, 16, 3))
+    keras.Model(other, model.get_layer("conv")(other))
+    assert len(model.get_layer("conv").inbound_nodes) == 2
+    assert cost.count_macs(model) == before

@@ -35,20 +35,24 @@ class LayerCost:
     macs: int
 
 
-def _output_shapes(layer) -> list[tuple]:
-    # A shared layer has one output shape per call; each call costs MACs.
+def _output_shapes(layer, model) -> list[tuple]:
+    # A shared layer has one output shape per call; each call costs MACs. Only the
+    # calls inside `model` count: a layer also called by another model (tfmot's
+    # wrappers call the layers of the model they wrap) keeps those nodes too.
     nodes = getattr(layer, "inbound_nodes", None) or []
     if len(nodes) <= 1:
         return [tuple(layer.output_shape)]
-    return [tuple(layer.get_output_shape_at(i)) for i in range(len(nodes))]
+    own = getattr(model, "_network_nodes", None)
+    calls = [i for i in range(len(nodes)) if own is None or f"{layer.name}_ib-{i}" in own]
+    return [tuple(layer.get_output_shape_at(i)) for i in calls]
 
 
-def _macs(layer) -> int:
+def _macs(layer, model) -> int:
     count = entry_for(layer).macs
     if count is None:
         return 0
     total = 0
-    for shape in _output_shapes(layer):
+    for shape in _output_shapes(layer, model):
         if any(d is None for d in shape[1:-1]):
             raise ValueError(
                 f"Layer {layer.name!r} has an unknown output shape {shape}: MACs need a "
@@ -83,7 +87,7 @@ def layer_costs(model) -> dict[str, LayerCost]:
             for name, cost in layer_costs(layer).items():
                 costs[f"{layer.name}/{name}"] = cost
             continue
-        costs[layer.name] = LayerCost(int(layer.count_params()), _macs(layer))
+        costs[layer.name] = LayerCost(int(layer.count_params()), _macs(layer, model))
     return costs
 
 
