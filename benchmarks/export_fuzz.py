@@ -23,6 +23,7 @@ e.g. before a fix) the table shows both.
 
 from __future__ import annotations
 
+import collections
 import json
 import os
 import platform
@@ -106,7 +107,24 @@ def run_seed(seed: int) -> dict:
     for key in ("p99_steps", "max_steps", "agreement"):
         row[key] = getattr(result, key)
     row["seconds"] = round(time.time() - started, 1)
+    row["commit"] = _commit()
     return row
+
+
+def _commit() -> str:
+    """The commit of the tf_pfq this row measured (rows of one run may span commits)."""
+    import tf_pfq
+
+    try:
+        return subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            cwd=os.path.dirname(tf_pfq.__file__),
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
 
 
 def worker(seeds: list[int]) -> None:
@@ -271,6 +289,12 @@ def write(rows: list[dict], elapsed: float) -> None:
     ]
     if FLAGS.title:
         lines += [FLAGS.title, ""]
+    commits = collections.Counter(row.get("commit", "not recorded") for row in rows)
+    lines += [
+        "Rows by the commit that measured them: "
+        + ", ".join(f"{c} ({n})" for c, n in sorted(commits.items())),
+        "",
+    ]
     if FLAGS.baseline:
         with open(FLAGS.baseline) as f:
             baseline = json.load(f)
