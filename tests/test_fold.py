@@ -186,6 +186,8 @@ def test_unfoldable_batchnorms_are_listed_and_kept():
     assert set(report.affine) == {"bn_after_activation", "bn_after_shared_output", "bn_after_add"}
     assert not report.unfolded and "fused activation" in report.affine["bn_after_activation"]
     assert all(isinstance(folded.get_layer(n), L.DepthwiseConv2D) for n in report.affine)
+    # A BN's gamma and beta trained, so its affine does.
+    assert all(folded.get_layer(n).trainable_weights for n in report.affine)
     assert folded.get_layer("dw").use_bias and folded.get_layer("fc").use_bias
     x = np.random.default_rng(4).normal(size=(3, 8, 8, 3)).astype(np.float32)
     assert _relative_error(model, folded, x) < RELATIVE_TOLERANCE

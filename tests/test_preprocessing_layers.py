@@ -136,6 +136,9 @@ def test_normalization_before_zero_padding_becomes_a_per_channel_affine(invert):
     )
     layer = folded.get_layer("norm")
     assert isinstance(layer, L.DepthwiseConv2D) and layer.kernel_size == (1, 1)
+    # Fixed preprocessing stays fixed: fine-tuning must not train the affine (on raw
+    # pixels one step could drive it non-finite).
+    assert not layer.trainable_weights and layer.non_trainable_weights
     assert "rescale" not in [layer.name for layer in folded.layers]
     p99, worst, _ = _export_error(folded, seed=2)
     assert p99 <= 2.0 and worst <= 4.0, (p99, worst)

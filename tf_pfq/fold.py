@@ -191,7 +191,12 @@ def _bn_affine(bn) -> tuple[np.ndarray, np.ndarray]:
 
 def _as_affine(model, affines: dict[str, tuple[np.ndarray, np.ndarray]]):
     """`model` with the layers `affines` ({name: (scale, offset)}) written as 1x1
-    DepthwiseConv2D layers of the same name: channel c is `x * scale_c + offset_c`."""
+    DepthwiseConv2D layers of the same name: channel c is `x * scale_c + offset_c`.
+
+    The affine trains only where the layer it replaces had trainable weights (a BN's
+    gamma and beta): a Rescaling or Normalization is fixed preprocessing, and
+    training its affine on raw pixels (gradients scaled by values up to 255) can
+    drive it non-finite in one step."""
     graph = LayerGraph(model)
     config = copy.deepcopy(graph.config)
     weights = {}
@@ -203,7 +208,7 @@ def _as_affine(model, affines: dict[str, tuple[np.ndarray, np.ndarray]]):
         entry["class_name"] = "DepthwiseConv2D"
         entry["config"] = {
             "name": entry["name"],
-            "trainable": layer.trainable,
+            "trainable": bool(layer.trainable and layer.trainable_weights),
             "dtype": layer.dtype,
             "kernel_size": (1, 1),
             "use_bias": True,
