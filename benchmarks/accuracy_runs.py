@@ -322,16 +322,6 @@ def _tfmot_tflite(qat) -> bytes:
     return converter.convert()
 
 
-def _output_range(interpreter) -> tuple[float, float, float]:
-    """(lowest, highest, step) of the file's float output; float files: unbounded."""
-    details = interpreter.get_output_details()[0]
-    scale, zero_point = details["quantization"]
-    if not scale:
-        return -np.inf, np.inf, 1.0
-    info = np.iinfo(details["dtype"])
-    return scale * (info.min - zero_point), scale * (info.max - zero_point), scale
-
-
 def _tflite_accuracy(run, qat, calibration, data_: Data) -> dict:
     from tf_pfq.export import litert
 
@@ -356,12 +346,11 @@ def _tflite_accuracy(run, qat, calibration, data_: Data) -> dict:
         interpreter = litert.make_interpreter(flat, backend="builtin")
     logits = litert.predict(interpreter, data_.test.images)
     keras_logits = qat.predict(data_.test.images, batch_size=500, verbose=0)
-    lo, hi, step = _output_range(interpreter)
     # QAT keeps the logits in float; the file holds them on an 8-bit grid calibrated
     # on `calibration`, so a logit beyond that range saturates there. Saturation is
     # counted apart: the steps measure the arithmetic where both can agree.
-    saturated = (keras_logits < lo - step / 2) | (keras_logits > hi + step / 2)
-    steps = np.abs(logits - np.clip(keras_logits, lo, hi)) / step  # in output steps
+    steps, saturated = litert.output_steps(interpreter, logits, keras_logits)
+    step = interpreter.get_output_details()[0]["quantization"][0] or 1.0
     return {
         "tflite_saturated": float(np.mean(saturated)),
         "tflite_logit_steps_max_with_saturation": float(

@@ -128,7 +128,7 @@ def _measure(rows, layers, qat_model, interpreter, data, max_examples):
             interpreter.invoke()
             for (index, name), want in zip(pairs, expected):
                 got = interpreter.get_tensor(index)
-                diff, beyond = _steps(got, details[index], want[k])
+                diff, beyond = litert.steps_apart(got, details[index], want[k])
                 steps[(index, name)].append(diff)
                 saturated[(index, name)].append(beyond)
         count += len(images)
@@ -167,28 +167,6 @@ def _on_grid(values: np.ndarray, grid) -> np.ndarray:
     return tf.quantization.fake_quant_with_min_max_vars(
         values, lo, hi, num_bits=grid.num_bits, narrow_range=grid.narrow_range
     ).numpy()
-
-
-def _steps(got: np.ndarray, detail: dict, want) -> tuple[np.ndarray, np.ndarray]:
-    """|got - want| in steps of got's scale, `(q - zero point) - want / scale`, with
-    `want` clipped to the tensor's range; and where `want` lies beyond that range.
-
-    The file saturates a value beyond its tensor's integer range at that end, which
-    is a property of the range (calibrated, for what QAT keeps in float), not of
-    the arithmetic; it is counted apart (`LayerDiff.saturated`).
-    """
-    scale, zero_point = detail["quantization"]
-    want = np.asarray(want, np.float64).reshape(-1) / scale
-    q = got.astype(np.float64).reshape(-1) - zero_point
-    if q.size != want.size:
-        raise ValueError(
-            f"Tensor {detail['name']!r} holds {q.size} values per image, the Keras layer "
-            f"{want.size}."
-        )
-    info = np.iinfo(detail["dtype"])
-    lo, hi = info.min - zero_point, info.max - zero_point
-    steps = np.abs(q - np.clip(want, lo, hi)).astype(np.float32)
-    return steps, (want < lo - 0.5) | (want > hi + 0.5)
 
 
 def _read(tflite) -> bytes:

@@ -45,8 +45,10 @@ __all__ = [
     "GpuRunner",
     "make_gpu_runner",
     "make_interpreter",
+    "output_steps",
     "predict",
     "quantize_input",
+    "steps_apart",
 ]
 
 BACKENDS = ("xnnpack", "builtin", "reference", "gpu", "edgetpu")
@@ -195,6 +197,62 @@ def dequantize_output(q: np.ndarray, detail: dict) -> np.ndarray:
     if np.dtype(detail["dtype"]).kind == "f" or scale == 0:
         return np.asarray(q, np.float32)
     return ((np.asarray(q, np.float32) - zero_point) * scale).astype(np.float32)
+
+
+def steps_apart(got: np.ndarray, detail: dict, want) -> tuple[np.ndarray, np.ndarray]:
+    """How far a file tensor is from the float values it stands for, in its own steps.
+
+    The file saturates a value beyond its tensor's integer range at that end. That
+    is a property of the range (calibrated, for what QAT keeps in float such as the
+    logits), not of the arithmetic, so it is counted apart: `want` is clipped to the
+    range before the difference and the second array marks the values beyond it.
+
+    Args:
+      got: the file's stored values of the tensor (integers, or floats for a float
+        tensor).
+      detail: the interpreter's detail of that tensor (dtype, quantization, name).
+      want: the float values (Keras), any shape with as many values as `got`.
+
+    Returns:
+      (|got - want| in steps, flattened; where `want` lies beyond the range). A float
+      tensor has no steps: plain differences, and nothing saturates.
+
+    Raises:
+      ValueError: the two hold different numbers of values.
+
+    Example:
+      >>> detail = {"name": "t", "dtype": np.int8, "quantization": (0.5, 0)}
+      >>> steps, beyond = steps_apart(np.array([2, 127]), detail, [1.25, 70.0])
+      >>> steps.tolist(), beyond.tolist()
+      ([0.5, 0.0], [False, True])
+    """
+    scale, zero_point = detail["quantization"]
+    float_tensor = np.dtype(detail["dtype"]).kind == "f" or not scale
+    want = np.asarray(want, np.float64).reshape(-1) / (1.0 if float_tensor else scale)
+    q = np.asarray(got, np.float64).reshape(-1) - (0 if float_tensor else zero_point)
+    if q.size != want.size:
+        raise ValueError(
+            f"Tensor {detail['name']!r} holds {q.size} values per image, the Keras layer "
+            f"{want.size}."
+        )
+    if float_tensor:
+        return np.abs(q - want).astype(np.float32), np.zeros(q.size, bool)
+    info = np.iinfo(detail["dtype"])
+    lo, hi = info.min - zero_point, info.max - zero_point
+    steps = np.abs(q - np.clip(want, lo, hi)).astype(np.float32)
+    return steps, (want < lo - 0.5) | (want > hi + 0.5)
+
+
+def output_steps(
+    interpreter: litert.Interpreter, outputs: np.ndarray, want
+) -> tuple[np.ndarray, np.ndarray]:
+    """`steps_apart` for the model's output from `predict`'s dequantized `outputs`."""
+    (detail,) = interpreter.get_output_details()
+    scale, zero_point = detail["quantization"]
+    got = np.asarray(outputs, np.float64)
+    if np.dtype(detail["dtype"]).kind != "f" and scale:
+        got = np.round(got / scale) + zero_point  # predict's dequantization, undone
+    return steps_apart(got, detail, want)
 
 
 def predict(interpreter: litert.Interpreter, images: np.ndarray) -> np.ndarray:

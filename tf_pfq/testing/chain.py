@@ -277,21 +277,13 @@ def measure_export(qat, tflite: bytes, images: np.ndarray) -> dict[str, float]:
     """
     import tf_pfq  # the package imports this module's neighbours; import late
     from tf_pfq.export import litert
-    from tf_pfq.export.summary import inspect
 
     keras_out = qat.predict(images, verbose=0)
-    out = litert.predict(litert.make_interpreter(tflite), images)
-    output = inspect(tflite).outputs[0]
-    if output.scales:
-        scale, zero_point = output.scales[0], output.zero_points[0]
-        info = np.iinfo(output.dtype)
-        lo, hi = scale * (info.min - zero_point), scale * (info.max - zero_point)
-    else:  # a float output: no grid, nothing saturates
-        scale, lo, hi = 1.0, -np.inf, np.inf
+    interpreter = litert.make_interpreter(tflite)
+    out = litert.predict(interpreter, images)
     # QAT leaves the logits in float; the file's 8-bit range for them is calibrated,
     # and a value beyond it saturates. That is counted apart from the arithmetic.
-    saturated = (keras_out < lo - scale / 2) | (keras_out > hi + scale / 2)
-    err = np.abs(out - np.clip(keras_out, lo, hi)).reshape(-1) / scale
+    err, saturated = litert.output_steps(interpreter, out, keras_out)
     levels = tf_pfq.export.weight_levels(tflite).values()
     return {
         "saturated": float(np.mean(saturated)),
