@@ -21,6 +21,7 @@ from tf_pfq import (
     workflow,
 )
 from tf_pfq.baselines import METHODS, run_method
+from tf_pfq.canonical import canonicalize
 from tf_pfq.cost import count_macs, count_params, layer_costs
 from tf_pfq.fold import FoldReport, fold_batchnorm
 from tf_pfq.prune import prune
@@ -54,6 +55,7 @@ __all__ = [
     "PruneReport",
     "__version__",
     "apply",
+    "canonicalize",
     "load",
     "save",
     "compat",

@@ -18,7 +18,8 @@ from absl import logging
 
 from tf_pfq import data as data_lib
 from tf_pfq.baselines import METHODS, run_method
-from tf_pfq.compat import keras, prepare_model
+from tf_pfq.canonical import canonicalize
+from tf_pfq.compat import keras
 from tf_pfq.training import TrainConfig
 
 __all__ = ["compare", "aggregate", "to_markdown", "run_name"]
@@ -78,7 +79,7 @@ def compare(
     for method in methods:
         if method not in METHODS:
             raise ValueError(f"Unknown method {method!r}; choose from {METHODS}.")
-    model = prepare_model(model)  # once, not in every run
+    model = canonicalize(model)  # once, not in every run
     test = data_lib.to_dataset(splits["test"], 256)
     validation = data_lib.to_dataset(splits["validation"], 256) if "validation" in splits else None
     rows = []

@@ -32,6 +32,7 @@ from collections.abc import Iterable
 import numpy as np
 import tensorflow as tf
 
+from tf_pfq.canonical import canonicalize
 from tf_pfq.compat import keras
 from tf_pfq.graph import LayerGraph, rebuild
 from tf_pfq.layers.table import Family, Kernel, by_name, family_named
@@ -210,6 +211,7 @@ def find_equalization_pairs(model, replace_relu6: bool = True):
     Raises:
       ValueError: the model still contains BatchNormalization (fold it first).
     """
+    model = canonicalize(model)
     graph = LayerGraph(model)
     for name in graph.order:
         if family_named(graph.class_name(name)) is Family.BATCHNORM:
@@ -287,6 +289,7 @@ def cross_layer_equalize(
       >>> pairs
       [('a', 'b')]
     """
+    model = canonicalize(model)
     pairs = find_equalization_pairs(model, replace_relu6)
     weights = {}
     for first, second, _ in pairs:
@@ -361,6 +364,7 @@ def absorb_high_biases(model, calibration_data, num_std: float = 3.0):
     Returns:
       (new model, {first layer name: number of channels with c > 0}).
     """
+    model = canonicalize(model)
     graph = LayerGraph(model)
     pairs = [
         (a, b, between)
@@ -432,6 +436,7 @@ def correct_biases(model, calibration_data, weight_bits: int, layers: Iterable[s
     Returns:
       (new float model, {layer name: max |bias change|}).
     """
+    model = canonicalize(model)
     graph = LayerGraph(model)
     weighted = [
         n
@@ -524,7 +529,7 @@ def dfq(
     pairs: list[tuple[str, str]] = []
     absorbed: dict[str, int] = {}
     corrections: dict[str, float] = {}
-    out = model
+    out = model = canonicalize(model)
     if equalize:
         out, pairs = cross_layer_equalize(out, iterations, replace_relu6)
     else:

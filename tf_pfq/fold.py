@@ -37,9 +37,9 @@ import dataclasses
 
 import numpy as np
 
+from tf_pfq.canonical import canonicalize
 from tf_pfq.compat import keras
 from tf_pfq.graph import LayerGraph, model_from_config, rebuild
-from tf_pfq.layers import split_separable
 from tf_pfq.layers.table import Family, Kernel, entry_for, family_of
 
 __all__ = ["fold_batchnorm", "fold_weights", "FoldReport", "WeightRange", "preprocessing_affine"]
@@ -472,7 +472,7 @@ def fold_batchnorm(model, *, per_channel_affine: bool = True):
       >>> sorted(report.folded.items())[:2], report.unfolded
       ([('conv1_bn', 'conv1'), ('conv_dw_1_bn', 'conv_dw_1')], {})
     """
-    graph = LayerGraph(split_separable(model))  # its halves fold like any conv
+    graph = LayerGraph(canonicalize(model))  # SeparableConv2D halves fold like any conv
     graph, preprocessing = _preprocessing_graph(graph, per_channel_affine)
     folded: dict[str, str] = {}
     unfolded: dict[str, str] = {}

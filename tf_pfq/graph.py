@@ -16,7 +16,8 @@ from typing import Any
 
 import numpy as np
 
-from tf_pfq.compat import keras, prepare_model
+from tf_pfq.compat import check_model, keras
+from tf_pfq.compat.flatten import nested_models
 
 __all__ = ["LayerGraph", "Inbound", "to_functional", "rebuild", "call_kwargs"]
 
@@ -36,10 +37,15 @@ class Inbound:
 
 
 def to_functional(model, argument: str = "model"):
-    """Returns `model` as a Functional model (a Sequential one is re-wrapped, not copied).
+    """Returns flat tf_keras `model` as a Functional model (a Sequential one is re-wrapped).
+
+    The passes take models in canonical form (`tf_pfq.canonical.canonicalize`, which
+    the public functions call first); this only re-wraps a Sequential and refuses
+    what canonicalizing would have changed, rather than doing it again.
 
     Raises:
-      TypeError: not a tf_keras Sequential or Functional model.
+      TypeError: not a tf_keras Sequential or Functional model (a Keras 3 one
+        included), or one with nested sub-models.
 
     Example:
       >>> seq = keras.Sequential([keras.Input((4,)), keras.layers.Dense(2, name="fc")])
@@ -47,7 +53,14 @@ def to_functional(model, argument: str = "model"):
       >>> type(functional).__name__, functional.layers[-1] is seq.layers[-1]
       ('Functional', True)
     """
-    model = prepare_model(model, argument)  # Keras 3 and nested models are rebuilt
+    check_model(model, argument)
+    nested = nested_models(model)
+    if nested:
+        raise TypeError(
+            f"`{argument}` ({model.name}) has nested sub-models {nested}; tf_pfq's passes "
+            "take a flat model: call tf_pfq.canonical.canonicalize(model) first (the "
+            "public functions do)."
+        )
     if isinstance(model, keras.Sequential):
         return keras.Model(model.inputs, model.outputs, name=model.name)
     return model

@@ -21,8 +21,8 @@ from typing import Any
 
 import numpy as np
 
+from tf_pfq.canonical import canonicalize
 from tf_pfq.compat import keras  # noqa: F401  (the docstring example uses it)
-from tf_pfq.layers import split_separable
 from tf_pfq.pruning.context import PruneContext
 from tf_pfq.pruning.plan import DEFAULT_THRESHOLD, dead_candidates, settle
 from tf_pfq.pruning.report import build_report, max_output_change
@@ -170,8 +170,8 @@ def prune(
     padding = _padding_mode(padding, exact_only)
     if calibration_data is not None:
         check_data(calibration_data, "calibration_data")
+    model = canonicalize(model)
     ranges = activation_ranges or activation_ranges_of(model)
-    model = split_separable(model)  # the passes know its two halves
     ctx = PruneContext(model, threshold, ranges, padding, absorb)
     candidates = dead_candidates(ctx)
     accepted = {(bn, int(c)) for bn, chans in candidates.items() for c in chans}

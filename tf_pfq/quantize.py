@@ -92,9 +92,10 @@ import numpy as np
 import tensorflow_model_optimization as tfmot
 
 from tf_pfq import ranges
-from tf_pfq.compat import check_model, keras, prepare_model
+from tf_pfq.canonical import canonicalize
+from tf_pfq.compat import check_model, keras
 from tf_pfq.graph import LayerGraph, model_from_config, own_layer_classes
-from tf_pfq.layers.ops import replace_op_layers
+from tf_pfq.layers.activations import split_activations
 from tf_pfq.layers.table import activation_name
 from tf_pfq.quant_math import QuantParams, check_bits, check_weight_scheme, nudge
 from tf_pfq.quant_plan import FIXED_RANGES as FIXED_RANGES
@@ -102,7 +103,6 @@ from tf_pfq.quant_plan import (
     concat_shared_ranges,
     plan_configs,
     quantized_tensors,
-    split_activations,
     validate_graph,
 )
 from tf_pfq.quantize_configs import PfqQuantizeConfig
@@ -217,8 +217,8 @@ def apply(
     if input_bits is not None:
         check_bits(input_bits, "input_bits")
     check_weight_scheme(weight_scheme, "weight_scheme")
-    model = prepare_model(model)
-    graph = LayerGraph(split_activations(replace_op_layers(LayerGraph(model).model)))
+    model = canonicalize(model)
+    graph = LayerGraph(model)
     validate_graph(graph, weight_bits)
     configs = plan_configs(
         graph,

@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 
 from tf_pfq import plots
+from tf_pfq.canonical import canonicalize
 from tf_pfq.graph import LayerGraph
 from tf_pfq.layers.table import Channels, Family, entry_for, family_of
 
@@ -75,6 +76,7 @@ def dead_channels(model, threshold: float = 1e-5) -> dict[str, tuple[int, int]]:
       {kind: (dead channels, all channels)} with the kinds of `producer_kind` and
       "all" for the total.
     """
+    model = canonicalize(model)
     counts: dict[str, list[int]] = {"all": [0, 0]}
     for name, producer in _bn_producers(model).items():
         variance = np.asarray(model.get_layer(name).moving_variance.numpy())

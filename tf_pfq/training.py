@@ -337,9 +337,10 @@ def clear_regularizers(model):
       >>> len(m.losses), len(clear_regularizers(m).losses)
       (1, 0)
     """
+    from tf_pfq.canonical import canonicalize
     from tf_pfq.graph import LayerGraph, rebuild
 
-    graph = LayerGraph(model)
+    graph = LayerGraph(canonicalize(model))
     configs = {}
     keys = (
         "kernel_regularizer",

@@ -27,7 +27,8 @@ import tensorflow as tf
 from absl import logging
 
 from tf_pfq import saving
-from tf_pfq.compat import keras, prepare_model
+from tf_pfq.canonical import canonicalize
+from tf_pfq.compat import keras
 from tf_pfq.run_state import (
     FINAL_DIR,
     FINAL_MODEL,
@@ -311,7 +312,7 @@ def run_steps(
         `dfq_kwargs`, an `output_dir` holding a run of other settings (the message
         names each difference) without `overwrite`, or a corrupt state file.
     """
-    model = prepare_model(model)
+    model = canonicalize(model)
     context = StepContext(
         train_data=train_data,
         validation_data=validation_data,

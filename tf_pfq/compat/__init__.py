@@ -8,7 +8,8 @@ user's shell.
 
 Models built with Keras 3 (`import keras`, or `tf.keras` on TensorFlow >= 2.16)
 are rebuilt as tf_keras models by `to_tf_keras`, nested sub-models are inlined by
-`flatten`, and `prepare_model` does both for every public entry point.
+`flatten`; `prepare_model` does both, as the first step of
+`tf_pfq.canonical.canonicalize`, which every public entry point calls.
 """
 
 import tf_keras as keras
