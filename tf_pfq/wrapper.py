@@ -55,6 +55,7 @@ import tensorflow as tf
 import tensorflow_model_optimization as tfmot
 
 from tf_pfq.compat import keras
+from tf_pfq.int8_kernels import int8_leaky_relu
 from tf_pfq.layers.table import Family, activation_name, entry_for, family_of
 from tf_pfq.quant_math import mean_weight
 from tf_pfq.quantize_configs import PfqQuantizeConfig
@@ -403,6 +404,8 @@ class PfqQuantizeWrapper(tfmot.quantization.keras.QuantizeWrapperV2):
             return self._requantized_relu(inputs, grid, training, **kwargs)
         if family_of(self.layer) is Family.CONCAT:
             return self._concat(inputs, training, **kwargs)
+        if family_of(self.layer) is Family.LEAKY_RELU:
+            return self._leaky_relu(inputs, training, **kwargs)
         source = integer_source(self)
         if source is None:
             return super().call(inputs, training=training, **kwargs)
@@ -513,6 +516,21 @@ class PfqQuantizeWrapper(tfmot.quantization.keras.QuantizeWrapperV2):
             return super().call(inputs, training=training, **kwargs) if training else integer()
         result = super().call(inputs, training=training, **kwargs)
         return tf.cond(tf.cast(training, tf.bool), lambda: result, integer)
+
+    def _leaky_relu(self, inputs, training, **kwargs):
+        # The file's LEAKY_RELU rounds with XNNPACK's 8-bit ratios or the builtin
+        # kernel's fixed-point multipliers (`int8_leaky_relu`), not exactly.
+        grid = _input_grid(self) if self.inbound_nodes else None
+        out = self.quantize_config.output_quantizer
+        if grid is None or not isinstance(out, PfqActivationQuantizer):
+            return super().call(inputs, training=training, **kwargs)
+        alpha = float(self.layer.get_config()["alpha"])
+
+        def integer():
+            value = int8_leaky_relu(inputs, alpha, activation_step(grid), activation_step(out))
+            return fake_quant(value, out.min_var, out.max_var, out.num_bits)
+
+        return self._at_inference(inputs, integer, training, **kwargs)
 
     def _swish(self, inputs, training, **kwargs):
         # The file computes swish as LOGISTIC (onto 1/256) then MUL: at inference the

@@ -174,6 +174,7 @@ class _Builder:
         self._lowerings: dict[Lowering, Callable[[str, Any, list[_Tensor]], _Tensor]] = {
             Lowering.WEIGHTED: self._weighted,
             Lowering.ACTIVATION: self._activation,
+            Lowering.LEAKY_RELU: self._leaky_relu,
             Lowering.AVERAGE: self._pool,
             Lowering.RESIZE: self._upsample,
             Lowering.PASS_THROUGH: self._pass_through,
@@ -310,6 +311,16 @@ class _Builder:
         if act in self._lut_activations:
             return self._lut_activation(name, act, layer, inputs[0])
         return self._relu(name, layer, inputs[0])
+
+    def _leaky_relu(self, name: str, layer, inputs: list[_Tensor]) -> _Tensor:
+        """LEAKY_RELU: the converter writes one int8 op between the two grids, and the
+        QAT model rounds as that kernel does (`tf_pfq.int8_kernels`)."""
+        x = inputs[0]
+        alpha = float(layer.get_config()["alpha"])
+        y = tf.nn.leaky_relu(x.value, alpha)
+        ends = [float(v) if v >= 0 else alpha * float(v) for v in (x.lo, x.hi)] + [0.0]
+        t = _Tensor(y, np.float32(min(ends)), np.float32(max(ends)), None)
+        return self._quantize_output(name, t, needs_range=True, fuses_relu=False)
 
     def _lut_activation(self, name: str, act: str, layer, x: _Tensor) -> _Tensor:
         """softmax, sigmoid, tanh, hard_sigmoid and swish on int8 inputs.

@@ -195,6 +195,7 @@ class Lowering(enum.Enum):
     INPUT = "input"
     WEIGHTED = "weighted"
     ACTIVATION = "activation"
+    LEAKY_RELU = "leaky-relu"  # one int8 LEAKY_RELU (`_Builder._leaky_relu`)
     ADD = "add"
     AVERAGE = "average"
     CONCAT = "concat"
@@ -610,7 +611,15 @@ _ENTRIES: tuple[LayerEntry, ...] = (
         lowering=Lowering.ACTIVATION,
         tflite="RELU / RELU6 (fused)",
     ),
-    _entry(L.LeakyReLU, Family.LEAKY_RELU, **_RELU_KIND),
+    # LEAKY_RELU fuses into no op: its producer keeps a grid of its own, and QAT
+    # rounds as the file's int8 kernel does (`tf_pfq.int8_kernels.int8_leaky_relu`).
+    _entry(
+        L.LeakyReLU,
+        Family.LEAKY_RELU,
+        **{**_RELU_KIND, "fuses": _never},
+        lowering=Lowering.LEAKY_RELU,
+        tflite="LEAKY_RELU",
+    ),
     _entry(L.ELU, Family.ELU, **_RELU_KIND),
     _entry(L.ThresholdedReLU, Family.THRESHOLDED_RELU, **_RELU_KIND),
     _entry(L.PReLU, Family.PRELU, quant=Quant.OUTPUT, fuses=_always),

@@ -1,0 +1,109 @@
+"""LiteRT's int8 LEAKY_RELU as TF ops, so that QAT rounds as the deployed file does.
+
+A fake-quantized `leaky_relu` rounds `leaky_relu(x) / s_out` once, exactly. The file's
+kernel does not: XNNPACK keeps each input-to-output ratio with 8 fraction bits and
+computes `(x_int * M + 128) >> 8`, and where XNNPACK refuses the ratios TFLite's
+builtin kernel multiplies by gemmlowp's 31-bit fixed-point multipliers. Either can
+land one step away from the exact rounding, which compounds through a network, so
+the QAT wrapper uses `int8_leaky_relu` at inference (training keeps the
+differentiable fake-quant). The numbers were measured bit for bit against
+`ai_edge_litert` (tests/test_int8_activation_kernels.py holds the numpy models and
+the interpreter runs); no library exposes these kernels' arithmetic, hence written
+here.
+"""
+
+from __future__ import annotations
+
+import tensorflow as tf
+
+__all__ = ["quantize_multiplier", "multiply_by_quantized_multiplier", "int8_leaky_relu"]
+
+# XNNPACK's qs8 LEAKY_RELU takes ratios whose 8-fraction-bit multipliers fit.
+_XNN_RATIO_MIN = 2.0**-8
+_XNN_RATIO_MAX = 128.0
+_XNN_NEGATIVE_MIN = -127.99609375
+
+
+def quantize_multiplier(real):
+    """TFLite's `QuantizeMultiplier` of float tensor `real`: (int64 q31 multiplier, shift).
+
+    `real = multiplier * 2^(shift - 31)`, the multiplier rounded half away from zero.
+
+    Example:
+      >>> q, shift = quantize_multiplier(tf.constant([0.75, 3.0]))
+      >>> q.numpy().tolist(), shift.numpy().tolist()
+      ([1610612736, 1610612736], [0, 2])
+    """
+    m = tf.cast(real, tf.float64)
+    bits = tf.bitcast(tf.abs(m), tf.int64)
+    exponent = tf.bitwise.bitwise_and(tf.bitwise.right_shift(bits, 52), 0x7FF) - 1022
+    # |m| * 2^-exponent lies in [0.5, 1) and is exact: the power of two is built from bits.
+    power = tf.bitcast(tf.bitwise.left_shift(1023 - exponent, 52), tf.float64)
+    q = tf.floor(tf.abs(m) * power * 2.0**31 + 0.5)
+    carry = q >= 2.0**31
+    q = tf.where(carry, q / 2.0, q)
+    exponent = tf.where(carry, exponent + 1, exponent)
+    q = tf.cast(q, tf.int64) * tf.cast(tf.sign(m), tf.int64)
+    zero = (m == 0.0) | (exponent < -31)
+    return tf.where(zero, tf.zeros_like(q), q), tf.where(zero, tf.zeros_like(exponent), exponent)
+
+
+def multiply_by_quantized_multiplier(x, real):
+    """gemmlowp's `MultiplyByQuantizedMultiplier(x, QuantizeMultiplier(real))` on int64 `x`.
+
+    Example:
+      >>> x = tf.constant([-3, -1, 1, 3, 5], tf.int64)
+      >>> multiply_by_quantized_multiplier(x, tf.constant(0.5)).numpy().tolist()
+      [-1, 0, 1, 2, 3]
+    """
+    q, shift = quantize_multiplier(real)
+    left, right = tf.maximum(shift, 0), tf.maximum(-shift, 0)
+    ab = tf.bitwise.left_shift(x, left) * q
+    nudge = tf.where(ab >= 0, tf.constant(1 << 30, tf.int64), tf.constant(1 - (1 << 30), tf.int64))
+    high = tf.truncatediv(ab + nudge, tf.constant(1 << 31, tf.int64))
+    mask = tf.bitwise.left_shift(tf.constant(1, tf.int64), right) - 1
+    threshold = tf.bitwise.right_shift(mask, 1) + tf.cast(high < 0, tf.int64)
+    rounded_up = tf.cast(tf.bitwise.bitwise_and(high, mask) > threshold, tf.int64)
+    return tf.bitwise.right_shift(high, right) + rounded_up
+
+
+def int8_leaky_relu(x, alpha: float, step_in, step_out):
+    """`leaky_relu(x, alpha)` on the output grid as LiteRT's int8 LEAKY_RELU computes it.
+
+    Args:
+      x: float values on the input grid (`step_in` times integers relative to the
+        input's zero point).
+      alpha: the layer's negative slope.
+      step_in, step_out: the input and output grid steps.
+
+    Returns:
+      float values, `step_out` times the kernel's output integers (relative to the
+      output's zero point; the caller clamps them onto the output range).
+
+    Example:
+      >>> x = tf.constant([-0.5, 0.25, 0.5])  # integers -2, 1, 2; ratio 2.5
+      >>> (int8_leaky_relu(x, 0.2, 0.25, 0.1).numpy() / 0.1).round().tolist()
+      [-1.0, 3.0, 5.0]
+    """
+    step_in = tf.cast(step_in, tf.float32)
+    step_out = tf.cast(step_out, tf.float32)
+    ratio = step_in / step_out
+    negative = ratio * alpha
+    integers = tf.round(tf.cast(x, tf.float32) / step_in)
+    # XNNPACK: M = rint(256 r) per sign, then (x M + 128) >> 8; every term exact in float32.
+    multiplier = tf.where(integers >= 0.0, tf.round(256.0 * ratio), tf.round(256.0 * negative))
+    xnnpack = tf.floor((integers * multiplier + 128.0) / 256.0)
+    whole = tf.cast(integers, tf.int64)
+    builtin = tf.where(
+        whole >= 0,
+        multiply_by_quantized_multiplier(whole, ratio),
+        multiply_by_quantized_multiplier(whole, (step_in * alpha) / step_out),
+    )
+    delegated = (
+        (ratio >= _XNN_RATIO_MIN)
+        & (ratio <= _XNN_RATIO_MAX)
+        & (tf.abs(negative) >= _XNN_RATIO_MIN)
+        & (negative >= _XNN_NEGATIVE_MIN)
+        & (negative <= _XNN_RATIO_MAX)
+    )
+    return tf.where(delegated, xnnpack, tf.cast(builtin, tf.float32)) * step_out
