@@ -132,6 +132,18 @@ def test_concatenate_inputs_share_one_range():
     }
     params = tf_pfq.export.plan_from_qat(qat).layers
     assert params["a_act"].output == params["b_act"].output == params["concat"].output
+    # apply recorded the choice on each concat, and the export reads the record.
+    config = qat.get_layer("quant_concat").quantize_config
+    assert set(config.range_sources) == {"a_act", "b_act"}
+    assert set(qat.get_layer("quant_concat2").quantize_config.range_sources) == {"mix_act", "side"}
+    config.range_sources = ("a_act",)
+    params = tf_pfq.export.plan_from_qat(qat).layers
+    assert params["a_act"].output == params["concat"].output and "b_act" not in params
+    # A model saved before the record (None) gets the same answer derived from the graph.
+    for name in ("quant_concat", "quant_concat2"):
+        qat.get_layer(name).quantize_config.range_sources = None
+    params = tf_pfq.export.plan_from_qat(qat).layers
+    assert params["a_act"].output == params["b_act"].output == params["concat"].output
 
 
 def test_concatenate_export_is_exact():

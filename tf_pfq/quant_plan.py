@@ -6,9 +6,10 @@ from those decisions (`tf_pfq.quantize`). The decision is the contract the TFLit
 exporter relies on, spelled out in `tf_pfq.quantize`'s module docstring. It reads
 only the layer graph, the bit widths and `tf_pfq.layers.table` (which layer class
 gets which quantizer: its `quant` field, and `kernel` for weights), and creates no
-tfmot wrapper and no variable, so it lives apart from the model building: the
-exporter asks it the same questions (`concat_shared_ranges`) about a model it
-does not quantize, and `quantized_tensors` answers them for tests and reports.
+tfmot wrapper and no variable, so it lives apart from the model building;
+`quantized_tensors` and `concat_shared_ranges` answer its questions for tests and
+reports. What the export needs from a decision is recorded in the configs (a
+Concatenate's `range_sources`), so the exporter reads it rather than deciding again.
 
 The steps, in `apply`'s order: `split_activations` moves fused activations that
 integer inference does not fuse into Activation layers; `validate_graph` refuses
@@ -387,7 +388,7 @@ def plan_configs(
     op layers replaced and its activations split (`split_activations`). Layers
     absent from the result are left unwrapped.
     """
-    outputs = _select(graph, activation_bits, add_bits)[0]
+    outputs, shared = _select(graph, activation_bits, add_bits)
     configs = {}
     for name in graph.order:
         layer = graph.layer(name)
@@ -415,6 +416,11 @@ def plan_configs(
                 output_quantizer,
                 kernel_attr=_kernel_attr(layer),
                 swish_gate=swish,
+                range_sources=(
+                    tuple(s for s in graph.order if shared.get(s) == name)
+                    if family_of(layer) is Family.CONCAT
+                    else None
+                ),
             )
         elif _is_fused_add(graph, name, outputs):
             # No grid of its own, but at inference it rounds onto its ReLU's grid as

@@ -94,6 +94,10 @@ class PfqQuantizeConfig(tfmot.quantization.keras.QuantizeConfig):
       swish_gate: the layer is a swish activation: compute it with its sigmoid gate
         on TFLite's int8 LOGISTIC grid (`tf_pfq.quant_math.swish_with_int8_gate`),
         as the integer file does between its LOGISTIC and MUL ops.
+      range_sources: for a Concatenate, the layers (float-model names) whose outputs
+        reach only this concat and so carry no quantizer: they use its output range,
+        and the export puts them on its grid. Decided once by `tf_pfq.apply` and
+        read by the export; None where not recorded (models saved before it was).
 
     Example:
       >>> from tf_pfq.quantizers import PfqActivationQuantizer
@@ -109,6 +113,7 @@ class PfqQuantizeConfig(tfmot.quantization.keras.QuantizeConfig):
         output_quantizer: PfqActivationQuantizer | None = None,
         kernel_attr: str = "kernel",
         swish_gate: bool = False,
+        range_sources: tuple[str, ...] | list[str] | None = None,
     ):
         if bias_quantizer is not None and weight_quantizer is None:
             raise ValueError("`bias_quantizer` needs a `weight_quantizer` (its grid is s_in*s_w).")
@@ -117,6 +122,7 @@ class PfqQuantizeConfig(tfmot.quantization.keras.QuantizeConfig):
         self.output_quantizer = output_quantizer
         self.kernel_attr = kernel_attr
         self.swish_gate = bool(swish_gate)
+        self.range_sources = None if range_sources is None else tuple(range_sources)
         # (input step, weight step) while `tf_pfq.wrapper.PfqQuantizeWrapper` feeds
         # the layer integers; None otherwise (never serialized).
         self._integer_steps: tuple[Any, Any] | None = None
@@ -215,13 +221,16 @@ class PfqQuantizeConfig(tfmot.quantization.keras.QuantizeConfig):
         return [self.output_quantizer] if self.output_quantizer is not None else []
 
     def get_config(self) -> dict[str, Any]:
-        return {
+        config = {
             "weight_quantizer": _serialize(self.weight_quantizer),
             "bias_quantizer": _serialize(self.bias_quantizer),
             "output_quantizer": _serialize(self.output_quantizer),
             "kernel_attr": self.kernel_attr,
             "swish_gate": self.swish_gate,
         }
+        if self.range_sources is not None:
+            config["range_sources"] = list(self.range_sources)
+        return config
 
     @classmethod
     def from_config(cls, config):
@@ -231,6 +240,7 @@ class PfqQuantizeConfig(tfmot.quantization.keras.QuantizeConfig):
             output_quantizer=_deserialize(config.get("output_quantizer")),
             kernel_attr=config.get("kernel_attr", "kernel"),
             swish_gate=config.get("swish_gate", False),
+            range_sources=config.get("range_sources"),
         )
 
     def __eq__(self, other):

@@ -23,7 +23,9 @@ from typing import Any
 import numpy as np
 
 from tf_pfq.graph import LayerGraph
+from tf_pfq.layers.table import Family, family_of
 from tf_pfq.quantize import concat_shared_ranges
+from tf_pfq.quantize_configs import PfqQuantizeConfig
 from tf_pfq.quantizers import EMPTY_RANGE_STEP, QuantParams, nudge
 
 __all__ = ["ExportPlan", "LayerQuantization", "plan_from_qat"]
@@ -86,6 +88,24 @@ def _usable(grid: QuantParams | None) -> QuantParams | None:
     return nudge(lo, hi, grid.num_bits, grid.narrow_range)
 
 
+def _range_sources(qat_model, model) -> dict[str, str]:
+    """{layer: the Concatenate whose range it uses}, as `tf_pfq.apply` recorded it.
+
+    A QAT model saved before apply recorded the choice (a Concatenate config without
+    `range_sources`) gets it re-derived from the graph by the same rule.
+    """
+    found: dict[str, str] = {}
+    for wrapper in qat_model.layers:
+        config = getattr(wrapper, "quantize_config", None)
+        if not isinstance(config, PfqQuantizeConfig):
+            continue
+        if family_of(wrapper.layer) is Family.CONCAT and config.range_sources is None:
+            return concat_shared_ranges(model, activation_bits=8)
+        for source in config.range_sources or ():
+            found[source] = wrapper.layer.name
+    return found
+
+
 def plan_from_qat(qat_model) -> ExportPlan:
     """Reads a `tf_pfq.apply` QAT model into an `ExportPlan`.
 
@@ -128,7 +148,7 @@ def plan_from_qat(qat_model) -> ExportPlan:
     }
     # The layers whose output only feeds a Concatenate use the concat's range: give
     # them its grid, so every concat input is already on it (no requantization).
-    for source, concat in concat_shared_ranges(model, activation_bits=8).items():
+    for source, concat in _range_sources(qat_model, model).items():
         grid = layers.get(concat, LayerQuantization()).output
         if grid is not None and layers.get(source, LayerQuantization()).output is None:
             layers[source] = dataclasses.replace(
