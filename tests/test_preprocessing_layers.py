@@ -196,3 +196,27 @@ def test_identity_normalization_after_rescaling_folds_through_zero_padding():
     assert [layer.name for layer in folded.layers] == ["image", "stem_pad", "stem"]
     data = _images(4, 8)
     np.testing.assert_allclose(folded(data), model(data), rtol=1e-4, atol=1e-5)
+
+
+def test_the_affine_stays_frozen_through_stage_w_training_and_saving(tmp_path):
+    # tfmot's wrapper lists a quantized kernel as trainable even when its layer is
+    # frozen; tf_pfq's wrapper keeps the frozen layer's weights out of training.
+    keras.utils.set_random_seed(4)
+    folded, _ = _fold(normalization_net(), seed=4)
+    qat = tf_pfq.apply(folded, activation_bits=4, weight_bits=4)
+    assert not any("quant_norm/" in w.name for w in qat.trainable_weights)
+    assert {"quant_norm/depthwise_kernel:0", "quant_norm/bias:0"} <= {w.name for w in qat.weights}
+    watched = ("quant_norm/depthwise_kernel:0", "quant_norm/bias:0", "quant_stem/kernel:0")
+    before = {w.name: w.numpy().copy() for w in qat.weights if w.name in watched}
+    qat.compile(keras.optimizers.SGD(1.0), keras.losses.SparseCategoricalCrossentropy(True))
+    data = _images(5, 16)
+    qat.fit(data, np.arange(16) % 10, epochs=1, batch_size=8, verbose=0)
+    after = {w.name: w.numpy() for w in qat.weights if w.name in watched}
+    np.testing.assert_array_equal(after[watched[0]], before[watched[0]])
+    np.testing.assert_array_equal(after[watched[1]], before[watched[1]])
+    # The trainable conv after it did move (the step was large enough to show).
+    assert not np.array_equal(after[watched[2]], before[watched[2]])
+    path = str(tmp_path / "qat.h5")
+    tf_pfq.save(qat, path)
+    loaded = tf_pfq.load(path)
+    np.testing.assert_allclose(loaded.predict(data, verbose=0), qat.predict(data, verbose=0))

@@ -388,6 +388,26 @@ class PfqQuantizeWrapper(tfmot.quantization.keras.QuantizeWrapperV2):
     serializes as "PfqQuantizeWrapper" (load under `tf_pfq.quantize_scope()`).
     """
 
+    def _frozen(self) -> set[int]:
+        # tfmot lists every quantized weight as trainable ("to ensure unquantized
+        # weights get trained"), even a frozen layer's; a frozen layer (e.g. the
+        # affine a Normalization became) must stay as it is.
+        if self.layer.trainable:
+            return set()
+        weights = [*self.layer.weights, *(v[0] for v in getattr(self, "_weight_vars", []))]
+        return {id(w) for w in weights}
+
+    @property
+    def trainable_weights(self):
+        frozen = self._frozen()
+        return [w for w in super().trainable_weights if id(w) not in frozen]
+
+    @property
+    def non_trainable_weights(self):
+        frozen = self._frozen()
+        moved = [w for w in super().trainable_weights if id(w) in frozen]
+        return self._dedup_weights(moved + super().non_trainable_weights)
+
     def call(self, inputs, training=None, **kwargs):
         sources = add_sources(self)
         if sources is not None:
