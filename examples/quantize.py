@@ -23,13 +23,19 @@ from tf_pfq import compat, data
 from tf_pfq.baselines import METHODS, run_method
 from tf_pfq.compat import keras
 from tf_pfq.training import TrainConfig
-from tf_pfq.workflow import FINAL_DIR, FINAL_MODEL, FINAL_TFLITE
+from tf_pfq.workflow import FINAL_DIR, FINAL_MODEL, FINAL_TFLITE, parse_layer_bits
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("model", "runs/pretrained.keras", "Pretrained float tf_keras model.")
 flags.DEFINE_enum("method", "pfq", list(METHODS), "Quantization method.")
 flags.DEFINE_integer("activation_bits", 4, "Activation bit width.")
 flags.DEFINE_integer("weight_bits", 4, "Weight bit width.")
+flags.DEFINE_list(
+    "layer_bits",
+    [],
+    "Mixed precision: per-layer widths as name:activation_bits:weight_bits, '-' for the "
+    "global width, e.g. conv1:8:8,logits:-:8 (tf_pfq.apply's layer_bits).",
+)
 flags.DEFINE_integer("epochs_a", 5, "e_A: epochs of stage A (activations quantized).")
 flags.DEFINE_integer("epochs_w", 5, "e_W: epochs of stage W (activations and weights).")
 flags.DEFINE_float("learning_rate_a", 1e-3, "l0 of eq. 19 in stage A (paper: 1e-3).")
@@ -89,6 +95,7 @@ def main(argv):
         train,
         activation_bits=FLAGS.activation_bits,
         weight_bits=FLAGS.weight_bits,
+        layer_bits=parse_layer_bits(FLAGS.layer_bits) or None,
         stage_a=TrainConfig(FLAGS.epochs_a, FLAGS.learning_rate_a, **common),
         stage_w=TrainConfig(FLAGS.epochs_w, FLAGS.learning_rate_w, **common),
         test_data=test,

@@ -30,7 +30,16 @@ from __future__ import annotations
 from dataclasses import replace
 
 from tf_pfq.training import TrainConfig
-from tf_pfq.workflow import DFQ, FoldBatchNorm, Prune, Step, Train, algorithm1_steps, run_steps
+from tf_pfq.workflow import (
+    DFQ,
+    FoldBatchNorm,
+    Prune,
+    Step,
+    Train,
+    algorithm1_steps,
+    mixed_precision,
+    run_steps,
+)
 
 __all__ = ["DFQ_MOMENTUM", "DFQ_WEIGHT_DECAY", "METHODS", "method_steps", "run_method"]
 
@@ -55,6 +64,7 @@ def method_steps(
     activation_bits: int = 4,
     weight_bits: int = 4,
     combined: TrainConfig | None = None,
+    layer_bits=None,
 ) -> list[Step]:
     """The workflow steps of a method.
 
@@ -68,6 +78,8 @@ def method_steps(
         default: `stage_w`'s with `stage_a.epochs + stage_w.epochs` epochs (the
         paper's equal-epoch comparison, eq. 19's lambda over all of them), and for
         "dfq" also `DFQ_MOMENTUM` and `DFQ_WEIGHT_DECAY`.
+      layer_bits: per-layer bit widths for every training step (`tf_pfq.apply`'s
+        mixed precision); tf_pfq's quantizer only.
 
     Returns:
       A list of `tf_pfq.workflow.Step` objects.
@@ -88,24 +100,31 @@ def method_steps(
         combined = replace(stage_w, epochs=stage_a.epochs + stage_w.epochs, period=None)
         if method == "dfq":
             combined = replace(combined, momentum=DFQ_MOMENTUM, weight_decay=DFQ_WEIGHT_DECAY)
-    aw = Train("stage_aw", activation_bits, weight_bits, combined)
+    mixed = mixed_precision(layer_bits)
+    if mixed and method.startswith("tfmot"):
+        raise ValueError(
+            f"Method {method!r} uses tfmot's scheme, which has one bit width for every "
+            "layer; `layer_bits` needs tf_pfq's quantizer (a method not starting with "
+            "'tfmot')."
+        )
+    aw = Train("stage_aw", activation_bits, weight_bits, combined, **mixed)
     if method == "pfq":
-        return algorithm1_steps(stage_a, stage_w, activation_bits, weight_bits)
+        return algorithm1_steps(stage_a, stage_w, activation_bits, weight_bits, layer_bits)
     if method == "pfq_no_bias_correction":
         # PfQ removes the dead channels but leaves their constant act(beta) out of the
         # next layer's bias: the ablation that shows what the absorption is worth.
         return [
             Prune("pfq_1", absorb=False),
-            Train("stage_a", activation_bits, None, stage_a),
+            Train("stage_a", activation_bits, None, stage_a, **mixed),
             Prune("pfq_2", absorb=False),
             FoldBatchNorm("fold"),
-            Train("stage_w", activation_bits, weight_bits, stage_w),
+            Train("stage_w", activation_bits, weight_bits, stage_w, **mixed),
         ]
     if method == "original":
         return [
-            Train("stage_a", activation_bits, None, stage_a),
+            Train("stage_a", activation_bits, None, stage_a, **mixed),
             FoldBatchNorm("fold"),
-            Train("stage_w", activation_bits, weight_bits, stage_w),
+            Train("stage_w", activation_bits, weight_bits, stage_w, **mixed),
         ]
     if method == "pfq_once":
         return [Prune("pfq_1"), FoldBatchNorm("fold"), aw]
@@ -126,6 +145,7 @@ def run_method(
     stage_a: TrainConfig | None = None,
     stage_w: TrainConfig | None = None,
     combined: TrainConfig | None = None,
+    layer_bits=None,
     **kwargs,
 ):
     """Runs one of `METHODS` on a pretrained float model (see `method_steps`).
@@ -139,6 +159,8 @@ def run_method(
       stage_a: stage A hyperparameters (default: `TrainConfig(epochs=1)`).
       stage_w: stage W hyperparameters (default: `TrainConfig(epochs=1)`).
       combined: the single stage of the one-stage methods (see `method_steps`).
+      layer_bits: per-layer bit widths, {layer: (activation_bits, weight_bits)}
+        (`tf_pfq.apply`'s mixed precision).
       **kwargs: as for `tf_pfq.workflow.run_steps` (test/validation data,
         `output_dir`, `strategy`, callbacks, ...).
 
@@ -161,6 +183,7 @@ def run_method(
         activation_bits,
         weight_bits,
         combined,
+        layer_bits,
     )
     kwargs.setdefault("method", method)
     return run_steps(model, train_data, steps, **kwargs)

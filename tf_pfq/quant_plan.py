@@ -20,11 +20,14 @@ stage W anything that would keep float weights); `plan_configs` returns one
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 
 from tf_pfq.canonical import canonicalize
 from tf_pfq.compat import keras  # noqa: F401  (the docstring examples use it)
 from tf_pfq.graph import LayerGraph
+from tf_pfq.layer_bits import activation_bits_of, check_honoured, weight_bits_of
 from tf_pfq.layers.activations import split_activations
 from tf_pfq.layers.table import (
     MODELLED_OPS,
@@ -229,16 +232,19 @@ def concat_shared_ranges(
     return _select(LayerGraph(canonicalize(model)), activation_bits, add_bits)[1]
 
 
-def _select(graph: LayerGraph, activation_bits: int, add_bits: int | None):
+def _select(graph: LayerGraph, activation_bits: int | Callable[[str], int], add_bits: int | None):
     """({layer name: bits of its output quantizer}, {concat source: concat}).
 
-    The second dict is `concat_shared_ranges`'s answer: layers whose output reaches
-    only a Concatenate get no quantizer of their own (their bits widen the concat's).
+    `activation_bits` is one width or a function of the layer name (mixed
+    precision, `tf_pfq.layer_bits`). The second dict is `concat_shared_ranges`'s
+    answer: layers whose output reaches only a Concatenate get no quantizer of their
+    own (their bits widen the concat's).
     """
+    bits_of = activation_bits if callable(activation_bits) else (lambda _: activation_bits)
     memo: dict[str, bool] = {}
     selected: dict[str, int] = {}
     for name in graph.order:
-        bits = _output_bits(graph, name, activation_bits, add_bits, memo)
+        bits = _output_bits(graph, name, bits_of(name), add_bits, memo)
         if bits is not None:
             selected[name] = bits
     return selected, _share_concat_ranges(graph, selected)
@@ -381,14 +387,20 @@ def plan_configs(
     add_bits: int | None,
     input_bits: int | None,
     weight_scheme: str,
+    layer_bits: dict[str, tuple[int | None, int | None]] | None = None,
 ) -> dict[str, PfqQuantizeConfig]:
     """{layer name: the `PfqQuantizeConfig` `apply` wraps it with}, for a validated graph.
 
     The arguments are `tf_pfq.quantize.apply`'s, already checked; `graph` has its
     op layers replaced and its activations split (`split_activations`). Layers
-    absent from the result are left unwrapped.
+    absent from the result are left unwrapped. `layer_bits` (checked by
+    `tf_pfq.layer_bits.check_layer_bits`) overrides the widths per layer.
     """
-    outputs, shared = _select(graph, activation_bits, add_bits)
+    layer_bits = layer_bits or {}
+    act_of = activation_bits_of(graph, activation_bits, layer_bits, _fuses_into_producer)
+    outputs, shared = _select(graph, act_of, add_bits)
+    check_honoured(graph, layer_bits, outputs, shared, _fuses_into_producer)
+    weight_of = weight_bits_of(weight_bits, layer_bits)
     configs = {}
     for name in graph.order:
         layer = graph.layer(name)
@@ -400,10 +412,11 @@ def plan_configs(
                 fixed_range=FIXED_RANGES.get(activation_name(layer) or ""),
             )
         weight_quantizer = bias_quantizer = None
-        if weight_bits is not None and _is_weighted(layer):
+        layer_weight_bits = weight_of(name)
+        if layer_weight_bits is not None and _is_weighted(layer):
             weight_quantizer, bias_quantizer = _kernel_quantizers(
                 layer,
-                weight_bits,
+                layer_weight_bits,
                 per_channel_weights,
                 weight_scheme,
                 quantized_input=_input_is_quantized(graph, name, outputs, input_bits),

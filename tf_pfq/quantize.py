@@ -85,7 +85,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import numpy as np
@@ -95,6 +95,7 @@ from tf_pfq import ranges
 from tf_pfq.canonical import canonicalize
 from tf_pfq.compat import check_model, keras
 from tf_pfq.graph import LayerGraph, model_from_config, own_layer_classes
+from tf_pfq.layer_bits import check_layer_bits
 from tf_pfq.layers.activations import split_activations
 from tf_pfq.layers.table import activation_name
 from tf_pfq.quant_math import QuantParams, check_bits, check_weight_scheme, nudge
@@ -159,6 +160,7 @@ def apply(
     add_bits: int | None = 8,
     input_bits: int | None = 8,
     weight_scheme: str = "min_max",
+    layer_bits: Mapping[str, tuple[int | None, int | None]] | None = None,
 ):
     """Wraps `model` for quantization-aware fine-tuning (paper §3.3 stages A and W).
 
@@ -190,6 +192,11 @@ def apply(
         centred on 0 (one level fewer, e.g. 15 at 4 bits), so the integers fit a
         signed n-bit container: needed to export `weight_bits=4` with
         `weight_storage="int4"`, as TFLite's converter does for INT4 weights.
+      layer_bits: mixed precision: {layer name: (activation_bits, weight_bits)}
+        overriding the global widths for that layer, None keeping the global rule
+        for that tensor, e.g. `{"conv1": (8, 8), "logits": (None, 8)}`. Weight bits
+        apply in stage W. See `tf_pfq.layer_bits` for how an entry reaches the
+        quantizer that holds the layer's output, and what is refused.
 
     Returns:
       A new tfmot QAT model (layers named `quant_<name>`), trainable with `fit`.
@@ -228,6 +235,7 @@ def apply(
         add_bits,
         input_bits,
         weight_scheme,
+        check_layer_bits(graph, layer_bits),
     )
     if not configs:
         raise ValueError(f"Model {model.name!r} has no tensor for tf_pfq.apply to quantize.")

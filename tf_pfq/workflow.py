@@ -75,6 +75,8 @@ __all__ = [
     "Transform",
     "WorkflowSummary",
     "algorithm1_steps",
+    "mixed_precision",
+    "parse_layer_bits",
     "run_steps",
     "run_workflow",
     "calibration_images",
@@ -88,8 +90,9 @@ def algorithm1_steps(
     stage_w: TrainConfig,
     activation_bits: int = 4,
     weight_bits: int = 4,
+    layer_bits=None,
 ) -> list[Step]:
-    """The steps of paper Algorithm 1.
+    """The steps of paper Algorithm 1 (`layer_bits`: per-layer widths, `tf_pfq.apply`'s).
 
     Example:
       >>> [s.name for s in algorithm1_steps(TrainConfig(epochs=1), TrainConfig(epochs=1))]
@@ -97,11 +100,45 @@ def algorithm1_steps(
     """
     return [
         Prune("pfq_1"),
-        Train("stage_a", activation_bits, None, stage_a),
+        Train("stage_a", activation_bits, None, stage_a, **mixed_precision(layer_bits)),
         Prune("pfq_2"),
         FoldBatchNorm("fold"),
-        Train("stage_w", activation_bits, weight_bits, stage_w),
+        Train("stage_w", activation_bits, weight_bits, stage_w, **mixed_precision(layer_bits)),
     ]
+
+
+def parse_layer_bits(specs) -> dict[str, tuple[int | None, int | None]]:
+    """`layer_bits` from command-line items "name:activation_bits:weight_bits".
+
+    "-" or an empty field keeps the global width for that tensor.
+
+    Raises:
+      ValueError: an item that is not name:bits:bits (it is named).
+
+    Example:
+      >>> parse_layer_bits(["conv1:8:8", "logits:-:8", "conv_pw_1::2"])
+      {'conv1': (8, 8), 'logits': (None, 8), 'conv_pw_1': (None, 2)}
+    """
+    parsed: dict[str, tuple[int | None, int | None]] = {}
+    for item in specs or ():
+        parts = str(item).split(":")
+        try:
+            if len(parts) != 3 or not parts[0]:
+                raise ValueError
+            act, weight = (None if p in ("", "-") else int(p) for p in parts[1:])
+        except ValueError:
+            raise ValueError(
+                f"--layer_bits item {item!r} must be name:activation_bits:weight_bits, "
+                "with '-' for the global width (e.g. conv1:8:8, logits:-:8)."
+            ) from None
+        parsed[parts[0]] = (act, weight)
+    return parsed
+
+
+def mixed_precision(layer_bits) -> dict:
+    """`Train` options for per-layer bit widths; none at all without them, so that the
+    fingerprint of a uniform run stays what it was."""
+    return {} if not layer_bits else {"layer_bits": dict(layer_bits)}
 
 
 def calibration_images(dataset: tf.data.Dataset, max_images: int = 256) -> np.ndarray:
@@ -420,6 +457,7 @@ def run_workflow(
     weight_bits: int = 4,
     stage_a: TrainConfig | None = None,
     stage_w: TrainConfig | None = None,
+    layer_bits=None,
     **kwargs,
 ):
     """Paper Algorithm 1 in one call: PfQ, stage A, PfQ, fold BN, stage W.
@@ -433,6 +471,8 @@ def run_workflow(
         paper's §4.2.1 fine-tuning (momentum SGD 0.9, l0 = 1e-3, weight decay 1e-4,
         no warm-up, cosine to 0) for 1 epoch.
       stage_w: stage W hyperparameters (`e_W`); same default.
+      layer_bits: mixed precision, {layer: (activation_bits, weight_bits)} (see
+        `tf_pfq.apply`); pruning keeps a layer's entry, as it keeps its name.
       **kwargs: as for `run_steps` (test/validation data, `output_dir`,
         `strategy`, `tensorboard`, callbacks, ...).
 
@@ -454,6 +494,7 @@ def run_workflow(
         stage_w or TrainConfig(epochs=1),
         activation_bits,
         weight_bits,
+        layer_bits,
     )
     kwargs.setdefault("method", "pfq")
     return run_steps(model, train_data, steps, **kwargs)

@@ -318,7 +318,7 @@ def to_tflite(
     )
     check_integer(tflite)
     check_xnnpack_limits(tflite)
-    return int4.apply_storage(tflite, weight_storage)
+    return int4.apply_storage(tflite, weight_storage, plan)
 
 
 def save(tflite_bytes: bytes, path: str | os.PathLike) -> str:

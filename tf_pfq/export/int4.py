@@ -89,7 +89,7 @@ def _tensor_name(tensor) -> str:
     return name.decode() if isinstance(name, bytes) else str(name)
 
 
-def repack_int4(tflite_bytes: bytes) -> bytes:
+def repack_int4(tflite_bytes: bytes, keep_wide: bool = False) -> bytes:
     """Rewrites the int8 weights of CONV_2D, DEPTHWISE_CONV_2D and FULLY_CONNECTED as INT4.
 
     Scales, zero points and every other tensor stay as they are, so TFLite's
@@ -98,6 +98,8 @@ def repack_int4(tflite_bytes: bytes) -> bytes:
     Args:
       tflite_bytes: a `.tflite` flatbuffer whose weights are int8 (e.g. from
         `tf_pfq.export.to_tflite` at `weight_bits <= 4`).
+      keep_wide: leave a weight whose integers leave -8..7 int8 instead of raising
+        (a mixed-precision model's wider layers).
 
     Returns:
       The flatbuffer with INT4 weights.
@@ -124,6 +126,11 @@ def repack_int4(tflite_bytes: bytes) -> bytes:
       >>> list(summary.weight_storage().values()), list(summary.weight_levels().values())
       (['int4'], [4])
     """
+    return _repack(tflite_bytes, keep_wide)[0]
+
+
+def _repack(tflite_bytes: bytes, keep_wide: bool) -> tuple[bytes, int]:
+    """(`repack_int4`'s bytes, the number of weight tensors packed)."""
     model = flatbuffer_utils.convert_bytearray_to_object(bytearray(tflite_bytes))
     done: set[int] = set()
     problems = []
@@ -155,6 +162,8 @@ def repack_int4(tflite_bytes: bytes) -> bytes:
                 # A one-level constant kernel the export made (average pooling as a
                 # depthwise conv, all 127), not a trained weight: it stays int8.
                 continue
+            if (lo < -8 or hi > 7) and keep_wide:
+                continue
             if lo < -8 or hi > 7:
                 problems.append(
                     f"{where}: integers span [{lo}, {hi}], outside INT4's [-8, 7] (a 4-bit "
@@ -170,7 +179,7 @@ def repack_int4(tflite_bytes: bytes) -> bytes:
             "with weight_storage='int8', or train with weight_bits <= 3 or "
             "tf_pfq.apply(..., weight_scheme='symmetric'):\n  " + "\n  ".join(problems)
         )
-    return bytes(flatbuffer_utils.convert_object_to_bytearray(model))
+    return bytes(flatbuffer_utils.convert_object_to_bytearray(model)), len(done)
 
 
 def _check_name(weight_storage: str) -> None:
@@ -189,8 +198,9 @@ def check_plan(plan, weight_storage: str) -> None:
       weight_storage: "int8" (always fits) or "int4".
 
     Raises:
-      ValueError: unknown `weight_storage`; for "int4", a layer with weights above
-        4 bits or a grid whose integers leave -8..7; the message names the layers.
+      ValueError: unknown `weight_storage`; for "int4", no layer with weights of
+        4 bits or fewer, or such a grid whose integers leave -8..7; the message names
+        the layers. Wider layers of a mixed-precision model stay int8.
 
     Example:
       >>> check_plan(None, "int8")
@@ -202,7 +212,7 @@ def check_plan(plan, weight_storage: str) -> None:
     _check_name(weight_storage)
     if weight_storage == "int8":
         return
-    wide, outside = [], []
+    wide, narrow, outside = [], [], []
     for name, quant in plan.layers.items():
         grid = quant.kernel
         if grid is None:
@@ -210,12 +220,13 @@ def check_plan(plan, weight_storage: str) -> None:
         if grid.num_bits > 4:
             wide.append(f"{name!r} ({grid.num_bits} bits)")
             continue
+        narrow.append(name)
         zero_point = np.asarray(grid.zero_point, np.float64)
         lo = float(np.min(grid.quant_min - zero_point))
         hi = float(np.max(grid.quant_max - zero_point))
         if lo < -8 or hi > 7:
             outside.append(f"{name!r} (integers {lo:g}..{hi:g})")
-    if wide:
+    if wide and not narrow:
         raise ValueError(
             "weight_storage='int4' needs weight_bits <= 4; these layers have wider "
             f"weights: {', '.join(wide)}. Use weight_storage='int8'."
@@ -230,12 +241,29 @@ def check_plan(plan, weight_storage: str) -> None:
         )
 
 
-def apply_storage(tflite_bytes: bytes, weight_storage: str) -> bytes:
+def apply_storage(tflite_bytes: bytes, weight_storage: str, plan=None) -> bytes:
     """The export's bytes with the requested weight storage ("int8": unchanged).
+
+    With `plan` (the `ExportPlan` checked by `check_plan`) and "int4", the layers of
+    4 bits or fewer are packed and wider ones (mixed precision) stay int8; the
+    packed count is checked against the plan, so a narrow layer left int8 raises.
 
     Example:
       >>> apply_storage(b"TFL3", "int8")
       b'TFL3'
     """
     _check_name(weight_storage)
-    return tflite_bytes if weight_storage == "int8" else repack_int4(tflite_bytes)
+    if weight_storage == "int8":
+        return tflite_bytes
+    kernels = [q.kernel for q in plan.layers.values() if q.kernel is not None] if plan else []
+    narrow = sum(1 for grid in kernels if grid.num_bits <= 4)
+    if narrow == len(kernels):  # uniform: every weight must pack
+        return repack_int4(tflite_bytes)
+    packed_bytes, packed = _repack(tflite_bytes, keep_wide=True)
+    if packed < narrow:
+        raise ValueError(
+            f"weight_storage='int4': {narrow} layers have weights of 4 bits or fewer but "
+            f"only {packed} weight tensors of the file fit INT4; export with "
+            "weight_storage='int8'."
+        )
+    return packed_bytes

@@ -146,6 +146,15 @@ class ModelSummary:
             if t.is_constant and t.levels is not None and t.dtype in ("int8", "uint8", "int4")
         }
 
+    def weight_bits(self) -> dict[str, int]:
+        """The fewest bits that hold each conv / fully-connected weight's levels, by name.
+
+        A mixed-precision model shows each layer's own width here (a 2-bit layer
+        holds at most 4 levels per slice, an 8-bit one up to 256).
+        """
+        levels = self.weight_levels()
+        return {name: _bits(levels[name]) for name in self.weight_storage() if levels.get(name)}
+
     def weight_storage(self) -> dict[str, str]:
         """Storage type ("int8", "int4", ...) of each conv / fully-connected weight, by name."""
         return {
@@ -170,7 +179,7 @@ class ModelSummary:
             "outputs: " + ", ".join(_short(t) for t in self.outputs),
             (
                 f"{'#':>3} {'op':<18} {'act':<6} {'out dtype':<9} {'out scale':>10} {'zp':>5} "
-                f"{'weight':<8} {'w scale(s)':>12} {'w levels':>8} {'MACs':>10}"
+                f"{'weight':<8} {'w scale(s)':>12} {'w levels':>8} {'w bits':>6} {'MACs':>10}"
             ),
         ]
         for op in self.ops:
@@ -189,9 +198,16 @@ class ModelSummary:
                 f"{(f'{out.scales[0]:.4g}' if out and out.scales else ''):>10} "
                 f"{(str(out.zero_points[0]) if out and out.zero_points else ''):>5} "
                 f"{(weight.dtype if weight else ''):<8} {w_scale:>12} "
-                f"{(str(weight.levels) if weight and weight.levels else ''):>8} {op.macs:>10}"
+                f"{(str(weight.levels) if weight and weight.levels else ''):>8} "
+                f"{(str(_bits(weight.levels)) if weight and weight.levels else ''):>6} "
+                f"{op.macs:>10}"
             )
         return "\n".join(lines)
+
+
+def _bits(levels: int) -> int:
+    """The fewest bits whose 2^n levels hold `levels` values (at least 1)."""
+    return max(1, int(np.ceil(np.log2(max(levels, 1)))))
 
 
 def _short(t: TensorInfo) -> str:
