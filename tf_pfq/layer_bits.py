@@ -92,7 +92,7 @@ def check_layer_bits(graph, layer_bits) -> dict[str, tuple[int | None, int | Non
 def _fused_after(graph, name: str, fuses: Callable[[Any], bool]) -> list[str]:
     """The layers integer inference fuses `name` with, nearest first: a lone consumer
     that is a BatchNormalization (stage A) or fuses into its producer, and so on."""
-    chain = []
+    chain: list[str] = []
     while True:
         consumers = graph.consumers_of(name)
         if len(consumers) != 1:
