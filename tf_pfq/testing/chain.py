@@ -56,8 +56,16 @@ def _copy(model):
     return copy
 
 
-def with_live_batchnorm(model, images: np.ndarray, seed: int = 0):
+def with_live_batchnorm(model, images: np.ndarray, seed: int = 0, randomize: bool = True):
     """A copy of `model` with random BN scales/shifts and statistics measured on `images`.
+
+    With `randomize=False` the scales and shifts are kept and only the statistics are
+    measured again, as after training long enough for the moving averages to follow
+    the weights: a short fine-tuning in training mode can revive a planted channel
+    (its zero filter moves) while its moving variance stays at the planted value, and
+    folding then multiplies the revived filter by about 1 / sqrt(epsilon) per layer
+    (one batch took EfficientNetB1's float logits from 25 to 5e8). A channel still
+    constant on `images` keeps its planted statistics.
 
     Plant dead channels first (`with_dead_channels`): their statistics are kept, and
     every BN after them is then measured on what they output.
@@ -84,12 +92,13 @@ def with_live_batchnorm(model, images: np.ndarray, seed: int = 0):
     rng = np.random.default_rng(seed)
     bns = [layer for layer in model.layers if family_of(layer) is Family.BATCHNORM]
     for layer in bns:
-        c = layer.moving_variance.shape[0]
-        gamma = rng.uniform(0.5, 1.5, c) if layer.scale else None
-        beta = rng.normal(0.0, 0.5, c) if layer.center else None
-        weights = [w for w in (gamma, beta) if w is not None]
-        layer.set_weights([*weights, layer.moving_mean.numpy(), layer.moving_variance.numpy()])
-        layer.call = _measuring_call(layer)
+        if randomize:
+            c = layer.moving_variance.shape[0]
+            gamma = rng.uniform(0.5, 1.5, c) if layer.scale else None
+            beta = rng.normal(0.0, 0.5, c) if layer.center else None
+            weights = [w for w in (gamma, beta) if w is not None]
+            layer.set_weights([*weights, layer.moving_mean.numpy(), layer.moving_variance.numpy()])
+        layer.call = _measuring_call(layer, revive=not randomize)
     try:
         model(np.asarray(images, np.float32), training=False)
     finally:
@@ -99,7 +108,7 @@ def with_live_batchnorm(model, images: np.ndarray, seed: int = 0):
     return model
 
 
-def _measuring_call(layer):
+def _measuring_call(layer, revive: bool = False):
     """`layer.call` that first sets the BN's statistics from its input (see above)."""
     original = layer.call
 
@@ -110,9 +119,10 @@ def _measuring_call(layer):
     def call(inputs, training=None, **kwargs):
         axes = [i for i in range(inputs.shape.rank) if i not in layer.axis]
         mean, variance = (v.numpy() for v in tf.nn.moments(inputs, axes))
+        keep = dead & (variance < layer.epsilon) if revive else dead
         variance = np.maximum(variance, 10 * layer.epsilon)
-        layer.moving_mean.assign(np.where(dead, layer.moving_mean.numpy(), mean))
-        layer.moving_variance.assign(np.where(dead, layer.moving_variance.numpy(), variance))
+        layer.moving_mean.assign(np.where(keep, layer.moving_mean.numpy(), mean))
+        layer.moving_variance.assign(np.where(keep, layer.moving_variance.numpy(), variance))
         return original(inputs, training=False, **kwargs)
 
     return call
