@@ -24,6 +24,7 @@ from tf_pfq.baselines import METHODS, run_method
 from tf_pfq.canonical import canonicalize
 from tf_pfq.cost import count_macs, count_params, layer_costs
 from tf_pfq.fold import FoldReport, fold_batchnorm
+from tf_pfq.mixed_precision import choose_bits, sensitivity
 from tf_pfq.prune import prune
 from tf_pfq.quantize import apply, quantization_params, quantize_scope, strip
 from tf_pfq.quantizers import PfqActivationQuantizer, PfqBiasQuantizer, PfqWeightQuantizer
@@ -56,6 +57,7 @@ __all__ = [
     "__version__",
     "apply",
     "canonicalize",
+    "choose_bits",
     "load",
     "save",
     "compat",
@@ -70,5 +72,6 @@ __all__ = [
     "prune",
     "quantization_params",
     "quantize_scope",
+    "sensitivity",
     "strip",
 ]

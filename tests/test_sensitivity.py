@@ -1,0 +1,88 @@
+"""Per-layer sensitivity and the bit-width plan chosen from it."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import tf_pfq
+from tf_pfq import data
+from tf_pfq.compat import keras
+from tf_pfq.mixed_precision import SensitivityReport, SensitivityRow, choose_bits, sensitivity
+
+L = keras.layers
+
+
+def _report(changes: dict[str, dict[int, float]], params: dict[str, int]) -> SensitivityReport:
+    rows = [
+        SensitivityRow(name, "weights", bits, change, 0.0)
+        for name, by_bits in changes.items()
+        for bits, change in by_bits.items()
+    ]
+    return SensitivityReport(rows, 1.0, 0.5, None, None, params)
+
+
+def test_the_plan_spends_the_budget_where_the_loss_is():
+    report = _report(
+        {
+            "sensitive": {2: 1.0, 4: 0.1, 8: 0.0},
+            "robust": {2: 0.01, 4: 0.005, 8: 0.0},
+        },
+        {"sensitive": 100, "robust": 100},
+    )
+    # Uniform 4 bits (100 bytes): both at 4 is the best that fits.
+    assert choose_bits(report, 200 * 4 / 8) == {"sensitive": (None, 4), "robust": (None, 4)}
+    # The bytes of uniform 5 bits: the sensitive layer at 8, the robust one at 2.
+    plan = choose_bits(report, 125)
+    assert plan == {"sensitive": (None, 8), "robust": (None, 2)}
+    assert plan.weight_bytes == 125 == plan.budget_bytes
+    assert plan.predicted_loss_change == pytest.approx(0.01)
+    assert "sensitive: 8" in plan.describe() and "125 of 125" in plan.describe()
+    # Below every kernel at its fewest bits: refused, with the floor.
+    with pytest.raises(ValueError, match="below 50 bytes"):
+        choose_bits(report, 40)
+    # No budget to spare: everything at the fewest bits.
+    assert choose_bits(report, 50) == {"sensitive": (None, 2), "robust": (None, 2)}
+
+
+@pytest.mark.slow
+def test_sensitivity_of_a_trained_net_and_its_plan_applies(tmp_path):
+    keras.utils.set_random_seed(0)
+    splits = data.load_digits(image_size=8, num_train=600)
+    inputs = keras.Input((8, 8, 3))
+    x = L.Conv2D(8, 3, padding="same", name="conv")(inputs)
+    x = L.BatchNormalization(name="bn")(x)
+    x = L.ReLU(name="relu")(x)
+    x = L.GlobalAveragePooling2D(name="pool")(x)
+    model = keras.Model(inputs, L.Dense(10, name="logits")(x))
+    model.compile(
+        keras.optimizers.Adam(0.02),
+        keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        metrics=["accuracy"],
+    )
+    model.fit(splits["train"].images, splits["train"].labels, epochs=15, verbose=0)
+    test = (splits["test"].images, splits["test"].labels)
+    weights = [w.copy() for w in model.get_weights()]
+    report = sensitivity(model, test, bits=(2, 4))
+    assert all(np.array_equal(a, b) for a, b in zip(model.get_weights(), weights))
+    assert report.reference_accuracy > 0.25  # a net that learned something (chance: 0.1)
+    by = {(r.layer, r.tensor, r.bits): r.loss_change for r in report.rows}
+    assert set(by) == {
+        *((n, "weights", b) for n in ("conv", "logits") for b in (2, 4, 8)),
+        *((n, "activations", b) for n in ("relu", "pool") for b in (2, 4)),
+    }
+    # Coarser grids cost more: 2-bit weights change the loss more than 8-bit ones.
+    for name in ("conv", "logits"):
+        assert abs(by[(name, "weights", 2)]) > abs(by[(name, "weights", 8)])
+    assert "| conv | weights | 216 |" in report.to_markdown()
+    report.plot(str(tmp_path / "sensitivity.png"))
+    assert (tmp_path / "sensitivity.png").stat().st_size > 0
+    plan = choose_bits(report, sum(report.kernel_params.values()) * 4 / 8)
+    folded, _ = tf_pfq.fold_batchnorm(model)
+    qat = tf_pfq.apply(folded, activation_bits=4, weight_bits=4, layer_bits=plan)
+    widths = {
+        layer.layer.name: layer.quantize_config.weight_quantizer.num_bits
+        for layer in qat.layers
+        if getattr(getattr(layer, "quantize_config", None), "weight_quantizer", None)
+    }
+    assert widths == {name: bits[1] for name, bits in plan.items()}
