@@ -1,4 +1,4 @@
-"""LiteRT's int8 LEAKY_RELU as TF ops, so that QAT rounds as the deployed file does.
+"""LiteRT's int8 LEAKY_RELU and PRELU as TF ops, so that QAT rounds as the deployed file does.
 
 A fake-quantized `leaky_relu` rounds `leaky_relu(x) / s_out` once, exactly. The file's
 kernel does not: XNNPACK keeps each input-to-output ratio with 8 fraction bits and
@@ -6,17 +6,27 @@ computes `(x_int * M + 128) >> 8`, and where XNNPACK refuses the ratios TFLite's
 builtin kernel multiplies by gemmlowp's 31-bit fixed-point multipliers. Either can
 land one step away from the exact rounding, which compounds through a network, so
 the QAT wrapper uses `int8_leaky_relu` at inference (training keeps the
-differentiable fake-quant). The numbers were measured bit for bit against
-`ai_edge_litert` (tests/test_int8_activation_kernels.py holds the numpy models and
-the interpreter runs); no library exposes these kernels' arithmetic, hence written
-here.
+differentiable fake-quant). PRELU runs on the builtin kernel only (XNNPACK takes no
+int8 PRELU): its alpha is stored int8 per tensor, symmetric (`prelu_alpha_grid`),
+and both products go through the same fixed-point multipliers (`int8_prelu`).
+
+The numbers were measured bit for bit against `ai_edge_litert`
+(tests/test_int8_activation_kernels.py holds the numpy models and the interpreter
+runs); no library exposes these kernels' arithmetic, hence written here.
 """
 
 from __future__ import annotations
 
 import tensorflow as tf
 
-__all__ = ["quantize_multiplier", "multiply_by_quantized_multiplier", "int8_leaky_relu"]
+__all__ = [
+    "quantize_multiplier",
+    "multiply_by_quantized_multiplier",
+    "int8_leaky_relu",
+    "prelu_alpha_grid",
+    "prelu_alpha_on_grid",
+    "int8_prelu",
+]
 
 # XNNPACK's qs8 LEAKY_RELU takes ratios whose 8-fraction-bit multipliers fit.
 _XNN_RATIO_MIN = 2.0**-8
@@ -107,3 +117,60 @@ def int8_leaky_relu(x, alpha: float, step_in, step_out):
         & (negative <= _XNN_RATIO_MAX)
     )
     return tf.where(delegated, xnnpack, tf.cast(builtin, tf.float32)) * step_out
+
+
+def prelu_alpha_grid(alpha):
+    """(int8 integers, step) of a PReLU alpha as the converter stores it.
+
+    One symmetric scale for the whole tensor, `max|alpha| / 127`, zero point 0,
+    integers `rint(alpha / step)`; an all-zero alpha (Keras' initial value) gets step 1.
+
+    Example:
+      >>> integers, step = prelu_alpha_grid(tf.constant([0.25, -0.5, 0.1]))
+      >>> integers.numpy().tolist(), round(float(step) * 127, 6)
+      ([64.0, -127.0, 25.0], 0.5)
+    """
+    alpha = tf.cast(alpha, tf.float32)
+    step = tf.reduce_max(tf.abs(alpha)) / 127.0
+    step = tf.where(step > 0.0, step, 1.0)
+    return tf.round(alpha / step), step
+
+
+def prelu_alpha_on_grid(alpha):
+    """`alpha` rounded onto `prelu_alpha_grid`, with a straight-through gradient.
+
+    Example:
+      >>> (prelu_alpha_on_grid(tf.constant([0.3, -0.5])).numpy() * 254).round().tolist()
+      [76.0, -127.0]
+    """
+    alpha = tf.cast(alpha, tf.float32)
+    integers, step = prelu_alpha_grid(tf.stop_gradient(alpha))
+    return alpha + tf.stop_gradient(integers * step - alpha)
+
+
+def int8_prelu(x, alpha, step_in, step_out):
+    """PReLU on the output grid as TFLite's builtin int8 PRELU computes it.
+
+    Args:
+      x: float values on the input grid (`step_in` times integers relative to the
+        input's zero point).
+      alpha: the layer's alpha (float; put on its int8 grid here), broadcast to `x`.
+      step_in, step_out: the input and output grid steps.
+
+    Returns:
+      float values, `step_out` times the kernel's output integers (relative to the
+      output's zero point; the caller clamps them onto the output range).
+
+    Example:
+      >>> x = tf.constant([-0.5, 0.5])  # integers -2, 2 at step 0.25; -0.25 is 2.5 steps
+      >>> (int8_prelu(x, tf.constant([0.5]), 0.25, 0.1).numpy() / 0.1).round().tolist()
+      [-3.0, 5.0]
+    """
+    step_in = tf.cast(step_in, tf.float32)
+    step_out = tf.cast(step_out, tf.float32)
+    alpha_int, alpha_step = prelu_alpha_grid(alpha)
+    whole = tf.cast(tf.round(tf.cast(x, tf.float32) / step_in), tf.int64)
+    positive = multiply_by_quantized_multiplier(whole, step_in / step_out)
+    product = whole * tf.cast(alpha_int, tf.int64)
+    negative = multiply_by_quantized_multiplier(product, (step_in * alpha_step) / step_out)
+    return tf.cast(tf.where(whole >= 0, positive, negative), tf.float32) * step_out

@@ -132,7 +132,9 @@ def _check_stage_w_layer(graph: LayerGraph, name: str) -> None:
         )
     if entry.quant is Quant.NORMALIZATION:
         raise _unfolded_batchnorm(graph, name)
-    if layer.weights and entry.kernel is None:
+    # A PReLU's alpha is no float weight: the wrapper keeps it on the int8 grid the
+    # file stores it on (`tf_pfq.int8_kernels.prelu_alpha_on_grid`).
+    if layer.weights and entry.kernel is None and family_of(layer) is not Family.PRELU:
         raise ValueError(
             f"Layer {name!r} ({type(layer).__name__}) has weights tf_pfq cannot "
             "quantize; stage W quantizes Conv2D, DepthwiseConv2D, Conv2DTranspose "

@@ -55,7 +55,7 @@ import tensorflow as tf
 import tensorflow_model_optimization as tfmot
 
 from tf_pfq.compat import keras
-from tf_pfq.int8_kernels import int8_leaky_relu
+from tf_pfq.int8_kernels import int8_leaky_relu, int8_prelu, prelu_alpha_on_grid
 from tf_pfq.layers.table import Family, activation_name, entry_for, family_of
 from tf_pfq.quant_math import mean_weight
 from tf_pfq.quantize_configs import PfqQuantizeConfig
@@ -426,6 +426,8 @@ class PfqQuantizeWrapper(tfmot.quantization.keras.QuantizeWrapperV2):
             return self._concat(inputs, training, **kwargs)
         if family_of(self.layer) is Family.LEAKY_RELU:
             return self._leaky_relu(inputs, training, **kwargs)
+        if family_of(self.layer) is Family.PRELU:
+            return self._prelu(inputs, training, **kwargs)
         source = integer_source(self)
         if source is None:
             return super().call(inputs, training=training, **kwargs)
@@ -551,6 +553,26 @@ class PfqQuantizeWrapper(tfmot.quantization.keras.QuantizeWrapperV2):
             return fake_quant(value, out.min_var, out.max_var, out.num_bits)
 
         return self._at_inference(inputs, integer, training, **kwargs)
+
+    def _prelu(self, inputs, training, **kwargs):
+        # The file stores alpha int8 per tensor: the layer computes with alpha on that
+        # grid (straight-through gradient), and at inference rounds as the builtin
+        # PRELU kernel does (`int8_prelu`).
+        alpha = self.layer.alpha
+        out = self.quantize_config.output_quantizer
+        grid = _input_grid(self) if self.inbound_nodes else None
+
+        def integer():
+            value = int8_prelu(inputs, alpha, activation_step(grid), activation_step(out))
+            return fake_quant(value, out.min_var, out.max_var, out.num_bits)
+
+        self.layer.alpha = prelu_alpha_on_grid(alpha)
+        try:
+            if grid is None or not isinstance(out, PfqActivationQuantizer):
+                return super().call(inputs, training=training, **kwargs)
+            return self._at_inference(inputs, integer, training, **kwargs)
+        finally:
+            self.layer.alpha = alpha
 
     def _swish(self, inputs, training, **kwargs):
         # The file computes swish as LOGISTIC (onto 1/256) then MUL: at inference the

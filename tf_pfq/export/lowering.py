@@ -77,6 +77,7 @@ from tf_pfq.export.weighted import (
     weighted_op,
 )
 from tf_pfq.graph import LayerGraph
+from tf_pfq.int8_kernels import prelu_alpha_on_grid
 from tf_pfq.layers.table import Family, Lowering, activation_name, entry_for, family_of, lookup
 
 # Calibrated output (logit) ranges are widened by this share of their width on each side.
@@ -175,6 +176,7 @@ class _Builder:
             Lowering.WEIGHTED: self._weighted,
             Lowering.ACTIVATION: self._activation,
             Lowering.LEAKY_RELU: self._leaky_relu,
+            Lowering.PRELU: self._prelu,
             Lowering.AVERAGE: self._pool,
             Lowering.RESIZE: self._upsample,
             Lowering.PASS_THROUGH: self._pass_through,
@@ -320,6 +322,19 @@ class _Builder:
         y = tf.nn.leaky_relu(x.value, alpha)
         ends = [float(v) if v >= 0 else alpha * float(v) for v in (x.lo, x.hi)] + [0.0]
         t = _Tensor(y, np.float32(min(ends)), np.float32(max(ends)), None)
+        return self._quantize_output(name, t, needs_range=True, fuses_relu=False)
+
+    def _prelu(self, name: str, layer, inputs: list[_Tensor]) -> _Tensor:
+        """PRELU: Keras' `relu(x) - alpha relu(-x)` with alpha a plain constant already on
+        its int8 grid, which the converter writes as one int8 PRELU (a fake-quant on
+        alpha would leave the op in float)."""
+        x = inputs[0]
+        with tf.init_scope():  # eagerly, to a constant: the function is being traced
+            alpha = prelu_alpha_on_grid(self.weights[name][0]).numpy()
+        y = tf.nn.relu(x.value) + tf.constant(-alpha) * tf.nn.relu(-x.value)
+        lo = min(0.0, float(x.lo) * float(alpha.max()), float(x.lo) * float(alpha.min()))
+        hi = max(float(x.hi), 0.0, float(x.lo) * float(alpha.min()))
+        t = _Tensor(y, np.float32(lo), np.float32(hi), None)
         return self._quantize_output(name, t, needs_range=True, fuses_relu=False)
 
     def _lut_activation(self, name: str, act: str, layer, x: _Tensor) -> _Tensor:

@@ -196,6 +196,7 @@ class Lowering(enum.Enum):
     WEIGHTED = "weighted"
     ACTIVATION = "activation"
     LEAKY_RELU = "leaky-relu"  # one int8 LEAKY_RELU (`_Builder._leaky_relu`)
+    PRELU = "prelu"  # one int8 PRELU, alpha int8 per tensor (`_Builder._prelu`)
     ADD = "add"
     AVERAGE = "average"
     CONCAT = "concat"
@@ -622,7 +623,10 @@ _ENTRIES: tuple[LayerEntry, ...] = (
     ),
     _entry(L.ELU, Family.ELU, **_RELU_KIND),
     _entry(L.ThresholdedReLU, Family.THRESHOLDED_RELU, **_RELU_KIND),
-    _entry(L.PReLU, Family.PRELU, quant=Quant.OUTPUT, fuses=_always),
+    # PRELU fuses into no op. Its alpha is stored int8 per tensor whatever the weight
+    # bits, so QAT keeps alpha on that grid and rounds as the builtin kernel does
+    # (`tf_pfq.int8_kernels`); pruning keeps the channels reaching it (STOP).
+    _entry(L.PReLU, Family.PRELU, quant=Quant.OUTPUT, lowering=Lowering.PRELU, tflite="PRELU"),
     _entry(
         L.Activation,
         Family.ACTIVATION,
