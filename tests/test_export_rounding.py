@@ -101,3 +101,36 @@ def test_a_requantizing_edge_rounds_as_the_exported_conv():
     file = _run(edge, [spec], [x])
     qat = np.clip(requantize_edge(x, step_in, step_out).numpy(), -128 * step_out, 127 * step_out)
     np.testing.assert_array_equal(file, qat)
+
+
+def test_a_nearly_zero_filter_with_a_bias_cannot_wrap_the_accumulator():
+    # Per-channel weights give a nearly-zero filter a tiny s_w, so its bias is beyond
+    # int32 in units of s_in * s_w and saturates; the saturated bias plus the window's
+    # products then wrapped the file's int32 sum (export fuzz seed 129: the channel
+    # read -0.85 where QAT had 0.85, 20 steps at the logits). The bias keeps the
+    # worst sum as headroom (`bias_range`), in QAT and in the file alike.
+    import tf_pfq
+    from tf_pfq.compat import keras
+    from tf_pfq.quant_math import bias_range
+    from tf_pfq.testing import measure_export
+
+    layers = keras.layers
+    inputs = keras.Input((8, 8, 2), name="image")
+    conv = layers.Conv2D(2, 3, padding="same", name="conv")
+    x = layers.GlobalAveragePooling2D(name="pool")(conv(inputs))
+    model = keras.Model(inputs, layers.Dense(3, name="logits")(x))
+    rng = np.random.default_rng(0)
+    kernel = rng.normal(0, 0.3, (3, 3, 2, 2)).astype(np.float32)
+    # A nearly dead filter whose bias lands just beyond int32 in units of s_in * s_w.
+    kernel[..., 1] = rng.normal(0, 3e-6, (3, 3, 2))
+    conv.set_weights([kernel, np.array([0.1, 0.9], np.float32)])
+    qat = tf_pfq.apply(model, activation_bits=6, weight_bits=7, per_channel_weights=True)
+    config = qat.get_layer("quant_conv").quantize_config
+    assert config.bias_quantizer.taps == 3 * 3 * 2
+    images = rng.uniform(0, 1, (40, 8, 8, 2)).astype(np.float32)
+    qat(images[:32], training=True)
+    tflite = tf_pfq.export.to_tflite(qat, representative_data=images[:32])
+    measured = measure_export(qat, tflite, images[32:])
+    lo, hi = bias_range(18)
+    assert hi == -lo and hi + 18 * 255 * 127 < 2**31
+    assert measured["max_steps"] <= 0.5, measured

@@ -47,6 +47,7 @@ __all__ = [
     "OFF_LATTICE",
     "INT32_BIAS_RANGE",
     "EMPTY_RANGE_STEP",
+    "bias_range",
     "MAX_BITS",
     "WEIGHT_SCHEMES",
     "SWISH_GATE_RANGE",
@@ -379,7 +380,30 @@ def quantize_weight(
     return tf.reshape(quantized, tf.shape(kernel)) if depthwise else quantized
 
 
-def quantize_bias(bias, scale):
+def bias_range(taps: int | None) -> tuple[float, float]:
+    """The int32 units a bias may take so that the accumulator cannot wrap.
+
+    TFLite adds the bias to `sum(x_q * w_q)` over the layer's `taps` products, each
+    of int8 values relative to their zero points (|x| <= 255, |w| <= 127), in int32.
+    A bias near the int32 limit (a nearly-zero filter has a tiny per-channel `s_w`,
+    so its bias is huge in units of `s_in * s_w`) would wrap the sum: the file then
+    flips the sign of that output where QAT's float sum does not. Leaving the worst
+    sum as headroom keeps every accumulator exact; QAT clips the same way. Bounds
+    are multiples of 128, the float32 spacing below 2^31. None: no headroom
+    (models saved before the layer's taps were recorded).
+
+    Example:
+      >>> bias_range(9)
+      (-2147191936.0, 2147191936.0)
+    """
+    if taps is None:
+        return INT32_BIAS_RANGE
+    room = 2.0**31 - 128 - taps * 255 * 127
+    hi = max(float(np.floor(room / 128) * 128), 2.0**30)
+    return -hi, hi
+
+
+def quantize_bias(bias, scale, taps: int | None = None):
     """Rounds a bias onto the int32 grid `scale = s_in * s_w`, straight-through gradient.
 
     Integer inference adds the bias to the int32 accumulator of `x_q * w_q`, whose
@@ -390,16 +414,21 @@ def quantize_bias(bias, scale):
     Args:
       bias: float bias vector.
       scale: the grid step, scalar or per output channel.
+      taps: products per accumulator (`bias_range`), or None for the int32 range.
 
     Returns:
-      `round(bias / scale) * scale`, clipped to the int32 range.
+      `round(bias / scale) * scale`, clipped to `bias_range(taps)`.
 
     Example:
       >>> quantize_bias([0.26, -0.74], 0.5).numpy().tolist()
       [0.5, -0.5]
     """
+    lo, hi = bias_range(taps)
     return _bias_on_grid(
-        tf.convert_to_tensor(bias, tf.float32), tf.convert_to_tensor(scale, tf.float32)
+        tf.convert_to_tensor(bias, tf.float32),
+        tf.convert_to_tensor(scale, tf.float32),
+        tf.constant(lo, tf.float32),
+        tf.constant(hi, tf.float32),
     )
 
 
@@ -410,11 +439,11 @@ def quantize_bias(bias, scale):
 
 
 @tf.custom_gradient
-def _bias_on_grid(bias, scale):
-    steps = tf.clip_by_value(tf.round(bias / scale), *INT32_BIAS_RANGE)
+def _bias_on_grid(bias, scale, lo, hi):
+    steps = tf.clip_by_value(tf.round(bias / scale), lo, hi)
 
     def grad(dy):
-        return dy, tf.zeros_like(scale)
+        return dy, tf.zeros_like(scale), tf.zeros_like(lo), tf.zeros_like(hi)
 
     return steps * scale, grad
 

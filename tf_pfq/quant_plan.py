@@ -462,9 +462,23 @@ def _kernel_quantizers(
     bias_quantizer = None
     if layer.use_bias and quantized_input:
         bias_quantizer = PfqBiasQuantizer(
-            weight_bits, per_channel, depthwise, _kernel_attr(layer), weight_scheme
+            weight_bits,
+            per_channel,
+            depthwise,
+            _kernel_attr(layer),
+            weight_scheme,
+            taps=_taps(getattr(layer, kernel.attr).shape, kernel),
         )
     return weight_quantizer, bias_quantizer
+
+
+def _taps(shape, kernel) -> int:
+    """Products summed per output value: the kernel's size over its output channels
+    (a depthwise conv: its window; a transposed conv: at most its whole window)."""
+    shape = [int(d) for d in shape]
+    if kernel.depthwise:
+        return shape[0] * shape[1]
+    return int(np.prod(shape)) // shape[kernel.out_axis]
 
 
 def _is_fused_add(graph, name: str, outputs) -> bool:

@@ -397,6 +397,7 @@ class LayerQuantParams:
         layer's bias grid (the model input's name for the first layer), or None.
       kernel_values: the n-bit kernel exactly as the QAT forward pass computes it
         (the weight quantizer on the kernel), or None.
+      bias_taps: the bias quantizer's `taps` (its int32 headroom), or None.
     """
 
     output: QuantParams | None = None
@@ -404,6 +405,7 @@ class LayerQuantParams:
     bias_scale: np.ndarray | None = None
     input_layer: str | None = None
     kernel_values: np.ndarray | None = dataclasses.field(default=None, compare=False)
+    bias_taps: int | None = None
 
 
 def _weight_name(weight) -> str:
@@ -468,6 +470,7 @@ def quantization_params(qat_model) -> dict[str, LayerQuantParams]:
             result.get(layer.layer.name, LayerQuantParams()),
             kernel=config.weight_quantizer.params(kernel),
             bias_scale=bias_scale,
+            bias_taps=config.bias_quantizer.taps if config.bias_quantizer is not None else None,
             input_layer=input_layer,
             # The quantizer's own op on the raw kernel range: fake-quant on the nudged
             # range instead can break an exact rounding tie the other way (one of

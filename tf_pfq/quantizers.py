@@ -277,6 +277,9 @@ class PfqBiasQuantizer(_Serializable):
       kernel_attr: the wrapped layer's kernel attribute.
       weight_scheme: the kernel quantizer's scheme (`WEIGHT_SCHEMES`), which sets
         `s_w`; serialized only when not the default.
+      taps: products summed per output value (`tf_pfq.quant_math.bias_range`: the
+        bias keeps that much int32 headroom); decided by `tf_pfq.apply` from the
+        kernel shape and serialized; None in models saved before.
 
     Example:
       >>> PfqBiasQuantizer(4, kernel_attr="depthwise_kernel", depthwise=True).weight_bits
@@ -290,8 +293,10 @@ class PfqBiasQuantizer(_Serializable):
         depthwise: bool = False,
         kernel_attr: str = "kernel",
         weight_scheme: str = "min_max",
+        taps: int | None = None,
     ):
         self.weight_bits = check_bits(weight_bits, "weight_bits")
+        self.taps = None if taps is None else int(taps)
         self.per_channel = bool(per_channel)
         self.depthwise = bool(depthwise)
         self.kernel_attr = str(kernel_attr)
@@ -326,7 +331,7 @@ class PfqBiasQuantizer(_Serializable):
             # Only while Keras first traces the layer to build the functional graph
             # (the wrapper has no inbound node yet): the output is a shape probe.
             return inputs
-        return quantize_bias(inputs, scale)
+        return quantize_bias(inputs, scale, self.taps)
 
     def get_config(self):
         config: dict[str, Any] = {
@@ -337,6 +342,8 @@ class PfqBiasQuantizer(_Serializable):
         }
         if self.weight_scheme != "min_max":
             config["weight_scheme"] = self.weight_scheme
+        if self.taps is not None:
+            config["taps"] = self.taps
         return config
 
 

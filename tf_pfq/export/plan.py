@@ -45,12 +45,15 @@ class LayerQuantization:
         computes it, or None (then it is fake-quantized on `kernel`). A weight on a
         rounding tie can round either way between the two computations, and one
         flipped weight of a deep 4-bit net changes its logits by many steps.
+      bias_taps: the products per accumulator QAT clipped the bias for
+        (`tf_pfq.quant_math.bias_range`), or None for the plain int32 range.
     """
 
     kernel: QuantParams | None = None
     output: QuantParams | None = None
     bias_scale: np.ndarray | None = None
     kernel_values: np.ndarray | None = dataclasses.field(default=None, compare=False)
+    bias_taps: int | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -142,6 +145,7 @@ def plan_from_qat(qat_model) -> ExportPlan:
             output=_usable(p.output),
             bias_scale=p.bias_scale,
             kernel_values=p.kernel_values,
+            bias_taps=p.bias_taps,
         )
         for name, p in params.items()
         if name != input_name

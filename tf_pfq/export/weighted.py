@@ -27,7 +27,8 @@ from tf_pfq.export.grids import _scalar, _weight_values
 from tf_pfq.export.plan import LayerQuantization
 from tf_pfq.export.policies import Simulate
 from tf_pfq.layers.table import Family, exact_family
-from tf_pfq.quantizers import INT32_BIAS_RANGE, QuantParams
+from tf_pfq.quant_math import bias_range
+from tf_pfq.quantizers import QuantParams
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,8 +78,9 @@ def bias_on_grid(bias, x_grid: QuantParams | None, grid: QuantParams, quant: Lay
     if quant.bias_scale is not None and np.allclose(quant.bias_scale, step, rtol=1e-5, atol=0.0):
         step = np.asarray(quant.bias_scale, np.float32)
     # Clipped as QAT clips it (`tf_pfq.quantizers.quantize_bias`): a bias
-    # beyond int32 on a very fine grid (a kernel of zeros) saturates in both.
-    units = np.clip(np.round(bias / step), *INT32_BIAS_RANGE)
+    # beyond int32 on a very fine grid (a kernel of zeros) saturates in both, with
+    # the accumulator's headroom kept (`bias_range`) so the file's sum cannot wrap.
+    units = np.clip(np.round(bias / step), *bias_range(quant.bias_taps))
     return (units * step).astype(np.float32)
 
 
