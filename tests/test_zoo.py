@@ -44,8 +44,9 @@ def test_chain_is_exact_on_the_zoo(name):
     # amplify: EfficientNetV2B0's logits move by 0.011 when its stem kernel moves by
     # one ulp, and by 0.004 when PfQ merges a stem channel into a carrier. The bound
     # is the model's own response to one-ulp changes of the kernels PfQ rewrote.
-    tolerance = max(tolerance, 2.0 * _ulp_sensitivity(model, calibration))
     if result.prune["prune_exact"]:
+        if result.prune["prune_max_change"] > tolerance:  # measured only when needed
+            tolerance = max(tolerance, 2.0 * _ulp_sensitivity(model, calibration))
         assert result.prune["prune_max_change"] <= tolerance, result.prune
     else:
         # A planted constant that meets zero padding is absorbed in the interior
@@ -54,8 +55,10 @@ def test_chain_is_exact_on_the_zoo(name):
         assert report.exact and report.num_removed > 0, report
         assert report.max_output_change <= tolerance, report
     assert result.max_weight_levels <= 2**BITS
-    assert result.p99_steps <= 2.0, (result.p99_steps, result.max_steps)
-    assert result.max_steps <= 4.0, (result.p99_steps, result.max_steps)
+    # Exact: p99 <= 0.5 and max <= 1 output step (values beyond the calibrated logit
+    # range saturate and are counted apart, `measure_export`).
+    assert result.p99_steps <= 0.5, (result.p99_steps, result.max_steps)
+    assert result.max_steps <= 1.0, (result.p99_steps, result.max_steps)
 
 
 def _ulp_sensitivity(model, images) -> float:

@@ -383,14 +383,11 @@ def quantize_weight(
 def bias_range(taps: int | None) -> tuple[float, float]:
     """The int32 units a bias may take so that the accumulator cannot wrap.
 
-    TFLite adds the bias to `sum(x_q * w_q)` over the layer's `taps` products, each
-    of int8 values relative to their zero points (|x| <= 255, |w| <= 127), in int32.
-    A bias near the int32 limit (a nearly-zero filter has a tiny per-channel `s_w`,
-    so its bias is huge in units of `s_in * s_w`) would wrap the sum: the file then
-    flips the sign of that output where QAT's float sum does not. Leaving the worst
-    sum as headroom keeps every accumulator exact; QAT clips the same way. Bounds
-    are multiples of 128, the float32 spacing below 2^31. None: no headroom
-    (models saved before the layer's taps were recorded).
+    TFLite adds the bias to the int32 sum of `taps` products (|x - z| <= 255,
+    |w| <= 127). A bias near the int32 limit (a nearly-zero filter's tiny `s_w`)
+    would wrap that sum and flip the output's sign where QAT's float sum does not;
+    the worst sum is kept as headroom, in QAT and the file alike. Bounds are
+    multiples of 128, float32's spacing below 2^31. None: the plain int32 range.
 
     Example:
       >>> bias_range(9)
