@@ -34,7 +34,7 @@ from absl import logging
 from tf_pfq.canonical import canonicalize
 from tf_pfq.compat import keras
 from tf_pfq.layers.table import Quant, entry_for
-from tf_pfq.quant_math import check_bits, quantize_weight
+from tf_pfq.quant_math import MIN_BITS, check_bits, quantize_weight
 
 __all__ = ["SensitivityRow", "SensitivityReport", "BitPlan", "sensitivity", "choose_bits"]
 
@@ -199,7 +199,6 @@ def _weight_rows(model, images, labels, loss_fn, bits, reference) -> list[Sensit
 
 
 def _activation_rows(model, images, labels, loss_fn, bits, calibration):
-    from tf_pfq.quant_plan import FIXED_RANGES
     from tf_pfq.quantize import apply, quantized_tensors
 
     def quantized(layer_bits):
@@ -209,10 +208,10 @@ def _activation_rows(model, images, labels, loss_fn, bits, calibration):
 
     reference = quantized(None)
     rows = []
-    for name, width in quantized_tensors(model, activation_bits=8).items():
-        layer = model.get_layer(name)
-        if width != 8 or (getattr(layer, "activation", None) and _fixed(layer, FIXED_RANGES)):
-            continue
+    # Only the tensors whose width follows `activation_bits`: the rules fix some at 8
+    # (softmax / sigmoid / tanh outputs, logits feeding them, Add outputs at add_bits).
+    follows = quantized_tensors(model, activation_bits=MIN_BITS)
+    for name in [n for n, b in follows.items() if b == MIN_BITS]:
         for b in bits:
             loss, accuracy = quantized({name: (b, None)})
             rows.append(
@@ -220,12 +219,6 @@ def _activation_rows(model, images, labels, loss_fn, bits, calibration):
             )
         logging.info("sensitivity: activations of %s measured", name)
     return rows, reference
-
-
-def _fixed(layer, fixed_ranges) -> bool:
-    from tf_pfq.layers.table import activation_name
-
-    return (activation_name(layer) or "") in fixed_ranges
 
 
 def sensitivity(
