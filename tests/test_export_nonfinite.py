@@ -159,6 +159,24 @@ def test_a_range_xnnpack_cannot_take_is_refused_naming_the_layer():
     quantizer.min_var.assign(0.0)
     quantizer.max_var.assign(1e-7)
     with pytest.raises(
-        ValueError, match=r"Layer 'conv' \(CONV_2D.*scale ratio .* outside \[0, 256\)"
+        ValueError, match=r"Layers 'relu', 'conv' \(CONV_2D.*scale ratio .* outside \[0, 256\)"
     ):
         tf_pfq.export.to_tflite(qat, representative_data=images)
+
+
+@pytest.mark.parametrize(
+    "tensor, layers",
+    [
+        (
+            "stem_conv/add;stem_conv/Conv2D;stem_conv/add/y;;stem_conv_pad/Pad",
+            ["stem_conv", "stem_conv_pad"],
+        ),
+        ("relu/Relu;conv/add;conv/Conv2D", ["relu", "conv"]),
+        ("logits", ["logits"]),
+    ],
+)
+def test_errors_name_the_layers_of_a_fused_tensor(tensor, layers):
+    # The converter's fused names have empty parts; sorting them named the layer ''.
+    from tf_pfq.export.checks import layers_of_tensor
+
+    assert layers_of_tensor(tensor) == layers

@@ -101,6 +101,17 @@ def _scale_ratios(op) -> tuple[str, np.ndarray] | None:
     return None
 
 
+def layers_of_tensor(tensor_name: str) -> list[str]:
+    """The Keras layers a converter tensor name holds, in the order it names them.
+
+    The converter joins the names of the ops it fused with ";" (an activation may
+    come before the conv it follows), and some parts are empty:
+    "relu/Relu;conv/add;;pad/Pad" -> ["relu", "conv", "pad"].
+    """
+    parts = [part.split("/", 1)[0] for part in tensor_name.split(";")]
+    return list(dict.fromkeys(part for part in parts if part)) or [tensor_name]
+
+
 def check_xnnpack_limits(tflite: bytes) -> None:
     """Raises when an op's scales are outside what XNNPACK's int8 kernel accepts.
 
@@ -123,9 +134,10 @@ def check_xnnpack_limits(tflite: bytes) -> None:
         bad = (ratios < lo) | (ratios >= hi) | ~np.isfinite(ratios)
         if np.any(bad):
             ratio = float(ratios[np.argmax(bad)])
-            layers = sorted({part.split("/")[0] for part in op.outputs[0].name.split(";")})
+            names = layers_of_tensor(op.outputs[0].name)
+            layers = ("Layers " if len(names) > 1 else "Layer ") + ", ".join(map(repr, names))
             raise ValueError(
-                f"Layer {layers[0]!r} ({op.op}, tensor {op.outputs[0].name!r}): its scale "
+                f"{layers} ({op.op}, tensor {op.outputs[0].name!r}): its scale "
                 f"ratio {ratio:.3g} is outside [{lo:g}, {hi:g}), which XNNPACK's int8 "
                 f"{op.op} needs (it would refuse the file or leave the op to a kernel that "
                 "rounds otherwise). The output range there is far from the values the "
