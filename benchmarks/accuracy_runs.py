@@ -365,10 +365,11 @@ def _tflite_accuracy(run, qat, calibration, data_: Data) -> dict:
     }
 
 
-def finetune(run, model, data_: Data, state: State) -> dict:
+def finetune(run, model, data_: Data, state: State, layer_bits=None) -> dict:
     """One fine-tuning run; returns its record.
 
     A run takes minutes, so it keeps no checkpoints: an interrupted run starts again.
+    `layer_bits` (per-layer widths, `tf_pfq.apply`'s) is recorded with the run.
     """
     s = state.settings
     started = time.time()
@@ -395,6 +396,7 @@ def finetune(run, model, data_: Data, state: State) -> dict:
         callbacks=lambda step: [CurveRecorder(points, step.name, data_.test_ds)],
         calibration_data=split.images[:256],
         verbose=0,
+        layer_bits=layer_bits,
     )
     record = {
         "id": run.id,
@@ -411,6 +413,8 @@ def finetune(run, model, data_: Data, state: State) -> dict:
         "params": summary.params,
         "macs": summary.macs,
     }
+    if layer_bits:
+        record["layer_bits"] = {name: list(bits) for name, bits in layer_bits.items()}
     record.update(_tflite_accuracy(run, qat, split.images[:256], data_))
     record["wall_s"] = time.time() - started
     record["code"] = _code_version()

@@ -13,13 +13,15 @@ from tf_pfq.mixed_precision import SensitivityReport, SensitivityRow, choose_bit
 L = keras.layers
 
 
-def _report(changes: dict[str, dict[int, float]], params: dict[str, int]) -> SensitivityReport:
+def _report(
+    changes: dict[str, dict[int, float]], params: dict[str, int], macs: dict | None = None
+) -> SensitivityReport:
     rows = [
         SensitivityRow(name, "weights", bits, change, 0.0)
         for name, by_bits in changes.items()
         for bits, change in by_bits.items()
     ]
-    return SensitivityReport(rows, 1.0, 0.5, None, None, params)
+    return SensitivityReport(rows, 1.0, 0.5, None, None, params, macs or {})
 
 
 def test_the_plan_spends_the_budget_where_the_loss_is():
@@ -43,6 +45,24 @@ def test_the_plan_spends_the_budget_where_the_loss_is():
         choose_bits(report, 40)
     # No budget to spare: everything at the fewest bits.
     assert choose_bits(report, 50) == {"sensitive": (None, 2), "robust": (None, 2)}
+
+
+def test_a_bit_operations_budget_keeps_the_compute_heavy_layer_narrow():
+    # Same bytes, but "sensitive" does 100x the MACs: the bit-operations budget of
+    # uniform 4 bits (x 8-bit activations) cannot pay for it at 8 bits.
+    changes = {"sensitive": {2: 1.0, 4: 0.1, 8: 0.0}, "robust": {2: 0.01, 4: 0.005, 8: 0.0}}
+    report = _report(changes, {"sensitive": 100, "robust": 100}, {"sensitive": 1000, "robust": 10})
+    uniform_4 = (1000 + 10) * 4 * 8
+    plan = choose_bits(report, 125, bitops_budget=uniform_4)
+    assert plan == {"sensitive": (None, 4), "robust": (None, 4)}
+    assert plan.bitops == (1000 * 4 + 10 * 4) * 8 <= uniform_4
+    assert "bit-operations" in plan.describe()
+    # Without it, the bytes alone decide (as above).
+    assert choose_bits(report, 125)["sensitive"] == (None, 8)
+    with pytest.raises(ValueError, match="below 16160 bit-operations"):
+        choose_bits(report, 125, bitops_budget=1000)
+    with pytest.raises(ValueError, match="kernel_macs"):
+        choose_bits(_report(changes, {"sensitive": 100, "robust": 100}), 125, bitops_budget=1)
 
 
 @pytest.mark.slow
@@ -75,6 +95,8 @@ def test_sensitivity_of_a_trained_net_and_its_plan_applies(tmp_path):
     for name in ("conv", "logits"):
         assert abs(by[(name, "weights", 2)]) > abs(by[(name, "weights", 8)])
     assert "| conv | weights | 216 |" in report.to_markdown()
+    # MACs per image: 8x8 outputs x 216 taps for the conv, 8 x 10 for the logits.
+    assert report.kernel_macs == {"conv": 8 * 8 * 216, "logits": 80}
     report.plot(str(tmp_path / "sensitivity.png"))
     assert (tmp_path / "sensitivity.png").stat().st_size > 0
     plan = choose_bits(report, sum(report.kernel_params.values()) * 4 / 8)

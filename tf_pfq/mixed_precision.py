@@ -60,6 +60,7 @@ class SensitivityReport:
       activation_reference_loss, activation_reference_accuracy: with every
         activation at 8 bits (the activation rows' reference).
       kernel_params: {weighted layer: kernel parameters}, for the weight bytes.
+      kernel_macs: {weighted layer: multiply-accumulates per image}, for bit-operations.
     """
 
     rows: list[SensitivityRow]
@@ -68,6 +69,7 @@ class SensitivityReport:
     activation_reference_loss: float | None
     activation_reference_accuracy: float | None
     kernel_params: dict[str, int]
+    kernel_macs: dict[str, int] = dataclasses.field(default_factory=dict)
 
     def change(self, layer: str, tensor: str, bits: int) -> float:
         """The loss change of `layer`'s `tensor` at `bits` (KeyError if not measured)."""
@@ -143,17 +145,26 @@ class BitPlan(dict):
       budget_bytes: the weight-byte budget asked for.
       weight_bytes: the kernels' bytes under the plan.
       predicted_loss_change: the sum of the measured per-layer changes.
+      bitops, bitops_budget: the plan's bit-operations per image (MACs x weight bits
+        x activation bits) and the budget asked for (None: none asked).
     """
 
     budget_bytes: float
     weight_bytes: float
     predicted_loss_change: float
+    bitops: float = 0.0
+    bitops_budget: float | None = None
 
     def describe(self) -> str:
         widths = ", ".join(f"{name}: {bits[1]}" for name, bits in self.items())
+        bitops = (
+            f", {self.bitops:.3g} of {self.bitops_budget:.3g} budgeted bit-operations"
+            if self.bitops_budget is not None
+            else ""
+        )
         return (
             f"weight bits {{{widths}}}: {self.weight_bytes:.0f} of {self.budget_bytes:.0f} "
-            f"budgeted bytes, predicted loss change {self.predicted_loss_change:+.4f}"
+            f"budgeted bytes{bitops}, predicted loss change {self.predicted_loss_change:+.4f}"
         )
 
 
@@ -279,28 +290,43 @@ def sensitivity(
             folded, images, labels, loss, bits, images[:calibration_images]
         )
         rows += act_rows
-    params = {}
+    from tf_pfq.cost import layer_costs
+
+    costs = layer_costs(folded)
+    params, macs = {}, {}
     for layer in folded.layers:
         kernel = entry_for(layer).kernel
         if entry_for(layer).quant is Quant.WEIGHTS and kernel is not None:
             params[layer.name] = int(np.prod(getattr(layer, kernel.attr).shape))
-    return SensitivityReport(rows, *reference, *act_reference, params)
+            macs[layer.name] = costs[layer.name].macs if layer.name in costs else 0
+    return SensitivityReport(rows, *reference, *act_reference, params, macs)
 
 
-def choose_bits(report: SensitivityReport, budget: float) -> BitPlan:
+def choose_bits(
+    report: SensitivityReport,
+    budget: float,
+    *,
+    bitops_budget: float | None = None,
+    activation_bits: int = 8,
+) -> BitPlan:
     """Weight bits per layer that minimize the measured loss change within `budget` bytes.
 
     Args:
       report: from `sensitivity`.
       budget: the most bytes the kernels may take (each at n bits: params * n / 8);
         e.g. uniform 4 bits is `sum(report.kernel_params.values()) / 2`.
+      bitops_budget: optionally also the most bit-operations per image, counted per
+        weighted layer as MACs x weight bits x `activation_bits` (the compute cost
+        bit-serial and low-bit accelerators scale with).
+      activation_bits: the input width the bit-operations count with.
 
     Returns:
       A `BitPlan`: {layer: (None, weight bits)}, usable as `layer_bits`, with its
       bytes, budget and predicted change; `describe()` says what it chose.
 
     Raises:
-      ValueError: the budget is below every layer at its fewest measured bits.
+      ValueError: a budget is below every layer at its fewest measured bits, or
+        `bitops_budget` is given for a report without MACs.
 
     Example:
       >>> rows = [SensitivityRow("a", "weights", 2, 0.5, 0.0),
@@ -319,33 +345,47 @@ def choose_bits(report: SensitivityReport, budget: float) -> BitPlan:
         options[name].sort()
     choice = dict.fromkeys(options, 0)
 
+    if bitops_budget is not None and not report.kernel_macs:
+        raise ValueError("bitops_budget needs a report with kernel_macs (from `sensitivity`).")
+
     def size(name: str, index: int) -> float:
         return report.kernel_params[name] * options[name][index][0] / 8
 
+    def ops(name: str, index: int) -> float:
+        macs = report.kernel_macs.get(name, 0)
+        return macs * options[name][index][0] * activation_bits
+
     used = sum(size(name, 0) for name in options)
-    if used > budget:
-        raise ValueError(
-            f"budget={budget:g} bytes is below {used:.0f} bytes, every kernel at its "
-            "fewest measured bits."
-        )
+    spent = sum(ops(name, 0) for name in options)
+    ops_limit = np.inf if bitops_budget is None else bitops_budget
+    for asked, least, unit in ((budget, used, "bytes"), (ops_limit, spent, "bit-operations")):
+        if least > asked:
+            raise ValueError(
+                f"The budget of {asked:g} {unit} is below {least:.0f} {unit}, every kernel "
+                "at its fewest measured bits."
+            )
     while True:
         best = None
         for name, index in choice.items():
             if index + 1 >= len(options[name]):
                 continue
             added = size(name, index + 1) - size(name, index)
-            if used + added > budget:
+            more_ops = ops(name, index + 1) - ops(name, index)
+            if used + added > budget or spent + more_ops > ops_limit:
                 continue
             gain = options[name][index][1] - options[name][index + 1][1]
             if best is None or gain / added > best[0]:
-                best = (gain / added, name, added)
+                best = (gain / added, name, added, more_ops)
         if best is None or best[0] <= 0:
             break
         choice[best[1]] += 1
         used += best[2]
+        spent += best[3]
     plan = BitPlan({name: (None, options[name][i][0]) for name, i in choice.items()})
     plan.budget_bytes = float(budget)
     plan.weight_bytes = float(used)
+    plan.bitops = float(spent)
+    plan.bitops_budget = None if bitops_budget is None else float(bitops_budget)
     plan.predicted_loss_change = float(sum(options[n][i][1] for n, i in choice.items()))
     logging.info("choose_bits: %s", plan.describe())
     return plan

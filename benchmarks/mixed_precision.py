@@ -1,0 +1,268 @@
+r"""Mixed precision on Fashion-MNIST: per-layer weight bits at the bytes of uniform bits.
+
+For each budget (the weight bytes of uniform W4, and of uniform W3) three plans are
+fine-tuned with the accuracy benchmark's recipe and model (`benchmarks/accuracy.py`:
+the paper-regime MobileNetV1-style net, PfQ's Algorithm 1, 4 epochs per stage on
+10,000 images) and exported:
+
+* uniform: every kernel at n bits (activations at n bits in every plan);
+* first_last_8: the first conv and the logits kernel at 8 bits, the rest at n (the
+  habit of PACT, LSQ and most low-bit papers; it takes a little more than the budget,
+  the tables say how much);
+* chosen: `tf_pfq.choose_bits` on `tf_pfq.sensitivity` of the float model (measured
+  on 2,000 training images, no training), within the budget.
+
+Each (plan, budget) runs with the same fine-tuning seeds (which also draw the
+fine-tuning subset), so differences are paired per seed; the table gives the Keras
+QAT and the exported file's top-1 on all 10,000 test images with 95 % intervals.
+Runs are recorded one JSON file each (`<results>_runs/`) and reused when the
+benchmark is started again.
+
+  python benchmarks/mixed_precision.py                 # everything (about an hour)
+  python benchmarks/mixed_precision.py --report_only   # tables from what is recorded
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import platform
+import sys
+import time
+
+import numpy as np
+from absl import app, flags, logging
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("data_dir", None, "Fashion-MNIST IDX files (default: Debian's path).")
+flags.DEFINE_string(
+    "results",
+    os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "mixed_precision"),
+    "Output prefix (.md, .json, _runs/, .png).",
+)
+flags.DEFINE_string("recipe", "paper_decay", "Pretraining recipe (the accuracy benchmark's).")
+flags.DEFINE_list("budgets", ["4", "3"], "Uniform weight bits whose bytes are the budgets.")
+flags.DEFINE_integer("seeds", 3, "Fine-tuning seeds per plan and budget.")
+flags.DEFINE_integer("sensitivity_images", 2000, "Training images sensitivity measures on.")
+flags.DEFINE_integer("epochs_per_stage", 4, "Fine-tuning epochs per stage.")
+flags.DEFINE_integer("num_finetune", 10000, "Training images per fine-tuning seed.")
+flags.DEFINE_float("learning_rate", 4e-3, "l0 of every fine-tuning stage.")
+flags.DEFINE_integer("batch_size", 64, "Fine-tuning batch size.")
+flags.DEFINE_integer("max_runs", None, "Stop after this many fine-tuning runs.")
+flags.DEFINE_bool("report_only", False, "Write the tables from the recorded runs and stop.")
+
+PLANS = ("uniform", "first_last_8", "chosen")
+
+
+@dataclasses.dataclass(frozen=True)
+class PlanRun:
+    """One fine-tuning run of a plan (what `accuracy_runs.finetune` reads of a run)."""
+
+    pretrained: object
+    plan: str
+    bits: tuple[int, int]
+    seed: int
+    method: str = "pfq"
+    threshold: str = "1e-5"
+    budget: int = 1
+
+    @property
+    def id(self) -> str:
+        return f"{self.pretrained.id}__{self.plan}_w{self.bits[1]}_s{self.seed}"
+
+
+def settings() -> dict:
+    """The accuracy benchmark's fine-tuning settings (recorded with each run)."""
+    return {
+        "epochs_per_stage": FLAGS.epochs_per_stage,
+        "num_finetune": FLAGS.num_finetune,
+        "learning_rate": FLAGS.learning_rate,
+        "batch_size": FLAGS.batch_size,
+        "momentum": 0.9,
+        "weight_decay": 1e-4,
+        "image_size": 28,
+        "width": 0.5,
+    }
+
+
+def _sensitivity(model, data_, state):
+    """The float model's sensitivity report, measured once and kept in the summary."""
+    import tf_pfq
+    from tf_pfq.mixed_precision import SensitivityReport, SensitivityRow
+
+    kept = state.summary.get("sensitivity")
+    if kept is None:
+        order = np.random.default_rng(7).permutation(len(data_.train))
+        order = order[: FLAGS.sensitivity_images]
+        images, labels = data_.train.images[order], data_.train.labels[order]
+        started = time.time()
+        report = tf_pfq.sensitivity(model, (images, labels), bits=(2, 3, 4))
+        kept = dataclasses.asdict(report)
+        kept["seconds"] = time.time() - started
+        state.summary["sensitivity"] = kept
+        state.save()
+    fields = {k: v for k, v in kept.items() if k not in ("rows", "seconds")}
+    return SensitivityReport([SensitivityRow(**row) for row in kept["rows"]], **fields)
+
+
+def plans(report, bits: int) -> dict[str, dict | None]:
+    """The three plans at the bytes of uniform `bits`."""
+    import tf_pfq
+
+    layers = list(report.kernel_params)
+    budget = sum(report.kernel_params.values()) * bits / 8
+    chosen = tf_pfq.choose_bits(report, budget=budget)
+    return {
+        "uniform": None,
+        "first_last_8": {layers[0]: (None, 8), layers[-1]: (None, 8)},
+        "chosen": dict(chosen),
+    }
+
+
+def weight_bytes(report, layer_bits: dict | None, bits: int) -> float:
+    """The kernels' bytes at their bits (params * bits / 8)."""
+    layer_bits = layer_bits or {}
+    return sum(
+        params * ((layer_bits.get(name) or (None, None))[1] or bits) / 8
+        for name, params in report.kernel_params.items()
+    )
+
+
+def run_plan(state, model, data_, report) -> list:
+    """Fine-tunes every (seed, budget, plan) not yet recorded; returns all runs."""
+    import accuracy_runs
+
+    pretrained = accuracy_runs.Pretrained(FLAGS.recipe, "mobilenet_v1", 0)
+    runs = []
+    for seed in range(FLAGS.seeds):
+        for bits in map(int, FLAGS.budgets):
+            for name, layer_bits in plans(report, bits).items():
+                runs.append((PlanRun(pretrained, name, (bits, bits), seed), layer_bits))
+    done = 0
+    for index, (run, layer_bits) in enumerate(runs):
+        if FLAGS.report_only or state.record(run) is not None:
+            continue
+        if FLAGS.max_runs is not None and done >= FLAGS.max_runs:
+            break
+        logging.info("Run %d/%d: %s %s", index + 1, len(runs), run.id, layer_bits)
+        record = accuracy_runs.finetune(run, model, data_, state, layer_bits=layer_bits)
+        record["plan"] = run.plan
+        record["weight_bytes"] = weight_bytes(report, layer_bits, run.bits[1])
+        state.write_record(run, record)
+        done += 1
+    return runs
+
+
+def _interval(values: list[float]) -> str:
+    from tf_pfq import stats
+
+    if not values:
+        return "-"
+    if len(values) < 2:
+        return f"{100 * values[0]:.2f}"
+    d = stats.paired_difference(values)
+    return f"{100 * d.mean:.2f} [{100 * d.low:.2f}, {100 * d.high:.2f}]"
+
+
+def _difference(a: list, b: list) -> str:
+    from tf_pfq import stats
+
+    pairs = [(x, y) for x, y in zip(a, b) if x is not None and y is not None]
+    if len(pairs) < 2:
+        return "-"
+    d = stats.paired_difference([x - y for x, y in pairs])
+    return f"{100 * d.mean:+.2f} [{100 * d.low:+.2f}, {100 * d.high:+.2f}]"
+
+
+def write(state, runs, report, started: float) -> None:
+    """The markdown tables and the sensitivity plot."""
+    report.plot(FLAGS.results + "_sensitivity.png", "Sensitivity of the float model")
+    records = {run.id: state.record(run) for run, _ in runs}
+    lines = [
+        "# Mixed precision at the bytes of uniform weight bits (Fashion-MNIST)",
+        "",
+        (
+            f"{sum(r is not None for r in records.values())} of {len(runs)} fine-tuning runs "
+            f"recorded; generated by `python benchmarks/mixed_precision.py` on "
+            f"{platform.machine()}, {os.cpu_count()} CPU cores ({(time.time() - started) / 60:.0f} "
+            "min this invocation)."
+        ),
+        "",
+        (
+            f"Model: `{FLAGS.recipe}_mobilenet_v1_s0` (the accuracy benchmark's paper-regime "
+            "MobileNetV1-style net, width 0.5, 28x28); fine-tuning: PfQ's Algorithm 1, "
+            f"settings {json.dumps(settings(), sort_keys=True)}; activations at n bits in "
+            "every plan. Top-1 on all 10,000 test images, mean over seeds with the 95 % "
+            "t-interval; differences are paired by seed (same fine-tuning subset and order)."
+        ),
+        "",
+    ]
+    for bits in map(int, FLAGS.budgets):
+        budget = sum(report.kernel_params.values()) * bits / 8
+        lines += [
+            f"## Budget: uniform W{bits} ({budget / 1024:.1f} KiB of kernels), A{bits}",
+            "",
+            (
+                "| plan | kernel KiB | MACs | seeds | Keras top-1 % | .tflite top-1 % | "
+                "Keras - uniform (points) | .tflite - uniform |"
+            ),
+            "|---|---|---|---|---|---|---|---|",
+        ]
+        base: dict = {}
+        for name, layer_bits in plans(report, bits).items():
+            rec = [records[r.id] for r, _ in runs if r.plan == name and r.bits[1] == bits]
+            rec = [r for r in rec if r is not None]
+            keras_ = [r["accuracy"] for r in rec]
+            tfl = [r.get("tflite_accuracy") for r in rec]
+            if name == "uniform":
+                base = {"keras": keras_, "tflite": tfl}
+            size = weight_bytes(report, layer_bits, bits) / 1024
+            macs = rec[0]["macs"] if rec else "-"
+            lines.append(
+                f"| {name} | {size:.1f} | {macs} | {len(rec)} | {_interval(keras_)} | "
+                f"{_interval([t for t in tfl if t is not None])} | "
+                + ("-" if name == "uniform" else _difference(keras_, base["keras"]))
+                + " | "
+                + ("-" if name == "uniform" else _difference(tfl, base["tflite"]))
+                + " |"
+            )
+        chosen = plans(report, bits)["chosen"]
+        widths = ", ".join(f"{n}: {b[1]}" for n, b in chosen.items())
+        lines += ["", f"Chosen weight bits: {widths}.", ""]
+    lines += [
+        "## Sensitivity of the float model (one layer at a time, no training)",
+        "",
+        (
+            f"Measured on {FLAGS.sensitivity_images} training images by `tf_pfq.sensitivity` "
+            "(plot: [mixed_precision_sensitivity.png](mixed_precision_sensitivity.png))."
+        ),
+        "",
+        report.to_markdown(),
+        "",
+    ]
+    with open(FLAGS.results + ".md", "w") as f:
+        f.write("\n".join(lines))
+
+
+def main(argv):
+    del argv
+    import accuracy_runs
+    import tensorflow as tf
+
+    tf.config.threading.set_intra_op_parallelism_threads(1)
+    tf.config.threading.set_inter_op_parallelism_threads(1)
+    started = time.time()
+    state = accuracy_runs.State(FLAGS.results, settings())
+    data_ = accuracy_runs.Data(FLAGS.data_dir)
+    pretrained = accuracy_runs.Pretrained(FLAGS.recipe, "mobilenet_v1", 0)
+    model = accuracy_runs.pretrained_model(pretrained, state, FLAGS.data_dir)
+    report = _sensitivity(model, data_, state)
+    runs = run_plan(state, model, data_, report)
+    write(state, runs, report, started)
+
+
+if __name__ == "__main__":
+    app.run(main)
