@@ -165,7 +165,7 @@ def test_a_range_xnnpack_cannot_take_is_refused_naming_the_layer():
 
 
 @pytest.mark.parametrize(
-    "tensor, layers",
+    ("tensor", "layers"),
     [
         (
             "stem_conv/add;stem_conv/Conv2D;stem_conv/add/y;;stem_conv_pad/Pad",
