@@ -47,6 +47,16 @@ def test_the_plan_spends_the_budget_where_the_loss_is():
     assert choose_bits(report, 50) == {"sensitive": (None, 2), "robust": (None, 2)}
 
 
+def test_a_layer_that_only_recovers_at_8_bits_is_reached():
+    # 2, 3 and 4 bits ruin "cliff" alike (a range held by one huge weight); the next
+    # width gains nothing, so a one-step greedy search left it at 2 bits.
+    changes = {"cliff": {2: 5.0, 3: 5.0, 4: 5.0, 8: 0.0}, "other": {2: 0.2, 3: 0.1, 4: 0.0, 8: 0.0}}
+    report = _report(changes, {"cliff": 16, "other": 160})
+    plan = choose_bits(report, (16 + 160) * 3 / 8)
+    assert plan["cliff"] == (None, 8)
+    assert plan.predicted_loss_change < 5.0
+
+
 def test_a_bit_operations_budget_keeps_the_compute_heavy_layer_narrow():
     # Same bytes, but "sensitive" does 100x the MACs: the bit-operations budget of
     # uniform 4 bits (x 8-bit activations) cannot pay for it at 8 bits.

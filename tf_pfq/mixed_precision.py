@@ -15,9 +15,10 @@ training, and measures the loss and accuracy change:
 `choose_bits` turns the weight rows into a `layer_bits` mapping for a budget on the
 weight bytes (each kernel at n bits takes `params * n / 8` bytes), greedily: every
 layer starts at the fewest bits measured, and the upgrade with the largest loss
-reduction per added byte is taken while the budget allows. Summing per-layer
-changes assumes they add up, which holds roughly for small ones; the plan's
-result is measured after fine-tuning, not predicted.
+reduction per added byte (to any wider width, not only the next) is taken while
+the budget allows. Summing per-layer changes assumes they add up, which holds
+roughly for small ones; the plan's result is measured after fine-tuning, not
+predicted.
 
 Such searches exist (HAWQ, Sony MCT's mixed-precision search); this one is written
 here because it must speak `tf_pfq.apply`'s quantizers and `layer_bits` names.
@@ -367,20 +368,22 @@ def choose_bits(
     while True:
         best = None
         for name, index in choice.items():
-            if index + 1 >= len(options[name]):
-                continue
-            added = size(name, index + 1) - size(name, index)
-            more_ops = ops(name, index + 1) - ops(name, index)
-            if used + added > budget or spent + more_ops > ops_limit:
-                continue
-            gain = options[name][index][1] - options[name][index + 1][1]
-            if best is None or gain / added > best[0]:
-                best = (gain / added, name, added, more_ops)
+            # Any wider option, not only the next: a layer whose loss only drops at
+            # 8 bits (2, 3 and 4 all ruin it) must still be reachable.
+            for wider in range(index + 1, len(options[name])):
+                added = size(name, wider) - size(name, index)
+                more_ops = ops(name, wider) - ops(name, index)
+                if used + added > budget or spent + more_ops > ops_limit:
+                    continue
+                gain = options[name][index][1] - options[name][wider][1]
+                if best is None or gain / added > best[0]:
+                    best = (gain / added, name, wider, added, more_ops)
         if best is None or best[0] <= 0:
             break
-        choice[best[1]] += 1
-        used += best[2]
-        spent += best[3]
+        _, name, wider, added, more_ops = best
+        choice[name] = wider
+        used += added
+        spent += more_ops
     plan = BitPlan({name: (None, options[name][i][0]) for name, i in choice.items()})
     plan.budget_bytes = float(budget)
     plan.weight_bytes = float(used)
