@@ -414,3 +414,37 @@ def test_checker_allows_what_is_no_layer_class_test():
 )
 def test_checker_follows_names_through_scopes(snippet):
     assert len(violations(snippet)) == 1
+
+
+# Graph edits go through `tf_pfq.graph.rewrite`; only it (and the Keras 3 translator,
+# which writes tf_keras configs from Keras 3 ones) assigns a layer's inbound nodes.
+_GRAPH_WRITERS = {"tf_pfq/graph.py", "tf_pfq/compat/keras3.py"}
+
+
+def inbound_writes(source: str) -> list[int]:
+    """Lines that assign `something["inbound_nodes"]`."""
+    lines = []
+    for node in ast.walk(ast.parse(source)):
+        targets = []
+        if isinstance(node, ast.Assign):
+            targets = node.targets
+        elif isinstance(node, (ast.AugAssign, ast.AnnAssign)):
+            targets = [node.target]
+        for target in targets:
+            if isinstance(target, ast.Subscript) and _is_constant(target.slice, "inbound_nodes"):
+                lines.append(node.lineno)
+    return lines
+
+
+def test_only_the_rewrite_primitive_edits_inbound_nodes():
+    problems = [
+        f"{rel}:{line}"
+        for rel in _modules()
+        if rel not in _GRAPH_WRITERS
+        for line in inbound_writes((ROOT / rel).read_text())
+    ]
+    assert not problems, "edit the graph with tf_pfq.graph.rewrite instead: " + ", ".join(problems)
+
+
+def test_an_inbound_edit_would_be_flagged():
+    assert inbound_writes('c["inbound_nodes"] = []\nd = c["inbound_nodes"]\n') == [1]

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -19,7 +19,7 @@ import numpy as np
 from tf_pfq.compat import check_model, keras
 from tf_pfq.compat.flatten import nested_models
 
-__all__ = ["LayerGraph", "Inbound", "to_functional", "rebuild", "call_kwargs"]
+__all__ = ["LayerGraph", "Inbound", "to_functional", "rewrite", "rebuild", "call_kwargs"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -244,6 +244,129 @@ def model_from_config(config: dict, source, custom_objects=None):
     return keras.Model.from_config(config, custom_objects=objects)
 
 
+def _rename_layer_refs(value, old: str, new: str):
+    """`value` with every reference to layer `old` pointing at `new` (indices kept)."""
+    if _is_ref(value) and value[0] == old:
+        return [new, *[_rename_layer_refs(v, old, new) for v in value[1:]]]
+    if isinstance(value, dict):
+        return {k: _rename_layer_refs(v, old, new) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_rename_layer_refs(v, old, new) for v in value]
+    return value
+
+
+def _chain(old: dict, entries: Sequence[dict]) -> list[dict]:
+    """The serialized layers replacing `old`: the first takes its calls, each next one
+    the previous one's output, call by call."""
+    chain, previous = [], None
+    for entry in entries:
+        entry = copy.deepcopy(dict(entry))
+        entry["name"] = entry["config"]["name"]
+        if "inbound_nodes" not in entry:
+            calls = range(len(old["inbound_nodes"]))
+            entry["inbound_nodes"] = (
+                copy.deepcopy(old["inbound_nodes"])
+                if previous is None
+                else [[[previous, k, 0, {}]] for k in calls]
+            )
+        chain.append(entry)
+        previous = entry["name"]
+    return chain
+
+
+def rewrite(
+    model,
+    *,
+    replace: Mapping[str, Sequence[dict]] | None = None,
+    remove: Iterable[str] = (),
+    weights: Mapping[str, list[np.ndarray]] | None = None,
+    custom_objects: Mapping[str, Any] | None = None,
+):
+    """A new Functional model with some layers replaced by chains or removed.
+
+    The one primitive every pass edits a model's graph with (replace a layer, insert
+    one after it, split it in two, unwrap a wrapper, delete a pass-through layer):
+    the edits are made on `model.get_config()` and the model is rebuilt, so every
+    other layer keeps its name, calls and weights, and `model` is not touched.
+
+    Args:
+      model: a Functional tf_keras model (not modified).
+      replace: {layer name: [serialized layer, ...]}: the layer becomes this chain.
+        An entry is a `{"class_name", "config"}` dict (named by `config["name"]`;
+        "module", "registered_name" and "inbound_nodes" are optional). The first
+        entry takes the old layer's calls unless it has its own "inbound_nodes";
+        each next one takes the previous one's output, call by call. Every other
+        reference to the old layer (consumers, model outputs) goes to the chain's
+        last entry. One entry with the old name replaces the layer in place.
+      remove: names of single-input, single-call layers to delete; their consumers
+        read the removed layer's input.
+      weights: new weight lists by layer name. A layer not named here copies the
+        weights of the source layer of its name, if there is one with weights.
+      custom_objects: passed to `Model.from_config` for custom layers.
+
+    Returns:
+      The new model, with `model`'s name.
+
+    Raises:
+      ValueError: a name is unknown, or a removed layer has several inputs or calls.
+
+    Example:
+      >>> x = keras.Input((3,), name="x")
+      >>> model = keras.Model(x, keras.layers.Dense(2, name="fc")(x))
+      >>> relu = {"class_name": "ReLU", "config": {"name": "fc_relu"}}
+      >>> fc = {**model.get_layer("fc").get_config()}
+      >>> longer = rewrite(model, replace={"fc": [{"class_name": "Dense", "config": fc}, relu]})
+      >>> [layer.name for layer in longer.layers]
+      ['x', 'fc', 'fc_relu']
+      >>> [layer.name for layer in rewrite(longer, remove=["fc_relu"]).layers]
+      ['x', 'fc']
+    """
+    config = copy.deepcopy(model.get_config())
+    replace = dict(replace or {})
+    by_name = {c["name"]: c for c in config["layers"]}
+    for name in [*replace, *remove, *(weights or {})]:
+        if name not in by_name and not any(
+            e["config"]["name"] == name for chain in replace.values() for e in chain
+        ):
+            raise ValueError(f"Model {model.name!r} has no layer named {name!r}.")
+    for name in remove:
+        nodes = by_name[name]["inbound_nodes"]
+        records = _records(nodes[0]) if len(nodes) == 1 else []
+        if len(records) != 1:
+            raise ValueError(
+                f"Layer {name!r} cannot be removed: it must have exactly one input and "
+                f"one call, it has {len(nodes)} call(s)."
+            )
+        _replace_inbound(config, name, list(records[0][:3]))
+        config["layers"] = [c for c in config["layers"] if c["name"] != name]
+    layers = []
+    for layer_config in config["layers"]:
+        name = layer_config["name"]
+        if name not in replace:
+            layers.append(layer_config)
+            continue
+        chain = _chain(layer_config, replace[name])
+        last = chain[-1]["name"]
+        if last != name:
+            own = {entry["name"] for entry in chain}
+            for other in config["layers"]:
+                if other["name"] not in own:
+                    other["inbound_nodes"] = _rename_layer_refs(other["inbound_nodes"], name, last)
+            config["output_layers"] = _rename_layer_refs(config["output_layers"], name, last)
+        layers += chain
+    config["layers"] = layers
+    new_model = model_from_config(config, model, custom_objects)
+    weights = dict(weights or {})
+    source = {layer.name: layer for layer in model.layers}
+    for layer in new_model.layers:
+        values = weights.get(layer.name)
+        if values is None and layer.name in source and source[layer.name].weights:
+            values = source[layer.name].get_weights()
+        if values is not None:
+            layer.set_weights([np.array(v) for v in values])
+    return new_model
+
+
 def rebuild(
     model,
     *,
@@ -252,7 +375,7 @@ def rebuild(
     remove: Iterable[str] = (),
     custom_objects: Mapping[str, Any] | None = None,
 ):
-    """Builds a new Functional model from `model` with some layers changed or removed.
+    """`rewrite` for the common case: some layers get a new config, some are removed.
 
     Args:
       model: a Functional or Sequential tf_keras model (not modified).
@@ -281,36 +404,15 @@ def rebuild(
       >>> bool(np.all(kernel == model.get_layer("fc2").kernel.numpy()))
       True
     """
-    graph = LayerGraph(model)
-    config = copy.deepcopy(graph.config)
-    layer_configs = dict(layer_configs or {})
-    weights = dict(weights or {})
-    remove = list(remove)
-    for name in [*layer_configs, *weights, *remove]:
-        if name not in graph.order:
+    model = to_functional(model)
+    serialized = {c["name"]: c for c in model.get_config()["layers"]}
+    for name in layer_configs or {}:
+        if name not in serialized:
             raise ValueError(f"Model {model.name!r} has no layer named {name!r}.")
-    redirected: dict[str, list] = {}
-    for name in remove:
-        calls = graph._calls[name]
-        if len(calls) != 1 or len(calls[0]) != 1:
-            raise ValueError(
-                f"Layer {name!r} cannot be removed: it must have exactly one input and "
-                f"one call, it has {len(calls)} call(s)."
-            )
-        source = list(_records(graph.layer_config(name)["inbound_nodes"][0])[0][:3])
-        # A chain of removed layers: the source itself may be gone already.
-        while source[0] in redirected:
-            source = redirected[source[0]]
-        redirected[name] = source
-        _replace_inbound(config, name, source)
-        config["layers"] = [c for c in config["layers"] if c["name"] != name]
-    for layer_config in config["layers"]:
-        if layer_config["name"] in layer_configs:
-            layer_config["config"] = copy.deepcopy(layer_configs[layer_config["name"]])
-    new_model = model_from_config(config, model, custom_objects)
-    for layer in new_model.layers:
-        values = weights.get(layer.name)
-        if values is None:
-            values = graph.layer(layer.name).get_weights()
-        layer.set_weights([np.array(v) for v in values])
-    return new_model
+    replace = {
+        name: [{**{k: v for k, v in serialized[name].items() if k != "inbound_nodes"}, "config": c}]
+        for name, c in (layer_configs or {}).items()
+    }
+    return rewrite(
+        model, replace=replace, remove=remove, weights=weights, custom_objects=custom_objects
+    )

@@ -94,7 +94,7 @@ import tensorflow_model_optimization as tfmot
 from tf_pfq import ranges
 from tf_pfq.canonical import canonicalize
 from tf_pfq.compat import check_model, keras
-from tf_pfq.graph import LayerGraph, model_from_config, own_layer_classes
+from tf_pfq.graph import LayerGraph, own_layer_classes, rewrite
 from tf_pfq.layer_bits import check_layer_bits
 from tf_pfq.layers.activations import split_activations
 from tf_pfq.layers.table import activation_name
@@ -334,49 +334,20 @@ def strip(qat_model):
       ActivationRange(min=-6.0, max=6.0, num_bits=4)
     """
     _check_qat(qat_model)
-    config = copy.deepcopy(qat_model.get_config())
-    renames: dict[str, str] = {}
-    bypass: dict[str, list] = {}
-    layers = []
-    for layer_config in config["layers"]:
+    replace, remove = {}, []
+    for layer_config in qat_model.get_config()["layers"]:
         layer = qat_model.get_layer(layer_config["name"])
         if _is_input_quantizer(layer):
-            bypass[layer.name] = layer_config["inbound_nodes"][0][0][:3]
-            continue
-        if isinstance(layer, _WRAPPERS):
-            inner = layer_config["config"]["layer"]
-            renames[layer.name] = layer.layer.name
-            layer_config = {
-                **{k: v for k, v in inner.items() if k != "config"},
-                "config": inner["config"],
-                "name": layer.layer.name,
-                "inbound_nodes": layer_config["inbound_nodes"],
-            }
-        layers.append(layer_config)
-
-    def resolve(item):
-        name = item[0]
-        if name in bypass:
-            return resolve(bypass[name]) + list(item[3:])
-        return [renames.get(name, name), *item[1:]]
-
-    for layer_config in layers:
-        layer_config["inbound_nodes"] = [
-            [resolve(item) for item in node] for node in layer_config["inbound_nodes"]
-        ]
-    config["layers"] = layers
-    config["output_layers"] = [resolve(item)[:3] for item in config["output_layers"]]
-    config["input_layers"] = [resolve(item)[:3] for item in config["input_layers"]]
-    model = model_from_config(config, qat_model)
+            remove.append(layer.name)
+        elif isinstance(layer, _WRAPPERS):
+            inner = layer_config["config"]["layer"]  # serialized with the inner name
+            replace[layer.name] = [{k: v for k, v in inner.items() if k != "inbound_nodes"}]
+    model = rewrite(qat_model, replace=replace, remove=remove)
     for layer in qat_model.layers:
-        if _is_input_quantizer(layer):
-            continue
         if isinstance(layer, _WRAPPERS):
             target = model.get_layer(layer.layer.name)
             trained = _wrapped_weights(layer)
             target.set_weights([trained[_weight_name(w)].numpy() for w in target.weights])
-        else:
-            model.get_layer(layer.name).set_weights(layer.get_weights())
     activation_ranges = {
         name: ranges.ActivationRange(float(q.min_var.numpy()), float(q.max_var.numpy()), q.num_bits)
         for name, q in _activation_quantizers(qat_model).items()

@@ -11,7 +11,7 @@ from __future__ import annotations
 import copy
 
 from tf_pfq.compat import keras  # noqa: F401  (the docstring examples use it)
-from tf_pfq.graph import model_from_config
+from tf_pfq.graph import rewrite
 from tf_pfq.layers.table import FUSED_ACTIVATIONS, by_name
 
 __all__ = ["split_activations"]
@@ -33,10 +33,8 @@ def split_activations(model):
       >>> [layer.name for layer in split_activations(m).layers]
       ['x', 'p', 'p_softmax']
     """
-    config = copy.deepcopy(model.get_config())
-    layers, renames = [], {}
-    for layer_config in config["layers"]:
-        layers.append(layer_config)
+    replace = {}
+    for layer_config in model.get_config()["layers"]:
         activation = layer_config["config"].get("activation")
         entry = by_name(layer_config["class_name"])
         if (
@@ -45,38 +43,18 @@ def split_activations(model):
             and isinstance(activation, str)
             and activation not in FUSED_ACTIVATIONS
         ):
-            layer_config["config"]["activation"] = "linear"
             name = layer_config["name"]
-            new = f"{name}_{activation}"
-            renames[name] = new
-            layers.append(
-                {
-                    "class_name": "Activation",
-                    "config": {
-                        "name": new,
-                        "trainable": True,
-                        "dtype": layer_config["config"].get("dtype", "float32"),
-                        "activation": activation,
-                    },
-                    "name": new,
-                    "inbound_nodes": [[[name, 0, 0, {}]]],
-                }
-            )
-    if not renames:
-        return model
-    for layer_config in layers:
-        if layer_config["name"] in renames.values():
-            continue
-        layer_config["inbound_nodes"] = [
-            [[renames.get(item[0], item[0]), *item[1:]] for item in node]
-            for node in layer_config["inbound_nodes"]
-        ]
-    config["layers"] = layers
-    config["output_layers"] = [
-        [renames.get(item[0], item[0]), *item[1:]] for item in config["output_layers"]
-    ]
-    result = model_from_config(config, model)
-    for layer in model.layers:
-        if layer.weights:
-            result.get_layer(layer.name).set_weights(layer.get_weights())
-    return result
+            linear = copy.deepcopy(layer_config)
+            del linear["inbound_nodes"]
+            linear["config"]["activation"] = "linear"
+            split = {
+                "class_name": "Activation",
+                "config": {
+                    "name": f"{name}_{activation}",
+                    "trainable": True,
+                    "dtype": layer_config["config"].get("dtype", "float32"),
+                    "activation": activation,
+                },
+            }
+            replace[name] = [linear, split]
+    return rewrite(model, replace=replace) if replace else model

@@ -19,14 +19,13 @@ gives an entry per op. Other op layers stay as they are, and are refused by name
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Callable, Mapping
 from typing import Any
 
 import tensorflow as tf
 
 from tf_pfq.compat import keras
-from tf_pfq.graph import model_from_config
+from tf_pfq.graph import rewrite
 
 __all__ = ["ElementwiseOp", "elementwise_op", "op_name", "replace_op_layers"]
 
@@ -263,21 +262,18 @@ def replace_op_layers(model):
       >>> [type(layer).__name__ for layer in replace_op_layers(model).layers[1:]]
       ['ElementwiseOp', 'ElementwiseOp', 'ElementwiseOp']
     """
-    config = copy.deepcopy(model.get_config())
+    config = model.get_config()
     names = {c["name"] for c in config["layers"]}
-    layers, replaced = [], False
+    replace = {}
     for layer_config in config["layers"]:
         found = _modelled(layer_config, names)
         if found is None:
-            layers.append(layer_config)
             continue
         kind, scalar, records = found
-        replaced = True
         name = layer_config["name"]
-        layers.append(
+        replace[name] = [
             {
                 "class_name": keras.utils.get_registered_name(ElementwiseOp),
-                "name": name,
                 "config": {
                     "name": name,
                     "trainable": True,
@@ -287,12 +283,5 @@ def replace_op_layers(model):
                 },
                 "inbound_nodes": [records],
             }
-        )
-    if not replaced:
-        return model
-    config["layers"] = layers
-    result = model_from_config(config, model)
-    for layer in model.layers:
-        if layer.weights:
-            result.get_layer(layer.name).set_weights(layer.get_weights())
-    return result
+        ]
+    return rewrite(model, replace=replace) if replace else model

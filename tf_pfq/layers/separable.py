@@ -9,12 +9,10 @@ convolutions with the same weights, in the same order.
 
 from __future__ import annotations
 
-import copy
-
-import numpy as np
+import numpy as np  # noqa: F401  (the docstring examples use it)
 
 from tf_pfq.compat import keras  # noqa: F401  (the docstring examples use it)
-from tf_pfq.graph import LayerGraph, model_from_config
+from tf_pfq.graph import LayerGraph, rewrite
 from tf_pfq.layers.table import Family, family_of
 
 __all__ = ["split_separable", "DEPTHWISE_SUFFIX"]
@@ -37,7 +35,6 @@ def _halves(entry: dict) -> tuple[dict, dict]:
         "class_name": "DepthwiseConv2D",
         "registered_name": None,
         "name": dw_name,
-        "inbound_nodes": entry["inbound_nodes"],
         "config": {
             "name": dw_name,
             "trainable": config.get("trainable", True),
@@ -60,7 +57,6 @@ def _halves(entry: dict) -> tuple[dict, dict]:
         "class_name": "Conv2D",
         "registered_name": None,
         "name": name,
-        "inbound_nodes": [[[dw_name, k, 0, {}]] for k in range(len(entry["inbound_nodes"]))],
         "config": {
             "name": name,
             "trainable": config.get("trainable", True),
@@ -115,35 +111,20 @@ def split_separable(model):
     separable = [n for n in graph.order if family_of(graph.layer(n)) is Family.SEPARABLE_CONV]
     if not separable:
         return graph.model
-    config = copy.deepcopy(graph.config)
-    for entry in config["layers"]:
+    for entry in graph.config["layers"]:
         if entry["name"] + DEPTHWISE_SUFFIX in graph.order:
             raise ValueError(
                 f"Cannot split SeparableConv2D {entry['name']!r}: a layer named "
                 f"{entry['name'] + DEPTHWISE_SUFFIX!r} exists already."
             )
-    layers: list[dict] = []
-    for entry in config["layers"]:
-        if entry["name"] in separable:
-            layers.extend(_halves(entry))
-        else:
-            layers.append(entry)
-    config["layers"] = layers
-    new_model = model_from_config(config, model)
-    for layer in new_model.layers:
-        if layer.name in separable:
-            old = graph.layer(layer.name)
-            weights = [old.pointwise_kernel.numpy()]
-            if old.use_bias:
-                weights.append(old.bias.numpy())
-            layer.set_weights(weights)
-        elif (
-            layer.name.endswith(DEPTHWISE_SUFFIX)
-            and layer.name[: -len(DEPTHWISE_SUFFIX)] in separable
-        ):
-            layer.set_weights(
-                [graph.layer(layer.name[: -len(DEPTHWISE_SUFFIX)]).depthwise_kernel.numpy()]
+    replace, weights = {}, {}
+    for entry in graph.config["layers"]:
+        name = entry["name"]
+        if name in separable:
+            old = graph.layer(name)
+            replace[name] = list(_halves(entry))
+            weights[name + DEPTHWISE_SUFFIX] = [old.depthwise_kernel.numpy()]
+            weights[name] = [old.pointwise_kernel.numpy()] + (
+                [old.bias.numpy()] if old.use_bias else []
             )
-        else:
-            layer.set_weights([np.array(v) for v in graph.layer(layer.name).get_weights()])
-    return new_model
+    return rewrite(graph.model, replace=replace, weights=weights)
