@@ -159,6 +159,40 @@ def run_plan(state, model, data_, report) -> list:
     return runs
 
 
+def levels_readback(model, data_, report, bits: int) -> str:
+    """The chosen plan at the bytes of uniform `bits`, exported, and
+    each kernel's levels read back from the file (no fine-tuning: the grids are the
+    point). Kept in the summary as text."""
+    import tf_pfq
+    from tf_pfq.export import inspect
+    from tf_pfq.export.checks import layers_of_tensor
+
+    plan = plans(report, bits)["chosen"]
+    images = data_.train.images[:256]
+    pruned, _ = tf_pfq.prune(model, threshold=1e-5, calibration_data=images)
+    folded, _ = tf_pfq.fold_batchnorm(pruned)
+    qat = tf_pfq.apply(folded, activation_bits=bits, weight_bits=bits, layer_bits=plan)
+    qat(images, training=True)
+    flat = tf_pfq.export.to_tflite(qat, representative_data=images)
+    summary = inspect(flat)
+    by_layer = {}  # each weighted op's weight tensor, by the layers its output names
+    for op in summary.ops:
+        if op.op in ("CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED") and len(op.inputs) > 1:
+            for layer in layers_of_tensor(op.outputs[0].name):
+                by_layer.setdefault(layer, op.inputs[1])
+    lines = [
+        "| layer | planned weight bits | levels in the file | bits they need | stored as |",
+        "|---|---|---|---|---|",
+    ]
+    for name, (_, planned) in plan.items():
+        weight = by_layer.get(name)
+        levels = weight.levels if weight is not None else None
+        need = int(np.ceil(np.log2(levels))) if levels else "-"
+        stored = weight.dtype if weight is not None else "-"
+        lines.append(f"| {name} | {planned} | {levels or '-'} | {need} | {stored} |")
+    return f"File: {len(flat)} bytes.\n\n" + "\n".join(lines)
+
+
 def _interval(values: list[float]) -> str:
     from tf_pfq import stats
 
@@ -235,6 +269,21 @@ def write(state, runs, report, started: float) -> None:
         chosen = plans(report, bits)["chosen"]
         widths = ", ".join(f"{n}: {b[1]}" for n, b in chosen.items())
         lines += ["", f"Chosen weight bits: {widths}.", ""]
+    if "levels" in state.summary:
+        levels = state.summary["levels"]
+        lines += [
+            f"## Levels read back from the exported file (chosen plan, W{levels['bits']} budget)",
+            "",
+            (
+                "The plan applied to the PfQ-pruned, BN-folded model and exported (calibrated, "
+                "not fine-tuned; int8 storage, as the accuracy runs: INT4 packing needs "
+                "`weight_scheme='symmetric'` for a 4-bit min-max grid); "
+                "`tf_pfq.export.inspect` counts each kernel's distinct values in the file."
+            ),
+            "",
+            levels["table"],
+            "",
+        ]
     lines += [
         "## Sensitivity of the PfQ-pruned float model (one layer at a time, no training)",
         "",
@@ -264,6 +313,11 @@ def main(argv):
     model = accuracy_runs.pretrained_model(pretrained, state, FLAGS.data_dir)
     report = _sensitivity(model, data_, state)
     runs = run_plan(state, model, data_, report)
+    if "levels" not in state.summary and not FLAGS.report_only:
+        bits = min(map(int, FLAGS.budgets))
+        table = levels_readback(model, data_, report, bits)
+        state.summary["levels"] = {"bits": bits, "table": table}
+        state.save()
     write(state, runs, report, started)
 
 
