@@ -323,6 +323,25 @@ def test_bias_grid_is_hand_computed_s_in_times_s_w():
     np.testing.assert_allclose(wrapper.layer.bias.numpy(), [0.04, -0.04], atol=1e-6)
 
 
+def test_bias_grid_source_is_decided_when_wrapping_and_checked():
+    # Each bias quantizer records whose output quantizer gives s_in: the model input
+    # for the first conv, the ReLU across a max pool (it keeps the grid) for the second.
+    layers = keras.layers
+    x = keras.Input((4, 4, 2), name="image")
+    y = layers.ReLU(name="a_relu")(layers.Conv2D(3, 1, name="a")(x))
+    y = layers.Conv2D(2, 1, name="b")(layers.MaxPooling2D(name="pool")(y))
+    qat = tf_pfq.apply(keras.Model(x, y), activation_bits=4, weight_bits=4)
+    bias = {n: qat.get_layer(f"quant_{n}").quantize_config.bias_quantizer for n in "ab"}
+    assert {n: q.input_source for n, q in bias.items()} == {"a": "image", "b": "a_relu"}
+    assert bias["b"].get_config()["input_source"] == "a_relu"
+    relu = qat.get_layer("quant_a_relu").quantize_config.output_quantizer
+    assert bias["b"].input_quantizer() is relu
+    # A link that disagrees with the recorded decision is refused, not followed.
+    bias["b"].input_source, bias["b"]._input = "a", None
+    with pytest.raises(RuntimeError, match=r"planned on the output of 'a'.*grid of 'a_relu'"):
+        bias["b"].input_quantizer()
+
+
 @pytest.mark.parametrize("num_bits", BITS)
 @pytest.mark.parametrize("per_channel", [False, True])
 def test_symmetric_scheme_is_narrow_range_centred_on_zero(num_bits, per_channel):

@@ -365,19 +365,21 @@ def _is_non_negative(layer) -> bool:
     return name in _NON_NEGATIVE
 
 
-def _input_is_quantized(graph, name, outputs, input_bits) -> bool:
+def _input_source(graph, name, outputs, input_bits) -> str | None:
+    """The layer whose output quantizer sets `name`'s input grid (a model input when the
+    input is quantized), walking up through grid-preserving layers; None if off-grid."""
     current = name
     while True:
         producers = graph.inputs_of(current)
         if len(producers) != 1:
-            return False
+            return None
         producer = producers[0]
         if producer in graph.input_names:
-            return input_bits is not None
+            return producer if input_bits is not None else None
         if producer in outputs:
-            return True
+            return producer
         if not preserves_grid(graph.layer(producer)):
-            return False
+            return None
         current = producer
 
 
@@ -421,7 +423,7 @@ def plan_configs(
                 layer_weight_bits,
                 per_channel_weights,
                 weight_scheme,
-                quantized_input=_input_is_quantized(graph, name, outputs, input_bits),
+                input_source=_input_source(graph, name, outputs, input_bits),
             )
         swish = activation_name(layer) == "swish"
         if output_quantizer or weight_quantizer or swish:
@@ -445,12 +447,13 @@ def plan_configs(
 
 
 def _kernel_quantizers(
-    layer, weight_bits: int, per_channel_weights: bool, weight_scheme: str, quantized_input: bool
+    layer, weight_bits: int, per_channel_weights: bool, weight_scheme: str, input_source
 ) -> tuple[PfqWeightQuantizer, PfqBiasQuantizer | None]:
     """The kernel quantizer of a weighted layer, and its bias quantizer or None.
 
     A bias gets a quantizer only when the layer has one and its input is quantized
-    (`quantized_input`): the bias grid is `s_in * s_w`.
+    (`input_source`, the layer whose output quantizer sets the grid, is not None):
+    the bias grid is `s_in * s_w`, and the quantizer records where `s_in` comes from.
     """
     # Dense and Conv2DTranspose stay per tensor: TFLite's FULLY_CONNECTED rejects
     # per-axis weights and a transposed kernel's output axis is not last.
@@ -460,7 +463,7 @@ def _kernel_quantizers(
     depthwise = kernel.depthwise
     weight_quantizer = PfqWeightQuantizer(weight_bits, per_channel, depthwise, weight_scheme)
     bias_quantizer = None
-    if layer.use_bias and quantized_input:
+    if layer.use_bias and input_source is not None:
         bias_quantizer = PfqBiasQuantizer(
             weight_bits,
             per_channel,
@@ -468,6 +471,7 @@ def _kernel_quantizers(
             _kernel_attr(layer),
             weight_scheme,
             taps=_taps(getattr(layer, kernel.attr).shape, kernel),
+            input_source=input_source,
         )
     return weight_quantizer, bias_quantizer
 

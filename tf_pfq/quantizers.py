@@ -9,11 +9,13 @@ its tfmot-built variables and serializes, and calls the pure math of
 `tf_pfq.quant_math` (re-exported here, where the integer wrapper and the exporter
 import it from) for every number it computes.
 
-A bias grid is `s_in * s_w`, and tfmot hands a quantizer only its own tensor, so
-`PfqBiasQuantizer` finds `s_in` from the model graph: on every call it walks from
-its layer's inbound node back through grid-preserving layers to the activation
-quantizer that produced the input (`input_activation_quantizer`). That walk, and
-`preserves_grid`, live here with the classes they read.
+A bias grid is `s_in * s_w`, and tfmot hands a quantizer only its own tensor.
+`tf_pfq.apply` decides which layer's output quantizer gives `s_in` when it wraps
+the model and records it in the `PfqBiasQuantizer` (`input_source`); the quantizer
+links to that quantizer once, walking from its layer's inbound node back through
+grid-preserving layers (`input_activation_quantizer`), and refuses a link that
+disagrees with the record. That walk, and `preserves_grid`, live here with the
+classes they read.
 """
 
 from __future__ import annotations
@@ -266,8 +268,9 @@ class PfqBiasQuantizer(_Serializable):
     keeps its `QuantizeWrapper`; at call time it follows the wrapper's inbound node
     back through grid-preserving layers (Dropout, Flatten, Reshape, max pooling,
     zero padding) to the producing `QuantizeWrapper`/`QuantizeLayer` and reads its
-    `min`/`max` variables. The link is rebuilt from the graph after loading, so
-    nothing but the weight settings needs serializing. `tf_pfq.apply` gives a
+    `min`/`max` variables. `tf_pfq.apply` decides that producer once, when it wraps
+    the model, and records its float-model name (`input_source`); the quantizer
+    follows the graph once, checks it reaches that layer, and keeps the link. `tf_pfq.apply` gives a
     layer a bias quantizer only when its input is quantized.
 
     Args:
@@ -280,6 +283,9 @@ class PfqBiasQuantizer(_Serializable):
       taps: products summed per output value (`tf_pfq.quant_math.bias_range`: the
         bias keeps that much int32 headroom); decided by `tf_pfq.apply` from the
         kernel shape and serialized; None in models saved before.
+      input_source: the float-model name of the layer whose output quantizer
+        gives `s_in` (a model input for an input quantizer); recorded by
+        `tf_pfq.apply`; None in models saved before (the graph alone decides).
 
     Example:
       >>> PfqBiasQuantizer(4, kernel_attr="depthwise_kernel", depthwise=True).weight_bits
@@ -294,26 +300,46 @@ class PfqBiasQuantizer(_Serializable):
         kernel_attr: str = "kernel",
         weight_scheme: str = "min_max",
         taps: int | None = None,
+        input_source: str | None = None,
     ):
         self.weight_bits = check_bits(weight_bits, "weight_bits")
         self.taps = None if taps is None else int(taps)
+        self.input_source = None if input_source is None else str(input_source)
+        self._input = None
         self.per_channel = bool(per_channel)
         self.depthwise = bool(depthwise)
         self.kernel_attr = str(kernel_attr)
         self.weight_scheme = check_weight_scheme(weight_scheme)
-        self._wrapper = None
+        self._wrapper: Any = None
         self._kernel = None
 
     def build(self, tensor_shape, name: str, layer):
         self._wrapper = layer
+        self._input = None
         # The wrapper swaps `layer.kernel` for the quantized tensor on every call;
         # keep the variable itself.
         self._kernel = getattr(layer.layer, self.kernel_attr)
         return {}
 
     def input_quantizer(self):
-        """The `PfqActivationQuantizer` of this layer's input, or None before wiring."""
-        return input_activation_quantizer(self._wrapper)
+        """The `PfqActivationQuantizer` of this layer's input, or None before wiring.
+
+        Raises:
+          RuntimeError: the input comes from another layer than `input_source`.
+        """
+        if self._input is None:
+            quantizer = input_activation_quantizer(self._wrapper)
+            if quantizer is None:
+                return None
+            source = float_name(_source_layer(self._wrapper))
+            if self.input_source is not None and source != self.input_source:
+                raise RuntimeError(
+                    f"Layer {self._wrapper.layer.name!r}: its bias grid was planned on the "
+                    f"output of {self.input_source!r}, but its input is on the grid of "
+                    f"{source!r}; the model was rewired after tf_pfq.apply."
+                )
+            self._input = quantizer
+        return self._input
 
     def scale(self):
         """The bias grid step `s_in * s_w` (a tensor), or None before the graph exists."""
@@ -344,6 +370,8 @@ class PfqBiasQuantizer(_Serializable):
             config["weight_scheme"] = self.weight_scheme
         if self.taps is not None:
             config["taps"] = self.taps
+        if self.input_source is not None:
+            config["input_source"] = self.input_source
         return config
 
 
@@ -372,6 +400,33 @@ def _output_quantizer_of(layer):
     ):  # tfmot's QuantizeLayer, which tfmot does not export by name
         quantizer = layer.quantizer
     return quantizer if isinstance(quantizer, PfqActivationQuantizer) else None
+
+
+def _single_producer(layer):
+    above = layer.inbound_nodes[0].inbound_layers
+    if isinstance(above, (list, tuple)):
+        return above[0] if len(above) == 1 else None
+    return above
+
+
+def _source_layer(layer):
+    """The layer holding the quantizer `input_quantizer_path(layer)` found."""
+    current = _single_producer(layer)
+    while _output_quantizer_of(current) is None:
+        current = _single_producer(current)
+    return current
+
+
+def float_name(layer) -> str:
+    """A QAT model layer's name in the float model: a wrapper's inner layer's; for
+    tfmot's input `QuantizeLayer`, the model input it quantizes."""
+    if isinstance(layer, tfmot.quantization.keras.QuantizeWrapper):
+        return layer.layer.name
+    if _output_quantizer_of(layer) is not None and layer.inbound_nodes:
+        producer = _single_producer(layer)
+        if producer is not None:
+            return producer.name
+    return layer.name
 
 
 def producer_grid(producer):
