@@ -214,10 +214,48 @@ def _difference(a: list, b: list) -> str:
     return f"{100 * d.mean:+.2f} [{100 * d.low:+.2f}, {100 * d.high:+.2f}]"
 
 
+def plot_accuracy(records: dict, runs: list, path: str) -> None:
+    """Top-1 per plan and budget (Keras QAT and the file), mean and 95 % interval."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from tf_pfq import stats
+
+    budgets = list(map(int, FLAGS.budgets))
+    fig, axes = plt.subplots(1, len(budgets), figsize=(5 * len(budgets), 3.5), squeeze=False)
+    for ax, bits in zip(axes[0], budgets):
+        for offset, (key, label) in enumerate(
+            (("accuracy", "Keras QAT"), ("tflite_accuracy", ".tflite"))
+        ):
+            means, errors = [], []
+            for name in PLANS:
+                rec = [records[r.id] for r, _ in runs if r.plan == name and r.bits[1] == bits]
+                values = [100 * r[key] for r in rec if r is not None and r.get(key) is not None]
+                if len(values) >= 2:
+                    d = stats.paired_difference(values)
+                    means.append(d.mean)
+                    errors.append(d.high - d.mean)
+                else:
+                    means.append(values[0] if values else np.nan)
+                    errors.append(0.0)
+            x = np.arange(len(PLANS)) + 0.15 * (2 * offset - 1)
+            ax.errorbar(x, means, yerr=errors, fmt="o", capsize=3, label=label)
+        ax.set_xticks(range(len(PLANS)), PLANS)
+        ax.set_title(f"bytes of uniform W{bits}, A{bits}")
+        ax.set_ylabel("top-1 % (10,000 test images)")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def write(state, runs, report, started: float) -> None:
-    """The markdown tables and the sensitivity plot."""
+    """The markdown tables and the plots."""
     report.plot(FLAGS.results + "_sensitivity.png", "Sensitivity of the PfQ-pruned float model")
     records = {run.id: state.record(run) for run, _ in runs}
+    plot_accuracy(records, runs, FLAGS.results + "_accuracy.png")
     lines = [
         "# Mixed precision at the bytes of uniform weight bits (Fashion-MNIST)",
         "",
@@ -233,7 +271,8 @@ def write(state, runs, report, started: float) -> None:
             "MobileNetV1-style net, width 0.5, 28x28); fine-tuning: PfQ's Algorithm 1, "
             f"settings {json.dumps(settings(), sort_keys=True)}; activations at n bits in "
             "every plan. Top-1 on all 10,000 test images, mean over seeds with the 95 % "
-            "t-interval; differences are paired by seed (same fine-tuning subset and order)."
+            "t-interval; differences are paired by seed (same fine-tuning subset and order). "
+            "Plot: [mixed_precision_accuracy.png](mixed_precision_accuracy.png)."
         ),
         "",
     ]
