@@ -120,13 +120,16 @@ class State:
         return os.path.join(self.runs_dir, run.id + ".json")
 
     def record(self, run) -> dict | None:
-        """The recorded result of `run`, if it was made with the current settings."""
+        """The recorded result of `run`, if it was made with the current settings and
+        with code that computes what the current code computes (`SAME_RESULTS_SINCE`)."""
         path = self.run_path(run)
         if not os.path.exists(path):
             return None
         with open(path) as f:
             record = json.load(f)
-        return record if record.get("settings") == self.settings else None
+        if record.get("settings") != self.settings or not _current_code(record.get("code")):
+            return None
+        return record
 
     def write_record(self, run, record: dict) -> None:
         tmp = self.run_path(run) + ".tmp"
@@ -419,6 +422,32 @@ def finetune(run, model, data_: Data, state: State, layer_bits=None) -> dict:
     record["wall_s"] = time.time() - started
     record["code"] = _code_version()
     return record
+
+
+# The last commit that changed what a run computes: QAT rounds a global average pool
+# as the file does (460308a) and clips biases with the accumulator's headroom
+# (f2f308c). A run recorded by older code is run again.
+SAME_RESULTS_SINCE = "f2f308c"
+_CURRENT: dict[str, bool] = {}
+
+
+def _current_code(code: str | None) -> bool:
+    """Whether the commit that recorded a run contains `SAME_RESULTS_SINCE` (True where
+    git cannot tell, e.g. results copied to a machine without the history)."""
+    import subprocess
+
+    if not code or code == "unknown":
+        return False
+    commit = code.split("+")[0]
+    if commit not in _CURRENT:
+        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        result = subprocess.run(
+            ["git", "merge-base", "--is-ancestor", SAME_RESULTS_SINCE, commit],
+            cwd=root,
+            capture_output=True,
+        )
+        _CURRENT[commit] = result.returncode != 1  # 1: not an ancestor; else unknown
+    return _CURRENT[commit]
 
 
 def _code_version() -> str:
