@@ -20,6 +20,7 @@ benchmark is started again.
 
   python benchmarks/mixed_precision.py                 # everything (about an hour)
   python benchmarks/mixed_precision.py --report_only   # tables from what is recorded
+  python benchmarks/mixed_precision.py --workers=2 --worker=0   # and --worker=1 beside it
 """
 
 from __future__ import annotations
@@ -52,6 +53,8 @@ flags.DEFINE_integer("num_finetune", 10000, "Training images per fine-tuning see
 flags.DEFINE_float("learning_rate", 4e-3, "l0 of every fine-tuning stage.")
 flags.DEFINE_integer("batch_size", 64, "Fine-tuning batch size.")
 flags.DEFINE_integer("max_runs", None, "Stop after this many fine-tuning runs.")
+flags.DEFINE_integer("worker", 0, "This worker's index (runs i with i % workers == worker).")
+flags.DEFINE_integer("workers", 1, "Number of workers sharing the runs (one core each).")
 flags.DEFINE_bool("report_only", False, "Write the tables from the recorded runs and stop.")
 
 PLANS = ("uniform", "first_last_8", "chosen")
@@ -146,6 +149,8 @@ def run_plan(state, model, data_, report) -> list:
                 runs.append((PlanRun(pretrained, name, (bits, bits), seed), layer_bits))
     done = 0
     for index, (run, layer_bits) in enumerate(runs):
+        if index % FLAGS.workers != FLAGS.worker:
+            continue
         if FLAGS.report_only or state.record(run) is not None:
             continue
         if FLAGS.max_runs is not None and done >= FLAGS.max_runs:
