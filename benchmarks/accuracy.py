@@ -94,16 +94,11 @@ WEAK_RUNS = (("original", "1e-5"), ("pfq", "1e-5"), ("pfq", "eps"))
 
 def settings() -> dict:
     """What a run's result depends on besides its own fields (recorded with it)."""
-    values = {
-        "epochs_per_stage": FLAGS.epochs_per_stage,
-        "num_finetune": FLAGS.num_finetune,
-        "learning_rate": FLAGS.learning_rate,
-        "batch_size": FLAGS.batch_size,
-        "momentum": 0.9,
-        "weight_decay": 1e-4,
-        "image_size": 28,
-        "width": 0.5,
-    }
+    from accuracy_runs import finetune_settings
+
+    values = finetune_settings(
+        FLAGS.epochs_per_stage, FLAGS.num_finetune, FLAGS.learning_rate, FLAGS.batch_size
+    )
     if FLAGS.quick:
         values.update(epochs_per_stage=1, num_finetune=256, width=0.25, num_test=256)
     return values

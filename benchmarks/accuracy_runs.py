@@ -96,6 +96,23 @@ class Run:
         return f"{self.pretrained.id}__{self.method}_a{a}w{w}_s{self.seed}_t{self.threshold}{tail}"
 
 
+def finetune_settings(
+    epochs_per_stage: int, num_finetune: int, learning_rate: float, batch_size: int
+) -> dict:
+    """What a fine-tuning run's result depends on besides its own fields (recorded with
+    it, and compared when a run is reused)."""
+    return {
+        "epochs_per_stage": epochs_per_stage,
+        "num_finetune": num_finetune,
+        "learning_rate": learning_rate,
+        "batch_size": batch_size,
+        "momentum": 0.9,
+        "weight_decay": 1e-4,
+        "image_size": 28,
+        "width": 0.5,
+    }
+
+
 class State:
     """The recorded results: `<prefix>.json` (pretrained, PTQ) and `<prefix>_runs/`."""
 

@@ -79,16 +79,11 @@ class PlanRun:
 
 def settings() -> dict:
     """The accuracy benchmark's fine-tuning settings (recorded with each run)."""
-    return {
-        "epochs_per_stage": FLAGS.epochs_per_stage,
-        "num_finetune": FLAGS.num_finetune,
-        "learning_rate": FLAGS.learning_rate,
-        "batch_size": FLAGS.batch_size,
-        "momentum": 0.9,
-        "weight_decay": 1e-4,
-        "image_size": 28,
-        "width": 0.5,
-    }
+    from accuracy_runs import finetune_settings
+
+    return finetune_settings(
+        FLAGS.epochs_per_stage, FLAGS.num_finetune, FLAGS.learning_rate, FLAGS.batch_size
+    )
 
 
 def _sensitivity(model, data_, state):
@@ -328,7 +323,8 @@ def write(state, runs, report, started: float) -> None:
             "|---|---|---|---|---|---|---|---|",
         ]
         base: dict = {}
-        for name, layer_bits in plans(report, bits).items():  # uniform first
+        budget_plans = plans(report, bits)
+        for name, layer_bits in budget_plans.items():  # uniform first
             rec = [records[r.id] for r, _ in runs if r.plan == name and r.bits[1] == bits]
             rec = [r for r in rec if r is not None]
             keras_ = [r["accuracy"] for r in rec]
@@ -349,7 +345,7 @@ def write(state, runs, report, started: float) -> None:
                 + ("-" if name == "uniform" else _difference(tfl, base["tflite"]))
                 + " |"
             )
-        chosen = plans(report, bits)["chosen"]
+        chosen = budget_plans["chosen"]
         widths = ", ".join(f"{n}: {b[1]}" for n, b in chosen.items())
         lines += ["", f"Chosen weight bits: {widths}.", ""]
     lines += _claims(claims)
