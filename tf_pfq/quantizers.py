@@ -451,11 +451,9 @@ def producer_grid(producer):
             return quantizer, tuple(crossed)
         if not preserves_grid(current) or not current.inbound_nodes:
             return None
-        above = current.inbound_nodes[0].inbound_layers
-        if isinstance(above, (list, tuple)):
-            if len(above) != 1:
-                return None
-            above = above[0]
+        above = _single_producer(current)
+        if above is None:
+            return None
         crossed.append(current)
         current = above
 
@@ -476,10 +474,8 @@ def input_quantizer_path(layer):
     """
     if layer is None or not layer.inbound_nodes:
         return None
-    producers = layer.inbound_nodes[0].inbound_layers
-    if isinstance(producers, (list, tuple)):
-        producers = producers[0] if len(producers) == 1 else None
-    found = None if producers is None else producer_grid(producers)
+    producer = _single_producer(layer)
+    found = None if producer is None else producer_grid(producer)
     if found is None:
         raise RuntimeError(
             f"Layer {layer.name!r} needs a quantized input but its input is not produced "
