@@ -8,6 +8,7 @@ benchmark can stop at any point and continue later, on this machine or another.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import time
@@ -467,8 +468,12 @@ def _current_code(code: str | None) -> bool:
     return _CURRENT[commit]
 
 
+@functools.cache
 def _code_version() -> str:
-    """The commit the run's code came from, "+changes" when the tree differed from it."""
+    """The commit the run's code came from, "+changes" when the tree differed from it.
+
+    Read once per process (`run_all` asks first), so a commit made while a worker runs
+    is not credited with runs the older code computed."""
     import subprocess
 
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -484,6 +489,7 @@ def _code_version() -> str:
 
 def run_all(state: State, nets: dict, runs: list, flags_) -> None:
     """Pretrains and measures what is missing, then the fine-tuning runs of this worker."""
+    _code_version()  # the code this process runs, read before any run starts
     parts = set(flags_.parts)
     data_ = Data(flags_.data_dir, num_test=state.settings.get("num_test"))
     figures = os.path.dirname(state.prefix) or "."
