@@ -1,4 +1,9 @@
-"""LiteRT's int8 LEAKY_RELU and PRELU as TF ops, so that QAT rounds as the deployed file does.
+"""LiteRT's int8 kernels as TF ops, so that QAT rounds as the deployed file does.
+
+XNNPACK's int8 ADD and MUL and the requantization of a weighted layer's int32
+accumulator (`int8_add`, `int8_mul`, `requantize`) round in float32 or fixed point
+where TF's fake-quant rounds the exact value; near a rounding tie the two land a
+step apart. LEAKY_RELU and PRELU below likewise.
 
 A fake-quantized `leaky_relu` rounds `leaky_relu(x) / s_out` once, exactly. The file's
 kernel does not: XNNPACK keeps each input-to-output ratio with 8 fraction bits and
@@ -19,7 +24,12 @@ from __future__ import annotations
 
 import tensorflow as tf
 
+from tf_pfq.quant_math import to_integers
+
 __all__ = [
+    "int8_add",
+    "int8_mul",
+    "requantize",
     "quantize_multiplier",
     "multiply_by_quantized_multiplier",
     "int8_leaky_relu",
@@ -174,3 +184,111 @@ def int8_prelu(x, alpha, step_in, step_out):
     product = whole * tf.cast(alpha_int, tf.int64)
     negative = multiply_by_quantized_multiplier(product, (step_in * alpha_step) / step_out)
     return tf.cast(tf.where(whole >= 0, positive, negative), tf.float32) * step_out
+
+
+# XNNPACK's int8 ADD keeps its larger input-to-output scale ratio with this many
+# fraction bits (the ratio in [2^20, 2^21) after the shift).
+_ADD_MULTIPLIER_BITS = 20
+
+
+def _float32(x):
+    return tf.cast(x, tf.float32)
+
+
+def int8_mul(a, b, step_a, step_b, step_out):
+    """`a * b` rounded onto the grid `step_out` as XNNPACK's int8 MUL rounds it.
+
+    XNNPACK multiplies the integers exactly, `acc = a_int * b_int`, and rounds once,
+    `rint(float(acc) * scale)` (ties to even), with the float32 `scale = (s_a * s_b) /
+    s_out` computed in that order. The Keras product of the two fake-quantized floats
+    rounds `a * b` and then `(a * b - min) / s_out` instead: the same value up to
+    float32 noise, which flips a product that sits near a rounding tie. A squeeze-
+    excite gate on LOGISTIC's 256-level grid times a 4-bit tensor makes thousands of
+    distinct products, enough for a few to sit there, and each flip repeats at every
+    position with that pair (EfficientNet, RegNetY: tens of output steps). Computing
+    XNNPACK's integers makes the two agree. Hand-written after XNNPACK's
+    `qs8-vmul` fp32 kernels (`minmax-fp32-scalar`).
+
+    Args:
+      a, b: float tensors on the grids of step `step_a`, `step_b` (zero on the grid).
+      step_a, step_b, step_out: float32 scalar steps.
+
+    Returns:
+      The float values `out_int * step_out` (before the output range's clamp).
+
+    Example:
+      >>> float(int8_mul(0.75, 0.5, 0.25, 0.125, 0.0625))
+      0.375
+    """
+    scale = (_float32(step_a) * _float32(step_b)) / _float32(step_out)
+    acc = to_integers(_float32(a) / _float32(step_a)) * to_integers(_float32(b) / _float32(step_b))
+    return tf.round(acc * scale) * _float32(step_out)
+
+
+def requantize(acc, input_weight_step, step_out):
+    """A weighted layer's int32 accumulator rounded onto `step_out` as XNNPACK rounds it.
+
+    XNNPACK's CONV_2D, DEPTHWISE_CONV_2D, FULLY_CONNECTED and TRANSPOSE_CONV compute
+    `rint(float(acc) * scale)` (ties to even) with the float32 `scale = (s_in * s_w)
+    / s_out` per output channel; Keras' `fake_quant(acc * s_in * s_w)` rounds the
+    product, then `(y - min) / s_out`. Where the accumulator takes many values (wide
+    layers) a few land within float32 noise of a tie and round one step apart; later
+    layers carry the step to the logits (Xception, RegNetX002: 14-19 output steps).
+
+    Args:
+      acc: the float32 accumulator (integers: `tf_pfq.wrapper`'s integer arithmetic).
+      input_weight_step: `s_in * s_w`, a scalar or per output channel (last axis).
+      step_out: the output grid's step.
+
+    Returns:
+      `rint(acc * scale) * step_out`, on the output grid before its clamps.
+    """
+    scale = _float32(input_weight_step) / _float32(step_out)
+    return tf.round(acc * scale) * _float32(step_out)
+
+
+def int8_add(a, b, step_a, step_b, step_out):
+    """`a + b` rounded onto the grid `step_out` as XNNPACK's int8 ADD rounds it.
+
+    XNNPACK (LiteRT's CPU path) adds int8 tensors in fixed point: each input's scale
+    ratio `s_a / s_out` becomes an integer multiplier `A = rint(ratio * 2^shift)`
+    with 21 significant bits, and the output is `(A a_int + B b_int + 2^(shift-1)) >>
+    shift`. The multipliers differ from the true ratios by up to 2^-21 of them, so a
+    sum within ~1e-4 steps of a rounding tie can round the other way than the exact
+    float sum does; in a low-bit net only a few thousand (a_int, b_int) pairs occur,
+    and one such pair repeats at every position it occurs (seen on MobileNetV2: 11 of
+    6144 values of one Add one int8 step off, which later 4-bit layers grew to 46
+    logit steps). Computing the same integers here makes the Keras model and the
+    file agree. Hand-written after XNNPACK's `xnn_init_qs8_add_minmax_scalar_params`
+    and its `qs8-vadd` kernels; no library exposes the rounding.
+
+    Args:
+      a, b: float tensors on the grids of step `step_a`, `step_b` (zero on the grid).
+      step_a, step_b, step_out: float32 scalar steps.
+
+    Returns:
+      The float values `out_int * step_out` (before the output range's clamp).
+
+    Example:
+      >>> float(int8_add(1.3811314, -0.8419381, 0.026560219, 0.28064603, 0.03267851))
+      0.5555346608161926
+    """
+    ratio_a = tf.cast(step_a, tf.float32) / tf.cast(step_out, tf.float32)
+    ratio_b = tf.cast(step_b, tf.float32) / tf.cast(step_out, tf.float32)
+    largest = tf.maximum(ratio_a, ratio_b)
+    exponent = tf.bitwise.right_shift(tf.bitcast(largest, tf.int32), 23) - 127
+    shift = _ADD_MULTIPLIER_BITS - exponent
+    scale = tf.pow(tf.constant(2.0, tf.float32), tf.cast(shift, tf.float32))  # exact
+
+    def multiplier(ratio):
+        return tf.cast(tf.round(ratio * scale), tf.int32)  # lrintf: ties to even
+
+    def integers(x, step):
+        return tf.cast(tf.round(x / step), tf.int32)
+
+    acc = (
+        tf.bitwise.left_shift(1, shift - 1)
+        + multiplier(ratio_a) * integers(a, step_a)
+        + multiplier(ratio_b) * integers(b, step_b)
+    )
+    return tf.cast(tf.bitwise.right_shift(acc, shift), tf.float32) * step_out

@@ -31,7 +31,7 @@ def _is_depthwise(config) -> bool:
 class _Rescaled:
     """`activation(acc * scale)`: the one float rounding after an integer accumulation.
 
-    With `rounding` (a function of the accumulator, `tf_pfq.wrapper.requantize` on
+    With `rounding` (a function of the accumulator, `tf_pfq.int8_kernels.requantize` on
     the output grid), inference rounds as the integer file does instead; training
     keeps the product, whose output quantizer also sets the range.
     """

@@ -67,6 +67,7 @@ from tf_pfq.export.grids import (
     _Tensor,
 )
 from tf_pfq.export.int8_ops import _bilinear
+from tf_pfq.export.pass_through import PASS_THROUGH
 from tf_pfq.export.plan import ExportPlan, LayerQuantization
 from tf_pfq.export.policies import Simulate
 from tf_pfq.export.weighted import (
@@ -86,36 +87,6 @@ OUTPUT_MARGIN = 0.1
 # Handlers whose last TFLite op takes a fused ReLU (CONV_2D, DEPTHWISE_CONV_2D,
 # FULLY_CONNECTED, ADD, MUL, swish's MUL); MEAN, CONCATENATION, RESIZE_* do not.
 _FUSES_RELU = frozenset([Lowering.WEIGHTED, Lowering.ADD, Lowering.MULTIPLY, Lowering.ACTIVATION])
-
-
-def _max_pool(v, config):
-    return tf.nn.max_pool2d(v, config["pool_size"], config["strides"], config["padding"].upper())
-
-
-def _zero_pad(v, config):
-    (top, bottom), (left, right) = config["padding"]
-    return tf.pad(v, [[0, 0], [top, bottom], [left, right], [0, 0]])
-
-
-def _crop(v, config):
-    (top, bottom), (left, right) = config["cropping"]
-    return v[:, top : v.shape[1] - bottom, left : v.shape[2] - right, :]
-
-
-# What each `Lowering.PASS_THROUGH` layer computes on its input (values on the
-# input's grid stay on it), by its family: (input, layer config) -> output.
-_PASS_THROUGH: dict[Family, Callable[[Any, dict], Any]] = {
-    Family.INPUT: lambda v, config: v,
-    Family.DROPOUT: lambda v, config: v,
-    Family.FLATTEN: lambda v, config: tf.reshape(v, [v.shape[0], -1]),
-    Family.RESHAPE: lambda v, config: tf.reshape(v, [v.shape[0], *config["target_shape"]]),
-    Family.POOL_MAX: _max_pool,
-    Family.GLOBAL_POOL_MAX: lambda v, config: tf.reduce_max(
-        v, axis=[1, 2], keepdims=config.get("keepdims", False)
-    ),
-    Family.PADDING: _zero_pad,
-    Family.CROPPING: _crop,
-}
 
 
 def _activation_fn(name: str, layer_name: str):
@@ -474,7 +445,7 @@ class _Builder:
 
     def _pass_through(self, name: str, layer, inputs: list[_Tensor]) -> _Tensor:
         x = inputs[0]
-        y = _PASS_THROUGH[family_of(layer)](x.value, layer.get_config())
+        y = PASS_THROUGH[family_of(layer)](x.value, layer.get_config())
         t = _Tensor(y, x.lo, x.hi, x.grid, x.nonneg)
         return self._quantize_output(name, t, needs_range=self.graph.is_output(name))
 
