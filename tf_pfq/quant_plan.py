@@ -439,9 +439,10 @@ def plan_configs(
                     else None
                 ),
             )
-        elif _is_fused_add(graph, name, outputs):
-            # No grid of its own, but at inference it rounds onto its ReLU's grid as
-            # integer inference does (`tf_pfq.wrapper.add_sources`): a bare wrapper.
+        elif _is_fused_add(graph, name, outputs) or entry_for(layer).quant is Quant.CLAMP:
+            # No grid of its own, but it computes as integer inference does: a fused
+            # Add rounds onto its ReLU's grid (`tf_pfq.wrapper.add_sources`), a max /
+            # min with a number uses the number on its input's grid. A bare wrapper.
             configs[name] = PfqQuantizeConfig(None, None, None)
     return configs
 

@@ -387,6 +387,8 @@ def preserves_grid(layer) -> bool:
       ...     keras.layers.UpSampling2D(interpolation="bilinear"))
       (True, False)
     """
+    if isinstance(layer, tfmot.quantization.keras.QuantizeWrapper):
+        layer = layer.layer  # a quantizer-less wrapper (max / min with a number)
     return entry_for(layer).preserves_grid(layer)
 
 

@@ -64,7 +64,7 @@ from tf_pfq.int8_kernels import (
     prelu_alpha_on_grid,
     requantize,
 )
-from tf_pfq.layers.table import Family, activation_name, entry_for, family_of
+from tf_pfq.layers.table import Family, Quant, activation_name, entry_for, family_of
 from tf_pfq.quant_math import mean_weight
 from tf_pfq.quantize_configs import PfqQuantizeConfig
 from tf_pfq.quantizers import (
@@ -327,6 +327,8 @@ class PfqQuantizeWrapper(tfmot.quantization.keras.QuantizeWrapperV2):
             return self._concat(inputs, training, **kwargs)
         if family_of(self.layer) is Family.LEAKY_RELU:
             return self._leaky_relu(inputs, training, **kwargs)
+        if entry_for(self.layer).quant is Quant.CLAMP:
+            return self._clamp(inputs, training, **kwargs)
         if family_of(self.layer) is Family.PRELU:
             return self._prelu(inputs, training, **kwargs)
         source = integer_source(self)
@@ -474,6 +476,16 @@ class PfqQuantizeWrapper(tfmot.quantization.keras.QuantizeWrapperV2):
             return self._at_inference(inputs, integer, training, **kwargs)
         finally:
             self.layer.alpha = alpha
+
+    def _clamp(self, inputs, training, **kwargs):
+        # The file's MAXIMUM / MINIMUM keep the input's grid and store the number on
+        # it (rounded, clipped to the range): the layer computes with that number,
+        # in training too, so its output stays on the grid and the file is exact.
+        grid = _input_grid(self) if self.inbound_nodes else None
+        if grid is None:
+            return super().call(inputs, training=training, **kwargs)
+        number = fake_quant(self.layer.scalar, grid.min_var, grid.max_var, grid.num_bits)
+        return self.layer.apply_op(inputs, number)
 
     def _swish(self, inputs, training, **kwargs):
         # The file computes swish as LOGISTIC (onto 1/256) then MUL: at inference the

@@ -31,7 +31,9 @@ the QAT model rounds:
   rounding onto the ReLU's grid), `x * c`, `x / c` (as a product by `1 / c`:
   TFLite has no int8 DIV) and `x * y` to MUL, `tf.nn.relu` / `tf.nn.relu6` to a
   fused RELU / RELU6. Each rounds once onto the grid QAT gave the op's output (the
-  constant operand is an int8 tensor of its own, exact for a single value). Any
+  constant operand is an int8 tensor of its own, exact for a single value).
+  `tf.maximum(x, c)` / `tf.minimum(x, c)` lower to MAXIMUM / MINIMUM, which keep
+  their input's grid, with c written on it as QAT snapped it (no rounding). Any
   other op layer (TFOpLambda, SlicingOpLambda, Lambda) is refused by name.
 * tensors without a QAT quantizer (Add outputs with `add_bits=None`, logits, the
   model input if it has no quantizer) get an ordinary 8-bit range: the calibrated
@@ -80,6 +82,7 @@ from tf_pfq.export.weighted import (
 from tf_pfq.graph import LayerGraph
 from tf_pfq.int8_kernels import prelu_alpha_on_grid
 from tf_pfq.layers.table import Family, Lowering, activation_name, entry_for, family_of, lookup
+from tf_pfq.quant_math import fake_quant
 
 # Calibrated output (logit) ranges are widened by this share of their width on each side.
 OUTPUT_MARGIN = 0.1
@@ -154,6 +157,7 @@ class _Builder:
             Lowering.ADD: self._add,
             Lowering.MULTIPLY: self._multiply,
             Lowering.OP: self._op,
+            Lowering.CLAMP: self._clamp,
             Lowering.CONCAT: self._concat,
         }
         # Activations lowered to TFLite's int8 lookup-style kernels (not fused into a
@@ -432,6 +436,23 @@ class _Builder:
         t = _Tensor(value, np.float32(lo), np.float32(hi), None, nonneg)
         sums = op.kind in ("add", "subtract")
         return self._quantize_output(name, t, self._needs_range(name) if sums else True)
+
+    def _clamp(self, name: str, layer, inputs: list[_Tensor]) -> _Tensor:
+        """MAXIMUM / MINIMUM with a number: one int8 op on the input's grid.
+
+        The converter gives the op its input's scale and stores the number on that
+        grid; it is written here already on the grid QAT snapped it to (rounded and
+        clipped to the range), so no value is rounded and the file is exact.
+        """
+        x = inputs[0]
+        number = np.float32(layer.scalar)
+        with tf.init_scope():  # eagerly, to a number: the function is being traced
+            if x.grid is not None:
+                grid = x.grid
+                number = fake_quant(number, grid.min, grid.max, grid.num_bits).numpy()
+            lo, hi = (np.float32(layer.apply_op(np.float32(v), number)) for v in (x.lo, x.hi))
+        t = _Tensor(layer.apply_op(x.value, tf.constant(number)), lo, hi, x.grid, x.nonneg)
+        return self._quantize_output(name, t, needs_range=self.graph.is_output(name))
 
     def _pool(self, name: str, layer, inputs: list[_Tensor]) -> _Tensor:
         x = inputs[0]

@@ -9,7 +9,9 @@ Any other op is unknown to pruning, which then keeps the channels that reach it.
 
 For quantization and export an op matters when integer inference has an int8 op
 computing it with one rounding onto its output grid: `+`, `-`, `*` with a Python
-number or a second tensor, `/` by a number, and `tf.nn.relu` / `tf.nn.relu6`.
+number or a second tensor, `/` by a number, and `tf.nn.relu` / `tf.nn.relu6`; or
+with no rounding at all: `tf.maximum` / `tf.minimum` with a number, which keep
+their input's grid (the number is stored on it).
 `replace_op_layers` (which `tf_pfq.apply` runs first) rewrites each such op layer
 into an `ElementwiseOp` layer of the same name: a serializable Keras layer stating
 the op and its constant, which tfmot can wrap (its wrapper loses the operands an
@@ -134,8 +136,13 @@ _MODELLED = {
     "math.divide": "divide",
     "nn.relu": "relu",
     "nn.relu6": "relu6",
+    "math.maximum": "maximum",
+    "math.minimum": "minimum",
 }
-KINDS = ("add", "subtract", "multiply", "divide", "relu", "relu6")
+KINDS = ("add", "subtract", "multiply", "divide", "relu", "relu6", "maximum", "minimum")
+# Kinds that take a number only: TFLite's int8 MAXIMUM / MINIMUM of two tensors need
+# both on one grid, which nothing in tf_pfq's QAT arranges.
+_SCALAR_ONLY = ("divide", "maximum", "minimum")
 
 
 @keras.utils.register_keras_serializable(package="tf_pfq")
@@ -143,12 +150,14 @@ class ElementwiseOp(keras.layers.Layer):
     """`x <kind> scalar`, `x <kind> y` of two tensors, or relu / relu6 of `x`.
 
     The layer `replace_op_layers` puts where functional code wrote `x + 3.0`,
-    `x * y` or `tf.nn.relu6(x)`. With `scalar` it takes one tensor; without, the
-    binary kinds take a list `[x, y]`.
+    `x * y`, `tf.maximum(x, 0.5)` or `tf.nn.relu6(x)`. With `scalar` it takes one
+    tensor; without, the binary kinds take a list `[x, y]`.
 
     Args:
-      kind: one of "add", "subtract", "multiply", "divide", "relu", "relu6".
-      scalar: the number operand of a binary kind, or None for two tensors.
+      kind: one of "add", "subtract", "multiply", "divide", "relu", "relu6",
+        "maximum", "minimum".
+      scalar: the number operand of a binary kind, or None for two tensors
+        ("divide", "maximum" and "minimum" need one).
 
     Example:
       >>> layer = ElementwiseOp("divide", 6.0)
@@ -169,6 +178,8 @@ class ElementwiseOp(keras.layers.Layer):
                 f"kind='divide' needs a non-zero `scalar` (TFLite has no int8 DIV of two "
                 f"tensors). Received: scalar={scalar!r}"
             )
+        if kind in _SCALAR_ONLY and scalar is None:
+            raise ValueError(f"kind={kind!r} needs a number `scalar`. Received: None")
         self.kind = kind
         self.scalar = None if scalar is None else float(scalar)
 
@@ -178,8 +189,9 @@ class ElementwiseOp(keras.layers.Layer):
         return 2 if self.scalar is None and self.kind not in ("relu", "relu6") else 1
 
     def apply_op(self, x, y=None):
-        """The op on `x` (and `y` for two tensors), in float."""
-        other = self.scalar if self.tensors == 1 else y
+        """The op on `x` and `y`, in float; `y` defaults to `scalar` for one tensor (the
+        QAT wrapper passes the number as the integer file stores it)."""
+        other = self.scalar if y is None else y
         if self.kind == "relu":
             return tf.nn.relu(x)
         if self.kind == "relu6":
@@ -190,6 +202,10 @@ class ElementwiseOp(keras.layers.Layer):
             return x - other
         if self.kind == "multiply":
             return x * other
+        if self.kind == "maximum":
+            return tf.maximum(x, other)
+        if self.kind == "minimum":
+            return tf.minimum(x, other)
         return x / other
 
     def call(self, inputs):
@@ -237,7 +253,7 @@ def _modelled(layer_config: dict, names: set) -> tuple[str, float | None, list] 
             return None
         return kind, float(y), [record]
     is_ref = isinstance(y, list) and len(y) == 3 and isinstance(y[0], str) and y[0] in names
-    if is_ref and kind != "divide":  # TFLite has no int8 DIV of two tensors
+    if is_ref and kind not in _SCALAR_ONLY:
         return kind, None, [record, [y[0], y[1], y[2], {}]]
     return None
 
@@ -245,8 +261,9 @@ def _modelled(layer_config: dict, names: set) -> tuple[str, float | None, list] 
 def replace_op_layers(model):
     """`model` with each op layer `ElementwiseOp` computes replaced by one, same name.
 
-    `x + 3.0`, `x - c`, `x * c`, `x / c` (c a Python number), `x + y`, `x - y`,
-    `x * y` (two tensors), `tf.nn.relu(x)` and `tf.nn.relu6(x)` become
+    `x + 3.0`, `x - c`, `x * c`, `x / c`, `tf.maximum(x, c)`, `tf.minimum(x, c)`
+    (c a Python number), `x + y`, `x - y`, `x * y` (two tensors), `tf.nn.relu(x)`
+    and `tf.nn.relu6(x)` become
     `ElementwiseOp` layers; other layers (other op layers included) are kept. A
     model without such op layers is returned as is.
 

@@ -181,6 +181,9 @@ class Quant(enum.Enum):
     ADD = "add"  # output at `add_bits`, unless a ReLU consumer fuses it
     CONCAT = "concat"  # one shared range for the output and the inputs reaching only it
     PRESERVES = "preserves"  # output on its input's grid: no quantizer of its own
+    # Like PRESERVES, but the layer's number operand is stored on that grid (int8
+    # MAXIMUM / MINIMUM with a constant): a quantizer-less wrapper snaps it in QAT.
+    CLAMP = "clamp"
     INPUT = "input"  # a model input: tfmot's QuantizeLayer after it
     REFUSED = "refused"  # apply refuses it by name (an op layer)
     # Rescaling / Normalization: a per-channel affine; no quantizer of its own in
@@ -204,6 +207,7 @@ class Lowering(enum.Enum):
     MULTIPLY = "multiply"
     PASS_THROUGH = "pass-through"
     OP = "op"  # an ElementwiseOp: the op, then its output grid (`_Builder._op`)
+    CLAMP = "clamp"  # MAXIMUM / MINIMUM with a number on the input's grid (`_Builder._clamp`)
     REFUSED = "refused"  # a known layer the export cannot lower; `LayerEntry.refusal` says why
 
 
@@ -405,7 +409,7 @@ def op_refusal(name: str, layer, action: str) -> str:
 
 MODELLED_OPS = (
     "tf_pfq models +, - and * with a number or a second tensor, / by a number, "
-    "tf.nn.relu and tf.nn.relu6"
+    "tf.maximum and tf.minimum with a number, tf.nn.relu and tf.nn.relu6"
 )
 
 
@@ -496,6 +500,22 @@ _OP_RELU = LayerEntry(
 )
 
 
+# `tf.maximum(x, c)` / `tf.minimum(x, c)`: the int8 op keeps its input's scale and
+# stores c on that grid, so the output takes no rounding (the same integers, and c
+# as the file stores it: `tf_pfq.wrapper` snaps it in QAT, `_Builder._clamp` writes
+# it already snapped).
+_OP_CLAMP = LayerEntry(
+    "ElementwiseOp(maximum / minimum)",
+    ElementwiseOp,
+    Family.ELEMENTWISE_OP,
+    **_ELEMENTWISE,
+    quant=Quant.CLAMP,
+    grid=_always,
+    lowering=Lowering.CLAMP,
+    tflite="MAXIMUM / MINIMUM",
+)
+
+
 # `x + y` and `x * y` of two tensors merge channel c of both, as Add and Multiply do
 # (`x - y` stays opaque to pruning: no absorption rule takes a difference).
 _OP_SUM = dataclasses.replace(
@@ -512,6 +532,8 @@ def _resolve_op(layer) -> LayerEntry:
         return _OP_SUM if layer.kind == "add" and layer.tensors == 2 else _OP_ADD
     if layer.kind in ("relu", "relu6"):
         return _OP_RELU
+    if layer.kind in ("maximum", "minimum"):
+        return _OP_CLAMP
     if layer.tensors == 2:
         return _OP_PRODUCT
     return _BY_NAME["ElementwiseOp"]
@@ -519,7 +541,7 @@ def _resolve_op(layer) -> LayerEntry:
 
 def op_entries() -> tuple[LayerEntry, ...]:
     """The entries an ElementwiseOp resolves to: its class entry (products), add, relu..."""
-    return (_BY_NAME["ElementwiseOp"], _OP_PRODUCT, _OP_ADD, _OP_SUM, _OP_RELU)
+    return (_BY_NAME["ElementwiseOp"], _OP_PRODUCT, _OP_ADD, _OP_SUM, _OP_RELU, _OP_CLAMP)
 
 
 def _entry(cls, family: Family, **fields) -> LayerEntry:
