@@ -52,6 +52,12 @@ flags.DEFINE_integer("chunk", 20, "Seeds per worker process.")
 flags.DEFINE_integer("seed_timeout", 600, "Seconds one seed may take before it is killed.")
 flags.DEFINE_list("worker", None, "Internal: run these seeds in this process.")
 flags.DEFINE_bool("report", False, "Only write the tables from the rows finished so far.")
+flags.DEFINE_bool(
+    "more_activations",
+    False,
+    "Blocks also draw LeakyReLU, PReLU and max/min with numbers (other graphs per seed; "
+    "use its own --workdir and --results).",
+)
 
 EXACT_P99, EXACT_MAX = 0.5, 1.0
 # The Keras logits are float32: half a step reads 0.5000003 (`compare.NOISE_STEPS`).
@@ -92,7 +98,10 @@ def run_seed(seed: int) -> dict:
 
     started = time.time()
     try:
-        result = testing.run_random_graph(seed, epochs=FLAGS.epochs)
+        activations = testing.graphs.ACTIVATIONS
+        if FLAGS.more_activations:
+            activations += testing.graphs.MORE_ACTIVATIONS
+        result = testing.run_random_graph(seed, epochs=FLAGS.epochs, activations=activations)
     except Exception as e:  # the graph could not even be built: a generator bug
         return {"seed": seed, "category": "failed", "stage": "build", "error": repr(e)[:400]}
     row: dict = {"seed": seed, "category": category(result)}
@@ -147,6 +156,7 @@ def _run_chunk(seeds: list[int]) -> None:
     while pending:
         command = [sys.argv[0], f"--worker={','.join(map(str, pending))}"]
         command += [f"--workdir={FLAGS.workdir}", f"--epochs={FLAGS.epochs}"]
+        command += [f"--more_activations={FLAGS.more_activations}"]
         started = time.time()
         try:
             code = subprocess.run(
@@ -317,7 +327,7 @@ def write(rows: list[dict], elapsed: float) -> None:
 
 def _command() -> str:
     parts = ["python benchmarks/export_fuzz.py"]
-    for name in ("seeds", "first_seed", "epochs"):
+    for name in ("seeds", "first_seed", "epochs", "more_activations"):
         if FLAGS[name].value != FLAGS[name].default:
             parts.append(f"--{name}={FLAGS[name].value}")
     if FLAGS.results != FLAGS["results"].default:

@@ -19,6 +19,7 @@ import pytest
 
 from tf_pfq import testing
 from tf_pfq.compat import keras
+from tf_pfq.testing import graphs
 from tf_pfq.testing.graphs import BLOCKS
 
 L = keras.layers
@@ -33,7 +34,23 @@ NOISE_STEPS = 1e-3
 @pytest.mark.parametrize("seed", SEEDS)
 def test_a_random_graph_exports_exactly(seed):
     keras.backend.clear_session()  # layer names of the seed's own, as in the benchmark
-    result = testing.run_random_graph(seed)
+    _check_exact(testing.run_random_graph(seed))
+
+
+# Graphs that draw LeakyReLU, PReLU and max / min with numbers too: two seeds whose
+# graphs hold all three (260 feeds a clamp into a Concatenate).
+@pytest.mark.slow
+@pytest.mark.parametrize("seed", [102, 260])
+def test_a_random_graph_with_the_newer_activations_exports_exactly(seed):
+    keras.backend.clear_session()
+    activations = graphs.ACTIVATIONS + graphs.MORE_ACTIVATIONS
+    result = testing.run_random_graph(seed, activations=activations)
+    assert all(kind in str(result.description) for kind in graphs.MORE_ACTIVATIONS)
+    assert result.error is None, result.error  # both measured exact: no refusal here
+    _check_exact(result)
+
+
+def _check_exact(result):
     where = f"{result.description}\n{result.stages}"
     if result.error is not None:
         refused = result.failed_stage == "tflite" and isinstance(result.error, ValueError)

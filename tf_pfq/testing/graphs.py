@@ -31,16 +31,28 @@ from collections.abc import Callable
 from typing import Any
 
 import numpy as np
+import tensorflow as tf
 
 from tf_pfq.compat import keras
 from tf_pfq.layers.table import Family, family_of
 from tf_pfq.quantizers import MAX_BITS, MIN_BITS, WEIGHT_SCHEMES
 from tf_pfq.testing import chain as testing
 
-__all__ = ["GraphDescription", "random_graph", "run_random_graph", "BLOCKS", "ACTIVATIONS"]
+__all__ = [
+    "GraphDescription",
+    "random_graph",
+    "run_random_graph",
+    "BLOCKS",
+    "ACTIVATIONS",
+    "MORE_ACTIVATIONS",
+]
 
 L = keras.layers
 ACTIVATIONS = ("relu", "relu6", "swish", "hard_swish", "sigmoid", "tanh", "linear")
+# Drawn only when asked for (`random_graph(seed, activations=...)`), so that the
+# default seeds keep building the graphs their recorded results measured:
+# LeakyReLU, PReLU (alpha per channel) and `tf.minimum(tf.maximum(x, a), b)`.
+MORE_ACTIVATIONS = ("leaky_relu", "prelu", "clamp")
 BLOCKS = (
     "conv",
     "grouped_conv",
@@ -98,8 +110,9 @@ class GraphDescription:
 class _GraphBuilder:
     """Draws one graph block by block; every name holds its block's index."""
 
-    def __init__(self, rng: np.random.Generator):
+    def __init__(self, rng: np.random.Generator, activations: tuple[str, ...] = ACTIVATIONS):
         self.rng = rng
+        self.activations = tuple(activations)
         self.blocks: list[str] = []
         self.prefix = "stem"
 
@@ -126,6 +139,14 @@ class _GraphBuilder:
             return L.ReLU(6.0, name=self.name(part))(x)
         if kind == "hard_swish":
             return L.Multiply(name=self.name(part))([x, self.hard_sigmoid(x, part)])
+        if kind == "leaky_relu":
+            return L.LeakyReLU(float(self.pick((0.01, 0.1, 0.3))), name=self.name(part))(x)
+        if kind == "prelu":
+            alpha = keras.initializers.RandomUniform(0.0, 0.5, seed=int(self.rng.integers(1 << 30)))
+            return L.PReLU(alpha, shared_axes=[1, 2], name=self.name(part))(x)
+        if kind == "clamp":
+            low = float(self.rng.uniform(-1.0, 0.2))
+            return tf.minimum(tf.maximum(x, low), low + float(self.rng.uniform(0.5, 3.0)))
         return L.Activation(kind, name=self.name(part))(x)
 
     def hard_sigmoid(self, x, part: str):
@@ -145,7 +166,7 @@ class _GraphBuilder:
         bn = self.chance(0.85)
         if bn:
             x = L.BatchNormalization(name=self.name(f"{part}_bn"))(x)
-        act = self.pick(ACTIVATIONS)
+        act = self.pick(self.activations)
         x = self.activation(x, act, f"{part}_{act}")
         parts = [str(filters), *(f"{k}={v}" for k, v in kwargs.items())]
         parts += ["bias"] * use_bias + ["bn"] * bn + [act]
@@ -186,7 +207,7 @@ class _GraphBuilder:
             name=self.name("dw"),
         )(x)
         x = L.BatchNormalization(name=self.name("dw_bn"))(x)
-        act = self.pick(ACTIVATIONS)
+        act = self.pick(self.activations)
         x = self.activation(x, act, f"dw_{act}")
         return x, f"depthwise(3, s={stride}, m={multiplier}, bn, {act})"
 
@@ -284,13 +305,13 @@ class _GraphBuilder:
         return L.Dense(classes, name="logits")(x)
 
 
-def _build(seed: int):
+def _build(seed: int, activations: tuple[str, ...] = ACTIVATIONS):
     """The float model of `seed` and its builder (for the description)."""
     rng = np.random.default_rng(seed)
     keras.utils.set_random_seed(seed)
     size = int(rng.choice((8, 10, 12)))
     channels = int(rng.choice((1, 3)))
-    builder = _GraphBuilder(rng)
+    builder = _GraphBuilder(rng, activations)
     inputs = keras.Input((size, size, channels), name="image")
     x = inputs
     if builder.chance(0.3):
@@ -324,7 +345,7 @@ def _plant_dead(model, rng: np.random.Generator, seed: int):
         return model, []
 
 
-def random_graph(seed: int):
+def random_graph(seed: int, activations: tuple[str, ...] = ACTIVATIONS):
     """A random small functional model of exportable layers, and how to quantize it.
 
     The model is float, with dead channels planted in one to three BN layers
@@ -334,11 +355,13 @@ def random_graph(seed: int):
 
     Args:
       seed: everything (architecture, weights, statistics, setting) is drawn from it.
+      activations: the activations conv and depthwise blocks draw from; e.g.
+        `ACTIVATIONS + MORE_ACTIVATIONS` (other seeds' graphs then).
 
     Returns:
       (model, `GraphDescription`).
     """
-    model, builder, rng = _build(seed)
+    model, builder, rng = _build(seed, tuple(activations))
     model, planted = _plant_dead(model, rng, seed)
     model = testing.with_live_batchnorm(model, images(seed), seed=seed)
     description = GraphDescription(
@@ -364,7 +387,9 @@ def images(seed: int) -> np.ndarray:
     return data.astype(np.float32)
 
 
-def run_random_graph(seed: int, epochs: int = 1) -> testing.ChainResult:
+def run_random_graph(
+    seed: int, epochs: int = 1, activations: tuple[str, ...] = ACTIVATIONS
+) -> testing.ChainResult:
     """Graph `seed` through the whole chain, measured on XNNPACK (`tf_pfq.testing.run_chain`).
 
     Both fine-tunings run `epochs` epochs of `tf_pfq.training.fit` (momentum SGD at
@@ -376,7 +401,7 @@ def run_random_graph(seed: int, epochs: int = 1) -> testing.ChainResult:
     """
     from tf_pfq.training import TrainConfig
 
-    model, description = random_graph(seed)
+    model, description = random_graph(seed, activations)
     data = images(seed)
     classes = int(model.output_shape[-1])
     labels = np.random.default_rng([seed, 2]).integers(0, classes, len(data))
