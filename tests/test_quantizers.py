@@ -342,6 +342,45 @@ def test_bias_grid_source_is_decided_when_wrapping_and_checked():
         bias["b"].input_quantizer()
 
 
+def test_every_wrapped_layer_records_its_input_grids_and_the_wrapper_checks_them():
+    # apply records, per input, whose output quantizer sets its grid: the Add reads
+    # the ReLU across a max pool and the conv `c` (its own range), the fused Add's
+    # ReLU consumer reads the Add itself (no grid: None), the max-with-a-number the
+    # ReLU `r`. The integer wrapper links to the same quantizers.
+    from tf_pfq import wrapper
+
+    layers = keras.layers
+    x = keras.Input((4, 4, 2), name="image")
+    a = layers.ReLU(name="a_relu")(layers.Conv2D(2, 1, name="a")(x))
+    c = layers.Conv2D(2, 2, padding="same", strides=2, name="c")(x)
+    s = layers.Add(name="sum")([layers.MaxPooling2D(name="pool")(a), c])
+    r = layers.ReLU(name="r")(layers.Add(name="fused")([s, c]))
+    y = layers.Conv2D(2, 1, name="out")(tf.maximum(r, 0.25))
+    qat = tf_pfq.apply(keras.Model(x, y), activation_bits=4, weight_bits=4)
+
+    def config(name):
+        return qat.get_layer(f"quant_{name}").quantize_config
+
+    clamp = next(w.layer.name for w in qat.layers if "maximum" in w.name)
+    assert config("sum").input_sources == ("a_relu", "c")
+    assert config("fused").input_sources == ("sum", "c")
+    assert config("r").input_sources == (None,)
+    assert config(clamp).input_sources == ("r",)
+    assert config("a").input_sources == ("image",)
+    assert config("sum").get_config()["input_sources"] == ["a_relu", "c"]
+    found = wrapper.input_grids(qat.get_layer("quant_sum"))
+    assert [f[0] for f in found] == [
+        config("a_relu").output_quantizer,
+        config("c").output_quantizer,
+    ]
+    # A graph that disagrees with the recorded decision is refused, not followed.
+    config("sum").input_sources = ("c", "a_relu")
+    with pytest.raises(RuntimeError, match=r"planned its inputs on the grids of \['c', 'a_relu'\]"):
+        wrapper.input_grids(qat.get_layer("quant_sum"))
+    with pytest.raises(RuntimeError, match=r"rewired after tf_pfq\.apply"):
+        qat(np.zeros((1, 4, 4, 2), np.float32), training=False)  # the model's own call
+
+
 @pytest.mark.parametrize("num_bits", BITS)
 @pytest.mark.parametrize("per_channel", [False, True])
 def test_symmetric_scheme_is_narrow_range_centred_on_zero(num_bits, per_channel):

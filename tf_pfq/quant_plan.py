@@ -366,21 +366,27 @@ def _is_non_negative(layer) -> bool:
 
 
 def _input_source(graph, name, outputs, input_bits) -> str | None:
-    """The layer whose output quantizer sets `name`'s input grid (a model input when the
-    input is quantized), walking up through grid-preserving layers; None if off-grid."""
-    current = name
+    """The layer whose output quantizer sets `name`'s (single) input grid; None if
+    off-grid or several inputs (`_grid_source`)."""
+    producers = graph.inputs_of(name)
+    return _grid_source(graph, producers[0], outputs, input_bits) if len(producers) == 1 else None
+
+
+def _grid_source(graph, producer, outputs, input_bits) -> str | None:
+    """The layer whose output quantizer sets the grid of `producer`'s output (a model
+    input when the input is quantized), walking up through grid-preserving layers;
+    None if off-grid. `tf_pfq.quantizers.producer_grid` walks the QAT model the same way.
+    """
+    current = producer
     while True:
+        if current in graph.input_names:
+            return current if input_bits is not None else None
+        if current in outputs:
+            return current
         producers = graph.inputs_of(current)
-        if len(producers) != 1:
+        if not preserves_grid(graph.layer(current)) or len(producers) != 1:
             return None
-        producer = producers[0]
-        if producer in graph.input_names:
-            return producer if input_bits is not None else None
-        if producer in outputs:
-            return producer
-        if not preserves_grid(graph.layer(producer)):
-            return None
-        current = producer
+        current = producers[0]
 
 
 def plan_configs(
@@ -426,6 +432,7 @@ def plan_configs(
                 input_source=_input_source(graph, name, outputs, input_bits),
             )
         swish = activation_name(layer) == "swish"
+        sources = tuple(_grid_source(graph, p, outputs, input_bits) for p in graph.inputs_of(name))
         if output_quantizer or weight_quantizer or swish:
             configs[name] = PfqQuantizeConfig(
                 weight_quantizer,
@@ -438,12 +445,13 @@ def plan_configs(
                     if family_of(layer) is Family.CONCAT
                     else None
                 ),
+                input_sources=sources,
             )
         elif _is_fused_add(graph, name, outputs) or entry_for(layer).quant is Quant.CLAMP:
             # No grid of its own, but it computes as integer inference does: a fused
             # Add rounds onto its ReLU's grid (`tf_pfq.wrapper.add_sources`), a max /
             # min with a number uses the number on its input's grid. A bare wrapper.
-            configs[name] = PfqQuantizeConfig(None, None, None)
+            configs[name] = PfqQuantizeConfig(None, None, None, input_sources=sources)
     return configs
 
 

@@ -98,6 +98,10 @@ class PfqQuantizeConfig(tfmot.quantization.keras.QuantizeConfig):
         reach only this concat and so carry no quantizer: they use its output range,
         and the export puts them on its grid. Decided once by `tf_pfq.apply` and
         read by the export; None where not recorded (models saved before it was).
+      input_sources: for each input of the layer, the float-model name of the layer
+        whose output quantizer sets that input's grid (None: off every grid).
+        Decided once by `tf_pfq.apply`; the integer wrapper links to those
+        quantizers and refuses a graph that disagrees. None where not recorded.
 
     Example:
       >>> from tf_pfq.quantizers import PfqActivationQuantizer
@@ -114,6 +118,7 @@ class PfqQuantizeConfig(tfmot.quantization.keras.QuantizeConfig):
         kernel_attr: str = "kernel",
         swish_gate: bool = False,
         range_sources: tuple[str, ...] | list[str] | None = None,
+        input_sources: tuple[str | None, ...] | list[str | None] | None = None,
     ):
         if bias_quantizer is not None and weight_quantizer is None:
             raise ValueError("`bias_quantizer` needs a `weight_quantizer` (its grid is s_in*s_w).")
@@ -123,6 +128,7 @@ class PfqQuantizeConfig(tfmot.quantization.keras.QuantizeConfig):
         self.kernel_attr = kernel_attr
         self.swish_gate = bool(swish_gate)
         self.range_sources = None if range_sources is None else tuple(range_sources)
+        self.input_sources = None if input_sources is None else tuple(input_sources)
         # (input step, weight step) while `tf_pfq.wrapper.PfqQuantizeWrapper` feeds
         # the layer integers; None otherwise (never serialized).
         self._integer_steps: tuple[Any, Any] | None = None
@@ -230,6 +236,8 @@ class PfqQuantizeConfig(tfmot.quantization.keras.QuantizeConfig):
         }
         if self.range_sources is not None:
             config["range_sources"] = list(self.range_sources)
+        if self.input_sources is not None:
+            config["input_sources"] = list(self.input_sources)
         return config
 
     @classmethod
@@ -241,6 +249,7 @@ class PfqQuantizeConfig(tfmot.quantization.keras.QuantizeConfig):
             kernel_attr=config.get("kernel_attr", "kernel"),
             swish_gate=config.get("swish_gate", False),
             range_sources=config.get("range_sources"),
+            input_sources=config.get("input_sources"),
         )
 
     def __eq__(self, other):

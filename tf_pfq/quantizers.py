@@ -460,6 +460,20 @@ def producer_grid(producer):
         current = above
 
 
+def grid_source(producer) -> str | None:
+    """The float-model name of the layer whose quantizer sets `producer`'s output grid.
+
+    The layer `producer_grid` walks to (a model input for tfmot's input quantizer);
+    None when the output is on no tf_pfq grid. `tf_pfq.apply` records the same name
+    when it wraps the model (`PfqQuantizeConfig.input_sources`).
+    """
+    found = producer_grid(producer)
+    if found is None:
+        return None
+    crossed = found[1]
+    return float_name(_single_producer(crossed[-1]) if crossed else producer)
+
+
 def input_quantizer_path(layer):
     """The activation quantizer feeding `layer`, and the grid-preserving layers between.
 

@@ -73,7 +73,7 @@ from tf_pfq.quantizers import (
     PfqActivationQuantizer,
     activation_step,
     fake_quant,
-    input_quantizer_path,
+    grid_source,
     producer_grid,
     swish_gate,
     to_integers,
@@ -85,6 +85,7 @@ __all__ = [
     "add_sources",
     "multiply_sources",
     "output_grid",
+    "input_grids",
     "int8_add",
     "int8_mul",
     "requantize",
@@ -96,6 +97,43 @@ __all__ = [
 def _grid_in_training(crossed) -> bool:
     # Dropout rescales the values it keeps in training mode: off the grid there.
     return all(entry_for(c).grid_in_training for c in crossed)
+
+
+@tf.autograph.experimental.do_not_convert
+def input_grids(wrapper) -> list | None:
+    """The grid of each input of `wrapper`: `producer_grid`'s (quantizer, crossed), or
+    None for an input off every grid; None while `wrapper` is not connected.
+
+    `tf_pfq.apply` decided these grids when it wrapped the model and recorded whose
+    quantizers set them (`PfqQuantizeConfig.input_sources`); the walk here only links
+    to those quantizers.
+
+    Raises:
+      RuntimeError: the graph puts an input on another grid than the one recorded
+        (the model was rewired after `tf_pfq.apply`).
+    """
+    if not wrapper.inbound_nodes:
+        return None
+    producers = wrapper.inbound_nodes[0].inbound_layers
+    producers = list(producers) if isinstance(producers, (list, tuple)) else [producers]
+    found = [producer_grid(p) for p in producers]
+    recorded = getattr(wrapper.quantize_config, "input_sources", None)
+    if recorded is not None:
+        walked = tuple(grid_source(p) for p in producers)
+        if walked != tuple(recorded):
+            raise RuntimeError(
+                f"Layer {wrapper.layer.name!r}: tf_pfq.apply planned its inputs on the grids "
+                f"of {list(recorded)}, but the model puts them on {list(walked)}; the model "
+                "was rewired after tf_pfq.apply."
+            )
+    return found
+
+
+def _single_input_grid(wrapper):
+    """`input_grids` of a one-input layer, or None (not connected, several inputs, or
+    an input off every grid)."""
+    found = input_grids(wrapper)
+    return found[0] if found is not None and len(found) == 1 else None
 
 
 @tf.autograph.experimental.do_not_convert
@@ -114,11 +152,8 @@ def integer_source(wrapper):
         return None
     if getattr(layer, "data_format", "channels_last") != "channels_last":
         return None
-    try:
-        found = input_quantizer_path(wrapper)
-    except RuntimeError:  # an input off every grid (a float Add, `add_bits=None`)
-        return None
-    if found is None:
+    found = _single_input_grid(wrapper)
+    if found is None:  # e.g. an input off every grid (a float Add, `add_bits=None`)
         return None
     quantizer, crossed = found
     return quantizer, _grid_in_training(crossed)
@@ -150,10 +185,9 @@ def add_sources(wrapper):
             out = consumer.quantize_config.output_quantizer
     if not isinstance(out, PfqActivationQuantizer):
         return None
-    producers = wrapper.inbound_nodes[0].inbound_layers
-    if not isinstance(producers, (list, tuple)) or len(producers) != 2:
+    found = input_grids(wrapper)
+    if found is None or len(found) != 2:
         return None
-    found = [producer_grid(p) for p in producers]
     if any(f is None or not _grid_in_training(f[1]) for f in found):
         return None
     return found[0][0], found[1][0], out
@@ -202,10 +236,9 @@ def output_grid(wrapper):
 
 def _binary_grids(wrapper):
     """The grids of a two-input layer's inputs, or None when either is off every grid."""
-    producers = wrapper.inbound_nodes[0].inbound_layers if wrapper.inbound_nodes else None
-    if not isinstance(producers, (list, tuple)) or len(producers) != 2:
+    found = input_grids(wrapper)
+    if found is None or len(found) != 2:
         return None
-    found = [producer_grid(p) for p in producers]
     if any(f is None or not _grid_in_training(f[1]) for f in found):
         return None
     return found[0][0], found[1][0]
@@ -223,19 +256,13 @@ def _integer_mean(wrapper) -> bool:
     shape = wrapper.input_shape
     if layer.data_format != "channels_last" or shape[1] is None or shape[2] is None:
         return False
-    try:
-        found = input_quantizer_path(wrapper)
-    except RuntimeError:
-        return False
+    found = _single_input_grid(wrapper)
     return found is not None and _grid_in_training(found[1])
 
 
 def _input_grid(wrapper):
     """The grid `wrapper`'s single input is on, if it keeps it in training; else None."""
-    try:
-        found = input_quantizer_path(wrapper)
-    except RuntimeError:  # an input off every grid
-        return None
+    found = _single_input_grid(wrapper)
     return found[0] if found is not None and _grid_in_training(found[1]) else None
 
 
@@ -383,7 +410,7 @@ class PfqQuantizeWrapper(tfmot.quantization.keras.QuantizeWrapperV2):
         # converter drops a MEAN over 1x1 with its requantization); this rounds as
         # that conv does.
         out = self.quantize_config.output_quantizer
-        found = input_quantizer_path(self)
+        found = _single_input_grid(self)
         step = activation_step(found[0])
         weight, weight_step = mean_weight(inputs.shape[1] * inputs.shape[2])
         weight_step = tf.constant(weight_step, tf.float32)
@@ -415,8 +442,7 @@ class PfqQuantizeWrapper(tfmot.quantization.keras.QuantizeWrapperV2):
         if out is None or not isinstance(producers, (list, tuple)):
             return super().call(inputs, training=training, **kwargs)
         grids = []
-        for producer in producers:
-            found = producer_grid(producer)
+        for found in input_grids(self):
             usable = found is not None and _grid_in_training(found[1]) and found[0] is not out
             grids.append(found[0] if usable else None)
         if all(g is None for g in grids):
@@ -491,10 +517,7 @@ class PfqQuantizeWrapper(tfmot.quantization.keras.QuantizeWrapperV2):
         # The file computes swish as LOGISTIC (onto 1/256) then MUL: at inference the
         # product rounds as XNNPACK's int8 MUL does (`int8_mul`).
         out = self.quantize_config.output_quantizer
-        try:
-            found = input_quantizer_path(self)
-        except RuntimeError:  # an input off every grid: the float path
-            found = None
+        found = _single_input_grid(self)  # None: an input off every grid, the float path
         if found is None or out is None or not _grid_in_training(found[1]):
             return super().call(inputs, training=training, **kwargs)
 
