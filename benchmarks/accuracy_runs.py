@@ -487,6 +487,19 @@ def _code_version() -> str:
     return commit + ("+changes" if changed else "")
 
 
+def _source_digest() -> str:
+    """A hash of tf_pfq's source files as they are on disk now."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    package = os.path.dirname(tf_pfq.__file__)
+    for root, _, files in sorted(os.walk(package)):
+        for name in sorted(f for f in files if f.endswith(".py")):
+            with open(os.path.join(root, name), "rb") as f:
+                digest.update(name.encode() + f.read())
+    return digest.hexdigest()
+
+
 def run_all(state: State, nets: dict, runs: list, flags_) -> None:
     """Pretrains and measures what is missing, then the fine-tuning runs of this worker."""
     _code_version()  # the code this process runs, read before any run starts
@@ -523,10 +536,17 @@ def run_all(state: State, nets: dict, runs: list, flags_) -> None:
                 state.save()
     done = 0
     mine = [r for i, r in enumerate(runs) if i % flags_.workers == flags_.worker]
+    sources = _source_digest()
     for index, run in enumerate(mine):
         if state.record(run) is not None:
             continue
         if flags_.max_runs is not None and done >= flags_.max_runs:
+            break
+        if _source_digest() != sources:
+            # AutoGraph converts a layer's `call` from the source file on disk, by the
+            # line numbers of the code loaded at start: after an edit it can run
+            # another function's text. Stop rather than record such a run.
+            logging.warning("tf_pfq changed on disk since this worker started: restart it.")
             break
         model = model_of(run.pretrained)
         logging.info("Run %d/%d of this worker: %s", index + 1, len(mine), run.id)
