@@ -342,7 +342,7 @@ def test_bias_grid_source_is_decided_when_wrapping_and_checked():
         bias["b"].input_quantizer()
 
 
-def test_every_wrapped_layer_records_its_input_grids_and_the_wrapper_checks_them():
+def test_every_wrapped_layer_records_its_grids_and_the_wrapper_checks_them():
     # apply records, per input, whose output quantizer sets its grid: the Add reads
     # the ReLU across a max pool and the conv `c` (its own range), the fused Add's
     # ReLU consumer reads the Add itself (no grid: None), the max-with-a-number the
@@ -368,6 +368,11 @@ def test_every_wrapped_layer_records_its_input_grids_and_the_wrapper_checks_them
     assert config(clamp).input_sources == ("r",)
     assert config("a").input_sources == ("image",)
     assert config("sum").get_config()["input_sources"] == ["a_relu", "c"]
+    # ... and whose quantizer the file rounds each output onto: its own, the fused
+    # ReLU's for the Add and for conv `a`, none for the logits.
+    outputs = {n: config(n).output_source for n in ("sum", "fused", "a", "c", "out")}
+    assert outputs == {"sum": "sum", "fused": "r", "a": "a_relu", "c": "c", "out": None}
+    assert wrapper.add_sources(qat.get_layer("quant_fused"))[2] is config("r").output_quantizer
     found = wrapper.input_grids(qat.get_layer("quant_sum"))
     assert [f[0] for f in found] == [
         config("a_relu").output_quantizer,
@@ -379,6 +384,12 @@ def test_every_wrapped_layer_records_its_input_grids_and_the_wrapper_checks_them
         wrapper.input_grids(qat.get_layer("quant_sum"))
     with pytest.raises(RuntimeError, match=r"rewired after tf_pfq\.apply"):
         qat(np.zeros((1, 4, 4, 2), np.float32), training=False)  # the model's own call
+    config("fused").output_source = "sum"
+    with pytest.raises(RuntimeError, match=r"output on the grid of 'sum'.*puts it on 'r'"):
+        wrapper.add_sources(qat.get_layer("quant_fused"))
+    config("a").output_source = None
+    with pytest.raises(RuntimeError, match=r"output on the grid of None.*puts it on 'a_relu'"):
+        wrapper.output_grid(qat.get_layer("quant_a"))
 
 
 @pytest.mark.parametrize("num_bits", BITS)

@@ -389,6 +389,33 @@ def _grid_source(graph, producer, outputs, input_bits) -> str | None:
         current = producers[0]
 
 
+def _output_source(graph, name: str, outputs) -> str | None:
+    """The layer whose output quantizer the file rounds `name`'s output onto.
+
+    Its own; for an Add whose ReLU consumer integer inference fuses, that ReLU's
+    (`_is_fused_add`); for another layer without a quantizer, the first ReLU / ReLU6
+    consumer with one (fused into the op) or the Concatenate its output reaches
+    alone, through grid-preserving layers. `tf_pfq.wrapper.add_sources` and
+    `output_grid` find the same quantizer in the QAT model.
+    """
+    if name in outputs:
+        return name
+    if family_of(graph.layer(name)) is Family.ADD:
+        return graph.consumers_of(name)[0] if _is_fused_add(graph, name, outputs) else None
+    current = name
+    while True:
+        consumers = graph.consumers_of(current)
+        if len(consumers) != 1:
+            return None
+        consumer = graph.layer(consumers[0])
+        fuses = activation_name(consumer) in ("relu", "relu6") and _fuses_into_producer(consumer)
+        if family_of(consumer) is Family.CONCAT or (fuses and consumers[0] in outputs):
+            return consumers[0] if consumers[0] in outputs else None
+        if not fuses and not preserves_grid(consumer):
+            return None
+        current = consumers[0]
+
+
 def plan_configs(
     graph: LayerGraph,
     activation_bits: int,
@@ -446,12 +473,16 @@ def plan_configs(
                     else None
                 ),
                 input_sources=sources,
+                output_source=_output_source(graph, name, outputs),
             )
         elif _is_fused_add(graph, name, outputs) or entry_for(layer).quant is Quant.CLAMP:
             # No grid of its own, but it computes as integer inference does: a fused
             # Add rounds onto its ReLU's grid (`tf_pfq.wrapper.add_sources`), a max /
             # min with a number uses the number on its input's grid. A bare wrapper.
-            configs[name] = PfqQuantizeConfig(None, None, None, input_sources=sources)
+            output_source = _output_source(graph, name, outputs)
+            configs[name] = PfqQuantizeConfig(
+                None, None, None, input_sources=sources, output_source=output_source
+            )
     return configs
 
 

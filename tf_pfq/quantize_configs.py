@@ -79,6 +79,11 @@ def _deserialize(config):
     return _QUANTIZERS[config["class_name"]].from_config(config["config"])
 
 
+# `PfqQuantizeConfig.output_source` of a config saved before it was recorded (None
+# means "rounds onto no grid").
+NOT_RECORDED = "<not recorded>"
+
+
 class PfqQuantizeConfig(tfmot.quantization.keras.QuantizeConfig):
     """Quantizes a layer's kernel, bias and/or output with tf_pfq quantizers.
 
@@ -102,6 +107,10 @@ class PfqQuantizeConfig(tfmot.quantization.keras.QuantizeConfig):
         whose output quantizer sets that input's grid (None: off every grid).
         Decided once by `tf_pfq.apply`; the integer wrapper links to those
         quantizers and refuses a graph that disagrees. None where not recorded.
+      output_source: the float-model name of the layer whose output quantizer the
+        integer file rounds this layer's output onto: its own, a fused ReLU
+        consumer's, or a Concatenate's; None when it stays float. Recorded like
+        `input_sources` (`NOT_RECORDED` for models saved before it was).
 
     Example:
       >>> from tf_pfq.quantizers import PfqActivationQuantizer
@@ -119,6 +128,7 @@ class PfqQuantizeConfig(tfmot.quantization.keras.QuantizeConfig):
         swish_gate: bool = False,
         range_sources: tuple[str, ...] | list[str] | None = None,
         input_sources: tuple[str | None, ...] | list[str | None] | None = None,
+        output_source: str | None = NOT_RECORDED,
     ):
         if bias_quantizer is not None and weight_quantizer is None:
             raise ValueError("`bias_quantizer` needs a `weight_quantizer` (its grid is s_in*s_w).")
@@ -129,6 +139,7 @@ class PfqQuantizeConfig(tfmot.quantization.keras.QuantizeConfig):
         self.swish_gate = bool(swish_gate)
         self.range_sources = None if range_sources is None else tuple(range_sources)
         self.input_sources = None if input_sources is None else tuple(input_sources)
+        self.output_source = output_source
         # (input step, weight step) while `tf_pfq.wrapper.PfqQuantizeWrapper` feeds
         # the layer integers; None otherwise (never serialized).
         self._integer_steps: tuple[Any, Any] | None = None
@@ -238,6 +249,8 @@ class PfqQuantizeConfig(tfmot.quantization.keras.QuantizeConfig):
             config["range_sources"] = list(self.range_sources)
         if self.input_sources is not None:
             config["input_sources"] = list(self.input_sources)
+        if self.output_source != NOT_RECORDED:
+            config["output_source"] = self.output_source
         return config
 
     @classmethod
@@ -250,6 +263,7 @@ class PfqQuantizeConfig(tfmot.quantization.keras.QuantizeConfig):
             swish_gate=config.get("swish_gate", False),
             range_sources=config.get("range_sources"),
             input_sources=config.get("input_sources"),
+            output_source=config.get("output_source", NOT_RECORDED),
         )
 
     def __eq__(self, other):

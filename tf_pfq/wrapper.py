@@ -66,7 +66,7 @@ from tf_pfq.int8_kernels import (
 )
 from tf_pfq.layers.table import Family, Quant, activation_name, entry_for, family_of
 from tf_pfq.quant_math import mean_weight
-from tf_pfq.quantize_configs import PfqQuantizeConfig
+from tf_pfq.quantize_configs import NOT_RECORDED, PfqQuantizeConfig
 from tf_pfq.quantizers import (
     IDENTITY_MEAN_STEP,
     SWISH_GATE_STEP,
@@ -175,16 +175,17 @@ def add_sources(wrapper):
         return None
     if family_of(wrapper.layer) is not Family.ADD or not wrapper.inbound_nodes:
         return None
-    out = config.output_quantizer
+    out, owner = config.output_quantizer, wrapper.layer.name
     if out is None and len(wrapper.outbound_nodes) == 1:
         consumer = wrapper.outbound_nodes[0].outbound_layer
         fused = isinstance(consumer, tfmot.quantization.keras.QuantizeWrapper) and isinstance(
             consumer.quantize_config, PfqQuantizeConfig
         )
         if fused and entry_for(consumer.layer).fuses(consumer.layer):
-            out = consumer.quantize_config.output_quantizer
+            out, owner = consumer.quantize_config.output_quantizer, consumer.layer.name
     if not isinstance(out, PfqActivationQuantizer):
-        return None
+        return _checked_output(wrapper, None, None)
+    _checked_output(wrapper, owner, out)
     found = input_grids(wrapper)
     if found is None or len(found) != 2:
         return None
@@ -215,12 +216,12 @@ def output_grid(wrapper):
     """
     config = wrapper.quantize_config
     if isinstance(config, PfqQuantizeConfig) and config.output_quantizer is not None:
-        return config.output_quantizer
+        return _checked_output(wrapper, wrapper.layer.name, config.output_quantizer)
     current = wrapper
     while True:
         consumer = _only_consumer(current)
         if consumer is None:
-            return None
+            return _checked_output(wrapper, None, None)
         wrapped = _pfq_wrapper(consumer)
         inner = consumer.layer if wrapped else consumer
         out = consumer.quantize_config.output_quantizer if wrapped else None
@@ -228,10 +229,29 @@ def output_grid(wrapper):
         # linear Activation do not: there the producer keeps a grid of its own).
         fuses = activation_name(inner) in ("relu", "relu6") and entry_for(inner).fuses(inner)
         if family_of(inner) is Family.CONCAT or (fuses and out is not None):
-            return out if isinstance(out, PfqActivationQuantizer) else None
+            if not isinstance(out, PfqActivationQuantizer):
+                return _checked_output(wrapper, None, None)
+            return _checked_output(wrapper, inner.name, out)
         if not fuses and not entry_for(inner).preserves_grid(inner):
-            return None
+            return _checked_output(wrapper, None, None)
         current = consumer
+
+
+def _checked_output(wrapper, owner: str | None, quantizer):
+    """`quantizer`, after checking that `owner` (the float-model name of the layer that
+    holds it) is the one `tf_pfq.apply` recorded (`PfqQuantizeConfig.output_source`).
+
+    Raises:
+      RuntimeError: the graph rounds the output onto another grid than recorded.
+    """
+    recorded = getattr(wrapper.quantize_config, "output_source", NOT_RECORDED)
+    if recorded != NOT_RECORDED and recorded != owner:
+        raise RuntimeError(
+            f"Layer {wrapper.layer.name!r}: tf_pfq.apply planned its output on the grid of "
+            f"{recorded!r}, but the model puts it on {owner!r}; the model was rewired "
+            "after tf_pfq.apply."
+        )
+    return quantizer
 
 
 def _binary_grids(wrapper):
