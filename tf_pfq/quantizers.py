@@ -460,14 +460,15 @@ def producer_grid(producer):
         current = above
 
 
-def grid_source(producer) -> str | None:
+def grid_source(producer, found=None) -> str | None:
     """The float-model name of the layer whose quantizer sets `producer`'s output grid.
 
     The layer `producer_grid` walks to (a model input for tfmot's input quantizer);
     None when the output is on no tf_pfq grid. `tf_pfq.apply` records the same name
-    when it wraps the model (`PfqQuantizeConfig.input_sources`).
+    when it wraps the model (`PfqQuantizeConfig.input_sources`). `found`: that walk's
+    result when the caller has it already.
     """
-    found = producer_grid(producer)
+    found = producer_grid(producer) if found is None else found
     if found is None:
         return None
     crossed = found[1]

@@ -119,7 +119,7 @@ def input_grids(wrapper) -> list | None:
     found = [producer_grid(p) for p in producers]
     recorded = getattr(wrapper.quantize_config, "input_sources", None)
     if recorded is not None:
-        walked = tuple(grid_source(p) for p in producers)
+        walked = tuple(grid_source(p, f) for p, f in zip(producers, found))
         if walked != tuple(recorded):
             raise RuntimeError(
                 f"Layer {wrapper.layer.name!r}: tf_pfq.apply planned its inputs on the grids "
