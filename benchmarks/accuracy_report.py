@@ -391,6 +391,22 @@ def _ptq_lines(ptq: dict) -> list[str]:
     return lines
 
 
+def _export_notes(records) -> list[str]:
+    """Why a method has no .tflite top-1: the refusal its runs recorded, once per method."""
+    notes: dict = {}
+    for run, record in records.items():
+        note = record.get("tflite_note")
+        if note and record.get("tflite_accuracy") is None:
+            # The converter's message starts with a source location; its reason follows "error:".
+            reason = note.split("error:", 1)[-1].strip() if "error:" in note else note
+            notes.setdefault(run.method, (reason, []))[1].append(run.id)
+    lines = [
+        f"- **{method}** has no .tflite top-1 ({len(ids)} runs): {reason}"
+        for method, (reason, ids) in sorted(notes.items())
+    ]
+    return ["Exported files:", "", *lines, ""] if lines else []
+
+
 def write(state, nets, runs, flags_, started, machine) -> None:
     """Writes `<prefix>.md` and the curve plot from everything recorded."""
     import time
@@ -472,6 +488,7 @@ def write(state, nets, runs, flags_, started, machine) -> None:
         "",
         *[f"- **{m}**: {note}." for m, note in BASELINE_NOTES.items()],
         "",
+        *_export_notes(records),
         (
             "Thresholds of the weak-regime study: "
             + ", ".join(f"{k} = {v!r}" for k, v in THRESHOLDS.items())
