@@ -186,13 +186,15 @@ def _claims_table(claims, margin) -> list[str]:
 
 
 def _mean_ci(values) -> str:
-    values = [100 * v for v in values if v is not None]
-    if not values:
+    """Mean and 95 % interval in percent; names the run count when some runs have no value."""
+    present = [100 * v for v in values if v is not None]
+    if not present:
         return "-"
-    if len(values) == 1:
-        return f"{values[0]:.2f} (1 run)"
-    d = stats.paired_difference(values)
-    return f"{d.mean:.2f} [{d.low:.2f}, {d.high:.2f}]"
+    if len(present) == 1:
+        return f"{present[0]:.2f} (1 run)"
+    d = stats.paired_difference(present)
+    some = f" ({len(present)} runs)" if len(present) < len(values) else ""
+    return f"{d.mean:.2f} [{d.low:.2f}, {d.high:.2f}]{some}"
 
 
 def _steps(records) -> str:
