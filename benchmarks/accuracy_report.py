@@ -136,7 +136,9 @@ def _claims(records, margin: float) -> list[dict]:
                     diffs = _paired(records, family, bits, a, b, what, *thresholds)
                 if len(diffs) >= 2:
                     label = f"A{bits[0]}" if what == "stage_a" else f"A{bits[0]}/W{bits[1]}"
-                    claims.append(_claim(text, family, label, diffs, margin))
+                    claim = _claim(text, family, label, diffs, margin)
+                    claim["equality"] = what == "tflite_accuracy"
+                    claims.append(claim)
     return claims
 
 
@@ -166,21 +168,37 @@ def _claims_table(claims, margin) -> list[str]:
     verdicts = stats.verdicts(
         [c["difference"] for c in claims], [c["equivalence_p"] for c in claims]
     )
-    lines = [
-        "| claim | model | bits | pairs | difference (points) | 95 % interval | p | verdict |",
-        "|---|---|---|---|---|---|---|---|",
+    # A claim "x equals y" is judged by its equivalence test first: a difference that is
+    # both real and inside the margin is "equal", one outside it "differs".
+    same = stats.holm([c["equivalence_p"] for c in claims])
+    verdicts = [
+        ("equal" if p < 0.05 else "differs" if v in ("holds", "reversed") else v)
+        if c.get("equality")
+        else v
+        for c, v, p in zip(claims, verdicts, same)
     ]
-    for c, verdict in zip(claims, verdicts):
+    differ = stats.holm([c["difference"].p for c in claims])
+    lines = [
+        (
+            "| claim | model | bits | pairs | difference (points) | 95 % interval | p | Holm p "
+            "| TOST p (Holm) | verdict |"
+        ),
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for c, verdict, p_differ, p_same in zip(claims, verdicts, differ, same):
         d = c["difference"]
         lines.append(
             f"| {c['claim']} | {c['family']} | {c['bits']} | {d.n} | {d.mean:+.2f} | "
-            f"[{d.low:+.2f}, {d.high:+.2f}] | {d.p:.3g} | {verdict} |"
+            f"[{d.low:+.2f}, {d.high:+.2f}] | {d.p:.3g} | {p_differ:.3g} | {p_same:.3g} "
+            f"| {verdict} |"
         )
     lines.append("")
     lines.append(
         f"'holds' / 'reversed': Holm-adjusted p < 0.05 over the {len(claims)} claims (the "
         f"95 % interval then excludes zero); 'equal': Holm-adjusted TOST p < 0.05 with a "
-        f"margin of ±{margin} points; otherwise 'not resolved'."
+        f"margin of ±{margin} points; otherwise 'not resolved'. A claim 'equals' is 'equal' "
+        f"when its equivalence test passes, even if the difference is also significant, "
+        f"and 'differs' when only the difference is."
     )
     return lines
 
