@@ -68,3 +68,19 @@ def test_verdicts_correct_for_the_number_of_claims():
     assert stats.verdicts([marginal] * 100, [1.0] * 100)[0] == "not resolved"
     with pytest.raises(ValueError, match="same length"):
         stats.verdicts([strong], [])
+
+
+def test_an_equality_claim_is_judged_by_its_equivalence_test_first():
+    # A small but consistent difference: significant, and well inside a 0.3 margin.
+    small = [-0.03, -0.02, -0.03, -0.04, -0.03]
+    d = stats.paired_difference(small)
+    tost = stats.equivalence_p(small, 0.3)
+    assert d.p < 0.05 and tost < 0.05
+    assert stats.verdicts([d], [tost]) == ["reversed"]  # read as "a beats b"
+    assert stats.verdicts([d], [tost], equality=[True]) == ["equal"]
+    # Significant and outside the margin: the claim "equals" fails.
+    large = [1.0, 1.2, 0.9, 1.1, 1.0]
+    big = stats.paired_difference(large)
+    assert stats.verdicts([big], [stats.equivalence_p(large, 0.3)], equality=[True]) == ["differs"]
+    with pytest.raises(ValueError, match="same length"):
+        stats.verdicts([d], [tost], equality=[True, False])

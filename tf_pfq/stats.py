@@ -140,31 +140,38 @@ def verdicts(
     differences: Sequence[PairedDifference],
     equivalence: Sequence[float],
     alpha: float = 0.05,
+    equality: Sequence[bool] | None = None,
 ) -> list[str]:
-    """One verdict per claim "a beats b", Holm-corrected across all claims given.
+    """One verdict per claim "a beats b" (or "a equals b"), Holm-corrected across all.
 
     "holds": the difference is positive and its Holm-adjusted p-value is below
     `alpha`; "reversed": the same, negative; "equal": the Holm-adjusted equivalence
-    p-value is below `alpha`; otherwise "not resolved".
+    p-value is below `alpha`; otherwise "not resolved". A claim "a equals b" is
+    judged by its equivalence test first: a real difference inside the margin is
+    "equal", and one that is only significant "differs".
 
     Args:
       differences: paired differences `a - b`, one per claim.
       equivalence: TOST p-values, one per claim (see `equivalence_p`).
       alpha: family-wise error rate.
+      equality: per claim, whether it claims "a equals b"; default none does.
 
     Example:
       >>> d = [paired_difference([1.0, 1.1, 0.9, 1.0]), paired_difference([0.1, -0.1, 0.2, -0.2])]
       >>> verdicts(d, [1.0, 0.2])
       ['holds', 'not resolved']
     """
-    if len(differences) != len(equivalence):
-        raise ValueError("`differences` and `equivalence` must have the same length.")
+    equality = [False] * len(differences) if equality is None else list(equality)
+    if not len(differences) == len(equivalence) == len(equality):
+        raise ValueError("`differences`, `equivalence` and `equality` must have the same length.")
     differ = holm([d.p for d in differences])
     same = holm(list(equivalence))
     out = []
-    for d, p_differ, p_same in zip(differences, differ, same):
-        if p_differ < alpha:
-            out.append("holds" if d.mean > 0 else "reversed")
+    for d, p_differ, p_same, equals in zip(differences, differ, same, equality):
+        if equals and p_same < alpha:
+            out.append("equal")
+        elif p_differ < alpha:
+            out.append("differs" if equals else "holds" if d.mean > 0 else "reversed")
         elif p_same < alpha:
             out.append("equal")
         else:
